@@ -1,0 +1,196 @@
+//! Envelope encryption: pure functions and key types, no I/O.
+//!
+//! ```text
+//! passphrase --Argon2id--> master key --wraps--> KEKs --wrap--> one DEK per version --encrypts--> value
+//! ```
+//!
+//! Every ciphertext is `format byte || 96-bit random nonce || AES-256-GCM output`, and every
+//! one is sealed with associated data naming its place (see [`aad`]), so a blob copied to
+//! another row, version or key fails authentication instead of decrypting.
+
+pub mod aad;
+mod keys;
+
+pub use keys::{KdfParams, Kek, KeyRing, MasterKey, SecretKey, KEY_LEN};
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use rand::RngCore;
+use zeroize::Zeroizing;
+
+/// Format byte of every blob this version writes.
+pub const FORMAT_V1: u8 = 1;
+const NONCE_LEN: usize = 12;
+const TAG_LEN: usize = 16;
+/// Bytes a sealed blob adds to its plaintext.
+pub const SEAL_OVERHEAD: usize = 1 + NONCE_LEN + TAG_LEN;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CryptoError {
+    /// The authentication tag did not verify: wrong key, tampered bytes, or a blob moved
+    /// to a place its associated data does not name.
+    #[error("ciphertext failed authentication (tampered, moved, or wrong key)")]
+    Authentication,
+    #[error("malformed ciphertext: {0}")]
+    Malformed(&'static str),
+    #[error("unsupported ciphertext format {0}")]
+    UnsupportedFormat(u8),
+    #[error("key must be {KEY_LEN} bytes, got {0}")]
+    KeyLength(usize),
+    #[error("key derivation failed: {0}")]
+    Kdf(String),
+    #[error("unknown key-encryption key {0}")]
+    UnknownKek(i64),
+    #[error("the master key does not match this database (wrong passphrase or key file)")]
+    WrongMasterKey,
+    #[error("encryption failed")]
+    Encrypt,
+}
+
+/// Encrypts `plaintext` under `key`, binding `aad`.
+pub fn seal(key: &SecretKey, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, CryptoError> {
+    let cipher = Aes256Gcm::new(key.as_bytes().into());
+    let mut nonce = [0u8; NONCE_LEN];
+    rand::rng().fill_bytes(&mut nonce);
+    let ct = cipher
+        .encrypt(Nonce::from_slice(&nonce), Payload { msg: plaintext, aad })
+        .map_err(|_| CryptoError::Encrypt)?;
+    let mut out = Vec::with_capacity(1 + NONCE_LEN + ct.len());
+    out.push(FORMAT_V1);
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(&ct);
+    Ok(out)
+}
+
+/// Decrypts a blob made by [`seal`]. Lengths are checked before any slicing.
+pub fn open(key: &SecretKey, blob: &[u8], aad: &[u8]) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+    let (&format, rest) = blob.split_first().ok_or(CryptoError::Malformed("empty"))?;
+    if format != FORMAT_V1 {
+        return Err(CryptoError::UnsupportedFormat(format));
+    }
+    if rest.len() < NONCE_LEN + TAG_LEN {
+        return Err(CryptoError::Malformed("too short"));
+    }
+    let (nonce, ct) = rest.split_at(NONCE_LEN);
+    let cipher = Aes256Gcm::new(key.as_bytes().into());
+    cipher
+        .decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad })
+        .map(Zeroizing::new)
+        .map_err(|_| CryptoError::Authentication)
+}
+
+/// A credential version as stored: the value encrypted by a fresh DEK, the DEK wrapped by a KEK.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Sealed {
+    pub kek_id: i64,
+    pub wrapped_dek: Vec<u8>,
+    pub ciphertext: Vec<u8>,
+}
+
+impl std::fmt::Debug for Sealed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sealed")
+            .field("kek_id", &self.kek_id)
+            .field("wrapped_dek_len", &self.wrapped_dek.len())
+            .field("ciphertext_len", &self.ciphertext.len())
+            .finish()
+    }
+}
+
+/// Seals `value` as version `version` of credential `name` under the ring's active KEK.
+pub fn seal_value(ring: &KeyRing, name: &str, version: u64, value: &[u8]) -> Result<Sealed, CryptoError> {
+    let kek = ring.active();
+    let dek = SecretKey::random();
+    let ciphertext = seal(&dek, value, &aad::value(name, version))?;
+    let wrapped_dek = seal(kek.key(), dek.as_bytes(), &aad::dek(name, version, kek.id()))?;
+    Ok(Sealed { kek_id: kek.id(), wrapped_dek, ciphertext })
+}
+
+/// Unwraps the DEK of version `version` of `name`; fails if the blob belongs elsewhere.
+pub fn unwrap_dek(ring: &KeyRing, name: &str, version: u64, kek_id: i64, wrapped: &[u8]) -> Result<SecretKey, CryptoError> {
+    let kek = ring.get(kek_id).ok_or(CryptoError::UnknownKek(kek_id))?;
+    let raw = open(kek.key(), wrapped, &aad::dek(name, version, kek_id))?;
+    SecretKey::from_slice(&raw)
+}
+
+/// Decrypts version `version` of `name`.
+pub fn open_value(ring: &KeyRing, name: &str, version: u64, sealed: &Sealed) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+    let dek = unwrap_dek(ring, name, version, sealed.kek_id, &sealed.wrapped_dek)?;
+    open(&dek, &sealed.ciphertext, &aad::value(name, version))
+}
+
+/// Re-wraps a DEK from its KEK to the ring's active KEK; the value ciphertext is untouched.
+pub fn rewrap_dek(ring: &KeyRing, name: &str, version: u64, sealed: &Sealed) -> Result<Sealed, CryptoError> {
+    let dek = unwrap_dek(ring, name, version, sealed.kek_id, &sealed.wrapped_dek)?;
+    let kek = ring.active();
+    let wrapped_dek = seal(kek.key(), dek.as_bytes(), &aad::dek(name, version, kek.id()))?;
+    Ok(Sealed { kek_id: kek.id(), wrapped_dek, ciphertext: sealed.ciphertext.clone() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ring() -> KeyRing {
+        let master = MasterKey::from_bytes(&[7u8; 32]).unwrap_or_else(|_| unreachable!());
+        let (kek, _) = Kek::generate(1, &master).unwrap_or_else(|_| unreachable!());
+        KeyRing::new(master, vec![kek], 1).unwrap_or_else(|_| unreachable!())
+    }
+
+    #[test]
+    fn round_trip() {
+        let ring = ring();
+        let s = seal_value(&ring, "a/b", 3, b"hunter2").unwrap();
+        assert_eq!(open_value(&ring, "a/b", 3, &s).unwrap().as_slice(), b"hunter2");
+        assert_eq!(s.ciphertext.len(), 7 + SEAL_OVERHEAD);
+    }
+
+    #[test]
+    fn moved_or_tampered_blobs_fail_authentication() {
+        let ring = ring();
+        let s = seal_value(&ring, "a/b", 3, b"hunter2").unwrap();
+        assert_eq!(open_value(&ring, "a/c", 3, &s), Err(CryptoError::Authentication));
+        assert_eq!(open_value(&ring, "a/b", 4, &s), Err(CryptoError::Authentication));
+        for i in 0..s.ciphertext.len() {
+            let mut t = s.clone();
+            t.ciphertext[i] ^= 0x01;
+            assert!(open_value(&ring, "a/b", 3, &t).is_err(), "flip at byte {i} went unnoticed");
+        }
+        let mut t = s.clone();
+        let last = t.wrapped_dek.len() - 1;
+        t.wrapped_dek[last] ^= 0x80;
+        assert_eq!(open_value(&ring, "a/b", 3, &t), Err(CryptoError::Authentication));
+        // Another version's ciphertext under this version's DEK.
+        let other = seal_value(&ring, "a/b", 4, b"hunter3").unwrap();
+        let mixed = Sealed { ciphertext: other.ciphertext, ..s };
+        assert_eq!(open_value(&ring, "a/b", 3, &mixed), Err(CryptoError::Authentication));
+    }
+
+    #[test]
+    fn short_or_unknown_blobs_are_rejected_before_slicing() {
+        let key = SecretKey::random();
+        assert_eq!(open(&key, &[], b""), Err(CryptoError::Malformed("empty")));
+        assert_eq!(open(&key, &[FORMAT_V1, 1, 2], b""), Err(CryptoError::Malformed("too short")));
+        assert_eq!(open(&key, &[9; 40], b""), Err(CryptoError::UnsupportedFormat(9)));
+    }
+
+    #[test]
+    fn nonces_are_not_reused() {
+        let key = SecretKey::random();
+        let a = seal(&key, b"x", b"").unwrap();
+        let b = seal(&key, b"x", b"").unwrap();
+        assert_ne!(a[1..13], b[1..13]);
+    }
+
+    #[test]
+    fn rewrap_keeps_the_value_ciphertext() {
+        let mut ring = ring();
+        let s = seal_value(&ring, "n", 1, b"v").unwrap();
+        let (kek2, _) = Kek::generate(2, ring.master()).unwrap();
+        ring.add(kek2, true);
+        let r = rewrap_dek(&ring, "n", 1, &s).unwrap();
+        assert_eq!(r.kek_id, 2);
+        assert_eq!(r.ciphertext, s.ciphertext);
+        assert_eq!(open_value(&ring, "n", 1, &r).unwrap().as_slice(), b"v");
+    }
+}

@@ -1,0 +1,65 @@
+//! SQLite backend: the zero-setup default, one file beside the daemon.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::SqlitePool;
+
+use super::sql::{self, impl_sql_store};
+use super::{
+    Backend, CredentialRow, KekRow, KeyringRow, ListQuery, Micros, NewVersion, StoreError, TokenRow, VersionInfo,
+    VersionRow, WriteBase,
+};
+
+const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "init", include_str!("../../migrations/sqlite/0001_init.sql"))];
+
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    const BACKEND: Backend = Backend::Sqlite;
+
+    /// Opens (creating if needed) the database file and applies migrations.
+    pub async fn open(path: &Path, max_connections: u32) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str("sqlite:")
+            .map_err(StoreError::Unavailable)?
+            .filename(path)
+            .create_if_missing(true)
+            .foreign_keys(true)
+            // WAL lets readers run beside the single writer; NORMAL is durable in WAL mode
+            // except for the last transactions before a power loss.
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await?;
+        sql::migrator(MIGRATIONS).run(&pool).await?;
+        Ok(SqliteStore { pool })
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    async fn current_many_query(&self, names: &[String]) -> Result<Vec<SqliteRow>, StoreError> {
+        // SQLite has no array type: the names travel as one JSON array parameter.
+        let list = serde_json::to_string(names).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let q = format!(
+            "SELECT {}, {} FROM credentials c JOIN credential_versions v \
+             ON v.name = c.name AND v.version = c.current_version \
+             WHERE c.name IN (SELECT value FROM json_each($1))",
+            sql::CRED_COLS,
+            sql::VERSION_COLS
+        );
+        Ok(sqlx::query(&q).bind(list).fetch_all(&self.pool).await?)
+    }
+}
+
+impl_sql_store!(SqliteStore);
