@@ -1,6 +1,23 @@
 //! credvault: a credential vault daemon.
 //!
+//! Layers, from the edge inwards:
+//! - [`service`]: the gRPC edge. Converts messages, authenticates, maps errors to status
+//!   codes; the only module that knows tonic (with [`proto`] and the [`cli`] client).
+//! - [`server`]: builds a daemon from [`config::Settings`] and runs it until shutdown.
+//! - [`vault`]: the core: validation, sealing and opening, compare-and-set writes.
+//! - [`auth`]: bearer tokens, checked in memory.
+//! - [`unlock`]: turns a passphrase or key file into an unlocked key ring at start-up.
 //! - [`crypto`]: key types and envelope encryption (pure, no I/O).
 //! - [`store`]: the storage trait and its PostgreSQL and SQLite implementations.
+//! - [`names`]: credential name syntax.
+pub mod auth;
+pub mod cli;
+pub mod config;
 pub mod crypto;
+pub mod names;
+pub mod proto;
+pub mod server;
+pub mod service;
 pub mod store;
+pub mod unlock;
+pub mod vault;

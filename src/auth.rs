@@ -1,0 +1,186 @@
+//! Bearer tokens. Tokens are stored only as SHA-256 hashes; the daemon keeps every
+//! hash in memory so authenticating a request never queries the database.
+//!
+//! **Invariant:** a token's plaintext exists only in the request header and, once, in
+//! the answer that creates it.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, RwLock};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use rand::RngCore;
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+
+use crate::store::{now_micros, Micros, Store, StoreError, TokenRow};
+
+/// Every token starts with this, so leaked tokens are easy to find with a scanner.
+pub const TOKEN_PREFIX: &str = "cvt_";
+const ROOT_POLICY: &str = r#"[{"pattern":"*","capabilities":["read","write","delete","list","rotate","admin"]}]"#;
+
+/// Who is calling: put into each request's extensions by the interceptor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The first 12 hex characters of the token hash: identifies a token in logs and audits.
+    pub token_id: String,
+    pub display_name: String,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    caller: Arc<Caller>,
+    expires_at: Option<Micros>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("missing bearer token: send `authorization: Bearer <token>`")]
+    Missing,
+    #[error("malformed authorization header: expected `Bearer <token>`")]
+    Malformed,
+    /// Unknown, revoked and expired tokens get the same answer: no oracle for guessing.
+    #[error("invalid or expired token")]
+    Invalid,
+}
+
+/// The in-memory token table. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Auth {
+    // std RwLock: lookups are short and never await.
+    tokens: Arc<RwLock<HashMap<[u8; 32], Entry>>>,
+}
+
+impl fmt::Debug for Auth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.tokens.read().map(|t| t.len()).unwrap_or_default();
+        f.debug_struct("Auth").field("tokens", &n).finish()
+    }
+}
+
+pub fn hash_token(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// A new random 256-bit token.
+pub fn generate_token() -> SecretString {
+    let mut raw = zeroize::Zeroizing::new([0u8; 32]);
+    rand::rng().fill_bytes(raw.as_mut());
+    SecretString::from(format!("{TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(raw.as_ref())))
+}
+
+impl Auth {
+    /// Loads every live token hash from the store.
+    pub async fn load(store: &dyn Store) -> Result<Self, StoreError> {
+        let auth = Auth::default();
+        auth.reload(store).await?;
+        Ok(auth)
+    }
+
+    pub async fn reload(&self, store: &dyn Store) -> Result<(), StoreError> {
+        let rows = store.list_tokens().await?;
+        let mut map = HashMap::with_capacity(rows.len());
+        for row in rows.iter().filter(|r| r.revoked_at.is_none()) {
+            let mut hash = [0u8; 32];
+            hex::decode_to_slice(&row.token_hash, &mut hash)
+                .map_err(|_| StoreError::Corrupt("token hash is not 64 hex characters".into()))?;
+            map.insert(hash, entry(row));
+        }
+        *self.tokens.write().unwrap_or_else(|p| p.into_inner()) = map;
+        Ok(())
+    }
+
+    /// Checks an `authorization` header value against the in-memory table.
+    pub fn authenticate(&self, header: Option<&str>) -> Result<Arc<Caller>, AuthError> {
+        let header = header.ok_or(AuthError::Missing)?;
+        let (scheme, token) = header.split_once(' ').ok_or(AuthError::Malformed)?;
+        let token = token.trim();
+        if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
+            return Err(AuthError::Malformed);
+        }
+        let hash = hash_token(token);
+        let tokens = self.tokens.read().unwrap_or_else(|p| p.into_inner());
+        let e = tokens.get(&hash).ok_or(AuthError::Invalid)?;
+        if e.expires_at.is_some_and(|t| t <= now_micros()) {
+            return Err(AuthError::Invalid);
+        }
+        Ok(e.caller.clone())
+    }
+
+    /// On a database with no tokens, creates the root token and returns it (to be shown
+    /// once). Returns `None` when tokens already exist.
+    pub async fn ensure_root_token(&self, store: &dyn Store) -> Result<Option<SecretString>, StoreError> {
+        if !store.list_tokens().await?.is_empty() {
+            return Ok(None);
+        }
+        let token = generate_token();
+        let row = TokenRow {
+            token_hash: hex::encode(hash_token(token.expose_secret())),
+            display_name: "root".into(),
+            policies: ROOT_POLICY.into(),
+            created_at: now_micros(),
+            expires_at: None,
+            revoked_at: None,
+        };
+        store.insert_token(&row).await?;
+        self.reload(store).await?;
+        Ok(Some(token))
+    }
+}
+
+fn entry(row: &TokenRow) -> Entry {
+    Entry {
+        caller: Arc::new(Caller {
+            token_id: row.token_hash.chars().take(12).collect(),
+            display_name: row.display_name.clone(),
+        }),
+        expires_at: row.expires_at,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_token(token: &str, expires_at: Option<Micros>) -> Auth {
+        let auth = Auth::default();
+        let row = TokenRow {
+            token_hash: hex::encode(hash_token(token)),
+            display_name: "t".into(),
+            policies: "[]".into(),
+            created_at: 0,
+            expires_at,
+            revoked_at: None,
+        };
+        auth.tokens.write().unwrap().insert(hash_token(token), entry(&row));
+        auth
+    }
+
+    #[test]
+    fn headers() {
+        let auth = with_token("cvt_abc", None);
+        assert_eq!(auth.authenticate(Some("Bearer cvt_abc")).unwrap().display_name, "t");
+        assert_eq!(auth.authenticate(Some("bearer cvt_abc")).unwrap().token_id.len(), 12);
+        assert_eq!(auth.authenticate(None), Err(AuthError::Missing));
+        assert_eq!(auth.authenticate(Some("cvt_abc")), Err(AuthError::Malformed));
+        assert_eq!(auth.authenticate(Some("Basic cvt_abc")), Err(AuthError::Malformed));
+        assert_eq!(auth.authenticate(Some("Bearer ")), Err(AuthError::Malformed));
+        assert_eq!(auth.authenticate(Some("Bearer cvt_abd")), Err(AuthError::Invalid));
+    }
+
+    #[test]
+    fn expired_tokens_are_refused() {
+        let auth = with_token("cvt_old", Some(1));
+        assert_eq!(auth.authenticate(Some("Bearer cvt_old")), Err(AuthError::Invalid));
+    }
+
+    #[test]
+    fn generated_tokens_are_long_and_distinct() {
+        let a = generate_token();
+        let b = generate_token();
+        assert!(a.expose_secret().starts_with(TOKEN_PREFIX));
+        assert_eq!(a.expose_secret().len(), TOKEN_PREFIX.len() + 43);
+        assert_ne!(a.expose_secret(), b.expose_secret());
+    }
+}

@@ -1,0 +1,327 @@
+//! Layered settings: defaults < TOML file < `CREDVAULT_*` environment < flags.
+//! clap reads each flag and its environment variable (flag wins); the file fills in
+//! whatever neither set.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use secrecy::SecretString;
+use serde::Deserialize;
+
+use crate::crypto::KdfParams;
+use crate::unlock::MasterKeySpec;
+use crate::vault::Limits;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid setting: {0}")]
+    Invalid(String),
+}
+
+/// A database URL whose `Debug` hides any password.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        DatabaseUrl(url.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with its password replaced by `REDACTED`.
+    pub fn redacted(&self) -> String {
+        match (self.0.find("://"), self.0.rfind('@')) {
+            (Some(s), Some(at)) if at > s => {
+                let userinfo = &self.0[s + 3..at];
+                let user = userinfo.split(':').next().unwrap_or_default();
+                let masked = if userinfo.contains(':') { format!("{user}:REDACTED") } else { user.to_owned() };
+                format!("{}{masked}{}", &self.0[..s + 3], &self.0[at..])
+            }
+            _ => self.0.clone(),
+        }
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.redacted())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KdfSettings {
+    pub memory_kib: u32,
+    pub iterations: u32,
+    pub parallelism: u32,
+}
+
+impl Default for KdfSettings {
+    fn default() -> Self {
+        let d = KdfParams::DEFAULT;
+        KdfSettings { memory_kib: d.m_cost, iterations: d.t_cost, parallelism: d.p_cost }
+    }
+}
+
+/// Everything `serve` needs. Build it with [`Settings::load`], or directly in tests.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// Prometheus `/metrics` listen address.
+    pub metrics_listen: SocketAddr,
+    /// Holds the SQLite file and the generated master key file.
+    pub data_dir: PathBuf,
+    /// `postgres://...` for PostgreSQL, `sqlite://PATH` for another SQLite file; unset:
+    /// SQLite in `data_dir`.
+    pub database_url: Option<DatabaseUrl>,
+    pub db_max_connections: u32,
+    /// A 32-byte master key file. Default `data_dir/master.key`, generated on first start.
+    pub master_key_file: Option<PathBuf>,
+    /// Derive the master key from the passphrase in this file (Argon2id) instead.
+    pub passphrase_file: Option<PathBuf>,
+    /// Set from `CREDVAULT_PASSPHRASE` or `passphrase_file`; never read from the TOML file.
+    #[serde(skip)]
+    pub passphrase: Option<SecretString>,
+    /// Argon2id cost used when a passphrase database is created (an existing database
+    /// keeps the parameters it was created with).
+    pub kdf: KdfSettings,
+    /// Tokio worker threads; unset: one per core.
+    pub worker_threads: Option<usize>,
+    pub log_format: LogFormat,
+    pub limits: Limits,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7420)),
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 7421)),
+            data_dir: PathBuf::from("./credvault-data"),
+            database_url: None,
+            db_max_connections: 16,
+            master_key_file: None,
+            passphrase_file: None,
+            passphrase: None,
+            kdf: KdfSettings::default(),
+            worker_threads: None,
+            log_format: LogFormat::Text,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Where credentials live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StorageTarget {
+    Postgres(String),
+    Sqlite(PathBuf),
+}
+
+/// `serve` flags; each also reads its `CREDVAULT_*` variable.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServeArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "CREDVAULT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// gRPC listen address [default: 127.0.0.1:7420].
+    #[arg(long, env = "CREDVAULT_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Metrics listen address [default: 127.0.0.1:7421].
+    #[arg(long, env = "CREDVAULT_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Data directory for SQLite and the generated key file [default: ./credvault-data].
+    #[arg(long, env = "CREDVAULT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// postgres://user@host/db, or sqlite://path [default: SQLite in the data directory].
+    #[arg(long, env = "CREDVAULT_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    #[arg(long, env = "CREDVAULT_DB_MAX_CONNECTIONS")]
+    pub db_max_connections: Option<u32>,
+    /// Master key file (32 raw bytes or 64 hex characters).
+    #[arg(long, env = "CREDVAULT_MASTER_KEY_FILE")]
+    pub master_key_file: Option<PathBuf>,
+    /// File holding the passphrase the master key is derived from (CREDVAULT_PASSPHRASE also works).
+    #[arg(long, env = "CREDVAULT_PASSPHRASE_FILE")]
+    pub passphrase_file: Option<PathBuf>,
+    /// Versions kept per credential [default: 10].
+    #[arg(long, env = "CREDVAULT_MAX_VERSIONS")]
+    pub max_versions: Option<u64>,
+    /// Largest accepted value in bytes [default: 65536].
+    #[arg(long, env = "CREDVAULT_MAX_VALUE_BYTES")]
+    pub max_value_bytes: Option<usize>,
+    /// Tokio worker threads [default: one per core].
+    #[arg(long, env = "CREDVAULT_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
+    #[arg(long, env = "CREDVAULT_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+impl Settings {
+    /// Resolves the layers. The passphrase comes from `CREDVAULT_PASSPHRASE` or the
+    /// passphrase file only: never from a flag, where it would show in `ps`.
+    pub fn load(args: &ServeArgs) -> Result<Settings, ConfigError> {
+        let mut s = match &args.config {
+            Some(path) => Self::from_file(path)?,
+            None => Settings::default(),
+        };
+        macro_rules! take {
+            ($($field:ident),*) => {$( if let Some(v) = args.$field.clone() { s.$field = v.into(); } )*};
+        }
+        take!(listen, metrics_listen, data_dir, db_max_connections, log_format);
+        if let Some(url) = &args.database_url {
+            s.database_url = Some(DatabaseUrl::new(url.clone()));
+        }
+        if args.master_key_file.is_some() {
+            s.master_key_file = args.master_key_file.clone();
+        }
+        if args.passphrase_file.is_some() {
+            s.passphrase_file = args.passphrase_file.clone();
+        }
+        if args.worker_threads.is_some() {
+            s.worker_threads = args.worker_threads;
+        }
+        if let Some(v) = args.max_versions {
+            s.limits.max_versions = v;
+        }
+        if let Some(v) = args.max_value_bytes {
+            s.limits.max_value_bytes = v;
+        }
+        s.passphrase = match (std::env::var("CREDVAULT_PASSPHRASE").ok(), &s.passphrase_file) {
+            (Some(p), _) => Some(SecretString::from(p)),
+            (None, Some(path)) => Some(read_passphrase(path)?),
+            (None, None) => None,
+        };
+        s.validate()?;
+        Ok(s)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if l.max_versions == 0 {
+            return bad("limits.max_versions must be at least 1");
+        }
+        if l.max_value_bytes == 0 || l.max_value_bytes > 16 * 1024 * 1024 {
+            return bad("limits.max_value_bytes must be between 1 and 16 MiB");
+        }
+        if l.max_page_size == 0 || l.default_page_size == 0 || l.default_page_size > l.max_page_size {
+            return bad("limits: need 0 < default_page_size <= max_page_size");
+        }
+        if l.max_batch_size == 0 || l.max_name_bytes == 0 || l.max_name_bytes > 1024 {
+            return bad("limits: max_batch_size must be >= 1 and max_name_bytes between 1 and 1024");
+        }
+        if self.db_max_connections == 0 {
+            return bad("db_max_connections must be at least 1");
+        }
+        if self.worker_threads == Some(0) {
+            return bad("worker_threads must be at least 1");
+        }
+        let k = self.kdf;
+        KdfParams { m_cost: k.memory_kib, t_cost: k.iterations, p_cost: k.parallelism }
+            .check()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        self.storage()?;
+        Ok(())
+    }
+
+    pub fn storage(&self) -> Result<StorageTarget, ConfigError> {
+        match &self.database_url {
+            None => Ok(StorageTarget::Sqlite(self.data_dir.join("credvault.db"))),
+            Some(url) => {
+                let u = url.expose();
+                if u.starts_with("postgres://") || u.starts_with("postgresql://") {
+                    Ok(StorageTarget::Postgres(u.to_owned()))
+                } else if let Some(path) = u.strip_prefix("sqlite://") {
+                    Ok(StorageTarget::Sqlite(PathBuf::from(path)))
+                } else {
+                    Err(ConfigError::Invalid(format!(
+                        "database_url {} must start with postgres://, postgresql:// or sqlite://",
+                        url.redacted()
+                    )))
+                }
+            }
+        }
+    }
+
+    pub fn master_key_spec(&self) -> MasterKeySpec {
+        match &self.passphrase {
+            Some(p) => MasterKeySpec::Passphrase {
+                passphrase: p.clone(),
+                params: KdfParams { m_cost: self.kdf.memory_kib, t_cost: self.kdf.iterations, p_cost: self.kdf.parallelism },
+            },
+            None => match &self.master_key_file {
+                // An explicitly named key file must exist: generating one silently could
+                // hide a typo in the path.
+                Some(path) => MasterKeySpec::KeyFile { path: path.clone(), create: false },
+                None => MasterKeySpec::KeyFile { path: self.data_dir.join("master.key"), create: true },
+            },
+        }
+    }
+}
+
+fn read_passphrase(path: &Path) -> Result<SecretString, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    let trimmed = text.trim_end_matches(['\r', '\n']);
+    if trimmed.is_empty() {
+        return Err(ConfigError::Invalid(format!("passphrase file {} is empty", path.display())));
+    }
+    Ok(SecretString::from(trimmed.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_url_debug_hides_the_password() {
+        let u = DatabaseUrl::new("postgres://app:s3cret@db:5432/vault");
+        assert_eq!(format!("{u:?}"), "\"postgres://app:REDACTED@db:5432/vault\"");
+        assert_eq!(DatabaseUrl::new("postgres://app@db/v").redacted(), "postgres://app@db/v");
+    }
+
+    #[test]
+    fn file_then_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "listen = \"127.0.0.1:9000\"\n[limits]\nmax_versions = 3\n").unwrap();
+        let args = ServeArgs { config: Some(path.clone()), max_versions: Some(5), ..Default::default() };
+        let s = Settings::load(&args).unwrap();
+        assert_eq!(s.listen.port(), 9000);
+        assert_eq!(s.limits.max_versions, 5);
+        std::fs::write(&path, "lisen = 1\n").unwrap();
+        assert!(matches!(Settings::from_file(&path), Err(ConfigError::Parse { .. })));
+    }
+
+    #[test]
+    fn defaults_use_sqlite_and_a_generated_key_file() {
+        let s = Settings::default();
+        assert_eq!(s.storage().unwrap(), StorageTarget::Sqlite(PathBuf::from("./credvault-data/credvault.db")));
+        assert!(matches!(s.master_key_spec(), MasterKeySpec::KeyFile { create: true, .. }));
+        let bad = Settings { database_url: Some(DatabaseUrl::new("mysql://x")), ..Settings::default() };
+        assert!(bad.validate().is_err());
+    }
+}

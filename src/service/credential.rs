@@ -1,0 +1,173 @@
+//! `credvault.v1.CredentialService`: thin handlers over the vault.
+
+use std::pin::Pin;
+
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use super::{caller, from_timestamp, timestamp, version_state};
+use crate::proto::{self, credential_service_server::CredentialService};
+use crate::store::{CredentialRow, Metadata};
+use crate::vault::{CredentialDetails, CredentialValue, Vault};
+
+#[derive(Debug, Clone)]
+pub struct CredentialApi {
+    vault: Vault,
+}
+
+impl CredentialApi {
+    pub fn new(vault: Vault) -> Self {
+        CredentialApi { vault }
+    }
+}
+
+fn value_response(v: CredentialValue) -> proto::GetCredentialResponse {
+    proto::GetCredentialResponse {
+        // prost owns its buffers: this copy of the plaintext lives until the response is
+        // encoded; the vault's own buffer is zeroized when `v` drops here.
+        value: v.value.to_vec(),
+        name: v.name.clone(),
+        version: v.version,
+        state: version_state(v.state) as i32,
+        created_at: Some(timestamp(v.created_at)),
+        expires_at: v.expires_at.map(timestamp),
+    }
+}
+
+pub(crate) fn metadata_message(head: &CredentialRow, versions: &[crate::store::VersionInfo]) -> proto::CredentialMetadata {
+    let m = &head.metadata;
+    proto::CredentialMetadata {
+        name: head.name.clone(),
+        current_version: head.current_version,
+        metadata: Some(proto::Metadata {
+            labels: m.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            description: m.description.clone(),
+            owner: m.owner.clone(),
+            expires_at: m.expires_at.map(timestamp),
+        }),
+        created_at: Some(timestamp(head.created_at)),
+        updated_at: Some(timestamp(head.updated_at)),
+        deleted_at: head.deleted_at.map(timestamp),
+        versions: versions
+            .iter()
+            .map(|v| proto::VersionInfo {
+                version: v.version,
+                state: version_state(v.state) as i32,
+                created_at: Some(timestamp(v.created_at)),
+                expires_at: v.expires_at.map(timestamp),
+                kek_id: u32::try_from(v.kek_id).unwrap_or_default(),
+            })
+            .collect(),
+    }
+}
+
+fn metadata_from(m: proto::Metadata) -> Result<Metadata, Status> {
+    Ok(Metadata {
+        labels: m.labels.into_iter().collect(),
+        description: m.description,
+        owner: m.owner,
+        expires_at: m.expires_at.as_ref().map(from_timestamp).transpose()?,
+    })
+}
+
+#[tonic::async_trait]
+impl CredentialService for CredentialApi {
+    async fn get_credential(
+        &self,
+        req: Request<proto::GetCredentialRequest>,
+    ) -> Result<Response<proto::GetCredentialResponse>, Status> {
+        caller(&req)?;
+        let r = req.into_inner();
+        let v = self.vault.get(&r.name, r.version).await?;
+        Ok(Response::new(value_response(v)))
+    }
+
+    async fn batch_get_credentials(
+        &self,
+        req: Request<proto::BatchGetCredentialsRequest>,
+    ) -> Result<Response<proto::BatchGetCredentialsResponse>, Status> {
+        caller(&req)?;
+        let names = req.into_inner().names;
+        let outcomes = self.vault.batch_get(&names).await?;
+        let results = names
+            .into_iter()
+            .zip(outcomes)
+            .map(|(name, outcome)| proto::BatchGetResult {
+                name,
+                result: Some(match outcome {
+                    Ok(v) => proto::batch_get_result::Result::Credential(value_response(v)),
+                    Err(e) => {
+                        let status = Status::from(e);
+                        proto::batch_get_result::Result::Error(proto::BatchGetError {
+                            code: status.code() as i32,
+                            message: status.message().to_owned(),
+                        })
+                    }
+                }),
+            })
+            .collect();
+        Ok(Response::new(proto::BatchGetCredentialsResponse { results }))
+    }
+
+    async fn get_credential_metadata(
+        &self,
+        req: Request<proto::GetCredentialMetadataRequest>,
+    ) -> Result<Response<proto::CredentialMetadata>, Status> {
+        caller(&req)?;
+        let CredentialDetails { head, versions } = self.vault.metadata(&req.into_inner().name).await?;
+        Ok(Response::new(metadata_message(&head, &versions)))
+    }
+
+    async fn put_credential(
+        &self,
+        req: Request<proto::PutCredentialRequest>,
+    ) -> Result<Response<proto::PutCredentialResponse>, Status> {
+        caller(&req)?;
+        let r = req.into_inner();
+        let metadata = r.metadata.map(metadata_from).transpose()?;
+        let value = zeroize::Zeroizing::new(r.value);
+        let out = self.vault.put(&r.name, &value, r.expected_version, metadata.as_ref()).await?;
+        Ok(Response::new(proto::PutCredentialResponse {
+            name: out.name,
+            version: out.version,
+            created_at: Some(timestamp(out.created_at)),
+        }))
+    }
+
+    async fn delete_credential(
+        &self,
+        req: Request<proto::DeleteCredentialRequest>,
+    ) -> Result<Response<proto::DeleteCredentialResponse>, Status> {
+        caller(&req)?;
+        let r = req.into_inner();
+        let head = self.vault.delete(&r.name, r.expected_version).await?;
+        Ok(Response::new(proto::DeleteCredentialResponse {
+            name: head.name,
+            version: head.current_version,
+            deleted_at: head.deleted_at.map(timestamp),
+        }))
+    }
+
+    async fn list_credentials(
+        &self,
+        req: Request<proto::ListCredentialsRequest>,
+    ) -> Result<Response<proto::ListCredentialsResponse>, Status> {
+        caller(&req)?;
+        let r = req.into_inner();
+        let page = self.vault.list(&r.prefix, r.page_size, &r.page_token, r.include_deleted).await?;
+        Ok(Response::new(proto::ListCredentialsResponse {
+            credentials: page.credentials.iter().map(|h| metadata_message(h, &[])).collect(),
+            next_page_token: page.next_page_token,
+        }))
+    }
+
+    type WatchCredentialsStream = Pin<Box<dyn Stream<Item = Result<proto::CredentialEvent, Status>> + Send>>;
+
+    async fn watch_credentials(
+        &self,
+        req: Request<proto::WatchCredentialsRequest>,
+    ) -> Result<Response<Self::WatchCredentialsStream>, Status> {
+        caller(&req)?;
+        Err(Status::unimplemented("WatchCredentials is not implemented in this release"))
+    }
+}

@@ -1,0 +1,100 @@
+//! The gRPC edge. Handlers authenticate (via [`AuthInterceptor`]), convert messages,
+//! call the [`Vault`](crate::vault::Vault), and map [`VaultError`] to a status code in
+//! exactly one place ([`From<VaultError> for Status`]).
+//!
+//! **Invariant:** no status message carries a secret value, a token or internal detail;
+//! internal detail is logged instead.
+
+mod admin;
+mod credential;
+
+pub use admin::AdminApi;
+pub use credential::CredentialApi;
+
+use tonic::{Request, Status};
+
+use crate::auth::{Auth, AuthError, Caller};
+use crate::proto;
+use crate::store::{Micros, VersionState};
+use crate::vault::VaultError;
+
+impl From<VaultError> for Status {
+    fn from(e: VaultError) -> Status {
+        let msg = e.to_string();
+        match e {
+            VaultError::InvalidArgument(_) => Status::invalid_argument(msg),
+            VaultError::NotFound(_) => Status::not_found(msg),
+            VaultError::Conflict { .. } => Status::aborted(msg),
+            VaultError::AlreadyExists { .. } => Status::already_exists(msg),
+            VaultError::FailedPrecondition(_) => Status::failed_precondition(msg),
+            VaultError::DataLoss { .. } => Status::data_loss(msg),
+            VaultError::Unavailable(source) => {
+                tracing::warn!(error = %source, "storage unavailable");
+                Status::unavailable("storage is unavailable; retry later")
+            }
+            VaultError::Internal(detail) => {
+                tracing::error!(%detail, "internal error");
+                Status::internal("internal error")
+            }
+        }
+    }
+}
+
+/// Checks the bearer token and puts the [`Caller`] into the request's extensions.
+#[derive(Clone, Debug)]
+pub struct AuthInterceptor {
+    auth: Auth,
+}
+
+impl AuthInterceptor {
+    pub fn new(auth: Auth) -> Self {
+        AuthInterceptor { auth }
+    }
+}
+
+impl tonic::service::Interceptor for AuthInterceptor {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        let header = match req.metadata().get("authorization") {
+            None => None,
+            Some(v) => Some(v.to_str().map_err(|_| Status::unauthenticated(AuthError::Malformed.to_string()))?),
+        };
+        let caller = self.auth.authenticate(header).map_err(|e| Status::unauthenticated(e.to_string()))?;
+        req.extensions_mut().insert(caller);
+        Ok(req)
+    }
+}
+
+/// The authenticated caller of a request (set by the interceptor).
+pub(crate) fn caller<T>(req: &Request<T>) -> Result<std::sync::Arc<Caller>, Status> {
+    req.extensions()
+        .get::<std::sync::Arc<Caller>>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated(AuthError::Missing.to_string()))
+}
+
+pub(crate) fn timestamp(micros: Micros) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: micros.div_euclid(1_000_000),
+        // In 0..1_000_000_000 by construction.
+        nanos: i32::try_from(micros.rem_euclid(1_000_000) * 1000).unwrap_or_default(),
+    }
+}
+
+pub(crate) fn from_timestamp(t: &prost_types::Timestamp) -> Result<Micros, Status> {
+    if !(0..1_000_000_000).contains(&t.nanos) {
+        return Err(Status::invalid_argument("timestamp nanos must be in 0..1e9"));
+    }
+    t.seconds
+        .checked_mul(1_000_000)
+        .and_then(|s| s.checked_add(i64::from(t.nanos / 1000)))
+        .ok_or_else(|| Status::invalid_argument("timestamp out of range"))
+}
+
+pub(crate) fn version_state(s: VersionState) -> proto::VersionState {
+    match s {
+        VersionState::Current => proto::VersionState::Current,
+        VersionState::Previous => proto::VersionState::Previous,
+        VersionState::Deprecated => proto::VersionState::Deprecated,
+        VersionState::Destroyed => proto::VersionState::Destroyed,
+    }
+}

@@ -1,0 +1,490 @@
+//! The core: credentials over a [`Store`] and a [`KeyRing`]. It validates input, seals
+//! and opens values, and turns store outcomes into [`VaultError`]s. It knows nothing of
+//! gRPC; `service` converts at the edge.
+//!
+//! **Invariant:** plaintext leaves this module only inside [`CredentialValue`], whose
+//! `Debug` is redacted and whose buffer is zeroized on drop.
+
+use std::fmt;
+use std::sync::{Arc, RwLock};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use zeroize::Zeroizing;
+
+use crate::crypto::{self, CryptoError, KeyRing};
+use crate::names::{check_prefix, CredentialName};
+use crate::store::{
+    now_micros, Backend, CredentialRow, ListQuery, Metadata, Micros, NewVersion, Store, StoreError, VersionInfo,
+    VersionState, WriteBase,
+};
+
+/// Request-size limits; every one is enforced before the store is touched.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    pub max_value_bytes: usize,
+    pub max_name_bytes: usize,
+    pub max_batch_size: usize,
+    pub max_page_size: u32,
+    pub default_page_size: u32,
+    /// Versions kept per credential; older ones are pruned on write.
+    pub max_versions: u64,
+    pub max_labels: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_value_bytes: 64 * 1024,
+            max_name_bytes: 256,
+            max_batch_size: 100,
+            max_page_size: 1000,
+            default_page_size: 100,
+            max_versions: 10,
+            max_labels: 64,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VaultError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// An `expected_version` did not match.
+    #[error("version conflict on {name:?}: expected version {expected}, current version is {current}{}", if *.deleted { " (deleted)" } else { "" })]
+    Conflict { name: String, expected: u64, current: u64, deleted: bool },
+    /// `expected_version = 0` but the credential exists.
+    #[error("credential {name:?} already exists at version {current}")]
+    AlreadyExists { name: String, current: u64 },
+    /// The version exists but is not readable (destroyed, deprecated, grace period over).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// Stored bytes failed authentication: tampered, moved, or sealed under another key.
+    #[error("version {version} of {name:?} cannot be decrypted: stored data failed authentication")]
+    DataLoss { name: String, version: u64 },
+    #[error("storage is unavailable")]
+    Unavailable(#[source] StoreError),
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl From<StoreError> for VaultError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(_) => VaultError::Unavailable(e),
+            other => VaultError::Internal(other.to_string()),
+        }
+    }
+}
+
+/// A decrypted credential version. The value is zeroized on drop and never printed.
+pub struct CredentialValue {
+    pub name: String,
+    pub version: u64,
+    pub state: VersionState,
+    pub created_at: Micros,
+    pub expires_at: Option<Micros>,
+    pub value: Zeroizing<Vec<u8>>,
+}
+
+impl fmt::Debug for CredentialValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CredentialValue")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("state", &self.state)
+            .field("value", &"REDACTED")
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PutOutcome {
+    pub name: String,
+    pub version: u64,
+    pub created_at: Micros,
+}
+
+#[derive(Debug, Clone)]
+pub struct CredentialDetails {
+    pub head: CredentialRow,
+    pub versions: Vec<VersionInfo>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Page {
+    pub credentials: Vec<CredentialRow>,
+    pub next_page_token: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct VaultStatus {
+    pub backend: Backend,
+    pub storage_healthy: bool,
+    pub active_kek_id: i64,
+    pub credentials: u64,
+}
+
+/// A cheap handle: clone it into every service.
+#[derive(Clone)]
+pub struct Vault {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    // std RwLock: held only for synchronous sealing/opening, never across an `.await`.
+    keys: RwLock<KeyRing>,
+    limits: Limits,
+}
+
+impl fmt::Debug for Vault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Vault").field("backend", &self.inner.store.backend()).finish_non_exhaustive()
+    }
+}
+
+/// Unconditional writes retry their internal compare-and-set this many times.
+const MAX_WRITE_ATTEMPTS: usize = 64;
+const PAGE_TOKEN_PREFIX: &str = "v1:";
+
+impl Vault {
+    pub fn new(store: Arc<dyn Store>, keys: KeyRing, limits: Limits) -> Self {
+        Vault { inner: Arc::new(Inner { store, keys: RwLock::new(keys), limits }) }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    fn name(&self, s: &str) -> Result<CredentialName, VaultError> {
+        CredentialName::parse(s, self.inner.limits.max_name_bytes).map_err(|e| VaultError::InvalidArgument(e.0))
+    }
+
+    fn with_keys<T>(&self, f: impl FnOnce(&KeyRing) -> T) -> T {
+        // A poisoned lock means a panic elsewhere mid-read; the ring itself is never left
+        // half-updated (KEKs are inserted whole), so it is safe to keep using.
+        let guard = self.inner.keys.read().unwrap_or_else(|p| p.into_inner());
+        f(&guard)
+    }
+
+    /// Reads version `version` (the current one if `None` or 0) of `name`.
+    pub async fn get(&self, name: &str, version: Option<u64>) -> Result<CredentialValue, VaultError> {
+        let name = self.name(name)?;
+        let version = version.filter(|v| *v != 0);
+        let found = self.inner.store.get_version(name.as_str(), version).await?;
+        let (head, row) = found.ok_or_else(|| not_found(&name))?;
+        if head.deleted_at.is_some() {
+            return Err(VaultError::NotFound(format!("credential {:?} is deleted", name.as_str())));
+        }
+        let wanted = version.unwrap_or(head.current_version);
+        let row = row.ok_or_else(|| {
+            if wanted > head.current_version {
+                VaultError::NotFound(format!(
+                    "credential {:?} has no version {wanted}; the current version is {}",
+                    name.as_str(),
+                    head.current_version
+                ))
+            } else {
+                VaultError::NotFound(format!(
+                    "version {wanted} of {:?} is no longer retained (the last {} versions are kept)",
+                    name.as_str(),
+                    self.inner.limits.max_versions
+                ))
+            }
+        })?;
+        self.open(&name, row)
+    }
+
+    fn open(&self, name: &CredentialName, row: crate::store::VersionRow) -> Result<CredentialValue, VaultError> {
+        let info = row.info;
+        let readable = match info.state {
+            VersionState::Current => true,
+            VersionState::Previous => info.expires_at.is_none_or(|t| t > now_micros()),
+            VersionState::Deprecated | VersionState::Destroyed => false,
+        };
+        let sealed = match row.sealed {
+            Some(s) if readable => s,
+            _ => {
+                return Err(VaultError::FailedPrecondition(format!(
+                    "version {} of {:?} is {} and cannot be read",
+                    info.version,
+                    name.as_str(),
+                    if info.state == VersionState::Previous { "past its grace period" } else { info.state.as_str() }
+                )))
+            }
+        };
+        let opened = self.with_keys(|ring| crypto::open_value(ring, name.as_str(), info.version, &sealed));
+        let value = opened.map_err(|e| self.data_loss(name, info.version, e))?;
+        Ok(CredentialValue {
+            name: name.as_str().to_owned(),
+            version: info.version,
+            state: info.state,
+            created_at: info.created_at,
+            expires_at: info.expires_at,
+            value,
+        })
+    }
+
+    fn data_loss(&self, name: &CredentialName, version: u64, e: CryptoError) -> VaultError {
+        tracing::error!(credential = %name, version, error = %e, "stored credential failed to decrypt");
+        VaultError::DataLoss { name: name.as_str().to_owned(), version }
+    }
+
+    /// Reads the current version of each name with one store query. The outer error is
+    /// for the request as a whole (bad names, too many, storage down); each name then
+    /// has its own outcome, in request order.
+    pub async fn batch_get(&self, names: &[String]) -> Result<Vec<Result<CredentialValue, VaultError>>, VaultError> {
+        let max = self.inner.limits.max_batch_size;
+        if names.len() > max {
+            return Err(VaultError::InvalidArgument(format!(
+                "batch asks for {} credentials; the limit is {max}",
+                names.len()
+            )));
+        }
+        let parsed = names.iter().map(|n| self.name(n)).collect::<Result<Vec<_>, _>>()?;
+        let mut unique: Vec<String> = parsed.iter().map(|n| n.as_str().to_owned()).collect();
+        unique.sort();
+        unique.dedup();
+        let rows = self.inner.store.get_current_many(&unique).await?;
+        let mut by_name: std::collections::HashMap<String, (CredentialRow, crate::store::VersionRow)> =
+            rows.into_iter().map(|(h, v)| (h.name.clone(), (h, v))).collect();
+        let mut out = Vec::with_capacity(parsed.len());
+        for (i, name) in parsed.iter().enumerate() {
+            // A name asked for twice is served twice; only its last use may take the row.
+            let last_use = !parsed[i + 1..].contains(name);
+            let found = if last_use { by_name.remove(name.as_str()) } else { by_name.get(name.as_str()).cloned() };
+            out.push(match found {
+                None => Err(not_found(name)),
+                Some((head, _)) if head.deleted_at.is_some() => {
+                    Err(VaultError::NotFound(format!("credential {:?} is deleted", name.as_str())))
+                }
+                Some((_, row)) => self.open(name, row),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Metadata and retained versions; never decrypts. Deleted credentials are shown
+    /// (with `deleted_at` set) so operators can inspect them.
+    pub async fn metadata(&self, name: &str) -> Result<CredentialDetails, VaultError> {
+        let name = self.name(name)?;
+        let head = self.inner.store.get_credential(name.as_str()).await?.ok_or_else(|| not_found(&name))?;
+        let versions = self.inner.store.list_versions(name.as_str()).await?;
+        Ok(CredentialDetails { head, versions })
+    }
+
+    /// Writes a new version. `expected`: `None` unconditional, `Some(0)` must not exist
+    /// (or be deleted), `Some(n)` the current version must be `n`.
+    pub async fn put(
+        &self,
+        name: &str,
+        value: &[u8],
+        expected: Option<u64>,
+        metadata: Option<&Metadata>,
+    ) -> Result<PutOutcome, VaultError> {
+        let name = self.name(name)?;
+        self.check_value(value)?;
+        if let Some(m) = metadata {
+            self.check_metadata(m)?;
+        }
+        let store = &self.inner.store;
+        let mut base = match expected {
+            Some(0) => WriteBase::Create,
+            Some(n) => WriteBase::Update(n),
+            None => head_base(store.get_credential(name.as_str()).await?.as_ref()),
+        };
+        for _ in 0..MAX_WRITE_ATTEMPTS {
+            let version = base.next_version();
+            let sealed = self
+                .with_keys(|ring| crypto::seal_value(ring, name.as_str(), version, value))
+                .map_err(|e| VaultError::Internal(format!("sealing failed: {e}")))?;
+            let now = now_micros();
+            let new = NewVersion {
+                name: name.as_str(),
+                base,
+                sealed: &sealed,
+                metadata,
+                now,
+                max_versions: self.inner.limits.max_versions,
+            };
+            match store.put_version(&new).await {
+                Ok(()) => return Ok(PutOutcome { name: name.as_str().to_owned(), version, created_at: now }),
+                Err(StoreError::Conflict) => {}
+                Err(e) => return Err(e.into()),
+            }
+            let head = store.get_credential(name.as_str()).await?;
+            base = match (expected, head.as_ref()) {
+                // Unconditional: retry on whatever is there now.
+                (None, h) => head_base(h),
+                // Create-only may revive a deleted credential, once, at the version seen.
+                (Some(0), Some(h)) if h.deleted_at.is_some() && base == WriteBase::Create => {
+                    WriteBase::Revive(h.current_version)
+                }
+                (Some(0), Some(h)) => {
+                    return Err(VaultError::AlreadyExists { name: name.as_str().to_owned(), current: h.current_version })
+                }
+                (Some(0), None) => WriteBase::Create,
+                (Some(n), h) => {
+                    return Err(match h {
+                        None => not_found(&name),
+                        Some(h) => VaultError::Conflict {
+                            name: name.as_str().to_owned(),
+                            expected: n,
+                            current: h.current_version,
+                            deleted: h.deleted_at.is_some(),
+                        },
+                    })
+                }
+            };
+        }
+        Err(VaultError::Unavailable(StoreError::Corrupt(format!(
+            "gave up writing {:?} after {MAX_WRITE_ATTEMPTS} conflicting attempts",
+            name.as_str()
+        ))))
+    }
+
+    fn check_value(&self, value: &[u8]) -> Result<(), VaultError> {
+        let max = self.inner.limits.max_value_bytes;
+        if value.is_empty() {
+            return Err(VaultError::InvalidArgument("value must not be empty".into()));
+        }
+        if value.len() > max {
+            return Err(VaultError::InvalidArgument(format!("value is {} bytes; the limit is {max}", value.len())));
+        }
+        Ok(())
+    }
+
+    fn check_metadata(&self, m: &Metadata) -> Result<(), VaultError> {
+        let bad = |msg: String| Err(VaultError::InvalidArgument(msg));
+        if m.labels.len() > self.inner.limits.max_labels {
+            return bad(format!("{} labels; the limit is {}", m.labels.len(), self.inner.limits.max_labels));
+        }
+        for (k, v) in &m.labels {
+            let key_ok = !k.is_empty()
+                && k.len() <= 63
+                && k.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-' | b'.'));
+            if !key_ok {
+                return bad(format!("label key {k:?} must be 1-63 characters of [a-z0-9._-]"));
+            }
+            if v.len() > 256 {
+                return bad(format!("label {k:?} value is {} bytes; the limit is 256", v.len()));
+            }
+        }
+        if m.description.len() > 1024 {
+            return bad(format!("description is {} bytes; the limit is 1024", m.description.len()));
+        }
+        if m.owner.len() > 256 {
+            return bad(format!("owner is {} bytes; the limit is 256", m.owner.len()));
+        }
+        Ok(())
+    }
+
+    /// Soft-deletes `name`; versions are kept. Returns the head after the delete.
+    pub async fn delete(&self, name: &str, expected: Option<u64>) -> Result<CredentialRow, VaultError> {
+        let name = self.name(name)?;
+        let now = now_micros();
+        let store = &self.inner.store;
+        let deleted = store.delete_credential(name.as_str(), expected.filter(|v| *v != 0), now).await?;
+        let head = store.get_credential(name.as_str()).await?.ok_or_else(|| not_found(&name))?;
+        if deleted {
+            return Ok(head);
+        }
+        if head.deleted_at.is_some() {
+            return Err(VaultError::NotFound(format!("credential {:?} is already deleted", name.as_str())));
+        }
+        Err(VaultError::Conflict {
+            name: name.as_str().to_owned(),
+            expected: expected.unwrap_or_default(),
+            current: head.current_version,
+            deleted: false,
+        })
+    }
+
+    /// One page of credentials under `prefix`, in name order. The page token is the last
+    /// name of the previous page, so inserts between pages neither repeat nor skip names.
+    pub async fn list(
+        &self,
+        prefix: &str,
+        page_size: u32,
+        page_token: &str,
+        include_deleted: bool,
+    ) -> Result<Page, VaultError> {
+        let limits = &self.inner.limits;
+        check_prefix(prefix, limits.max_name_bytes).map_err(|e| VaultError::InvalidArgument(e.0))?;
+        let size = match page_size {
+            0 => limits.default_page_size,
+            n if n > limits.max_page_size => {
+                return Err(VaultError::InvalidArgument(format!(
+                    "page_size {n} is over the limit of {}",
+                    limits.max_page_size
+                )))
+            }
+            n => n,
+        };
+        let after = if page_token.is_empty() { None } else { Some(self.decode_page_token(page_token, prefix)?) };
+        let mut rows = self
+            .inner
+            .store
+            .list_credentials(&ListQuery {
+                prefix,
+                after: after.as_ref().map(|n| n.as_str()),
+                limit: size + 1,
+                include_deleted,
+            })
+            .await?;
+        let next_page_token = if rows.len() > size as usize {
+            rows.truncate(size as usize);
+            rows.last().map(|r| encode_page_token(&r.name)).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Page { credentials: rows, next_page_token })
+    }
+
+    fn decode_page_token(&self, token: &str, prefix: &str) -> Result<CredentialName, VaultError> {
+        let malformed = || VaultError::InvalidArgument("page_token is malformed; pass back a next_page_token unchanged".into());
+        let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| malformed())?;
+        let text = String::from_utf8(bytes).map_err(|_| malformed())?;
+        let last = text.strip_prefix(PAGE_TOKEN_PREFIX).ok_or_else(malformed)?;
+        let name = CredentialName::parse(last, self.inner.limits.max_name_bytes).map_err(|_| malformed())?;
+        if !name.as_str().starts_with(prefix) {
+            return Err(VaultError::InvalidArgument("page_token belongs to a listing with another prefix".into()));
+        }
+        Ok(name)
+    }
+
+    pub async fn status(&self) -> VaultStatus {
+        let store = &self.inner.store;
+        let count = store.count_credentials().await;
+        VaultStatus {
+            backend: store.backend(),
+            storage_healthy: count.is_ok(),
+            active_kek_id: self.with_keys(|r| r.active_id()),
+            credentials: count.unwrap_or_default(),
+        }
+    }
+}
+
+fn not_found(name: &CredentialName) -> VaultError {
+    VaultError::NotFound(format!("credential {:?} not found", name.as_str()))
+}
+
+fn head_base(head: Option<&CredentialRow>) -> WriteBase {
+    match head {
+        None => WriteBase::Create,
+        Some(h) if h.deleted_at.is_some() => WriteBase::Revive(h.current_version),
+        Some(h) => WriteBase::Update(h.current_version),
+    }
+}
+
+fn encode_page_token(last: &str) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{PAGE_TOKEN_PREFIX}{last}"))
+}
