@@ -271,7 +271,11 @@ impl Settings {
         match &self.passphrase {
             Some(p) => MasterKeySpec::Passphrase {
                 passphrase: p.clone(),
-                params: KdfParams { m_cost: self.kdf.memory_kib, t_cost: self.kdf.iterations, p_cost: self.kdf.parallelism },
+                params: KdfParams {
+                    m_cost: self.kdf.memory_kib,
+                    t_cost: self.kdf.iterations,
+                    p_cost: self.kdf.parallelism,
+                },
             },
             None => match &self.master_key_file {
                 // An explicitly named key file must exist: generating one silently could

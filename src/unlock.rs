@@ -16,9 +16,15 @@ use crate::store::{now_micros, KekRow, KekState, KeyringRow, MasterKeySource, St
 
 /// Where the master key comes from.
 pub enum MasterKeySpec {
-    Passphrase { passphrase: SecretString, params: KdfParams },
+    Passphrase {
+        passphrase: SecretString,
+        params: KdfParams,
+    },
     /// A 32-byte key (raw, or 64 hex characters); generated on first start if `create`.
-    KeyFile { path: PathBuf, create: bool },
+    KeyFile {
+        path: PathBuf,
+        create: bool,
+    },
 }
 
 impl std::fmt::Debug for MasterKeySpec {
@@ -77,10 +83,8 @@ async fn open_existing(k: &KeyringRow, spec: &MasterKeySpec) -> Result<MasterKey
     }
     let master = match spec {
         MasterKeySpec::Passphrase { passphrase, .. } => {
-            let (salt, params) = k
-                .kdf
-                .clone()
-                .ok_or_else(|| StoreError::Corrupt("passphrase keyring without KDF parameters".into()))?;
+            let (salt, params) =
+                k.kdf.clone().ok_or_else(|| StoreError::Corrupt("passphrase keyring without KDF parameters".into()))?;
             derive(passphrase.clone(), salt, params).await?
         }
         MasterKeySpec::KeyFile { path, .. } => read_key_file(path)?,
@@ -148,7 +152,8 @@ pub fn read_key_file(path: &Path) -> Result<MasterKey, UnlockError> {
     if raw.len() == KEY_LEN {
         return Ok(MasterKey::from_bytes(&raw)?);
     }
-    let text = std::str::from_utf8(&raw).map_err(|_| key_file_error(path, "must hold 32 raw bytes or 64 hex characters"))?;
+    let text =
+        std::str::from_utf8(&raw).map_err(|_| key_file_error(path, "must hold 32 raw bytes or 64 hex characters"))?;
     let mut key = Zeroizing::new([0u8; KEY_LEN]);
     hex::decode_to_slice(text.trim(), key.as_mut())
         .map_err(|_| key_file_error(path, "must hold 32 raw bytes or 64 hex characters"))?;

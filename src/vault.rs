@@ -329,7 +329,10 @@ impl Vault {
                     WriteBase::Revive(h.current_version)
                 }
                 (Some(0), Some(h)) => {
-                    return Err(VaultError::AlreadyExists { name: name.as_str().to_owned(), current: h.current_version })
+                    return Err(VaultError::AlreadyExists {
+                        name: name.as_str().to_owned(),
+                        current: h.current_version,
+                    })
                 }
                 (Some(0), None) => WriteBase::Create,
                 (Some(n), h) => {
@@ -450,7 +453,8 @@ impl Vault {
     }
 
     fn decode_page_token(&self, token: &str, prefix: &str) -> Result<CredentialName, VaultError> {
-        let malformed = || VaultError::InvalidArgument("page_token is malformed; pass back a next_page_token unchanged".into());
+        let malformed =
+            || VaultError::InvalidArgument("page_token is malformed; pass back a next_page_token unchanged".into());
         let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| malformed())?;
         let text = String::from_utf8(bytes).map_err(|_| malformed())?;
         let last = text.strip_prefix(PAGE_TOKEN_PREFIX).ok_or_else(malformed)?;

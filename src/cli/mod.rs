@@ -1,1 +1,108 @@
-pub fn placeholder() {}
+//! The `credvault` command line: `serve` runs the daemon; every other subcommand is a
+//! gRPC client of a running daemon.
+
+mod client;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::ServeArgs;
+
+pub use client::{run_client, ClientError};
+
+#[derive(Debug, Parser)]
+#[command(name = "credvault", version, about = "A credential vault daemon and its client")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How client subcommands reach the daemon.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Connection {
+    /// Daemon address.
+    #[arg(long, env = "CREDVAULT_ADDR", default_value = "http://127.0.0.1:7420", global = true)]
+    pub addr: String,
+    /// Bearer token (the root token is printed when the daemon first starts).
+    #[arg(long, env = "CREDVAULT_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon.
+    Serve(ServeArgs),
+    #[command(flatten)]
+    Client(ClientCommand),
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum ClientCommand {
+    /// Write a new version of a credential; the value comes from --value-file or stdin.
+    Put {
+        name: String,
+        /// Read the value from this file, byte for byte.
+        #[arg(long)]
+        value_file: Option<PathBuf>,
+        /// Write only if the current version is N (0: only if it does not exist).
+        #[arg(long)]
+        expected_version: Option<u64>,
+        /// Keep a trailing newline read from stdin (it is stripped by default).
+        #[arg(long)]
+        keep_newline: bool,
+        #[arg(long)]
+        description: Option<String>,
+        #[arg(long)]
+        owner: Option<String>,
+        /// Label as key=value; repeat for more.
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Print a credential's value to stdout.
+    Get {
+        name: String,
+        /// A specific version instead of the current one.
+        #[arg(long)]
+        version: Option<u64>,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Show a credential's metadata and versions (never its value).
+    Describe {
+        name: String,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// List credentials under a prefix.
+    List {
+        #[arg(default_value = "")]
+        prefix: String,
+        /// Include soft-deleted credentials.
+        #[arg(long)]
+        deleted: bool,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Soft-delete a credential (its versions are kept).
+    Delete {
+        name: String,
+        #[arg(long)]
+        expected_version: Option<u64>,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Show the daemon's status.
+    Status {
+        #[command(flatten)]
+        conn: Connection,
+    },
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("label {s:?} must look like key=value"))
+}

@@ -52,9 +52,8 @@ pub fn seal(key: &SecretKey, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, Cr
     let cipher = Aes256Gcm::new(key.as_bytes().into());
     let mut nonce = [0u8; NONCE_LEN];
     rand::rng().fill_bytes(&mut nonce);
-    let ct = cipher
-        .encrypt(Nonce::from_slice(&nonce), Payload { msg: plaintext, aad })
-        .map_err(|_| CryptoError::Encrypt)?;
+    let ct =
+        cipher.encrypt(Nonce::from_slice(&nonce), Payload { msg: plaintext, aad }).map_err(|_| CryptoError::Encrypt)?;
     let mut out = Vec::with_capacity(1 + NONCE_LEN + ct.len());
     out.push(FORMAT_V1);
     out.extend_from_slice(&nonce);
@@ -107,14 +106,25 @@ pub fn seal_value(ring: &KeyRing, name: &str, version: u64, value: &[u8]) -> Res
 }
 
 /// Unwraps the DEK of version `version` of `name`; fails if the blob belongs elsewhere.
-pub fn unwrap_dek(ring: &KeyRing, name: &str, version: u64, kek_id: i64, wrapped: &[u8]) -> Result<SecretKey, CryptoError> {
+pub fn unwrap_dek(
+    ring: &KeyRing,
+    name: &str,
+    version: u64,
+    kek_id: i64,
+    wrapped: &[u8],
+) -> Result<SecretKey, CryptoError> {
     let kek = ring.get(kek_id).ok_or(CryptoError::UnknownKek(kek_id))?;
     let raw = open(kek.key(), wrapped, &aad::dek(name, version, kek_id))?;
     SecretKey::from_slice(&raw)
 }
 
 /// Decrypts version `version` of `name`.
-pub fn open_value(ring: &KeyRing, name: &str, version: u64, sealed: &Sealed) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+pub fn open_value(
+    ring: &KeyRing,
+    name: &str,
+    version: u64,
+    sealed: &Sealed,
+) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
     let dek = unwrap_dek(ring, name, version, sealed.kek_id, &sealed.wrapped_dek)?;
     open(&dek, &sealed.ciphertext, &aad::value(name, version))
 }

@@ -34,7 +34,10 @@ fn value_response(v: CredentialValue) -> proto::GetCredentialResponse {
     }
 }
 
-pub(crate) fn metadata_message(head: &CredentialRow, versions: &[crate::store::VersionInfo]) -> proto::CredentialMetadata {
+pub(crate) fn metadata_message(
+    head: &CredentialRow,
+    versions: &[crate::store::VersionInfo],
+) -> proto::CredentialMetadata {
     let m = &head.metadata;
     proto::CredentialMetadata {
         name: head.name.clone(),

@@ -1,0 +1,223 @@
+//! Client subcommands. Errors carry an exit code a shell script can branch on:
+//! 1 other, 3 not found, 4 conflict or precondition, 5 authentication or permission,
+//! 6 daemon unreachable or unavailable, 7 invalid argument.
+
+use std::io::{IsTerminal as _, Read as _, Write as _};
+
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Status};
+
+use super::{ClientCommand, Connection};
+use crate::proto::admin_service_client::AdminServiceClient;
+use crate::proto::credential_service_client::CredentialServiceClient;
+use crate::proto::{self, VersionState};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot reach the daemon at {addr}: {reason}")]
+    Connect { addr: String, reason: String },
+    #[error("{} ({:?})", .0.message(), .0.code())]
+    Rpc(Status),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl ClientError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ClientError::Usage(_) => 7,
+            ClientError::Connect { .. } => 6,
+            ClientError::Io(_) => 1,
+            ClientError::Rpc(s) => match s.code() {
+                Code::NotFound => 3,
+                Code::Aborted | Code::AlreadyExists | Code::FailedPrecondition => 4,
+                Code::Unauthenticated | Code::PermissionDenied => 5,
+                Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted => 6,
+                Code::InvalidArgument | Code::OutOfRange => 7,
+                _ => 1,
+            },
+        }
+    }
+}
+
+impl From<Status> for ClientError {
+    fn from(s: Status) -> Self {
+        ClientError::Rpc(s)
+    }
+}
+
+type Authed = InterceptedService<Channel, BearerToken>;
+
+#[derive(Clone)]
+pub struct BearerToken(MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+async fn connect(
+    conn: &Connection,
+) -> Result<(CredentialServiceClient<Authed>, AdminServiceClient<Authed>), ClientError> {
+    let token = conn.token.as_deref().filter(|t| !t.is_empty()).ok_or_else(|| {
+        ClientError::Usage(
+            "no token: set CREDVAULT_TOKEN or pass --token (the root token is printed when the daemon first starts)"
+                .into(),
+        )
+    })?;
+    let mut header: MetadataValue<_> = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| ClientError::Usage("the token contains characters not allowed in a header".into()))?;
+    header.set_sensitive(true);
+    let addr = if conn.addr.contains("://") { conn.addr.clone() } else { format!("http://{}", conn.addr) };
+    let connect_err = |reason: String| ClientError::Connect { addr: addr.clone(), reason };
+    let channel = Endpoint::from_shared(addr.clone())
+        .map_err(|e| connect_err(e.to_string()))?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| connect_err(e.to_string()))?;
+    let auth = BearerToken(header);
+    Ok((
+        CredentialServiceClient::with_interceptor(channel.clone(), auth.clone()),
+        AdminServiceClient::with_interceptor(channel, auth),
+    ))
+}
+
+fn state_name(state: i32) -> &'static str {
+    match VersionState::try_from(state) {
+        Ok(VersionState::Current) => "current",
+        Ok(VersionState::Previous) => "previous",
+        Ok(VersionState::Deprecated) => "deprecated",
+        Ok(VersionState::Destroyed) => "destroyed",
+        _ => "unknown",
+    }
+}
+
+fn ts(t: &Option<prost_types::Timestamp>) -> String {
+    t.as_ref().map(|t| t.to_string()).unwrap_or_else(|| "-".into())
+}
+
+/// Runs one client subcommand, printing its result to stdout.
+pub async fn run_client(cmd: ClientCommand) -> Result<(), ClientError> {
+    let mut out = std::io::stdout().lock();
+    match cmd {
+        ClientCommand::Put { name, value_file, expected_version, keep_newline, description, owner, labels, conn } => {
+            let value = zeroize::Zeroizing::new(match &value_file {
+                Some(path) => std::fs::read(path)
+                    .map_err(|e| ClientError::Usage(format!("cannot read {}: {e}", path.display())))?,
+                None => {
+                    if std::io::stdin().is_terminal() {
+                        return Err(ClientError::Usage(
+                            "give the value with --value-file FILE or on stdin (values are never taken as arguments)"
+                                .into(),
+                        ));
+                    }
+                    let mut buf = Vec::new();
+                    std::io::stdin().read_to_end(&mut buf)?;
+                    if !keep_newline {
+                        if buf.ends_with(b"\r\n") {
+                            buf.truncate(buf.len() - 2);
+                        } else if buf.ends_with(b"\n") {
+                            buf.truncate(buf.len() - 1);
+                        }
+                    }
+                    buf
+                }
+            });
+            let metadata = (description.is_some() || owner.is_some() || !labels.is_empty()).then(|| proto::Metadata {
+                labels: labels.into_iter().collect(),
+                description: description.unwrap_or_default(),
+                owner: owner.unwrap_or_default(),
+                expires_at: None,
+            });
+            let (mut c, _) = connect(&conn).await?;
+            let r = c
+                .put_credential(proto::PutCredentialRequest { name, value: value.to_vec(), expected_version, metadata })
+                .await?
+                .into_inner();
+            writeln!(out, "{} version {}", r.name, r.version)?;
+        }
+        ClientCommand::Get { name, version, conn } => {
+            let (mut c, _) = connect(&conn).await?;
+            let r = c.get_credential(proto::GetCredentialRequest { name, version }).await?.into_inner();
+            let value = zeroize::Zeroizing::new(r.value);
+            out.write_all(&value)?;
+            if out.is_terminal() {
+                writeln!(out)?;
+            }
+        }
+        ClientCommand::Describe { name, conn } => {
+            let (mut c, _) = connect(&conn).await?;
+            let m = c.get_credential_metadata(proto::GetCredentialMetadataRequest { name }).await?.into_inner();
+            writeln!(out, "name:            {}", m.name)?;
+            writeln!(out, "current version: {}", m.current_version)?;
+            if let Some(meta) = &m.metadata {
+                writeln!(out, "description:     {}", meta.description)?;
+                writeln!(out, "owner:           {}", meta.owner)?;
+                for (k, v) in &meta.labels {
+                    writeln!(out, "label:           {k}={v}")?;
+                }
+            }
+            writeln!(out, "created:         {}", ts(&m.created_at))?;
+            writeln!(out, "updated:         {}", ts(&m.updated_at))?;
+            if m.deleted_at.is_some() {
+                writeln!(out, "deleted:         {}", ts(&m.deleted_at))?;
+            }
+            writeln!(out, "{:>8}  {:<10}  {:>4}  CREATED", "VERSION", "STATE", "KEK")?;
+            for v in &m.versions {
+                writeln!(out, "{:>8}  {:<10}  {:>4}  {}", v.version, state_name(v.state), v.kek_id, ts(&v.created_at))?;
+            }
+        }
+        ClientCommand::List { prefix, deleted, conn } => {
+            let (mut c, _) = connect(&conn).await?;
+            let mut page_token = String::new();
+            loop {
+                let r = c
+                    .list_credentials(proto::ListCredentialsRequest {
+                        prefix: prefix.clone(),
+                        page_size: 0,
+                        page_token,
+                        include_deleted: deleted,
+                    })
+                    .await?
+                    .into_inner();
+                for m in &r.credentials {
+                    let mark = if m.deleted_at.is_some() { "  (deleted)" } else { "" };
+                    writeln!(out, "{}\tv{}\t{}{mark}", m.name, m.current_version, ts(&m.updated_at))?;
+                }
+                if r.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = r.next_page_token;
+            }
+        }
+        ClientCommand::Delete { name, expected_version, conn } => {
+            let (mut c, _) = connect(&conn).await?;
+            let r = c.delete_credential(proto::DeleteCredentialRequest { name, expected_version }).await?.into_inner();
+            writeln!(out, "{} deleted at version {}", r.name, r.version)?;
+        }
+        ClientCommand::Status { conn } => {
+            let (_, mut a) = connect(&conn).await?;
+            let s = a.get_status(proto::GetStatusRequest {}).await?.into_inner();
+            writeln!(out, "version:         {}", s.version)?;
+            writeln!(
+                out,
+                "storage:         {} ({})",
+                s.storage_backend,
+                if s.storage_healthy { "healthy" } else { "UNHEALTHY" }
+            )?;
+            writeln!(out, "master key:      {}", s.master_key_source)?;
+            writeln!(out, "active KEK:      {}", s.active_kek_id)?;
+            writeln!(out, "credentials:     {}", s.credentials)?;
+            writeln!(out, "started:         {}", ts(&s.started_at))?;
+        }
+    }
+    Ok(())
+}
