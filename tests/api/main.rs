@@ -1,0 +1,12 @@
+//! One integration-test binary (one link step on a 2-core machine). Every test gets a
+//! fresh PostgreSQL database or SQLite file; daemons run on port 0.
+
+mod helpers;
+
+mod bad_input;
+mod cli;
+mod concurrency;
+mod conformance;
+mod e2e;
+mod keys;
+mod tamper;
