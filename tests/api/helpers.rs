@@ -157,6 +157,28 @@ impl Raw {
         }
     }
 
+    /// One blob column of one credential version.
+    pub async fn blob(&self, column: &str, name: &str, version: i64) -> Vec<u8> {
+        let q = format!("SELECT {column} FROM credential_versions WHERE name = $1 AND version = $2");
+        match self {
+            Raw::Pg(p) => sqlx::query_scalar(&q).bind(name).bind(version).fetch_one(p).await.expect("blob"),
+            Raw::Sqlite(p) => sqlx::query_scalar(&q).bind(name).bind(version).fetch_one(p).await.expect("blob"),
+        }
+    }
+
+    pub async fn set_blob(&self, column: &str, name: &str, version: i64, bytes: &[u8]) {
+        let q = format!("UPDATE credential_versions SET {column} = $3 WHERE name = $1 AND version = $2");
+        let n = match self {
+            Raw::Pg(p) => {
+                sqlx::query(&q).bind(name).bind(version).bind(bytes).execute(p).await.expect("set").rows_affected()
+            }
+            Raw::Sqlite(p) => {
+                sqlx::query(&q).bind(name).bind(version).bind(bytes).execute(p).await.expect("set").rows_affected()
+            }
+        };
+        assert_eq!(n, 1, "tampered with exactly one row");
+    }
+
     pub async fn close(self) {
         match self {
             Raw::Pg(p) => p.close().await,
