@@ -1,1 +1,87 @@
+//! The command line against a real daemon: values round-trip byte for byte, and
+//! failures exit with codes a shell script can act on.
 
+use std::process::Stdio;
+
+use tokio::io::AsyncWriteExt as _;
+
+use crate::helpers::{Backend, TestDaemon, TestEnv};
+
+async fn run(d: Option<&TestDaemon>, args: &[&str], stdin: Option<&[u8]>) -> (i32, Vec<u8>, String) {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_credvault"));
+    cmd.args(args).env_remove("CREDVAULT_TOKEN").env_remove("CREDVAULT_ADDR");
+    if let Some(d) = d {
+        cmd.env("CREDVAULT_ADDR", format!("http://{}", d.addr)).env("CREDVAULT_TOKEN", &d.token);
+    }
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn credvault");
+    let mut input = child.stdin.take().expect("stdin");
+    input.write_all(stdin.unwrap_or_default()).await.expect("write stdin");
+    drop(input);
+    let out = child.wait_with_output().await.expect("wait");
+    (out.status.code().unwrap_or(-1), out.stdout, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_round_trip_and_exit_codes() {
+    let env = TestEnv::new(Backend::Sqlite).await;
+    let d = TestDaemon::start(env.settings(), None).await;
+
+    let (code, out, err) = run(Some(&d), &["put", "app/db", "--label", "team=app"], Some(b"s3cr3t\n")).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(String::from_utf8_lossy(&out).trim(), "app/db version 1");
+    let (code, out, _) = run(Some(&d), &["get", "app/db"], None).await;
+    assert_eq!((code, out), (0, b"s3cr3t".to_vec()), "one trailing newline from stdin is stripped");
+
+    let file = env.data_dir().join("value.bin");
+    let binary: Vec<u8> = (0..=255u8).collect();
+    std::fs::write(&file, &binary).unwrap();
+    let (code, _, err) =
+        run(Some(&d), &["put", "app/db", "--value-file", file.to_str().unwrap(), "--expected-version", "1"], None)
+            .await;
+    assert_eq!(code, 0, "{err}");
+    let (_, out, _) = run(Some(&d), &["get", "app/db"], None).await;
+    assert_eq!(out, binary, "files are stored byte for byte");
+    let (_, out, _) = run(Some(&d), &["get", "app/db", "--version", "1"], None).await;
+    assert_eq!(out, b"s3cr3t");
+
+    let (code, _, err) = run(Some(&d), &["put", "app/db", "--expected-version", "1"], Some(b"x")).await;
+    assert_eq!(code, 4, "conflict: {err}");
+    assert!(err.contains("current version is 2"), "{err}");
+    let (code, _, err) = run(Some(&d), &["get", "app/missing"], None).await;
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("not found"), "{err}");
+    let (code, _, err) = run(Some(&d), &["get", "bad name"], None).await;
+    assert_eq!(code, 7, "{err}");
+
+    let (code, out, _) = run(Some(&d), &["list", "app/"], None).await;
+    assert_eq!(code, 0);
+    assert!(String::from_utf8_lossy(&out).starts_with("app/db\tv2\t"));
+    let (code, out, _) = run(Some(&d), &["describe", "app/db"], None).await;
+    let text = String::from_utf8_lossy(&out);
+    assert_eq!(code, 0);
+    assert!(text.contains("label:           team=app") && !text.contains("s3cr3t"), "{text}");
+    let (code, out, _) = run(Some(&d), &["status"], None).await;
+    assert_eq!(code, 0);
+    assert!(String::from_utf8_lossy(&out).contains("sqlite (healthy)"));
+    let (code, _, _) = run(Some(&d), &["delete", "app/db"], None).await;
+    assert_eq!(code, 0);
+    let (code, _, err) = run(Some(&d), &["get", "app/db"], None).await;
+    assert_eq!(code, 3, "{err}");
+
+    // No token, wrong token, nothing listening.
+    let (code, _, err) = run(None, &["get", "app/db", "--addr", &format!("http://{}", d.addr)], None).await;
+    assert_eq!(code, 7, "{err}");
+    assert!(err.contains("CREDVAULT_TOKEN"), "{err}");
+    let (code, _, err) =
+        run(None, &["get", "app/db", "--addr", &format!("http://{}", d.addr), "--token", "cvt_nope"], None).await;
+    assert_eq!(code, 5, "{err}");
+    d.stop().await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let free = listener.local_addr().unwrap();
+    drop(listener);
+    let (code, _, err) = run(None, &["status", "--addr", &format!("http://{free}"), "--token", "cvt_x"], None).await;
+    assert_eq!(code, 6, "{err}");
+    assert!(err.contains("cannot reach the daemon"), "{err}");
+    env.cleanup().await;
+}

@@ -112,12 +112,13 @@ impl TestEnv {
 
     /// Settings for a daemon on port 0 over this environment, unlocked by a key file.
     pub fn settings(&self) -> Settings {
-        let mut s = Settings::default();
-        s.listen = "127.0.0.1:0".parse().expect("addr");
-        s.data_dir = self.dir.path().to_owned();
-        s.database_url = Some(DatabaseUrl::new(self.database_url()));
-        s.db_max_connections = 8;
-        s
+        Settings {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            data_dir: self.dir.path().to_owned(),
+            database_url: Some(DatabaseUrl::new(self.database_url())),
+            db_max_connections: 8,
+            ..Settings::default()
+        }
     }
 
     pub async fn store(&self) -> Arc<dyn Store> {
@@ -150,13 +151,6 @@ pub enum Raw {
 }
 
 impl Raw {
-    pub async fn execute(&self, sql: &str) -> u64 {
-        match self {
-            Raw::Pg(p) => sqlx::query(sql).execute(p).await.expect(sql).rows_affected(),
-            Raw::Sqlite(p) => sqlx::query(sql).execute(p).await.expect(sql).rows_affected(),
-        }
-    }
-
     /// One blob column of one credential version.
     pub async fn blob(&self, column: &str, name: &str, version: i64) -> Vec<u8> {
         let q = format!("SELECT {column} FROM credential_versions WHERE name = $1 AND version = $2");
