@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use secrecy::SecretString;
 use serde::Deserialize;
 
+use crate::cache::{CacheSettings, PlaintextPolicy};
 use crate::crypto::KdfParams;
 use crate::unlock::MasterKeySpec;
 use crate::vault::Limits;
@@ -108,6 +109,7 @@ pub struct Settings {
     pub worker_threads: Option<usize>,
     pub log_format: LogFormat,
     pub limits: Limits,
+    pub cache: CacheSettings,
 }
 
 impl Default for Settings {
@@ -125,6 +127,7 @@ impl Default for Settings {
             worker_threads: None,
             log_format: LogFormat::Text,
             limits: Limits::default(),
+            cache: CacheSettings::default(),
         }
     }
 }
@@ -173,6 +176,23 @@ pub struct ServeArgs {
     pub worker_threads: Option<usize>,
     #[arg(long, env = "CREDVAULT_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Cached credentials at most [default: 10000].
+    #[arg(long, env = "CREDVAULT_CACHE_MAX_ENTRIES")]
+    pub cache_max_entries: Option<usize>,
+    /// Seconds a cached credential may be served [default: 300].
+    #[arg(long, env = "CREDVAULT_CACHE_TTL_SECONDS")]
+    pub cache_ttl_seconds: Option<u64>,
+    /// Keep decrypted values in the cache (memoize) or decrypt on every read (per-read).
+    #[arg(long, env = "CREDVAULT_CACHE_PLAINTEXT", value_parser = parse_plaintext)]
+    pub cache_plaintext: Option<PlaintextPolicy>,
+}
+
+fn parse_plaintext(s: &str) -> Result<PlaintextPolicy, String> {
+    match s {
+        "memoize" => Ok(PlaintextPolicy::Memoize),
+        "per-read" => Ok(PlaintextPolicy::PerRead),
+        _ => Err(format!("{s:?}: expected memoize or per-read")),
+    }
 }
 
 impl Settings {
@@ -205,6 +225,15 @@ impl Settings {
         if let Some(v) = args.max_value_bytes {
             s.limits.max_value_bytes = v;
         }
+        if let Some(v) = args.cache_max_entries {
+            s.cache.max_entries = v;
+        }
+        if let Some(v) = args.cache_ttl_seconds {
+            s.cache.ttl_ms = v.saturating_mul(1000);
+        }
+        if let Some(v) = args.cache_plaintext {
+            s.cache.plaintext = v;
+        }
         s.passphrase = match (std::env::var("CREDVAULT_PASSPHRASE").ok(), &s.passphrase_file) {
             (Some(p), _) => Some(SecretString::from(p)),
             (None, Some(path)) => Some(read_passphrase(path)?),
@@ -233,6 +262,11 @@ impl Settings {
         }
         if l.max_batch_size == 0 || l.max_name_bytes == 0 || l.max_name_bytes > 1024 {
             return bad("limits: max_batch_size must be >= 1 and max_name_bytes between 1 and 1024");
+        }
+        if self.cache.enabled && (self.cache.max_entries == 0 || self.cache.max_bytes == 0 || self.cache.ttl_ms == 0) {
+            return bad(
+                "cache: max_entries, max_bytes and ttl_ms must be positive (set enabled = false to turn it off)",
+            );
         }
         if self.db_max_connections == 0 {
             return bad("db_max_connections must be at least 1");

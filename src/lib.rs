@@ -5,15 +5,19 @@
 //!   codes; the only module that knows tonic (with [`proto`] and the [`cli`] client).
 //! - [`server`]: builds a daemon from [`config::Settings`] and runs it until shutdown.
 //! - [`vault`]: the core: validation, sealing and opening, compare-and-set writes.
+//! - [`cache`]: the sharded TTL LRU of sealed versions with lazy decryption.
+//! - [`metrics`]: metric names, the Prometheus recorder and `/metrics` listener.
 //! - [`auth`]: bearer tokens, checked in memory.
 //! - [`unlock`]: turns a passphrase or key file into an unlocked key ring at start-up.
 //! - [`crypto`]: key types and envelope encryption (pure, no I/O).
 //! - [`store`]: the storage trait and its PostgreSQL and SQLite implementations.
 //! - [`names`]: credential name syntax.
 pub mod auth;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod crypto;
+pub mod metrics;
 pub mod names;
 pub mod proto;
 pub mod server;

@@ -37,11 +37,15 @@ pub enum ServerError {
     Serve(#[from] tonic::transport::Error),
     #[error("reflection service: {0}")]
     Reflection(String),
+    #[error("the Prometheus recorder could not be installed (another recorder is active)")]
+    Metrics,
 }
 
 /// A daemon that is built, unlocked and bound, but not yet serving.
 pub struct Daemon {
     settings: Settings,
+    metrics_listener: TcpListener,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
     store: Arc<dyn Store>,
     vault: Vault,
     auth: Auth,
@@ -72,20 +76,40 @@ pub async fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, ServerErr
 impl Daemon {
     pub async fn build(settings: Settings) -> Result<Daemon, ServerError> {
         settings.validate()?;
+        // Before anything creates metric handles, so they record into it.
+        let metrics = crate::metrics::install().ok_or(ServerError::Metrics)?;
         let store = open_store(&settings).await?;
         let keys = unlock(store.as_ref(), &settings.master_key_spec()).await?;
         let auth = Auth::load(store.as_ref()).await?;
         let root_token = auth.ensure_root_token(store.as_ref()).await?;
-        let vault = Vault::new(store.clone(), keys, settings.limits.clone());
+        let vault = Vault::new(store.clone(), keys, settings.limits.clone(), settings.cache.clone());
         let listener = TcpListener::bind(settings.listen)
             .await
             .map_err(|source| ServerError::Bind { addr: settings.listen, source })?;
-        Ok(Daemon { settings, store, vault, auth, listener, root_token, started_at: now_micros() })
+        let metrics_listener = crate::metrics::bind(settings.metrics_listen)
+            .await
+            .map_err(|source| ServerError::Bind { addr: settings.metrics_listen, source })?;
+        Ok(Daemon {
+            settings,
+            metrics_listener,
+            metrics,
+            store: vault.store(),
+            vault,
+            auth,
+            listener,
+            root_token,
+            started_at: now_micros(),
+        })
     }
 
     /// The bound gRPC address (the real port when configured with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.listener.local_addr().unwrap_or(self.settings.listen)
+    }
+
+    /// The bound metrics address.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_listener.local_addr().unwrap_or(self.settings.metrics_listen)
     }
 
     /// The root token, if this start created it: returned once, to be shown once.
@@ -123,17 +147,53 @@ impl Daemon {
             .build_v1()
             .map_err(|e| ServerError::Reflection(e.to_string()))?;
 
+        // Background tasks stop when this flips to true.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        // The first Resync means the change feed is subscribed: only then is it safe to
+        // fill the cache, since a fill made earlier could miss a notification.
+        let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel::<()>();
+        let subscribed_tx = std::sync::Mutex::new(Some(subscribed_tx));
+        let vault = self.vault.clone();
+        let sink: crate::store::ChangeSink = Arc::new(move |change| {
+            if change == crate::store::Change::Resync {
+                if let Some(tx) = subscribed_tx.lock().ok().and_then(|mut t| t.take()) {
+                    let _ = tx.send(());
+                }
+            }
+            vault.apply_change(change)
+        });
+        let feed_store = self.store.clone();
+        let feed_stop = stop_rx.clone();
+        // Backends without a feed return at once, which drops the sender: ready as well.
+        let feed = tokio::spawn(async move {
+            if let Err(e) = feed_store.watch_changes(sink, feed_stop).await {
+                tracing::error!(error = %e, "change feed stopped");
+            }
+        });
+        if tokio::time::timeout(std::time::Duration::from_secs(10), subscribed_rx).await.is_err() {
+            tracing::warn!("change feed not subscribed after 10 s; serving anyway, it clears the cache when it is");
+        }
+        let metrics_addr = self.metrics_addr();
         let addr = self.local_addr();
-        tracing::info!(%addr, backend = self.store.backend().as_str(), "credvault serving gRPC");
-        Server::builder()
+        let metrics_server =
+            tokio::spawn(crate::metrics::serve(self.metrics_listener, self.metrics, self.store.clone(), stop_rx));
+
+        tracing::info!(%addr, %metrics_addr, backend = self.store.backend().as_str(), "credvault serving gRPC");
+        let served = Server::builder()
             .tcp_nodelay(true)
+            .layer(crate::metrics::RequestMetricsLayer)
             .add_service(health)
             .add_service(reflection)
             .add_service(InterceptedService::new(credentials, interceptor.clone()))
             .add_service(InterceptedService::new(admin, interceptor))
             .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), shutdown)
-            .await?;
+            .await;
+        let _ = stop_tx.send(true);
+        let _ = feed.await;
+        let _ = metrics_server.await;
+        // Wipe cached plaintext now rather than whenever the last handle drops.
+        self.vault.cache().clear();
         tracing::info!("credvault stopped");
-        Ok(())
+        Ok(served?)
     }
 }

@@ -12,11 +12,13 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use zeroize::Zeroizing;
 
-use crate::crypto::{self, CryptoError, KeyRing};
+use crate::cache::{Cache, CacheSettings, Cached, CachedVersion, PlaintextPolicy};
+use crate::crypto::{self, CryptoError, KeyRing, Sealed};
+use crate::metrics::names::DECRYPT_DURATION;
 use crate::names::{check_prefix, CredentialName};
 use crate::store::{
-    now_micros, Backend, CredentialRow, ListQuery, Metadata, Micros, NewVersion, Store, StoreError, VersionInfo,
-    VersionState, WriteBase,
+    now_micros, Backend, Change, CredentialRow, Instrumented, ListQuery, Metadata, Micros, NewVersion, Store,
+    StoreError, VersionInfo, VersionRow, VersionState, WriteBase,
 };
 
 /// Request-size limits; every one is enforced before the store is touched.
@@ -135,7 +137,9 @@ pub struct Vault {
 }
 
 struct Inner {
-    store: Arc<dyn Store>,
+    store: Arc<Instrumented>,
+    cache: Cache,
+    decrypt_duration: metrics::Histogram,
     // std RwLock: held only for synchronous sealing/opening, never across an `.await`.
     keys: RwLock<KeyRing>,
     limits: Limits,
@@ -152,16 +156,41 @@ const MAX_WRITE_ATTEMPTS: usize = 64;
 const PAGE_TOKEN_PREFIX: &str = "v1:";
 
 impl Vault {
-    pub fn new(store: Arc<dyn Store>, keys: KeyRing, limits: Limits) -> Self {
-        Vault { inner: Arc::new(Inner { store, keys: RwLock::new(keys), limits }) }
+    pub fn new(store: Arc<dyn Store>, keys: KeyRing, limits: Limits, cache: CacheSettings) -> Self {
+        Vault {
+            inner: Arc::new(Inner {
+                store: Arc::new(Instrumented::new(store)),
+                cache: Cache::new(cache),
+                decrypt_duration: metrics::histogram!(DECRYPT_DURATION),
+                keys: RwLock::new(keys),
+                limits,
+            }),
+        }
+    }
+
+    pub fn cache(&self) -> &Cache {
+        &self.inner.cache
+    }
+
+    /// Store calls made through this vault so far.
+    pub fn store_queries(&self) -> u64 {
+        self.inner.store.queries()
+    }
+
+    /// Applies a change reported by the store's change feed (another daemon's write).
+    pub fn apply_change(&self, change: Change) {
+        match change {
+            Change::Credential(name) => self.inner.cache.invalidate(&name),
+            Change::Resync => self.inner.cache.clear(),
+        }
     }
 
     pub fn limits(&self) -> &Limits {
         &self.inner.limits
     }
 
-    pub fn store(&self) -> &Arc<dyn Store> {
-        &self.inner.store
+    pub fn store(&self) -> Arc<dyn Store> {
+        self.inner.store.clone()
     }
 
     fn name(&self, s: &str) -> Result<CredentialName, VaultError> {
@@ -175,16 +204,31 @@ impl Vault {
         f(&guard)
     }
 
-    /// Reads version `version` (the current one if `None` or 0) of `name`.
+    /// Reads version `version` (the current one if `None` or 0) of `name`. The current
+    /// version is served from the cache; a miss loads it once for all concurrent callers.
     pub async fn get(&self, name: &str, version: Option<u64>) -> Result<CredentialValue, VaultError> {
         let name = self.name(name)?;
         let version = version.filter(|v| *v != 0);
-        let found = self.inner.store.get_version(name.as_str(), version).await?;
-        let (head, row) = found.ok_or_else(|| not_found(&name))?;
-        if head.deleted_at.is_some() {
-            return Err(VaultError::NotFound(format!("credential {:?} is deleted", name.as_str())));
+        let cached = self.inner.cache.get(name.as_str());
+        match (version, cached) {
+            (None, Some(c)) => self.serve(&name, c),
+            (None, None) => {
+                let c = self.load_current(&name).await?;
+                self.serve(&name, c)
+            }
+            (Some(v), Some(Cached::Found(c))) if c.version() == v => self.serve(&name, Cached::Found(c)),
+            (Some(_), Some(Cached::Missing { deleted: true })) => Err(deleted(&name)),
+            (Some(v), _) => self.get_version_uncached(&name, v).await,
         }
-        let wanted = version.unwrap_or(head.current_version);
+    }
+
+    /// Explicit older versions are read from the store; only current versions are cached.
+    async fn get_version_uncached(&self, name: &CredentialName, wanted: u64) -> Result<CredentialValue, VaultError> {
+        let found = self.inner.store.get_version(name.as_str(), Some(wanted)).await?;
+        let (head, row) = found.ok_or_else(|| not_found(name))?;
+        if head.deleted_at.is_some() {
+            return Err(deleted(name));
+        }
         let row = row.ok_or_else(|| {
             if wanted > head.current_version {
                 VaultError::NotFound(format!(
@@ -200,37 +244,56 @@ impl Vault {
                 ))
             }
         })?;
-        self.open(&name, row)
+        let sealed = readable(name, &row)?;
+        let value = self.decrypt(name, row.info.version, sealed)?;
+        Ok(credential_value(name, &row.info, value))
     }
 
-    fn open(&self, name: &CredentialName, row: crate::store::VersionRow) -> Result<CredentialValue, VaultError> {
-        let info = row.info;
-        let readable = match info.state {
-            VersionState::Current => true,
-            VersionState::Previous => info.expires_at.is_none_or(|t| t > now_micros()),
-            VersionState::Deprecated | VersionState::Destroyed => false,
+    async fn load_current(&self, name: &CredentialName) -> Result<Cached, VaultError> {
+        let store = &self.inner.store;
+        self.inner
+            .cache
+            .load_coalesced(name.as_str(), || async {
+                match store.get_version(name.as_str(), None).await? {
+                    None => Ok(Cached::Missing { deleted: false }),
+                    Some((head, _)) if head.deleted_at.is_some() => Ok(Cached::Missing { deleted: true }),
+                    Some((head, Some(row))) => Ok(Cached::Found(Arc::new(CachedVersion::new(head, row)))),
+                    Some((head, None)) => Err(VaultError::Internal(format!(
+                        "current version {} of {:?} has no row",
+                        head.current_version,
+                        name.as_str()
+                    ))),
+                }
+            })
+            .await
+    }
+
+    /// Turns a cache entry into a value, decrypting lazily (and memoizing if configured).
+    fn serve(&self, name: &CredentialName, cached: Cached) -> Result<CredentialValue, VaultError> {
+        let entry = match cached {
+            Cached::Found(entry) => entry,
+            Cached::Missing { deleted: true } => return Err(deleted(name)),
+            Cached::Missing { deleted: false } => return Err(not_found(name)),
         };
-        let sealed = match row.sealed {
-            Some(s) if readable => s,
-            _ => {
-                return Err(VaultError::FailedPrecondition(format!(
-                    "version {} of {:?} is {} and cannot be read",
-                    info.version,
-                    name.as_str(),
-                    if info.state == VersionState::Previous { "past its grace period" } else { info.state.as_str() }
-                )))
+        let sealed = readable(name, &entry.row)?;
+        let value = match entry.plaintext() {
+            Some(p) => Zeroizing::new(p.to_vec()),
+            None => {
+                let value = self.decrypt(name, entry.version(), sealed)?;
+                if self.inner.cache.settings().plaintext == PlaintextPolicy::Memoize {
+                    entry.memoize(value.clone());
+                }
+                value
             }
         };
-        let opened = self.with_keys(|ring| crypto::open_value(ring, name.as_str(), info.version, &sealed));
-        let value = opened.map_err(|e| self.data_loss(name, info.version, e))?;
-        Ok(CredentialValue {
-            name: name.as_str().to_owned(),
-            version: info.version,
-            state: info.state,
-            created_at: info.created_at,
-            expires_at: info.expires_at,
-            value,
-        })
+        Ok(credential_value(name, &entry.row.info, value))
+    }
+
+    fn decrypt(&self, name: &CredentialName, version: u64, sealed: &Sealed) -> Result<Zeroizing<Vec<u8>>, VaultError> {
+        let start = std::time::Instant::now();
+        let opened = self.with_keys(|ring| crypto::open_value(ring, name.as_str(), version, sealed));
+        self.inner.decrypt_duration.record(start.elapsed().as_secs_f64());
+        opened.map_err(|e| self.data_loss(name, version, e))
     }
 
     fn data_loss(&self, name: &CredentialName, version: u64, e: CryptoError) -> VaultError {
@@ -250,26 +313,50 @@ impl Vault {
             )));
         }
         let parsed = names.iter().map(|n| self.name(n)).collect::<Result<Vec<_>, _>>()?;
-        let mut unique: Vec<String> = parsed.iter().map(|n| n.as_str().to_owned()).collect();
-        unique.sort();
-        unique.dedup();
-        let rows = self.inner.store.get_current_many(&unique).await?;
-        let mut by_name: std::collections::HashMap<String, (CredentialRow, crate::store::VersionRow)> =
-            rows.into_iter().map(|(h, v)| (h.name.clone(), (h, v))).collect();
-        let mut out = Vec::with_capacity(parsed.len());
-        for (i, name) in parsed.iter().enumerate() {
-            // A name asked for twice is served twice; only its last use may take the row.
-            let last_use = !parsed[i + 1..].contains(name);
-            let found = if last_use { by_name.remove(name.as_str()) } else { by_name.get(name.as_str()).cloned() };
-            out.push(match found {
-                None => Err(not_found(name)),
-                Some((head, _)) if head.deleted_at.is_some() => {
-                    Err(VaultError::NotFound(format!("credential {:?} is deleted", name.as_str())))
+        let cache = &self.inner.cache;
+        let mut known: std::collections::HashMap<&str, Cached> = std::collections::HashMap::new();
+        let mut misses: Vec<(String, crate::cache::FillTicket)> = Vec::new();
+        for name in &parsed {
+            if known.contains_key(name.as_str()) || misses.iter().any(|(m, _)| m == name.as_str()) {
+                continue;
+            }
+            match cache.get(name.as_str()) {
+                Some(c) => {
+                    known.insert(name.as_str(), c);
                 }
-                Some((_, row)) => self.open(name, row),
-            });
+                None => misses.push((name.as_str().to_owned(), cache.ticket(name.as_str()))),
+            }
         }
-        Ok(out)
+        if !misses.is_empty() {
+            // All misses in one query.
+            let wanted: Vec<String> = misses.iter().map(|(n, _)| n.clone()).collect();
+            let mut rows: std::collections::HashMap<String, (CredentialRow, VersionRow)> = self
+                .inner
+                .store
+                .get_current_many(&wanted)
+                .await?
+                .into_iter()
+                .map(|(h, v)| (h.name.clone(), (h, v)))
+                .collect();
+            for (name, ticket) in &misses {
+                let c = match rows.remove(name) {
+                    None => Cached::Missing { deleted: false },
+                    Some((head, _)) if head.deleted_at.is_some() => Cached::Missing { deleted: true },
+                    Some((head, row)) => Cached::Found(Arc::new(CachedVersion::new(head, row))),
+                };
+                cache.fill(name, *ticket, c.clone());
+                if let Some(parsed_name) = parsed.iter().find(|p| p.as_str() == name) {
+                    known.insert(parsed_name.as_str(), c);
+                }
+            }
+        }
+        Ok(parsed
+            .iter()
+            .map(|name| match known.get(name.as_str()) {
+                Some(c) => self.serve(name, c.clone()),
+                None => Err(not_found(name)),
+            })
+            .collect())
     }
 
     /// Metadata and retained versions; never decrypts. Deleted credentials are shown
@@ -316,8 +403,23 @@ impl Vault {
                 max_versions: self.inner.limits.max_versions,
             };
             match store.put_version(&new).await {
-                Ok(()) => return Ok(PutOutcome { name: name.as_str().to_owned(), version, created_at: now }),
-                Err(StoreError::Conflict) => {}
+                Ok(head) => {
+                    // Read-your-writes: the new version is cached before the call returns.
+                    let info = VersionInfo {
+                        version,
+                        state: VersionState::Current,
+                        kek_id: sealed.kek_id,
+                        created_at: now,
+                        expires_at: None,
+                    };
+                    let row = VersionRow { info, sealed: Some(sealed) };
+                    self.inner.cache.install(name.as_str(), Arc::new(CachedVersion::new(head, row)));
+                    return Ok(PutOutcome { name: name.as_str().to_owned(), version, created_at: now });
+                }
+                Err(StoreError::Conflict) => {
+                    // Someone else wrote: whatever this daemon cached is behind.
+                    self.inner.cache.invalidate(name.as_str());
+                }
                 Err(e) => return Err(e.into()),
             }
             let head = store.get_credential(name.as_str()).await?;
@@ -395,7 +497,10 @@ impl Vault {
         let name = self.name(name)?;
         let now = now_micros();
         let store = &self.inner.store;
-        let deleted = store.delete_credential(name.as_str(), expected.filter(|v| *v != 0), now).await?;
+        let deleted = store.delete_credential(name.as_str(), expected.filter(|v| *v != 0), now).await;
+        // Deleted, or lost to a concurrent change: either way the cached entry is stale.
+        self.inner.cache.invalidate(name.as_str());
+        let deleted = deleted?;
         let head = store.get_credential(name.as_str()).await?.ok_or_else(|| not_found(&name))?;
         if deleted {
             return Ok(head);
@@ -474,6 +579,40 @@ impl Vault {
             active_kek_id: self.with_keys(|r| r.active_id()),
             credentials: count.unwrap_or_default(),
         }
+    }
+}
+
+fn deleted(name: &CredentialName) -> VaultError {
+    VaultError::NotFound(format!("credential {:?} is deleted", name.as_str()))
+}
+
+/// The sealed bytes of a version, if its state allows reading it.
+fn readable<'a>(name: &CredentialName, row: &'a VersionRow) -> Result<&'a Sealed, VaultError> {
+    let info = &row.info;
+    let ok = match info.state {
+        VersionState::Current => true,
+        VersionState::Previous => info.expires_at.is_none_or(|t| t > now_micros()),
+        VersionState::Deprecated | VersionState::Destroyed => false,
+    };
+    match &row.sealed {
+        Some(s) if ok => Ok(s),
+        _ => Err(VaultError::FailedPrecondition(format!(
+            "version {} of {:?} is {} and cannot be read",
+            info.version,
+            name.as_str(),
+            if info.state == VersionState::Previous { "past its grace period" } else { info.state.as_str() }
+        ))),
+    }
+}
+
+fn credential_value(name: &CredentialName, info: &VersionInfo, value: Zeroizing<Vec<u8>>) -> CredentialValue {
+    CredentialValue {
+        name: name.as_str().to_owned(),
+        version: info.version,
+        state: info.state,
+        created_at: info.created_at,
+        expires_at: info.expires_at,
+        value,
     }
 }
 

@@ -5,6 +5,7 @@
 //! compare-and-set on `credentials.current_version`, so concurrent writers serialize on
 //! the row and a loser changes nothing.
 
+mod instrumented;
 mod postgres;
 mod sql;
 mod sqlite;
@@ -15,6 +16,7 @@ use async_trait::async_trait;
 
 use crate::crypto::{KdfParams, Sealed};
 
+pub use instrumented::Instrumented;
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
@@ -282,8 +284,8 @@ pub trait Store: Send + Sync + 'static {
     async fn list_versions(&self, name: &str) -> Result<Vec<VersionInfo>, StoreError>;
 
     /// Writes `new.base.next_version()` if the head still matches `new.base`, else
-    /// [`StoreError::Conflict`] with nothing changed.
-    async fn put_version(&self, new: &NewVersion<'_>) -> Result<(), StoreError>;
+    /// [`StoreError::Conflict`] with nothing changed. Returns the new head.
+    async fn put_version(&self, new: &NewVersion<'_>) -> Result<CredentialRow, StoreError>;
 
     /// Soft-deletes a live credential (at `expected` version if given). `false`: nothing
     /// matched, so nothing changed.
@@ -297,4 +299,33 @@ pub trait Store: Send + Sync + 'static {
     async fn insert_token(&self, token: &TokenRow) -> Result<(), StoreError>;
 
     async fn list_tokens(&self) -> Result<Vec<TokenRow>, StoreError>;
+
+    /// Connections in the pool, for metrics.
+    fn pool_stats(&self) -> PoolStats;
+
+    /// Reports writes made through other daemons sharing this database to `sink` until
+    /// `shutdown` turns true. Backends used by one process only return at once.
+    async fn watch_changes(
+        &self,
+        sink: ChangeSink,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), StoreError>;
 }
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    pub size: u32,
+    pub idle: usize,
+}
+
+/// What the change feed reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Another daemon wrote or deleted this credential.
+    Credential(String),
+    /// Notifications may have been missed (the feed's connection dropped and was
+    /// re-established): everything cached may be stale.
+    Resync,
+}
+
+pub type ChangeSink = std::sync::Arc<dyn Fn(Change) + Send + Sync>;

@@ -13,6 +13,10 @@ use crate::crypto::{KdfParams, Sealed};
 pub(super) const CRED_COLS: &str =
     "c.name, c.current_version, c.labels, c.description, c.owner, c.expires_at, c.created_at, c.updated_at, c.deleted_at";
 
+/// The same columns, unqualified, for `RETURNING`.
+pub(super) const CRED_COLS_BARE: &str =
+    "name, current_version, labels, description, owner, expires_at, created_at, updated_at, deleted_at";
+
 pub(super) const VERSION_COLS: &str = "v.version, v.state, v.kek_id, v.wrapped_dek, v.ciphertext, \
      v.created_at AS v_created_at, v.expires_at AS v_expires_at";
 
@@ -145,8 +149,9 @@ decoders! {
 }
 
 /// Expands `#[async_trait] impl Store for $store` over a `pool: sqlx::Pool<_>` field.
-/// The backend type supplies `fn backend()`, and `async fn current_many_query()` for the
-/// one statement whose dialects differ (binding a list of names).
+/// The backend type supplies `BACKEND`; `current_many_query()` for the one statement
+/// whose dialects differ (binding a list of names); `notify_change()`, called inside each
+/// write transaction; and `watch()`, the cross-daemon change feed.
 macro_rules! impl_sql_store {
     ($store:ty) => {
         #[async_trait::async_trait]
@@ -261,7 +266,7 @@ macro_rules! impl_sql_store {
                 rows.iter().map(sql::version_info).collect()
             }
 
-            async fn put_version(&self, new: &NewVersion<'_>) -> Result<(), StoreError> {
+            async fn put_version(&self, new: &NewVersion<'_>) -> Result<CredentialRow, StoreError> {
                 let version = new.base.next_version();
                 let mut tx = self.pool.begin().await?;
                 // The compare-and-set comes first: it takes the row lock (PostgreSQL) or the
@@ -270,32 +275,35 @@ macro_rules! impl_sql_store {
                 let matched = match new.base {
                     WriteBase::Create => {
                         let m = new.metadata.cloned().unwrap_or_default();
-                        sqlx::query(
+                        let q = format!(
                             "INSERT INTO credentials (name, current_version, labels, description, owner, \
                              expires_at, created_at, updated_at) VALUES ($1, 1, $2, $3, $4, $5, $6, $6) \
-                             ON CONFLICT (name) DO NOTHING",
-                        )
+                             ON CONFLICT (name) DO NOTHING RETURNING {}",
+                            sql::CRED_COLS_BARE
+                        );
+                        sqlx::query(&q)
                         .bind(new.name)
                         .bind(sql::labels_to_json(&m))
                         .bind(&m.description)
                         .bind(&m.owner)
                         .bind(m.expires_at)
                         .bind(new.now)
-                        .execute(&mut *tx)
+                        .fetch_optional(&mut *tx)
                         .await?
-                        .rows_affected()
                     }
                     WriteBase::Update(current) | WriteBase::Revive(current) => {
                         let live = matches!(new.base, WriteBase::Update(_));
                         let m = new.metadata;
-                        sqlx::query(
+                        let q = format!(
                             "UPDATE credentials SET current_version = $2, updated_at = $3, deleted_at = NULL, \
                              labels = CASE WHEN $4 THEN $5 ELSE labels END, \
                              description = CASE WHEN $4 THEN $6 ELSE description END, \
                              owner = CASE WHEN $4 THEN $7 ELSE owner END, \
                              expires_at = CASE WHEN $4 THEN $8 ELSE expires_at END \
-                             WHERE name = $1 AND current_version = $9 AND (deleted_at IS NULL) = $10",
-                        )
+                             WHERE name = $1 AND current_version = $9 AND (deleted_at IS NULL) = $10 RETURNING {}",
+                            sql::CRED_COLS_BARE
+                        );
+                        sqlx::query(&q)
                         .bind(new.name)
                         .bind(sql::to_db(version))
                         .bind(new.now)
@@ -306,15 +314,15 @@ macro_rules! impl_sql_store {
                         .bind(m.and_then(|m| m.expires_at))
                         .bind(sql::to_db(current))
                         .bind(live)
-                        .execute(&mut *tx)
+                        .fetch_optional(&mut *tx)
                         .await?
-                        .rows_affected()
                     }
                 };
-                if matched == 0 {
+                let Some(head) = matched else {
                     tx.rollback().await?;
                     return Err(StoreError::Conflict);
-                }
+                };
+                let head = sql::credential(&head)?;
                 sqlx::query("UPDATE credential_versions SET state = 'previous' WHERE name = $1 AND state = 'current'")
                     .bind(new.name)
                     .execute(&mut *tx)
@@ -338,8 +346,9 @@ macro_rules! impl_sql_store {
                         .execute(&mut *tx)
                         .await?;
                 }
+                self.notify_change(&mut tx, new.name).await?;
                 tx.commit().await?;
-                Ok(())
+                Ok(head)
             }
 
             async fn delete_credential(
@@ -348,6 +357,7 @@ macro_rules! impl_sql_store {
                 expected: Option<u64>,
                 now: Micros,
             ) -> Result<bool, StoreError> {
+                let mut tx = self.pool.begin().await?;
                 let n = sqlx::query(
                     "UPDATE credentials SET deleted_at = $2, updated_at = $2 WHERE name = $1 AND deleted_at IS NULL \
                      AND (CAST($3 AS BIGINT) IS NULL OR current_version = $3)",
@@ -355,9 +365,13 @@ macro_rules! impl_sql_store {
                 .bind(name)
                 .bind(now)
                 .bind(expected.map(sql::to_db))
-                .execute(&self.pool)
+                .execute(&mut *tx)
                 .await?
                 .rows_affected();
+                if n > 0 {
+                    self.notify_change(&mut tx, name).await?;
+                }
+                tx.commit().await?;
                 Ok(n > 0)
             }
 
@@ -400,6 +414,18 @@ macro_rules! impl_sql_store {
                 .execute(&self.pool)
                 .await?;
                 Ok(())
+            }
+
+            fn pool_stats(&self) -> $crate::store::PoolStats {
+                $crate::store::PoolStats { size: self.pool.size(), idle: self.pool.num_idle() }
+            }
+
+            async fn watch_changes(
+                &self,
+                sink: $crate::store::ChangeSink,
+                shutdown: tokio::sync::watch::Receiver<bool>,
+            ) -> Result<(), StoreError> {
+                self.watch(sink, shutdown).await
             }
 
             async fn list_tokens(&self) -> Result<Vec<TokenRow>, StoreError> {

@@ -5,12 +5,12 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
-use sqlx::SqlitePool;
+use sqlx::{Sqlite, SqlitePool, Transaction};
 
 use super::sql::{self, impl_sql_store};
 use super::{
-    Backend, CredentialRow, KekRow, KeyringRow, ListQuery, Micros, NewVersion, StoreError, TokenRow, VersionInfo,
-    VersionRow, WriteBase,
+    Backend, ChangeSink, CredentialRow, KekRow, KeyringRow, ListQuery, Micros, NewVersion, StoreError, TokenRow,
+    VersionInfo, VersionRow, WriteBase,
 };
 
 const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "init", include_str!("../../migrations/sqlite/0001_init.sql"))];
@@ -59,6 +59,17 @@ impl SqliteStore {
             sql::VERSION_COLS
         );
         Ok(sqlx::query(&q).bind(list).fetch_all(&self.pool).await?)
+    }
+}
+
+impl SqliteStore {
+    /// One process owns an SQLite file, so there is nobody to notify.
+    async fn notify_change(&self, _tx: &mut Transaction<'_, Sqlite>, _name: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn watch(&self, _sink: ChangeSink, _shutdown: tokio::sync::watch::Receiver<bool>) -> Result<(), StoreError> {
+        Ok(())
     }
 }
 

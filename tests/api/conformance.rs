@@ -34,8 +34,9 @@ async fn ready(backend: Backend) -> (TestEnv, std::sync::Arc<dyn Store>) {
     (env, store)
 }
 
+/// Writes and checks the returned head names the new version.
 async fn put(store: &dyn Store, name: &str, base: WriteBase, tag: u8, max: u64) -> Result<(), StoreError> {
-    store
+    let head = store
         .put_version(&NewVersion {
             name,
             base,
@@ -44,7 +45,9 @@ async fn put(store: &dyn Store, name: &str, base: WriteBase, tag: u8, max: u64) 
             now: now_micros(),
             max_versions: max,
         })
-        .await
+        .await?;
+    assert_eq!((head.name.as_str(), head.current_version, head.deleted_at), (name, base.next_version(), None));
+    Ok(())
 }
 
 async fn keyring_is_initialised_once(backend: Backend) {

@@ -114,6 +114,7 @@ impl TestEnv {
     pub fn settings(&self) -> Settings {
         Settings {
             listen: "127.0.0.1:0".parse().expect("addr"),
+            metrics_listen: "127.0.0.1:0".parse().expect("addr"),
             data_dir: self.dir.path().to_owned(),
             database_url: Some(DatabaseUrl::new(self.database_url())),
             db_max_connections: 8,
@@ -197,6 +198,9 @@ pub type Admin = AdminServiceClient<InterceptedService<Channel, Bearer>>;
 /// A daemon running inside the test process.
 pub struct TestDaemon {
     pub addr: std::net::SocketAddr,
+    pub metrics_addr: std::net::SocketAddr,
+    /// The daemon's core, for counting its store queries.
+    pub vault: credvault::vault::Vault,
     pub token: String,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), ServerError>>>,
@@ -213,11 +217,13 @@ impl TestDaemon {
             (None, None) => panic!("no root token: pass the one from the first start"),
         };
         let addr = daemon.local_addr();
+        let metrics_addr = daemon.metrics_addr();
+        let vault = daemon.vault().clone();
         let (tx, rx) = oneshot::channel();
         let task = tokio::spawn(daemon.run_until(async {
             let _ = rx.await;
         }));
-        TestDaemon { addr, token, stop: Some(tx), task: Some(task) }
+        TestDaemon { addr, metrics_addr, vault, token, stop: Some(tx), task: Some(task) }
     }
 
     pub async fn channel(&self) -> Channel {

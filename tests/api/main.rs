@@ -4,6 +4,7 @@
 mod helpers;
 
 mod bad_input;
+mod cache;
 mod cli;
 mod concurrency;
 mod conformance;

@@ -9,9 +9,17 @@ use crate::helpers::{assert_status, Backend, TestDaemon, TestEnv};
 
 both_backends!(flipped_bytes_are_data_loss, moved_ciphertexts_are_data_loss, no_plaintext_at_rest);
 
+/// These tests change rows behind the daemon's back, which a cache would (rightly) hide
+/// until its TTL: they read straight from storage.
+fn uncached(env: &TestEnv) -> credvault::config::Settings {
+    let mut s = env.settings();
+    s.cache.enabled = false;
+    s
+}
+
 async fn flipped_bytes_are_data_loss(backend: Backend) {
     let env = TestEnv::new(backend).await;
-    let d = TestDaemon::start(env.settings(), None).await;
+    let d = TestDaemon::start(uncached(&env), None).await;
     let mut c = d.client().await;
     put(&mut c, "t/a", b"alpha-secret", None).await.unwrap();
     put(&mut c, "t/b", b"bravo-secret", None).await.unwrap();
@@ -41,7 +49,7 @@ async fn flipped_bytes_are_data_loss(backend: Backend) {
 
 async fn moved_ciphertexts_are_data_loss(backend: Backend) {
     let env = TestEnv::new(backend).await;
-    let d = TestDaemon::start(env.settings(), None).await;
+    let d = TestDaemon::start(uncached(&env), None).await;
     let mut c = d.client().await;
     put(&mut c, "m/a", b"alpha-secret", None).await.unwrap();
     put(&mut c, "m/b", b"bravo-secret", None).await.unwrap();

@@ -1,0 +1,250 @@
+//! Prometheus metrics: names in one place ([`names`]), the process-wide recorder, the
+//! `/metrics` listener, and [`RequestMetricsLayer`], which counts and times every RPC.
+//!
+//! **Invariant:** label values come from fixed sets (RPC names, status codes, reasons,
+//! operation names), never from request data, so no caller can grow the series count
+//! and no secret can reach a label.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+
+use crate::store::Store;
+
+pub mod names {
+    pub const REQUESTS: &str = "credvault_requests_total";
+    pub const REQUEST_DURATION: &str = "credvault_request_duration_seconds";
+    pub const CACHE_HITS: &str = "credvault_cache_hits_total";
+    pub const CACHE_MISSES: &str = "credvault_cache_misses_total";
+    pub const CACHE_EVICTIONS: &str = "credvault_cache_evictions_total";
+    pub const CACHE_ENTRIES: &str = "credvault_cache_entries";
+    pub const CACHE_BYTES: &str = "credvault_cache_bytes";
+    pub const CACHE_COALESCED: &str = "credvault_cache_coalesced_waits_total";
+    pub const DECRYPT_DURATION: &str = "credvault_decrypt_duration_seconds";
+    pub const STORE_QUERY_DURATION: &str = "credvault_store_query_duration_seconds";
+    pub const DB_POOL_CONNECTIONS: &str = "credvault_db_pool_connections";
+    pub const BUILD_INFO: &str = "credvault_build_info";
+}
+
+/// Buckets from 50 us to 1 s (a cache hit to a slow database write).
+const LATENCY_BUCKETS: &[f64] =
+    &[50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3, 1.0];
+/// Decryption takes microseconds.
+const DECRYPT_BUCKETS: &[f64] = &[1e-6, 2e-6, 5e-6, 10e-6, 25e-6, 50e-6, 100e-6, 1e-3];
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process-wide recorder (once; later calls return the same handle).
+/// `None` if another recorder was installed first, in which case metrics go there.
+pub fn install() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Full(names::DECRYPT_DURATION.into()), DECRYPT_BUCKETS)
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_duration_seconds".into()), LATENCY_BUCKETS))
+                .ok()?
+                .build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).ok()?;
+            describe();
+            Some(handle)
+        })
+        .clone()
+}
+
+fn describe() {
+    use names::*;
+    describe_counter!(REQUESTS, "gRPC requests handled, by RPC and status code.");
+    describe_histogram!(REQUEST_DURATION, Unit::Seconds, "gRPC request latency inside the daemon, by RPC.");
+    describe_counter!(CACHE_HITS, "Reads served from the cache (including cached not-found).");
+    describe_counter!(CACHE_MISSES, "Reads that had to query the store.");
+    describe_counter!(CACHE_EVICTIONS, "Cache entries removed, by reason.");
+    describe_gauge!(CACHE_ENTRIES, "Entries in the cache.");
+    describe_gauge!(CACHE_BYTES, Unit::Bytes, "Estimated bytes held by the cache.");
+    describe_counter!(CACHE_COALESCED, "Cache misses that waited for another caller's store read of the same name.");
+    describe_histogram!(DECRYPT_DURATION, Unit::Seconds, "Time to unwrap a data key and decrypt one value.");
+    describe_histogram!(STORE_QUERY_DURATION, Unit::Seconds, "Store call latency, by operation.");
+    describe_gauge!(DB_POOL_CONNECTIONS, "Database pool connections, by state (idle, in_use).");
+    describe_gauge!(BUILD_INFO, "Always 1; the version label names the build.");
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+}
+
+/// Renders the exposition text, sampling the pool gauges first.
+pub fn render(handle: &PrometheusHandle, store: &dyn Store) -> String {
+    let pool = store.pool_stats();
+    let idle = pool.idle as f64;
+    metrics::gauge!(names::DB_POOL_CONNECTIONS, "state" => "idle").set(idle);
+    metrics::gauge!(names::DB_POOL_CONNECTIONS, "state" => "in_use").set((f64::from(pool.size) - idle).max(0.0));
+    handle.run_upkeep();
+    handle.render()
+}
+
+/// Serves `GET /metrics` over HTTP/1.1 until `shutdown` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    handle: PrometheusHandle,
+    store: Arc<dyn Store>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = shutdown.changed() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics listener accept failed");
+                    continue;
+                }
+            },
+        };
+        let handle = handle.clone();
+        let store = store.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let response = if req.method() == http::Method::GET && req.uri().path() == "/metrics" {
+                    http::Response::builder()
+                        .header(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")
+                        .body(Full::new(Bytes::from(render(&handle, store.as_ref()))))
+                } else {
+                    http::Response::builder()
+                        .status(http::StatusCode::NOT_FOUND)
+                        .body(Full::new(Bytes::from_static(b"not found\n")))
+                };
+                async move { response.map_err(|e| std::io::Error::other(e.to_string())) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await {
+                tracing::debug!(error = %e, "metrics connection ended with an error");
+            }
+        });
+    }
+}
+
+/// Binds the metrics listener.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+/// The RPC names used as label values; anything else is `unknown`.
+const RPCS: &[&str] = &[
+    "GetCredential",
+    "BatchGetCredentials",
+    "GetCredentialMetadata",
+    "PutCredential",
+    "DeleteCredential",
+    "ListCredentials",
+    "WatchCredentials",
+    "RotateCredential",
+    "DestroyVersion",
+    "UndeleteCredential",
+    "RotateKek",
+    "GetRotationJob",
+    "WatchRotationJob",
+    "RekeyMaster",
+    "CreateToken",
+    "RevokeToken",
+    "ListTokens",
+    "GetStatus",
+    "Check",
+    "Watch",
+    "ServerReflectionInfo",
+];
+
+fn rpc_label(path: &str) -> &'static str {
+    let method = path.rsplit('/').next().unwrap_or_default();
+    RPCS.iter().find(|r| **r == method).copied().unwrap_or("unknown")
+}
+
+fn code_label(code: &[u8]) -> &'static str {
+    match code {
+        b"0" => "OK",
+        b"1" => "CANCELLED",
+        b"2" => "UNKNOWN",
+        b"3" => "INVALID_ARGUMENT",
+        b"4" => "DEADLINE_EXCEEDED",
+        b"5" => "NOT_FOUND",
+        b"6" => "ALREADY_EXISTS",
+        b"7" => "PERMISSION_DENIED",
+        b"8" => "RESOURCE_EXHAUSTED",
+        b"9" => "FAILED_PRECONDITION",
+        b"10" => "ABORTED",
+        b"11" => "OUT_OF_RANGE",
+        b"12" => "UNIMPLEMENTED",
+        b"13" => "INTERNAL",
+        b"14" => "UNAVAILABLE",
+        b"15" => "DATA_LOSS",
+        b"16" => "UNAUTHENTICATED",
+        _ => "UNKNOWN",
+    }
+}
+
+/// Counts and times every gRPC request. An error status produced by a handler or
+/// interceptor travels in the response headers (a trailers-only response); a response
+/// without one is a success whose status follows in the trailers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RequestMetricsLayer;
+
+impl<S> tower::Layer<S> for RequestMetricsLayer {
+    type Service = RequestMetrics<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RequestMetrics { inner }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RequestMetrics<S> {
+    inner: S,
+}
+
+impl<S, B, RB> tower::Service<http::Request<B>> for RequestMetrics<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let rpc = rpc_label(req.uri().path());
+        let start = Instant::now();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let res = fut.await;
+            let code = match &res {
+                Ok(r) => r.headers().get("grpc-status").map(|v| code_label(v.as_bytes())).unwrap_or("OK"),
+                Err(_) => "INTERNAL",
+            };
+            metrics::histogram!(names::REQUEST_DURATION, "rpc" => rpc).record(start.elapsed().as_secs_f64());
+            metrics::counter!(names::REQUESTS, "rpc" => rpc, "code" => code).increment(1);
+            res
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_come_from_fixed_sets() {
+        assert_eq!(rpc_label("/credvault.v1.CredentialService/GetCredential"), "GetCredential");
+        assert_eq!(rpc_label("/credvault.v1.CredentialService/payments-secret-name"), "unknown");
+        assert_eq!(code_label(b"5"), "NOT_FOUND");
+        assert_eq!(code_label(b"999"), "UNKNOWN");
+    }
+}

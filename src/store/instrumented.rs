@@ -1,0 +1,124 @@
+//! A [`Store`] wrapper that times every call (`credvault_store_query_duration_seconds`)
+//! and counts them, so tests can prove that cache hits make no query at all.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+
+use super::{
+    Backend, ChangeSink, CredentialRow, KekRow, KeyringRow, ListQuery, Micros, NewVersion, PoolStats, Store,
+    StoreError, TokenRow, VersionInfo, VersionRow,
+};
+use crate::metrics::names::STORE_QUERY_DURATION;
+
+pub struct Instrumented {
+    inner: Arc<dyn Store>,
+    queries: AtomicU64,
+}
+
+impl std::fmt::Debug for Instrumented {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Instrumented").field("backend", &self.inner.backend()).finish_non_exhaustive()
+    }
+}
+
+impl Instrumented {
+    pub fn new(inner: Arc<dyn Store>) -> Self {
+        Instrumented { inner, queries: AtomicU64::new(0) }
+    }
+
+    /// Store calls made so far (each is one round trip, or one transaction for writes).
+    pub fn queries(&self) -> u64 {
+        self.queries.load(Ordering::Relaxed)
+    }
+
+    async fn timed<T>(&self, op: &'static str, f: impl std::future::Future<Output = T>) -> T {
+        self.queries.fetch_add(1, Ordering::Relaxed);
+        let start = Instant::now();
+        let out = f.await;
+        metrics::histogram!(STORE_QUERY_DURATION, "op" => op).record(start.elapsed().as_secs_f64());
+        out
+    }
+}
+
+#[async_trait]
+impl Store for Instrumented {
+    fn backend(&self) -> Backend {
+        self.inner.backend()
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.timed("ping", self.inner.ping()).await
+    }
+
+    async fn load_keyring(&self) -> Result<Option<KeyringRow>, StoreError> {
+        self.timed("load_keyring", self.inner.load_keyring()).await
+    }
+
+    async fn init_keyring(&self, keyring: &KeyringRow, kek: &KekRow) -> Result<bool, StoreError> {
+        self.timed("init_keyring", self.inner.init_keyring(keyring, kek)).await
+    }
+
+    async fn list_keks(&self) -> Result<Vec<KekRow>, StoreError> {
+        self.timed("list_keks", self.inner.list_keks()).await
+    }
+
+    async fn get_credential(&self, name: &str) -> Result<Option<CredentialRow>, StoreError> {
+        self.timed("get_credential", self.inner.get_credential(name)).await
+    }
+
+    async fn get_version(
+        &self,
+        name: &str,
+        version: Option<u64>,
+    ) -> Result<Option<(CredentialRow, Option<VersionRow>)>, StoreError> {
+        self.timed("get_version", self.inner.get_version(name, version)).await
+    }
+
+    async fn get_current_many(&self, names: &[String]) -> Result<Vec<(CredentialRow, VersionRow)>, StoreError> {
+        self.timed("get_current_many", self.inner.get_current_many(names)).await
+    }
+
+    async fn list_versions(&self, name: &str) -> Result<Vec<VersionInfo>, StoreError> {
+        self.timed("list_versions", self.inner.list_versions(name)).await
+    }
+
+    async fn put_version(&self, new: &NewVersion<'_>) -> Result<CredentialRow, StoreError> {
+        self.timed("put_version", self.inner.put_version(new)).await
+    }
+
+    async fn delete_credential(&self, name: &str, expected: Option<u64>, now: Micros) -> Result<bool, StoreError> {
+        self.timed("delete_credential", self.inner.delete_credential(name, expected, now)).await
+    }
+
+    async fn list_credentials(&self, query: &ListQuery<'_>) -> Result<Vec<CredentialRow>, StoreError> {
+        self.timed("list_credentials", self.inner.list_credentials(query)).await
+    }
+
+    async fn count_credentials(&self) -> Result<u64, StoreError> {
+        self.timed("count_credentials", self.inner.count_credentials()).await
+    }
+
+    async fn insert_token(&self, token: &TokenRow) -> Result<(), StoreError> {
+        self.timed("insert_token", self.inner.insert_token(token)).await
+    }
+
+    async fn list_tokens(&self) -> Result<Vec<TokenRow>, StoreError> {
+        self.timed("list_tokens", self.inner.list_tokens()).await
+    }
+
+    fn pool_stats(&self) -> PoolStats {
+        self.inner.pool_stats()
+    }
+
+    async fn watch_changes(
+        &self,
+        sink: ChangeSink,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), StoreError> {
+        // A long-lived subscription, not a query: not timed or counted.
+        self.inner.watch_changes(sink, shutdown).await
+    }
+}

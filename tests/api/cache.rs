@@ -1,0 +1,357 @@
+//! The hot path: hits make no store query, misses coalesce, fills never go stale, and
+//! daemons sharing PostgreSQL invalidate each other.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::Notify;
+use tonic::Code;
+
+use credvault::proto::BatchGetCredentialsRequest;
+use credvault::store::{
+    Backend as StoreBackend, ChangeSink, CredentialRow, KekRow, KeyringRow, ListQuery, Micros, NewVersion, PoolStats,
+    Store, StoreError, TokenRow, VersionInfo, VersionRow,
+};
+use credvault::vault::Vault;
+
+use crate::both_backends;
+use crate::e2e::{get, put};
+use crate::helpers::{assert_status, Backend, TestDaemon, TestEnv};
+
+both_backends!(hits_make_no_store_queries, concurrent_misses_make_one_query, not_found_is_cached_until_a_put);
+
+async fn hits_make_no_store_queries(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let d = TestDaemon::start(env.settings(), None).await;
+    let mut c = d.client().await;
+    let names: Vec<String> = (0..10).map(|i| format!("hot/{i}")).collect();
+    for n in &names {
+        put(&mut c, n, format!("value-of-{n}").as_bytes(), None).await.unwrap();
+    }
+    let before = d.vault.store_queries();
+    for i in 0..1000 {
+        let n = &names[i % names.len()];
+        let (_, value) = get(&mut c, n, None).await.unwrap();
+        assert_eq!(value, format!("value-of-{n}").into_bytes());
+    }
+    let batch = c.batch_get_credentials(BatchGetCredentialsRequest { names: names.clone() }).await.unwrap();
+    assert_eq!(batch.into_inner().results.len(), 10);
+    assert_eq!(d.vault.store_queries(), before, "1,000 hits (authentication included) made store queries");
+    d.stop().await;
+    env.cleanup().await;
+}
+
+async fn concurrent_misses_make_one_query(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let d = TestDaemon::start(env.settings(), None).await;
+    let mut c = d.client().await;
+    put(&mut c, "coalesce/x", b"v", None).await.unwrap();
+    d.vault.cache().clear();
+    let before = d.vault.store_queries();
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let mut c = d.client().await;
+        tasks.push(tokio::spawn(async move { get(&mut c, "coalesce/x", None).await }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap().1, b"v");
+    }
+    // Whether a caller waited on the in-flight load or arrived after it filled the cache,
+    // the store saw exactly one read.
+    assert_eq!(d.vault.store_queries() - before, 1);
+    d.stop().await;
+    env.cleanup().await;
+}
+
+async fn not_found_is_cached_until_a_put(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let d = TestDaemon::start(env.settings(), None).await;
+    let mut c = d.client().await;
+    assert_status(get(&mut c, "neg/x", None).await, Code::NotFound, "not found");
+    let before = d.vault.store_queries();
+    for _ in 0..20 {
+        assert_status(get(&mut c, "neg/x", None).await, Code::NotFound, "not found");
+    }
+    assert_eq!(d.vault.store_queries(), before, "not-found answers are cached");
+    put(&mut c, "neg/x", b"now here", Some(0)).await.unwrap();
+    assert_eq!(get(&mut c, "neg/x", None).await.unwrap(), (1, b"now here".to_vec()));
+    // A delete is seen at once too.
+    c.delete_credential(credvault::proto::DeleteCredentialRequest { name: "neg/x".into(), expected_version: None })
+        .await
+        .unwrap();
+    assert_status(get(&mut c, "neg/x", None).await, Code::NotFound, "is deleted");
+    d.stop().await;
+    env.cleanup().await;
+}
+
+/// A store whose next current-version read stops until released.
+struct PausingStore {
+    inner: Arc<dyn Store>,
+    armed: std::sync::atomic::AtomicBool,
+    entered: Notify,
+    release: Notify,
+}
+
+#[async_trait]
+impl Store for PausingStore {
+    fn backend(&self) -> StoreBackend {
+        self.inner.backend()
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.inner.ping().await
+    }
+    async fn load_keyring(&self) -> Result<Option<KeyringRow>, StoreError> {
+        self.inner.load_keyring().await
+    }
+    async fn init_keyring(&self, k: &KeyringRow, kek: &KekRow) -> Result<bool, StoreError> {
+        self.inner.init_keyring(k, kek).await
+    }
+    async fn list_keks(&self) -> Result<Vec<KekRow>, StoreError> {
+        self.inner.list_keks().await
+    }
+    async fn get_credential(&self, name: &str) -> Result<Option<CredentialRow>, StoreError> {
+        self.inner.get_credential(name).await
+    }
+    async fn get_version(
+        &self,
+        name: &str,
+        version: Option<u64>,
+    ) -> Result<Option<(CredentialRow, Option<VersionRow>)>, StoreError> {
+        let row = self.inner.get_version(name, version).await;
+        if self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            // The row is read; now stall before handing it back, like a slow network.
+            self.entered.notify_one();
+            self.release.notified().await;
+        }
+        row
+    }
+    async fn get_current_many(&self, names: &[String]) -> Result<Vec<(CredentialRow, VersionRow)>, StoreError> {
+        self.inner.get_current_many(names).await
+    }
+    async fn list_versions(&self, name: &str) -> Result<Vec<VersionInfo>, StoreError> {
+        self.inner.list_versions(name).await
+    }
+    async fn put_version(&self, new: &NewVersion<'_>) -> Result<CredentialRow, StoreError> {
+        self.inner.put_version(new).await
+    }
+    async fn delete_credential(&self, name: &str, expected: Option<u64>, now: Micros) -> Result<bool, StoreError> {
+        self.inner.delete_credential(name, expected, now).await
+    }
+    async fn list_credentials(&self, q: &ListQuery<'_>) -> Result<Vec<CredentialRow>, StoreError> {
+        self.inner.list_credentials(q).await
+    }
+    async fn count_credentials(&self) -> Result<u64, StoreError> {
+        self.inner.count_credentials().await
+    }
+    async fn insert_token(&self, t: &TokenRow) -> Result<(), StoreError> {
+        self.inner.insert_token(t).await
+    }
+    async fn list_tokens(&self) -> Result<Vec<TokenRow>, StoreError> {
+        self.inner.list_tokens().await
+    }
+    fn pool_stats(&self) -> PoolStats {
+        self.inner.pool_stats()
+    }
+    async fn watch_changes(&self, s: ChangeSink, r: tokio::sync::watch::Receiver<bool>) -> Result<(), StoreError> {
+        self.inner.watch_changes(s, r).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_fill_never_overwrites_a_newer_write() {
+    let env = TestEnv::new(Backend::Sqlite).await;
+    let settings = env.settings();
+    let inner = env.store().await;
+    let keys = credvault::unlock::unlock(inner.as_ref(), &settings.master_key_spec()).await.unwrap();
+    let store = Arc::new(PausingStore { inner, armed: false.into(), entered: Notify::new(), release: Notify::new() });
+    let vault = Vault::new(store.clone(), keys, settings.limits.clone(), settings.cache.clone());
+    vault.put("race/x", b"old", None, None).await.unwrap();
+    vault.cache().clear();
+
+    store.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let slow = {
+        let vault = vault.clone();
+        tokio::spawn(async move { vault.get("race/x", None).await.map(|v| (v.version, v.value.to_vec())) })
+    };
+    store.entered.notified().await;
+    // The slow read holds version 1; a write commits version 2 meanwhile.
+    vault.put("race/x", b"new", None, None).await.unwrap();
+    store.release.notify_one();
+    assert_eq!(slow.await.unwrap().unwrap(), (1, b"old".to_vec()), "the slow read answers what it read");
+
+    let before = vault.store_queries();
+    let now = vault.get("race/x", None).await.unwrap();
+    assert_eq!((now.version, now.value.as_slice()), (2, b"new".as_slice()), "the cache kept the newer version");
+    assert_eq!(vault.store_queries(), before, "served from the cache");
+    env.cleanup().await;
+}
+
+async fn eventually(what: &str, deadline: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let until = tokio::time::Instant::now() + deadline;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < until, "{what}: not within {deadline:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_daemons_on_one_postgres_invalidate_each_other() {
+    let env = TestEnv::new(Backend::Postgres).await;
+    let a = TestDaemon::start(env.settings(), None).await;
+    let b = TestDaemon::start(env.settings(), Some(&a.token)).await;
+    let mut ca = a.client().await;
+    let mut cb = b.client().await;
+
+    put(&mut ca, "shared/x", b"v1", None).await.unwrap();
+    assert_eq!(get(&mut cb, "shared/x", None).await.unwrap().1, b"v1");
+    let before = b.vault.store_queries();
+    assert_eq!(get(&mut cb, "shared/x", None).await.unwrap().1, b"v1");
+    assert_eq!(b.vault.store_queries(), before, "B caches it");
+
+    put(&mut ca, "shared/x", b"v2", None).await.unwrap();
+    eventually("B sees A's put", Duration::from_secs(1), async || {
+        get(&mut cb, "shared/x", None).await.unwrap().1 == b"v2"
+    })
+    .await;
+
+    // A delete through A.
+    a.client()
+        .await
+        .delete_credential(credvault::proto::DeleteCredentialRequest {
+            name: "shared/x".into(),
+            expected_version: None,
+        })
+        .await
+        .unwrap();
+    eventually("B sees A's delete", Duration::from_secs(1), async || {
+        get(&mut cb, "shared/x", None).await.is_err_and(|s| s.code() == Code::NotFound)
+    })
+    .await;
+    put(&mut ca, "shared/x", b"v3", None).await.unwrap();
+    eventually("B sees the revive", Duration::from_secs(1), async || {
+        get(&mut cb, "shared/x", None).await.is_ok_and(|r| r.1 == b"v3")
+    })
+    .await;
+
+    // Kill every LISTEN connection from the server side. B must not keep serving what it
+    // cached while it was deaf: it clears its cache once it has re-subscribed.
+    let raw = sqlx::PgPool::connect(&env.database_url()).await.unwrap();
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND query LIKE 'LISTEN%' AND pid <> pg_backend_pid()",
+    )
+    .fetch_all(&raw)
+    .await
+    .unwrap();
+    assert!(killed.len() >= 2, "expected both daemons' listeners, killed {}", killed.len());
+    put(&mut ca, "shared/x", b"v4", None).await.unwrap();
+    eventually("B serves the write made while its listener was down", Duration::from_secs(1), async || {
+        get(&mut cb, "shared/x", None).await.is_ok_and(|r| r.1 == b"v4")
+    })
+    .await;
+    // And it is subscribed again: a later write still propagates.
+    put(&mut ca, "shared/x", b"v5", None).await.unwrap();
+    eventually("B sees writes after resubscribing", Duration::from_secs(1), async || {
+        get(&mut cb, "shared/x", None).await.is_ok_and(|r| r.1 == b"v5")
+    })
+    .await;
+    raw.close().await;
+    a.stop().await;
+    b.stop().await;
+    env.cleanup().await;
+}
+
+async fn scrape(d: &TestDaemon) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(d.metrics_addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{}", out.lines().next().unwrap_or_default());
+    out.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default()
+}
+
+/// The value of one series, 0 if absent.
+fn value(body: &str, series: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0.0)
+}
+
+/// A small check of the text exposition format: every sample belongs to a metric with
+/// HELP and TYPE lines, names are valid, values parse.
+fn check_exposition(body: &str) {
+    let mut typed = std::collections::HashSet::new();
+    let mut helped = std::collections::HashSet::new();
+    for line in body.lines().filter(|l| !l.is_empty()) {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut parts = rest.split(' ');
+            typed.insert(parts.next().unwrap().to_owned());
+            let kind = parts.next().unwrap();
+            assert!(["counter", "gauge", "histogram", "summary"].contains(&kind), "{line}");
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            helped.insert(rest.split(' ').next().unwrap().to_owned());
+            continue;
+        }
+        assert!(!line.starts_with('#'), "{line}");
+        let (series, v) = line.rsplit_once(' ').unwrap();
+        assert!(v == "+Inf" || v == "NaN" || v.parse::<f64>().is_ok(), "{line}");
+        let name = series.split('{').next().unwrap();
+        assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'), "{line}");
+        let family =
+            ["_bucket", "_sum", "_count"].iter().find_map(|s| name.strip_suffix(s)).filter(|f| typed.contains(*f));
+        let family = family.unwrap_or(name);
+        assert!(typed.contains(family), "no TYPE for {name}");
+        assert!(helped.contains(family), "no HELP for {name}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_traffic() {
+    const MARKER: &str = "metrics-marker-9c1d-never-exported";
+    let env = TestEnv::new(Backend::Sqlite).await;
+    let d = TestDaemon::start(env.settings(), None).await;
+    let mut c = d.client().await;
+    let before = scrape(&d).await;
+    put(&mut c, "m/x", MARKER.as_bytes(), None).await.unwrap();
+    d.vault.cache().clear();
+    for _ in 0..5 {
+        get(&mut c, "m/x", None).await.unwrap();
+    }
+    let _ = get(&mut c, "m/missing", None).await;
+    let body = scrape(&d).await;
+    check_exposition(&body);
+    // Metrics are process-wide and other tests run in parallel: compare growth, not totals.
+    let grew = |series: &str, by: f64| {
+        let (a, b) = (value(&before, series), value(&body, series));
+        assert!(b - a >= by, "{series}: {a} -> {b}, expected +{by}");
+    };
+    grew(r#"credvault_requests_total{rpc="GetCredential",code="OK"}"#, 5.0);
+    grew(r#"credvault_requests_total{rpc="GetCredential",code="NOT_FOUND"}"#, 1.0);
+    grew(r#"credvault_requests_total{rpc="PutCredential",code="OK"}"#, 1.0);
+    grew("credvault_cache_hits_total", 4.0);
+    grew("credvault_cache_misses_total", 2.0);
+    grew(r#"credvault_cache_evictions_total{reason="invalidated"}"#, 1.0);
+    grew("credvault_decrypt_duration_seconds_count", 1.0);
+    grew(r#"credvault_request_duration_seconds_count{rpc="GetCredential"}"#, 6.0);
+    grew(r#"credvault_store_query_duration_seconds_count{op="put_version"}"#, 1.0);
+    for series in [
+        r#"credvault_build_info{version=""#,
+        r#"credvault_db_pool_connections{state="idle"}"#,
+        "credvault_cache_entries ",
+        "credvault_cache_bytes ",
+        r#"credvault_request_duration_seconds_bucket{rpc="GetCredential",le="0.00005"}"#,
+    ] {
+        assert!(body.contains(series), "missing {series}");
+    }
+    assert!(!body.contains(MARKER) && !body.contains(&d.token), "a secret reached /metrics");
+    d.stop().await;
+    env.cleanup().await;
+}
