@@ -16,16 +16,151 @@ use sha2::{Digest, Sha256};
 
 use crate::store::{now_micros, Micros, Store, StoreError, TokenRow};
 
+/// What a token may do to a credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Capability {
+    Read,
+    Write,
+    Delete,
+    List,
+    Rotate,
+    /// Operator RPCs: tokens, keys, status. Granted only by a rule whose pattern is `*`.
+    Admin,
+}
+
+impl Capability {
+    pub const ALL: [Capability; 6] = [
+        Capability::Read,
+        Capability::Write,
+        Capability::Delete,
+        Capability::List,
+        Capability::Rotate,
+        Capability::Admin,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Capability::Read => "read",
+            Capability::Write => "write",
+            Capability::Delete => "delete",
+            Capability::List => "list",
+            Capability::Rotate => "rotate",
+            Capability::Admin => "admin",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Capability> {
+        Capability::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+}
+
+/// One policy rule: a name pattern and the capabilities it grants (or, with `deny`,
+/// takes away).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Rule {
+    /// `*` matches any run of characters, `/` included: `payments/*` covers every name
+    /// under `payments/`. A pattern without `*` names one credential.
+    pub pattern: String,
+    pub capabilities: Vec<Capability>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deny: bool,
+}
+
+/// A token's rules. Default deny; a capability is granted when an allow rule matching
+/// the name grants it and no deny rule matching the name takes it away (deny wins,
+/// whatever the order or specificity).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Policy {
+    rules: Vec<Rule>,
+}
+
+impl Policy {
+    /// Checks rules from an untrusted source (CreateToken).
+    pub fn new(rules: Vec<Rule>) -> Result<Policy, String> {
+        if rules.is_empty() {
+            return Err("a token needs at least one policy rule".into());
+        }
+        for r in &rules {
+            let ok_chars = r.pattern.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-/*".contains(&b));
+            if r.pattern.is_empty() || r.pattern.len() > 256 || !ok_chars {
+                return Err(format!(
+                    "rule pattern {:?} must be 1-256 characters of letters, digits, '.', '_', '-', '/' and '*'",
+                    r.pattern
+                ));
+            }
+            if r.capabilities.is_empty() {
+                return Err(format!("rule {:?} grants no capability", r.pattern));
+            }
+        }
+        Ok(Policy { rules })
+    }
+
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// May the holder do `cap` to credential `name`?
+    pub fn allows(&self, cap: Capability, name: &str) -> bool {
+        let mut allowed = false;
+        for r in self.rules.iter().filter(|r| r.capabilities.contains(&cap) && glob_match(&r.pattern, name)) {
+            if r.deny {
+                return false;
+            }
+            allowed = true;
+        }
+        allowed
+    }
+
+    /// May the holder do `cap` regardless of name (operator RPCs)? Only a `*` rule grants it.
+    pub fn allows_everywhere(&self, cap: Capability) -> bool {
+        let mut allowed = false;
+        for r in self.rules.iter().filter(|r| r.capabilities.contains(&cap)) {
+            if r.deny {
+                return false;
+            }
+            allowed |= r.pattern == "*";
+        }
+        allowed
+    }
+}
+
+/// `*` matches any run of characters (including `/`); everything else matches itself.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let (p, n) = (pattern.as_bytes(), name.as_bytes());
+    let (mut pi, mut ni) = (0, 0);
+    let mut backtrack: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        if pi < p.len() && p[pi] == b'*' {
+            backtrack = Some((pi, ni));
+            pi += 1;
+        } else if pi < p.len() && p[pi] == n[ni] {
+            pi += 1;
+            ni += 1;
+        } else if let Some((bp, bn)) = backtrack {
+            pi = bp + 1;
+            ni = bn + 1;
+            backtrack = Some((bp, bn + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|b| *b == b'*')
+}
+
 /// Every token starts with this, so leaked tokens are easy to find with a scanner.
 pub const TOKEN_PREFIX: &str = "cvt_";
 const ROOT_POLICY: &str = r#"[{"pattern":"*","capabilities":["read","write","delete","list","rotate","admin"]}]"#;
 
 /// Who is calling: put into each request's extensions by the interceptor.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Caller {
     /// The first 12 hex characters of the token hash: identifies a token in logs and audits.
     pub token_id: String,
     pub display_name: String,
+    pub policy: Policy,
+    /// Requests per second this token may make; `None`: unlimited.
+    pub limiter: Option<crate::limits::TokenLimiter>,
 }
 
 #[derive(Debug, Clone)]
@@ -50,6 +185,8 @@ pub enum AuthError {
 pub struct Auth {
     // std RwLock: lookups are short and never await.
     tokens: Arc<RwLock<HashMap<[u8; 32], Entry>>>,
+    /// Rate limit for tokens that do not set their own (0: none).
+    default_rate: u32,
 }
 
 impl fmt::Debug for Auth {
@@ -70,10 +207,28 @@ pub fn generate_token() -> SecretString {
     SecretString::from(format!("{TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(raw.as_ref())))
 }
 
+/// A token's stored policy document: its rules plus its rate limit.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PolicyDoc {
+    pub rules: Vec<Rule>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit_per_second: Option<u32>,
+}
+
+impl PolicyDoc {
+    /// Reads a stored document; older documents were a bare list of rules.
+    pub fn parse(json: &str) -> Result<PolicyDoc, StoreError> {
+        if let Ok(rules) = serde_json::from_str::<Vec<Rule>>(json) {
+            return Ok(PolicyDoc { rules, rate_limit_per_second: None });
+        }
+        serde_json::from_str(json).map_err(|e| StoreError::Corrupt(format!("token policy: {e}")))
+    }
+}
+
 impl Auth {
     /// Loads every live token hash from the store.
-    pub async fn load(store: &dyn Store) -> Result<Self, StoreError> {
-        let auth = Auth::default();
+    pub async fn load(store: &dyn Store, default_rate: u32) -> Result<Self, StoreError> {
+        let auth = Auth { default_rate, ..Auth::default() };
         auth.reload(store).await?;
         Ok(auth)
     }
@@ -85,7 +240,7 @@ impl Auth {
             let mut hash = [0u8; 32];
             hex::decode_to_slice(&row.token_hash, &mut hash)
                 .map_err(|_| StoreError::Corrupt("token hash is not 64 hex characters".into()))?;
-            map.insert(hash, entry(row));
+            map.insert(hash, entry(row, self.default_rate)?);
         }
         *self.tokens.write().unwrap_or_else(|p| p.into_inner()) = map;
         Ok(())
@@ -129,13 +284,113 @@ impl Auth {
     }
 }
 
-fn entry(row: &TokenRow) -> Entry {
-    Entry {
+fn entry(row: &TokenRow, default_rate: u32) -> Result<Entry, StoreError> {
+    let doc = PolicyDoc::parse(&row.policies)?;
+    let rate = doc.rate_limit_per_second.unwrap_or(default_rate);
+    Ok(Entry {
         caller: Arc::new(Caller {
-            token_id: row.token_hash.chars().take(12).collect(),
+            token_id: token_id(&row.token_hash),
             display_name: row.display_name.clone(),
+            policy: Policy { rules: doc.rules },
+            limiter: crate::limits::TokenLimiter::per_second(rate),
         }),
         expires_at: row.expires_at,
+    })
+}
+
+/// The public id of a token: the first 12 hex characters of its hash.
+pub fn token_id(hash_hex: &str) -> String {
+    hash_hex.chars().take(12).collect()
+}
+
+/// A new token as returned once to its creator.
+pub struct NewToken {
+    pub token: SecretString,
+    pub row: TokenRow,
+}
+
+impl fmt::Debug for NewToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NewToken").field("token", &"REDACTED").field("row", &self.row).finish()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("no live token has id {0:?}")]
+    NotFound(String),
+    #[error("token id {0:?} is ambiguous; give more characters")]
+    Ambiguous(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl Auth {
+    /// Creates a token with `rules`; the token itself is returned once and never stored.
+    pub async fn create_token(
+        &self,
+        store: &dyn Store,
+        display_name: &str,
+        rules: Vec<Rule>,
+        ttl: Option<std::time::Duration>,
+        rate_limit_per_second: Option<u32>,
+    ) -> Result<NewToken, TokenError> {
+        let name_ok = !display_name.is_empty()
+            && display_name.len() <= 64
+            && display_name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-@".contains(&b));
+        if !name_ok {
+            return Err(TokenError::Invalid(
+                "display_name must be 1-64 characters of letters, digits, '.', '_', '-', '@'".into(),
+            ));
+        }
+        let policy = Policy::new(rules).map_err(TokenError::Invalid)?;
+        let now = now_micros();
+        let expires_at = match ttl {
+            None => None,
+            Some(d) if d.is_zero() => return Err(TokenError::Invalid("ttl must be positive".into())),
+            Some(d) => Some(now.saturating_add(i64::try_from(d.as_micros()).unwrap_or(i64::MAX))),
+        };
+        let doc = PolicyDoc { rules: policy.rules, rate_limit_per_second };
+        let token = generate_token();
+        let row = TokenRow {
+            token_hash: hex::encode(hash_token(token.expose_secret())),
+            display_name: display_name.to_owned(),
+            policies: serde_json::to_string(&doc).map_err(|e| TokenError::Invalid(e.to_string()))?,
+            created_at: now,
+            expires_at,
+            revoked_at: None,
+        };
+        store.insert_token(&row).await?;
+        self.reload(store).await?;
+        Ok(NewToken { token, row })
+    }
+
+    /// Revokes the live token whose id starts with `id` (at least 8 hex characters). It
+    /// stops working here at once, and on other daemons when they hear of it.
+    pub async fn revoke_token(&self, store: &dyn Store, id: &str) -> Result<TokenRow, TokenError> {
+        let id = id.to_ascii_lowercase();
+        if id.len() < 8 || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(TokenError::Invalid("token id must be 8-64 hex characters".into()));
+        }
+        let live: Vec<TokenRow> = store
+            .list_tokens()
+            .await?
+            .into_iter()
+            .filter(|t| t.revoked_at.is_none() && t.token_hash.starts_with(&id))
+            .collect();
+        let row = match live.as_slice() {
+            [] => return Err(TokenError::NotFound(id)),
+            [one] => one.clone(),
+            _ => return Err(TokenError::Ambiguous(id)),
+        };
+        let now = now_micros();
+        if !store.revoke_token(&row.token_hash, now).await? {
+            return Err(TokenError::NotFound(id));
+        }
+        self.reload(store).await?;
+        Ok(TokenRow { revoked_at: Some(now), ..row })
     }
 }
 
@@ -153,7 +408,7 @@ mod tests {
             expires_at,
             revoked_at: None,
         };
-        auth.tokens.write().unwrap().insert(hash_token(token), entry(&row));
+        auth.tokens.write().unwrap().insert(hash_token(token), entry(&row, 0).unwrap());
         auth
     }
 
@@ -162,17 +417,64 @@ mod tests {
         let auth = with_token("cvt_abc", None);
         assert_eq!(auth.authenticate(Some("Bearer cvt_abc")).unwrap().display_name, "t");
         assert_eq!(auth.authenticate(Some("bearer cvt_abc")).unwrap().token_id.len(), 12);
-        assert_eq!(auth.authenticate(None), Err(AuthError::Missing));
-        assert_eq!(auth.authenticate(Some("cvt_abc")), Err(AuthError::Malformed));
-        assert_eq!(auth.authenticate(Some("Basic cvt_abc")), Err(AuthError::Malformed));
-        assert_eq!(auth.authenticate(Some("Bearer ")), Err(AuthError::Malformed));
-        assert_eq!(auth.authenticate(Some("Bearer cvt_abd")), Err(AuthError::Invalid));
+        assert_eq!(auth.authenticate(None).err(), Some(AuthError::Missing));
+        assert_eq!(auth.authenticate(Some("cvt_abc")).err(), Some(AuthError::Malformed));
+        assert_eq!(auth.authenticate(Some("Basic cvt_abc")).err(), Some(AuthError::Malformed));
+        assert_eq!(auth.authenticate(Some("Bearer ")).err(), Some(AuthError::Malformed));
+        assert_eq!(auth.authenticate(Some("Bearer cvt_abd")).err(), Some(AuthError::Invalid));
+    }
+
+    fn rules(spec: &[(&str, &[Capability], bool)]) -> Policy {
+        Policy::new(
+            spec.iter().map(|(p, c, d)| Rule { pattern: (*p).into(), capabilities: c.to_vec(), deny: *d }).collect(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("*", "a/b/c"));
+        assert!(glob_match("team-a/*", "team-a/x/y"));
+        assert!(!glob_match("team-a/*", "team-ab/x"));
+        assert!(!glob_match("team-a/*", "team-a"));
+        assert!(glob_match("*/db/*", "svc/db/password"));
+        assert!(glob_match("a*c*e", "abcde"));
+        assert!(!glob_match("a*c*e", "abcdf"));
+        assert!(glob_match("exact/name", "exact/name"));
+        assert!(!glob_match("exact/name", "exact/names"));
+    }
+
+    #[test]
+    fn default_deny_and_deny_wins() {
+        use Capability::*;
+        let p = rules(&[("team-a/*", &[Read, List], false), ("team-a/secret/*", &[Read], true)]);
+        assert!(p.allows(Read, "team-a/x"));
+        assert!(p.allows(List, "team-a/secret/k"));
+        assert!(!p.allows(Read, "team-a/secret/k"), "deny wins over a broader allow");
+        assert!(!p.allows(Write, "team-a/x"), "default deny");
+        assert!(!p.allows(Read, "team-b/x"));
+        assert!(!p.allows_everywhere(Admin));
+        let admin = rules(&[("*", &[Admin], false)]);
+        assert!(admin.allows_everywhere(Admin));
+        let scoped_admin = rules(&[("team-a/*", &[Admin], false)]);
+        assert!(!scoped_admin.allows_everywhere(Admin), "admin needs a * rule");
+        assert!(Policy::new(vec![]).is_err());
+        assert!(Policy::new(vec![Rule { pattern: "a b".into(), capabilities: vec![Read], deny: false }]).is_err());
+    }
+
+    #[test]
+    fn root_policy_grants_everything() {
+        let doc = PolicyDoc::parse(ROOT_POLICY).unwrap();
+        let p = Policy::new(doc.rules).unwrap();
+        for c in Capability::ALL {
+            assert!(p.allows(c, "any/name") && p.allows_everywhere(c));
+        }
     }
 
     #[test]
     fn expired_tokens_are_refused() {
         let auth = with_token("cvt_old", Some(1));
-        assert_eq!(auth.authenticate(Some("Bearer cvt_old")), Err(AuthError::Invalid));
+        assert_eq!(auth.authenticate(Some("Bearer cvt_old")).err(), Some(AuthError::Invalid));
     }
 
     #[test]

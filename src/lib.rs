@@ -7,7 +7,8 @@
 //! - [`vault`]: the core: validation, sealing and opening, compare-and-set writes.
 //! - [`cache`]: the sharded TTL LRU of sealed versions with lazy decryption.
 //! - [`metrics`]: metric names, the Prometheus recorder and `/metrics` listener.
-//! - [`auth`]: bearer tokens, checked in memory.
+//! - [`auth`]: bearer tokens and their policies, checked in memory.
+//! - [`limits`]: per-token rate limits and load shedding.
 //! - [`unlock`]: turns a passphrase or key file into an unlocked key ring at start-up.
 //! - [`crypto`]: key types and envelope encryption (pure, no I/O).
 //! - [`store`]: the storage trait and its PostgreSQL and SQLite implementations.
@@ -17,6 +18,7 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod crypto;
+pub mod limits;
 pub mod metrics;
 pub mod names;
 pub mod proto;

@@ -80,7 +80,7 @@ impl Daemon {
         let metrics = crate::metrics::install().ok_or(ServerError::Metrics)?;
         let store = open_store(&settings).await?;
         let keys = unlock(store.as_ref(), &settings.master_key_spec()).await?;
-        let auth = Auth::load(store.as_ref()).await?;
+        let auth = Auth::load(store.as_ref(), settings.limits.default_token_rate_per_second).await?;
         let root_token = auth.ensure_root_token(store.as_ref()).await?;
         let vault = Vault::new(store.clone(), keys, settings.limits.clone(), settings.cache.clone());
         let listener = TcpListener::bind(settings.listen)
@@ -133,6 +133,7 @@ impl Daemon {
             .max_encoding_message_size(limits.max_batch_size * (limits.max_value_bytes + 4096) + 4096);
         let admin = AdminServiceServer::new(AdminApi::new(
             self.vault.clone(),
+            self.auth.clone(),
             &self.settings.master_key_spec(),
             self.started_at,
         ))
@@ -154,8 +155,19 @@ impl Daemon {
         let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel::<()>();
         let subscribed_tx = std::sync::Mutex::new(Some(subscribed_tx));
         let vault = self.vault.clone();
+        let auth = self.auth.clone();
         let sink: crate::store::ChangeSink = Arc::new(move |change| {
-            if change == crate::store::Change::Resync {
+            use crate::store::Change;
+            if matches!(change, Change::Tokens | Change::Resync) {
+                // Revocations by other daemons (or missed while deaf) take effect here.
+                let (auth, store) = (auth.clone(), vault.store());
+                tokio::spawn(async move {
+                    if let Err(e) = auth.reload(store.as_ref()).await {
+                        tracing::error!(error = %e, "cannot reload tokens");
+                    }
+                });
+            }
+            if change == Change::Resync {
                 if let Some(tx) = subscribed_tx.lock().ok().and_then(|mut t| t.take()) {
                     let _ = tx.send(());
                 }
@@ -182,6 +194,7 @@ impl Daemon {
         let served = Server::builder()
             .tcp_nodelay(true)
             .layer(crate::metrics::RequestMetricsLayer)
+            .layer(crate::limits::ConcurrencyLimitLayer::new(limits.max_concurrent_requests))
             .add_service(health)
             .add_service(reflection)
             .add_service(InterceptedService::new(credentials, interceptor.clone()))

@@ -33,6 +33,12 @@ pub struct Limits {
     /// Versions kept per credential; older ones are pruned on write.
     pub max_versions: u64,
     pub max_labels: usize,
+    /// Requests in flight at most; beyond it requests are refused at once.
+    pub max_concurrent_requests: usize,
+    /// Requests per second for tokens without their own limit (0: unlimited).
+    pub default_token_rate_per_second: u32,
+    /// Longest a single store call may take before the request fails with UNAVAILABLE.
+    pub store_timeout_ms: u64,
 }
 
 impl Default for Limits {
@@ -45,6 +51,9 @@ impl Default for Limits {
             default_page_size: 100,
             max_versions: 10,
             max_labels: 64,
+            max_concurrent_requests: 1024,
+            default_token_rate_per_second: 0,
+            store_timeout_ms: 5000,
         }
     }
 }
@@ -76,7 +85,7 @@ pub enum VaultError {
 impl From<StoreError> for VaultError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Unavailable(_) => VaultError::Unavailable(e),
+            StoreError::Unavailable(_) | StoreError::Timeout(..) => VaultError::Unavailable(e),
             other => VaultError::Internal(other.to_string()),
         }
     }
@@ -159,7 +168,10 @@ impl Vault {
     pub fn new(store: Arc<dyn Store>, keys: KeyRing, limits: Limits, cache: CacheSettings) -> Self {
         Vault {
             inner: Arc::new(Inner {
-                store: Arc::new(Instrumented::new(store)),
+                store: Arc::new(Instrumented::new(
+                    store,
+                    std::time::Duration::from_millis(limits.store_timeout_ms.max(1)),
+                )),
                 cache: Cache::new(cache),
                 decrypt_duration: metrics::histogram!(DECRYPT_DURATION),
                 keys: RwLock::new(keys),
@@ -182,6 +194,7 @@ impl Vault {
         match change {
             Change::Credential(name) => self.inner.cache.invalidate(&name),
             Change::Resync => self.inner.cache.clear(),
+            Change::Tokens => {}
         }
     }
 

@@ -5,7 +5,8 @@ use std::pin::Pin;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use super::{caller, from_timestamp, timestamp, version_state};
+use super::{authorize, caller, denied, from_timestamp, timestamp, version_state};
+use crate::auth::Capability;
 use crate::proto::{self, credential_service_server::CredentialService};
 use crate::store::{CredentialRow, Metadata};
 use crate::vault::{CredentialDetails, CredentialValue, Vault};
@@ -79,7 +80,7 @@ impl CredentialService for CredentialApi {
         &self,
         req: Request<proto::GetCredentialRequest>,
     ) -> Result<Response<proto::GetCredentialResponse>, Status> {
-        caller(&req)?;
+        authorize(&req, Capability::Read, &req.get_ref().name)?;
         let r = req.into_inner();
         let v = self.vault.get(&r.name, r.version).await?;
         Ok(Response::new(value_response(v)))
@@ -89,24 +90,39 @@ impl CredentialService for CredentialApi {
         &self,
         req: Request<proto::BatchGetCredentialsRequest>,
     ) -> Result<Response<proto::BatchGetCredentialsResponse>, Status> {
-        caller(&req)?;
+        let c = caller(&req)?;
         let names = req.into_inner().names;
-        let outcomes = self.vault.batch_get(&names).await?;
+        // Names the caller may not read get PERMISSION_DENIED in their own slot; the rest
+        // are read together.
+        let allowed: Vec<String> = names
+            .iter()
+            .filter(|n| {
+                !crate::names::CredentialName::parse(n, usize::MAX).is_ok() || c.policy.allows(Capability::Read, n)
+            })
+            .cloned()
+            .collect();
+        let mut outcomes = self.vault.batch_get(&allowed).await?.into_iter();
+        let error = |status: Status| {
+            proto::batch_get_result::Result::Error(proto::BatchGetError {
+                code: status.code() as i32,
+                message: status.message().to_owned(),
+            })
+        };
         let results = names
             .into_iter()
-            .zip(outcomes)
-            .map(|(name, outcome)| proto::BatchGetResult {
-                name,
-                result: Some(match outcome {
-                    Ok(v) => proto::batch_get_result::Result::Credential(value_response(v)),
-                    Err(e) => {
-                        let status = Status::from(e);
-                        proto::batch_get_result::Result::Error(proto::BatchGetError {
-                            code: status.code() as i32,
-                            message: status.message().to_owned(),
-                        })
+            .map(|name| {
+                let result = if crate::names::CredentialName::parse(&name, usize::MAX).is_ok()
+                    && !c.policy.allows(Capability::Read, &name)
+                {
+                    error(denied(&c, Capability::Read, &name))
+                } else {
+                    match outcomes.next() {
+                        Some(Ok(v)) => proto::batch_get_result::Result::Credential(value_response(v)),
+                        Some(Err(e)) => error(Status::from(e)),
+                        None => error(Status::internal("internal error")),
                     }
-                }),
+                };
+                proto::BatchGetResult { name, result: Some(result) }
             })
             .collect();
         Ok(Response::new(proto::BatchGetCredentialsResponse { results }))
@@ -116,7 +132,7 @@ impl CredentialService for CredentialApi {
         &self,
         req: Request<proto::GetCredentialMetadataRequest>,
     ) -> Result<Response<proto::CredentialMetadata>, Status> {
-        caller(&req)?;
+        authorize(&req, Capability::Read, &req.get_ref().name)?;
         let CredentialDetails { head, versions } = self.vault.metadata(&req.into_inner().name).await?;
         Ok(Response::new(metadata_message(&head, &versions)))
     }
@@ -125,7 +141,7 @@ impl CredentialService for CredentialApi {
         &self,
         req: Request<proto::PutCredentialRequest>,
     ) -> Result<Response<proto::PutCredentialResponse>, Status> {
-        caller(&req)?;
+        authorize(&req, Capability::Write, &req.get_ref().name)?;
         let r = req.into_inner();
         let metadata = r.metadata.map(metadata_from).transpose()?;
         let value = zeroize::Zeroizing::new(r.value);
@@ -141,7 +157,7 @@ impl CredentialService for CredentialApi {
         &self,
         req: Request<proto::DeleteCredentialRequest>,
     ) -> Result<Response<proto::DeleteCredentialResponse>, Status> {
-        caller(&req)?;
+        authorize(&req, Capability::Delete, &req.get_ref().name)?;
         let r = req.into_inner();
         let head = self.vault.delete(&r.name, r.expected_version).await?;
         Ok(Response::new(proto::DeleteCredentialResponse {
@@ -155,11 +171,18 @@ impl CredentialService for CredentialApi {
         &self,
         req: Request<proto::ListCredentialsRequest>,
     ) -> Result<Response<proto::ListCredentialsResponse>, Status> {
-        caller(&req)?;
+        let c = caller(&req)?;
         let r = req.into_inner();
         let page = self.vault.list(&r.prefix, r.page_size, &r.page_token, r.include_deleted).await?;
+        // Only names the caller may list. The cursor still follows the unfiltered page, so
+        // a page can hold fewer than page_size names; paging on is always correct.
         Ok(Response::new(proto::ListCredentialsResponse {
-            credentials: page.credentials.iter().map(|h| metadata_message(h, &[])).collect(),
+            credentials: page
+                .credentials
+                .iter()
+                .filter(|h| c.policy.allows(Capability::List, &h.name))
+                .map(|h| metadata_message(h, &[]))
+                .collect(),
             next_page_token: page.next_page_token,
         }))
     }
@@ -170,7 +193,7 @@ impl CredentialService for CredentialApi {
         &self,
         req: Request<proto::WatchCredentialsRequest>,
     ) -> Result<Response<Self::WatchCredentialsStream>, Status> {
-        caller(&req)?;
+        authorize(&req, Capability::Read, &req.get_ref().prefix)?;
         Err(Status::unimplemented("WatchCredentials is not implemented in this release"))
     }
 }

@@ -1,5 +1,6 @@
 //! A [`Store`] wrapper that times every call (`credvault_store_query_duration_seconds`)
-//! and counts them, so tests can prove that cache hits make no query at all.
+//! and counts them, so tests can prove that cache hits make no query at all, and bounds
+//! each call with a timeout ([`StoreError::Timeout`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use crate::metrics::names::STORE_QUERY_DURATION;
 pub struct Instrumented {
     inner: Arc<dyn Store>,
     queries: AtomicU64,
+    timeout: std::time::Duration,
 }
 
 impl std::fmt::Debug for Instrumented {
@@ -25,8 +27,8 @@ impl std::fmt::Debug for Instrumented {
 }
 
 impl Instrumented {
-    pub fn new(inner: Arc<dyn Store>) -> Self {
-        Instrumented { inner, queries: AtomicU64::new(0) }
+    pub fn new(inner: Arc<dyn Store>, timeout: std::time::Duration) -> Self {
+        Instrumented { inner, queries: AtomicU64::new(0), timeout }
     }
 
     /// Store calls made so far (each is one round trip, or one transaction for writes).
@@ -34,10 +36,15 @@ impl Instrumented {
         self.queries.load(Ordering::Relaxed)
     }
 
-    async fn timed<T>(&self, op: &'static str, f: impl std::future::Future<Output = T>) -> T {
+    async fn timed<T>(
+        &self,
+        op: &'static str,
+        f: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
         self.queries.fetch_add(1, Ordering::Relaxed);
         let start = Instant::now();
-        let out = f.await;
+        // On timeout the call's future is dropped: an open transaction rolls back.
+        let out = tokio::time::timeout(self.timeout, f).await.unwrap_or(Err(StoreError::Timeout(op, self.timeout)));
         metrics::histogram!(STORE_QUERY_DURATION, "op" => op).record(start.elapsed().as_secs_f64());
         out
     }
@@ -107,6 +114,10 @@ impl Store for Instrumented {
 
     async fn list_tokens(&self) -> Result<Vec<TokenRow>, StoreError> {
         self.timed("list_tokens", self.inner.list_tokens()).await
+    }
+
+    async fn revoke_token(&self, token_hash: &str, now: Micros) -> Result<bool, StoreError> {
+        self.timed("revoke_token", self.inner.revoke_token(token_hash, now)).await
     }
 
     fn pool_stats(&self) -> PoolStats {

@@ -40,6 +40,8 @@ pub enum StoreError {
     /// The compare-and-set lost: the row changed since it was read.
     #[error("write conflict")]
     Conflict,
+    #[error("storage call {0} timed out after {1:?}")]
+    Timeout(&'static str, std::time::Duration),
     #[error("corrupt row: {0}")]
     Corrupt(String),
     #[error("migration failed: {0}")]
@@ -300,6 +302,9 @@ pub trait Store: Send + Sync + 'static {
 
     async fn list_tokens(&self) -> Result<Vec<TokenRow>, StoreError>;
 
+    /// Marks a live token revoked. `false`: no live token has this hash.
+    async fn revoke_token(&self, token_hash: &str, now: Micros) -> Result<bool, StoreError>;
+
     /// Connections in the pool, for metrics.
     fn pool_stats(&self) -> PoolStats;
 
@@ -323,9 +328,15 @@ pub struct PoolStats {
 pub enum Change {
     /// Another daemon wrote or deleted this credential.
     Credential(String),
+    /// Another daemon created or revoked a token.
+    Tokens,
     /// Notifications may have been missed (the feed's connection dropped and was
     /// re-established): everything cached may be stale.
     Resync,
 }
+
+/// Stands for "the token table changed" on the change feed; no credential name can
+/// contain `#`.
+pub const TOKENS_CHANGED: &str = "#tokens";
 
 pub type ChangeSink = std::sync::Arc<dyn Fn(Change) + Send + Sync>;

@@ -115,7 +115,11 @@ impl PgStore {
                         Ok(Some(n)) => {
                             if let Some((from, name)) = n.payload().split_once('\t') {
                                 if from != self.instance {
-                                    sink(Change::Credential(name.to_owned()));
+                                    sink(if name == super::TOKENS_CHANGED {
+                                        Change::Tokens
+                                    } else {
+                                        Change::Credential(name.to_owned())
+                                    });
                                 }
                             }
                         }

@@ -401,6 +401,7 @@ macro_rules! impl_sql_store {
             }
 
             async fn insert_token(&self, t: &TokenRow) -> Result<(), StoreError> {
+                let mut tx = self.pool.begin().await?;
                 sqlx::query(
                     "INSERT INTO tokens (token_hash, display_name, policies, created_at, expires_at, revoked_at) \
                      VALUES ($1, $2, $3, $4, $5, $6)",
@@ -411,9 +412,26 @@ macro_rules! impl_sql_store {
                 .bind(t.created_at)
                 .bind(t.expires_at)
                 .bind(t.revoked_at)
-                .execute(&self.pool)
+                .execute(&mut *tx)
                 .await?;
+                self.notify_change(&mut tx, $crate::store::TOKENS_CHANGED).await?;
+                tx.commit().await?;
                 Ok(())
+            }
+
+            async fn revoke_token(&self, token_hash: &str, now: Micros) -> Result<bool, StoreError> {
+                let mut tx = self.pool.begin().await?;
+                let n = sqlx::query("UPDATE tokens SET revoked_at = $2 WHERE token_hash = $1 AND revoked_at IS NULL")
+                    .bind(token_hash)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if n > 0 {
+                    self.notify_change(&mut tx, $crate::store::TOKENS_CHANGED).await?;
+                }
+                tx.commit().await?;
+                Ok(n > 0)
             }
 
             fn pool_stats(&self) -> $crate::store::PoolStats {

@@ -150,6 +150,9 @@ impl Store for PausingStore {
     async fn list_tokens(&self) -> Result<Vec<TokenRow>, StoreError> {
         self.inner.list_tokens().await
     }
+    async fn revoke_token(&self, h: &str, now: Micros) -> Result<bool, StoreError> {
+        self.inner.revoke_token(h, now).await
+    }
     fn pool_stats(&self) -> PoolStats {
         self.inner.pool_stats()
     }
