@@ -9,7 +9,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
 
-use super::{ClientCommand, Connection};
+use super::{ClientCommand, Connection, TokenCommand};
 use crate::proto::admin_service_client::AdminServiceClient;
 use crate::proto::credential_service_client::CredentialServiceClient;
 use crate::proto::{self, VersionState};
@@ -217,6 +217,95 @@ pub async fn run_client(cmd: ClientCommand) -> Result<(), ClientError> {
             writeln!(out, "active KEK:      {}", s.active_kek_id)?;
             writeln!(out, "credentials:     {}", s.credentials)?;
             writeln!(out, "started:         {}", ts(&s.started_at))?;
+        }
+        ClientCommand::Token(cmd) => run_token(cmd, &mut out).await?,
+    }
+    Ok(())
+}
+
+fn capability(name: &str) -> Result<i32, ClientError> {
+    let c = match name {
+        "read" => proto::Capability::Read,
+        "write" => proto::Capability::Write,
+        "delete" => proto::Capability::Delete,
+        "list" => proto::Capability::List,
+        "rotate" => proto::Capability::Rotate,
+        "admin" => proto::Capability::Admin,
+        other => {
+            return Err(ClientError::Usage(format!(
+                "unknown capability {other:?}; use read, write, delete, list, rotate or admin"
+            )))
+        }
+    };
+    Ok(c as i32)
+}
+
+fn capability_name(v: i32) -> &'static str {
+    match proto::Capability::try_from(v) {
+        Ok(proto::Capability::Read) => "read",
+        Ok(proto::Capability::Write) => "write",
+        Ok(proto::Capability::Delete) => "delete",
+        Ok(proto::Capability::List) => "list",
+        Ok(proto::Capability::Rotate) => "rotate",
+        Ok(proto::Capability::Admin) => "admin",
+        _ => "?",
+    }
+}
+
+async fn run_token(cmd: TokenCommand, out: &mut impl std::io::Write) -> Result<(), ClientError> {
+    match cmd {
+        TokenCommand::Create { name, allow, deny, ttl_seconds, rate, conn } => {
+            let mut rules = Vec::new();
+            for ((pattern, caps), deny) in
+                allow.into_iter().map(|r| (r, false)).chain(deny.into_iter().map(|r| (r, true)))
+            {
+                let capabilities = caps.iter().map(|c| capability(c)).collect::<Result<Vec<_>, _>>()?;
+                rules.push(proto::PolicyRule { pattern, capabilities, deny });
+            }
+            let (_, mut a) = connect(&conn).await?;
+            let r = a
+                .create_token(proto::CreateTokenRequest {
+                    display_name: name,
+                    rules,
+                    ttl: ttl_seconds
+                        .map(|s| prost_types::Duration { seconds: i64::try_from(s).unwrap_or(i64::MAX), nanos: 0 }),
+                    rate_limit_per_second: rate.unwrap_or(0),
+                })
+                .await?
+                .into_inner();
+            let id = r.info.as_ref().map(|i| i.id.clone()).unwrap_or_default();
+            writeln!(out, "{}", r.token)?;
+            eprintln!("token id {id}: shown only once, store it safely");
+        }
+        TokenCommand::List { conn } => {
+            let (_, mut a) = connect(&conn).await?;
+            let r = a.list_tokens(proto::ListTokensRequest {}).await?.into_inner();
+            writeln!(out, "{:<12}  {:<20}  {:<9}  {:<27}  RULES", "ID", "NAME", "STATE", "EXPIRES")?;
+            for t in &r.tokens {
+                let state = if t.revoked_at.is_some() { "revoked" } else { "live" };
+                let rules: Vec<String> = t
+                    .rules
+                    .iter()
+                    .map(|rule| {
+                        let caps: Vec<&str> = rule.capabilities.iter().map(|c| capability_name(*c)).collect();
+                        format!("{}{}={}", if rule.deny { "!" } else { "" }, rule.pattern, caps.join(","))
+                    })
+                    .collect();
+                writeln!(
+                    out,
+                    "{:<12}  {:<20}  {:<9}  {:<27}  {}",
+                    t.id,
+                    t.display_name,
+                    state,
+                    ts(&t.expires_at),
+                    rules.join(" ")
+                )?;
+            }
+        }
+        TokenCommand::Revoke { id, conn } => {
+            let (_, mut a) = connect(&conn).await?;
+            a.revoke_token(proto::RevokeTokenRequest { id: id.clone() }).await?;
+            writeln!(out, "revoked {id}")?;
         }
     }
     Ok(())

@@ -99,6 +99,49 @@ pub enum ClientCommand {
         #[command(flatten)]
         conn: Connection,
     },
+    /// Create, list and revoke access tokens (needs the admin capability).
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token; it is printed once.
+    Create {
+        /// A name for the token, shown in listings and audit events.
+        #[arg(long)]
+        name: String,
+        /// PATTERN=CAP[,CAP...], e.g. 'team-a/*=read,list'; repeat for more rules.
+        #[arg(long = "allow", value_parser = parse_rule, required = true)]
+        allow: Vec<(String, Vec<String>)>,
+        /// PATTERN=CAP[,CAP...] taken away even where an allow rule grants it.
+        #[arg(long = "deny", value_parser = parse_rule)]
+        deny: Vec<(String, Vec<String>)>,
+        /// Lifetime in seconds [default: no expiry].
+        #[arg(long)]
+        ttl_seconds: Option<u64>,
+        /// Requests per second [default: the server's default].
+        #[arg(long)]
+        rate: Option<u32>,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// List tokens (never their secrets).
+    List {
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Revoke a token by its id (from `token list`).
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        conn: Connection,
+    },
+}
+
+fn parse_rule(s: &str) -> Result<(String, Vec<String>), String> {
+    let (pattern, caps) = s.split_once('=').ok_or_else(|| format!("rule {s:?} must look like PATTERN=read,list"))?;
+    Ok((pattern.to_owned(), caps.split(',').map(|c| c.trim().to_owned()).filter(|c| !c.is_empty()).collect()))
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {

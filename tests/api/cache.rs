@@ -190,7 +190,7 @@ async fn a_slow_fill_never_overwrites_a_newer_write() {
     env.cleanup().await;
 }
 
-async fn eventually(what: &str, deadline: Duration, mut check: impl AsyncFnMut() -> bool) {
+pub async fn eventually(what: &str, deadline: Duration, mut check: impl AsyncFnMut() -> bool) {
     let until = tokio::time::Instant::now() + deadline;
     loop {
         if check().await {

@@ -183,7 +183,7 @@ impl Raw {
 }
 
 #[derive(Clone)]
-pub struct Bearer(MetadataValue<tonic::metadata::Ascii>);
+pub struct Bearer(pub MetadataValue<tonic::metadata::Ascii>);
 
 impl tonic::service::Interceptor for Bearer {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {

@@ -10,4 +10,5 @@ mod concurrency;
 mod conformance;
 mod e2e;
 mod keys;
+mod security;
 mod tamper;
