@@ -111,9 +111,7 @@ impl CredentialService for CredentialApi {
         let results = names
             .into_iter()
             .map(|name| {
-                let result = if crate::names::CredentialName::parse(&name, usize::MAX).is_ok()
-                    && !c.policy.allows(Capability::Read, &name)
-                {
+                let result = if !may_read(&name) {
                     error(denied(&c, Capability::Read, &name))
                 } else {
                     match outcomes.next() {
