@@ -94,13 +94,11 @@ impl CredentialService for CredentialApi {
         let names = req.into_inner().names;
         // Names the caller may not read get PERMISSION_DENIED in their own slot; the rest
         // are read together.
-        let allowed: Vec<String> = names
-            .iter()
-            .filter(|n| {
-                !crate::names::CredentialName::parse(n, usize::MAX).is_ok() || c.policy.allows(Capability::Read, n)
-            })
-            .cloned()
-            .collect();
+        // Invalid names pass through so the core answers them with INVALID_ARGUMENT.
+        let may_read = |n: &str| {
+            crate::names::CredentialName::parse(n, usize::MAX).is_err() || c.policy.allows(Capability::Read, n)
+        };
+        let allowed: Vec<String> = names.iter().filter(|n| may_read(n)).cloned().collect();
         let mut outcomes = self.vault.batch_get(&allowed).await?.into_iter();
         let error = |status: Status| {
             proto::batch_get_result::Result::Error(proto::BatchGetError {
