@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use secrecy::SecretString;
 use serde::Deserialize;
 
+use crate::audit::{AuditSettings, AuditSink};
 use crate::cache::{CacheSettings, PlaintextPolicy};
 use crate::crypto::KdfParams;
 use crate::unlock::MasterKeySpec;
@@ -110,6 +111,7 @@ pub struct Settings {
     pub log_format: LogFormat,
     pub limits: Limits,
     pub cache: CacheSettings,
+    pub audit: AuditSettings,
 }
 
 impl Default for Settings {
@@ -128,6 +130,7 @@ impl Default for Settings {
             log_format: LogFormat::Text,
             limits: Limits::default(),
             cache: CacheSettings::default(),
+            audit: AuditSettings::default(),
         }
     }
 }
@@ -267,6 +270,12 @@ impl Settings {
             return bad(
                 "cache: max_entries, max_bytes and ttl_ms must be positive (set enabled = false to turn it off)",
             );
+        }
+        if matches!(self.audit.sink, AuditSink::File | AuditSink::Both) && self.audit.file.is_none() {
+            return bad("audit.sink includes a file: set audit.file");
+        }
+        if self.audit.queue_capacity == 0 || self.audit.batch_size == 0 {
+            return bad("audit.queue_capacity and audit.batch_size must be at least 1");
         }
         if self.db_max_connections == 0 {
             return bad("db_max_connections must be at least 1");

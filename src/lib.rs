@@ -8,11 +8,13 @@
 //! - [`cache`]: the sharded TTL LRU of sealed versions with lazy decryption.
 //! - [`metrics`]: metric names, the Prometheus recorder and `/metrics` listener.
 //! - [`auth`]: bearer tokens and their policies, checked in memory.
+//! - [`audit`]: the audit layer, queue and batch writer.
 //! - [`limits`]: per-token rate limits and load shedding.
 //! - [`unlock`]: turns a passphrase or key file into an unlocked key ring at start-up.
 //! - [`crypto`]: key types and envelope encryption (pure, no I/O).
 //! - [`store`]: the storage trait and its PostgreSQL and SQLite implementations.
 //! - [`names`]: credential name syntax.
+pub mod audit;
 pub mod auth;
 pub mod cache;
 pub mod cli;

@@ -75,6 +75,13 @@ fn describe() {
     describe_histogram!(STORE_QUERY_DURATION, Unit::Seconds, "Store call latency, by operation.");
     describe_gauge!(DB_POOL_CONNECTIONS, "Database pool connections, by state (idle, in_use).");
     describe_gauge!(BUILD_INFO, "Always 1; the version label names the build.");
+    describe_gauge!(crate::audit::names::QUEUE_DEPTH, "Audit events waiting to be written.");
+    describe_counter!(crate::audit::names::WRITTEN, "Audit events written to the sink.");
+    describe_counter!(
+        crate::audit::names::DROPPED,
+        "Audit events dropped (queue full), or requests refused for lack of a slot in required mode."
+    );
+    describe_counter!(crate::audit::names::WRITE_FAILURES, "Failed attempts to write an audit batch.");
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }
 
@@ -154,17 +161,18 @@ const RPCS: &[&str] = &[
     "RevokeToken",
     "ListTokens",
     "GetStatus",
+    "ListAuditEvents",
     "Check",
     "Watch",
     "ServerReflectionInfo",
 ];
 
-fn rpc_label(path: &str) -> &'static str {
+pub(crate) fn rpc_label(path: &str) -> &'static str {
     let method = path.rsplit('/').next().unwrap_or_default();
     RPCS.iter().find(|r| **r == method).copied().unwrap_or("unknown")
 }
 
-fn code_label(code: &[u8]) -> &'static str {
+pub(crate) fn code_label(code: &[u8]) -> &'static str {
     match code {
         b"0" => "OK",
         b"1" => "CANCELLED",

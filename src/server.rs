@@ -185,6 +185,8 @@ impl Daemon {
         if tokio::time::timeout(std::time::Duration::from_secs(10), subscribed_rx).await.is_err() {
             tracing::warn!("change feed not subscribed after 10 s; serving anyway, it clears the cache when it is");
         }
+        let (audit, audit_writer) = crate::audit::channel(&self.settings.audit, self.store.clone());
+        let audit_task = audit_writer.map(|w| tokio::spawn(w.run(stop_rx.clone())));
         let metrics_addr = self.metrics_addr();
         let addr = self.local_addr();
         let metrics_server =
@@ -194,6 +196,7 @@ impl Daemon {
         let served = Server::builder()
             .tcp_nodelay(true)
             .layer(crate::metrics::RequestMetricsLayer)
+            .layer(crate::audit::AuditLayer::new(audit))
             .layer(crate::limits::ConcurrencyLimitLayer::new(limits.max_concurrent_requests))
             .add_service(health)
             .add_service(reflection)
@@ -204,6 +207,10 @@ impl Daemon {
         let _ = stop_tx.send(true);
         let _ = feed.await;
         let _ = metrics_server.await;
+        if let Some(t) = audit_task {
+            // The writer drains what is queued before it returns.
+            let _ = t.await;
+        }
         // Wipe cached plaintext now rather than whenever the last handle drops.
         self.vault.cache().clear();
         tracing::info!("credvault stopped");

@@ -9,7 +9,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
 
-use super::{ClientCommand, Connection, TokenCommand};
+use super::{AuditCommand, ClientCommand, Connection, TokenCommand};
 use crate::proto::admin_service_client::AdminServiceClient;
 use crate::proto::credential_service_client::CredentialServiceClient;
 use crate::proto::{self, VersionState};
@@ -219,6 +219,26 @@ pub async fn run_client(cmd: ClientCommand) -> Result<(), ClientError> {
             writeln!(out, "started:         {}", ts(&s.started_at))?;
         }
         ClientCommand::Token(cmd) => run_token(cmd, &mut out).await?,
+        ClientCommand::Audit(AuditCommand::Tail { lines, conn }) => {
+            let (_, mut a) = connect(&conn).await?;
+            let r = a.list_audit_events(proto::ListAuditEventsRequest { limit: lines }).await?.into_inner();
+            for e in r.events.iter().rev() {
+                let version = if e.version > 0 { format!(" v{}", e.version) } else { String::new() };
+                writeln!(
+                    out,
+                    "{}  {}  {:<16} {:<22} {:<18} {}{}  {}us  {}",
+                    ts(&e.at),
+                    e.request_id,
+                    if e.token_name.is_empty() { "-" } else { &e.token_name },
+                    e.rpc,
+                    e.code,
+                    if e.credential.is_empty() { "-" } else { &e.credential },
+                    version,
+                    e.latency_us,
+                    e.peer
+                )?;
+            }
+        }
     }
     Ok(())
 }

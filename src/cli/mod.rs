@@ -99,9 +99,24 @@ pub enum ClientCommand {
         #[command(flatten)]
         conn: Connection,
     },
+    /// Show recent audit events (needs the admin capability).
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Create, list and revoke access tokens (needs the admin capability).
     #[command(subcommand)]
     Token(TokenCommand),
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum AuditCommand {
+    /// The newest events, oldest first.
+    Tail {
+        /// How many events [max 1000].
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: u32,
+        #[command(flatten)]
+        conn: Connection,
+    },
 }
 
 #[derive(Debug, Clone, Subcommand)]

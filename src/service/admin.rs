@@ -203,6 +203,35 @@ impl AdminService for AdminApi {
         Ok(Response::new(proto::ListTokensResponse { tokens: rows.iter().map(token_info).collect() }))
     }
 
+    async fn list_audit_events(
+        &self,
+        req: Request<proto::ListAuditEventsRequest>,
+    ) -> Result<Response<proto::ListAuditEventsResponse>, Status> {
+        authorize_everywhere(&req, Capability::Admin)?;
+        let limit = match req.get_ref().limit {
+            0 => 100,
+            n if n > 1000 => return Err(Status::invalid_argument(format!("limit {n} is over the maximum of 1000"))),
+            n => n,
+        };
+        let rows = self.vault.store().recent_audit(limit).await.map_err(crate::vault::VaultError::from)?;
+        let events = rows
+            .into_iter()
+            .map(|e| proto::AuditEvent {
+                at: Some(timestamp(e.at)),
+                request_id: e.request_id,
+                token_id: e.token_id,
+                token_name: e.token_name,
+                rpc: e.rpc,
+                credential: e.credential.unwrap_or_default(),
+                version: e.version.unwrap_or_default(),
+                code: e.code,
+                latency_us: e.latency_us,
+                peer: e.peer,
+            })
+            .collect();
+        Ok(Response::new(proto::ListAuditEventsResponse { events }))
+    }
+
     async fn get_status(&self, req: Request<proto::GetStatusRequest>) -> Result<Response<proto::Status>, Status> {
         authorize_everywhere(&req, Capability::Admin)?;
         let s = self.vault.status().await;

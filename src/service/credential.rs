@@ -5,7 +5,7 @@ use std::pin::Pin;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use super::{authorize, caller, denied, from_timestamp, timestamp, version_state};
+use super::{audit_version, authorize, caller, denied, from_timestamp, timestamp, version_state};
 use crate::auth::Capability;
 use crate::proto::{self, credential_service_server::CredentialService};
 use crate::store::{CredentialRow, Metadata};
@@ -81,8 +81,12 @@ impl CredentialService for CredentialApi {
         req: Request<proto::GetCredentialRequest>,
     ) -> Result<Response<proto::GetCredentialResponse>, Status> {
         authorize(&req, Capability::Read, &req.get_ref().name)?;
+        let ctx = crate::audit::context(&req).cloned();
         let r = req.into_inner();
         let v = self.vault.get(&r.name, r.version).await?;
+        if let Some(ctx) = ctx {
+            ctx.set_version(v.version);
+        }
         Ok(Response::new(value_response(v)))
     }
 
@@ -138,10 +142,14 @@ impl CredentialService for CredentialApi {
         req: Request<proto::PutCredentialRequest>,
     ) -> Result<Response<proto::PutCredentialResponse>, Status> {
         authorize(&req, Capability::Write, &req.get_ref().name)?;
+        let ctx = crate::audit::context(&req).cloned();
         let r = req.into_inner();
         let metadata = r.metadata.map(metadata_from).transpose()?;
         let value = zeroize::Zeroizing::new(r.value);
         let out = self.vault.put(&r.name, &value, r.expected_version, metadata.as_ref()).await?;
+        if let Some(ctx) = ctx {
+            ctx.set_version(out.version);
+        }
         Ok(Response::new(proto::PutCredentialResponse {
             name: out.name,
             version: out.version,
@@ -154,6 +162,9 @@ impl CredentialService for CredentialApi {
         req: Request<proto::DeleteCredentialRequest>,
     ) -> Result<Response<proto::DeleteCredentialResponse>, Status> {
         authorize(&req, Capability::Delete, &req.get_ref().name)?;
+        if let Some(v) = req.get_ref().expected_version {
+            audit_version(&req, v);
+        }
         let r = req.into_inner();
         let head = self.vault.delete(&r.name, r.expected_version).await?;
         Ok(Response::new(proto::DeleteCredentialResponse {

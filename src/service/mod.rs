@@ -73,6 +73,9 @@ impl tonic::service::Interceptor for AuthInterceptor {
                 return Err(status);
             }
         }
+        if let Some(ctx) = crate::audit::context(&req) {
+            ctx.set_caller(caller.clone());
+        }
         req.extensions_mut().insert(caller);
         Ok(req)
     }
@@ -91,10 +94,20 @@ pub(crate) fn caller<T>(req: &Request<T>) -> Result<std::sync::Arc<Caller>, Stat
 /// reveals nothing.
 pub(crate) fn authorize<T>(req: &Request<T>, cap: Capability, name: &str) -> Result<std::sync::Arc<Caller>, Status> {
     let c = caller(req)?;
+    if let Some(ctx) = crate::audit::context(req) {
+        ctx.set_credential(name);
+    }
     if CredentialName::parse(name, usize::MAX).is_ok() && !c.policy.allows(cap, name) {
         return Err(denied(&c, cap, name));
     }
     Ok(c)
+}
+
+/// Records the version a request read or wrote in its audit event.
+pub(crate) fn audit_version<T>(req: &Request<T>, version: u64) {
+    if let Some(ctx) = crate::audit::context(req) {
+        ctx.set_version(version);
+    }
 }
 
 pub(crate) fn denied(c: &Caller, cap: Capability, name: &str) -> Status {

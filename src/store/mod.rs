@@ -245,6 +245,21 @@ pub struct TokenRow {
     pub revoked_at: Option<Micros>,
 }
 
+/// One audited request.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AuditRow {
+    pub at: Micros,
+    pub request_id: String,
+    pub token_id: String,
+    pub token_name: String,
+    pub rpc: String,
+    pub credential: Option<String>,
+    pub version: Option<u64>,
+    pub code: String,
+    pub latency_us: u64,
+    pub peer: String,
+}
+
 /// A page of `ListCredentials`.
 #[derive(Debug, Clone)]
 pub struct ListQuery<'a> {
@@ -301,6 +316,12 @@ pub trait Store: Send + Sync + 'static {
     async fn insert_token(&self, token: &TokenRow) -> Result<(), StoreError>;
 
     async fn list_tokens(&self) -> Result<Vec<TokenRow>, StoreError>;
+
+    /// Appends audit events in one transaction.
+    async fn insert_audit(&self, events: &[AuditRow]) -> Result<(), StoreError>;
+
+    /// The newest `limit` audit events, newest first.
+    async fn recent_audit(&self, limit: u32) -> Result<Vec<AuditRow>, StoreError>;
 
     /// Marks a live token revoked. `false`: no live token has this hash.
     async fn revoke_token(&self, token_hash: &str, now: Micros) -> Result<bool, StoreError>;

@@ -13,7 +13,10 @@ use super::{
     TokenRow, VersionInfo, VersionRow, WriteBase,
 };
 
-const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "init", include_str!("../../migrations/postgres/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "init", include_str!("../../migrations/postgres/0001_init.sql")),
+    (2, "audit", include_str!("../../migrations/postgres/0002_audit.sql")),
+];
 
 /// The NOTIFY channel every write announces itself on.
 const CHANNEL: &str = "credvault_changes";

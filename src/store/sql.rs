@@ -5,8 +5,8 @@
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
 use super::{
-    CredentialRow, KekRow, KekState, KeyringRow, MasterKeySource, Metadata, StoreError, TokenRow, VersionInfo,
-    VersionRow, VersionState,
+    AuditRow, CredentialRow, KekRow, KekState, KeyringRow, MasterKeySource, Metadata, StoreError, TokenRow,
+    VersionInfo, VersionRow, VersionState,
 };
 use crate::crypto::{KdfParams, Sealed};
 
@@ -133,6 +133,22 @@ decoders! {
             wrapped_key: get(row, "wrapped_key")?,
             state: KekState::parse(&state)?,
             created_at: get(row, "created_at")?,
+        })
+    }
+
+    pub(super) fn audit(row) -> AuditRow {
+        let version: Option<i64> = get(row, "version")?;
+        Ok(AuditRow {
+            at: get(row, "at")?,
+            request_id: get(row, "request_id")?,
+            token_id: get(row, "token_id")?,
+            token_name: get(row, "token_name")?,
+            rpc: get(row, "rpc")?,
+            credential: get(row, "credential")?,
+            version: version.map(|v| from_db(v, "version")).transpose()?,
+            code: get(row, "code")?,
+            latency_us: from_db(get(row, "latency_us")?, "latency")?,
+            peer: get(row, "peer")?,
         })
     }
 
@@ -417,6 +433,38 @@ macro_rules! impl_sql_store {
                 self.notify_change(&mut tx, $crate::store::TOKENS_CHANGED).await?;
                 tx.commit().await?;
                 Ok(())
+            }
+
+            async fn insert_audit(&self, events: &[$crate::store::AuditRow]) -> Result<(), StoreError> {
+                let mut tx = self.pool.begin().await?;
+                for e in events {
+                    sqlx::query(
+                        "INSERT INTO audit_log (at, request_id, token_id, token_name, rpc, credential, version, code, \
+                         latency_us, peer) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                    )
+                    .bind(e.at)
+                    .bind(&e.request_id)
+                    .bind(&e.token_id)
+                    .bind(&e.token_name)
+                    .bind(&e.rpc)
+                    .bind(&e.credential)
+                    .bind(e.version.map(sql::to_db))
+                    .bind(&e.code)
+                    .bind(sql::to_db(e.latency_us))
+                    .bind(&e.peer)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn recent_audit(&self, limit: u32) -> Result<Vec<$crate::store::AuditRow>, StoreError> {
+                let rows = sqlx::query("SELECT * FROM audit_log ORDER BY id DESC LIMIT $1")
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.iter().map(sql::audit).collect()
             }
 
             async fn revoke_token(&self, token_hash: &str, now: Micros) -> Result<bool, StoreError> {

@@ -13,7 +13,10 @@ use super::{
     VersionInfo, VersionRow, WriteBase,
 };
 
-const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "init", include_str!("../../migrations/sqlite/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "init", include_str!("../../migrations/sqlite/0001_init.sql")),
+    (2, "audit", include_str!("../../migrations/sqlite/0002_audit.sql")),
+];
 
 #[derive(Debug, Clone)]
 pub struct SqliteStore {

@@ -150,6 +150,12 @@ impl Store for PausingStore {
     async fn list_tokens(&self) -> Result<Vec<TokenRow>, StoreError> {
         self.inner.list_tokens().await
     }
+    async fn insert_audit(&self, e: &[credvault::store::AuditRow]) -> Result<(), StoreError> {
+        self.inner.insert_audit(e).await
+    }
+    async fn recent_audit(&self, n: u32) -> Result<Vec<credvault::store::AuditRow>, StoreError> {
+        self.inner.recent_audit(n).await
+    }
     async fn revoke_token(&self, h: &str, now: Micros) -> Result<bool, StoreError> {
         self.inner.revoke_token(h, now).await
     }
