@@ -82,6 +82,16 @@ impl Default for KdfSettings {
     }
 }
 
+/// TLS for the gRPC listener. With `client_ca_file`, clients must present a certificate
+/// signed by that CA (mutual TLS).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub client_ca_file: Option<PathBuf>,
+}
+
 /// Everything `serve` needs. Build it with [`Settings::load`], or directly in tests.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -112,6 +122,8 @@ pub struct Settings {
     pub limits: Limits,
     pub cache: CacheSettings,
     pub audit: AuditSettings,
+    /// Unset: plaintext gRPC (fine on loopback; use TLS anywhere else).
+    pub tls: Option<TlsSettings>,
 }
 
 impl Default for Settings {
@@ -131,6 +143,7 @@ impl Default for Settings {
             limits: Limits::default(),
             cache: CacheSettings::default(),
             audit: AuditSettings::default(),
+            tls: None,
         }
     }
 }
@@ -179,6 +192,15 @@ pub struct ServeArgs {
     pub worker_threads: Option<usize>,
     #[arg(long, env = "CREDVAULT_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// PEM certificate chain for the gRPC listener (enables TLS; needs --tls-key).
+    #[arg(long, env = "CREDVAULT_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "CREDVAULT_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA bundle: require client certificates signed by it (mutual TLS).
+    #[arg(long, env = "CREDVAULT_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
     /// Cached credentials at most [default: 10000].
     #[arg(long, env = "CREDVAULT_CACHE_MAX_ENTRIES")]
     pub cache_max_entries: Option<usize>,
@@ -227,6 +249,13 @@ impl Settings {
         }
         if let Some(v) = args.max_value_bytes {
             s.limits.max_value_bytes = v;
+        }
+        if let (Some(cert_file), Some(key_file)) = (&args.tls_cert, &args.tls_key) {
+            s.tls = Some(TlsSettings {
+                cert_file: cert_file.clone(),
+                key_file: key_file.clone(),
+                client_ca_file: args.tls_client_ca.clone(),
+            });
         }
         if let Some(v) = args.cache_max_entries {
             s.cache.max_entries = v;

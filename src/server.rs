@@ -37,6 +37,8 @@ pub enum ServerError {
     Serve(#[from] tonic::transport::Error),
     #[error("reflection service: {0}")]
     Reflection(String),
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("the Prometheus recorder could not be installed (another recorder is active)")]
     Metrics,
 }
@@ -73,9 +75,28 @@ pub async fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, ServerErr
     })
 }
 
+fn tls_config(tls: &crate::config::TlsSettings) -> Result<tonic::transport::ServerTlsConfig, ServerError> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| ServerError::Tls(format!("{}: {e}", p.display())));
+    let mut config = ServerTlsConfig::new().identity(Identity::from_pem(read(&tls.cert_file)?, read(&tls.key_file)?));
+    if let Some(ca) = &tls.client_ca_file {
+        config = config.client_ca_root(Certificate::from_pem(read(ca)?)).client_auth_optional(false);
+    }
+    Ok(config)
+}
+
 impl Daemon {
     pub async fn build(settings: Settings) -> Result<Daemon, ServerError> {
         settings.validate()?;
+        if let Some(tls) = &settings.tls {
+            // Fail at start-up, not at the first handshake.
+            tls_config(tls)?;
+            for p in [&tls.cert_file, &tls.key_file] {
+                if !p.is_file() {
+                    return Err(ServerError::Tls(format!("{} is not a readable file", p.display())));
+                }
+            }
+        }
         // Before anything creates metric handles, so they record into it.
         let metrics = crate::metrics::install().ok_or(ServerError::Metrics)?;
         let store = open_store(&settings).await?;
@@ -193,7 +214,11 @@ impl Daemon {
             tokio::spawn(crate::metrics::serve(self.metrics_listener, self.metrics, self.store.clone(), stop_rx));
 
         tracing::info!(%addr, %metrics_addr, backend = self.store.backend().as_str(), "credvault serving gRPC");
-        let served = Server::builder()
+        let mut builder = Server::builder();
+        if let Some(tls) = &self.settings.tls {
+            builder = builder.tls_config(tls_config(tls)?)?;
+        }
+        let served = builder
             .tcp_nodelay(true)
             .layer(crate::metrics::RequestMetricsLayer)
             .layer(crate::audit::AuditLayer::new(audit))

@@ -75,19 +75,44 @@ async fn connect(
         .parse()
         .map_err(|_| ClientError::Usage("the token contains characters not allowed in a header".into()))?;
     header.set_sensitive(true);
-    let addr = if conn.addr.contains("://") { conn.addr.clone() } else { format!("http://{}", conn.addr) };
+    let tls = conn.tls_ca.is_some() || conn.tls_client_cert.is_some() || conn.addr.starts_with("https://");
+    let addr = match (conn.addr.split_once("://"), tls) {
+        (Some(("http", rest)), true) => format!("https://{rest}"),
+        (Some(_), _) => conn.addr.clone(),
+        (None, true) => format!("https://{}", conn.addr),
+        (None, false) => format!("http://{}", conn.addr),
+    };
     let connect_err = |reason: String| ClientError::Connect { addr: addr.clone(), reason };
-    let channel = Endpoint::from_shared(addr.clone())
+    let mut endpoint = Endpoint::from_shared(addr.clone())
         .map_err(|e| connect_err(e.to_string()))?
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .connect()
-        .await
-        .map_err(|e| connect_err(e.to_string()))?;
+        .connect_timeout(std::time::Duration::from_secs(5));
+    if tls {
+        endpoint = endpoint.tls_config(client_tls(conn)?).map_err(|e| connect_err(e.to_string()))?;
+    }
+    let channel = endpoint.connect().await.map_err(|e| connect_err(e.to_string()))?;
     let auth = BearerToken(header);
     Ok((
         CredentialServiceClient::with_interceptor(channel.clone(), auth.clone()),
         AdminServiceClient::with_interceptor(channel, auth),
     ))
+}
+
+fn client_tls(conn: &Connection) -> Result<tonic::transport::ClientTlsConfig, ClientError> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| ClientError::Usage(format!("cannot read {}: {e}", p.display())))
+    };
+    let mut config = ClientTlsConfig::new();
+    if let Some(ca) = &conn.tls_ca {
+        config = config.ca_certificate(Certificate::from_pem(read(ca)?));
+    }
+    if let (Some(cert), Some(key)) = (&conn.tls_client_cert, &conn.tls_client_key) {
+        config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
+    }
+    if let Some(domain) = &conn.tls_domain {
+        config = config.domain_name(domain.clone());
+    }
+    Ok(config)
 }
 
 fn state_name(state: i32) -> &'static str {

@@ -27,6 +27,17 @@ pub struct Connection {
     /// Bearer token (the root token is printed when the daemon first starts).
     #[arg(long, env = "CREDVAULT_TOKEN", hide_env_values = true, global = true)]
     pub token: Option<String>,
+    /// PEM CA that signed the daemon's certificate (implies https).
+    #[arg(long, env = "CREDVAULT_TLS_CA", global = true)]
+    pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate, for a daemon that requires mutual TLS.
+    #[arg(long, env = "CREDVAULT_TLS_CLIENT_CERT", global = true, requires = "tls_client_key")]
+    pub tls_client_cert: Option<PathBuf>,
+    #[arg(long, env = "CREDVAULT_TLS_CLIENT_KEY", global = true, requires = "tls_client_cert")]
+    pub tls_client_key: Option<PathBuf>,
+    /// Name to verify in the daemon's certificate [default: the address's host].
+    #[arg(long, env = "CREDVAULT_TLS_DOMAIN", global = true)]
+    pub tls_domain: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

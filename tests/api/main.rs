@@ -13,3 +13,4 @@ mod e2e;
 mod keys;
 mod security;
 mod tamper;
+mod tls;
