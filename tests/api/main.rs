@@ -10,6 +10,7 @@ mod cli;
 mod concurrency;
 mod conformance;
 mod e2e;
+mod hygiene;
 mod keys;
 mod security;
 mod tamper;
