@@ -20,6 +20,7 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod crypto;
+pub mod generate;
 pub mod limits;
 pub mod metrics;
 pub mod names;

@@ -390,6 +390,42 @@ impl Vault {
         expected: Option<u64>,
         metadata: Option<&Metadata>,
     ) -> Result<PutOutcome, VaultError> {
+        self.write(name, value, expected, metadata, None).await
+    }
+
+    /// Rotates a live credential: `value` becomes the current version and the one it
+    /// replaces stays readable by explicit version for `grace`, then is not.
+    pub async fn rotate(
+        &self,
+        name: &str,
+        value: &[u8],
+        expected: Option<u64>,
+        grace: std::time::Duration,
+    ) -> Result<(PutOutcome, Option<Micros>), VaultError> {
+        let parsed = self.name(name)?;
+        let head = self.inner.store.get_credential(parsed.as_str()).await?;
+        match head {
+            None => return Err(not_found(&parsed)),
+            Some(h) if h.deleted_at.is_some() => return Err(deleted(&parsed)),
+            Some(_) => {}
+        }
+        if expected == Some(0) {
+            return Err(VaultError::InvalidArgument("expected_version 0 cannot rotate: the credential exists".into()));
+        }
+        let out = self.write(name, value, expected, None, Some(grace)).await?;
+        let until = out.created_at.saturating_add(i64::try_from(grace.as_micros()).unwrap_or(i64::MAX));
+        let previous_until = (out.version > 1).then_some(until);
+        Ok((out, previous_until))
+    }
+
+    async fn write(
+        &self,
+        name: &str,
+        value: &[u8],
+        expected: Option<u64>,
+        metadata: Option<&Metadata>,
+        grace: Option<std::time::Duration>,
+    ) -> Result<PutOutcome, VaultError> {
         let name = self.name(name)?;
         self.check_value(value)?;
         if let Some(m) = metadata {
@@ -414,6 +450,7 @@ impl Vault {
                 metadata,
                 now,
                 max_versions: self.inner.limits.max_versions,
+                previous_expires_at: grace.map(|g| now.saturating_add(i64::try_from(g.as_micros()).unwrap_or(i64::MAX))),
             };
             match store.put_version(&new).await {
                 Ok(head) => {
@@ -527,6 +564,32 @@ impl Vault {
             current: head.current_version,
             deleted: false,
         })
+    }
+
+    /// Irreversibly wipes version `version` of `name` (idempotent).
+    pub async fn destroy_version(&self, name: &str, version: u64) -> Result<(), VaultError> {
+        let name = self.name(name)?;
+        let outcome = self.inner.store.destroy_version(name.as_str(), version).await;
+        self.inner.cache.invalidate(name.as_str());
+        match outcome? {
+            Some(_) => Ok(()),
+            None => Err(VaultError::NotFound(format!("credential {:?} has no version {version}", name.as_str()))),
+        }
+    }
+
+    /// Makes a soft-deleted credential readable again, at the version it had.
+    pub async fn undelete(&self, name: &str) -> Result<CredentialDetails, VaultError> {
+        let name = self.name(name)?;
+        let done = self.inner.store.undelete_credential(name.as_str(), now_micros()).await;
+        self.inner.cache.invalidate(name.as_str());
+        if !done? {
+            let head = self.inner.store.get_credential(name.as_str()).await?;
+            return Err(match head {
+                None => not_found(&name),
+                Some(_) => VaultError::FailedPrecondition(format!("credential {:?} is not deleted", name.as_str())),
+            });
+        }
+        self.metadata(name.as_str()).await
     }
 
     /// One page of credentials under `prefix`, in name order. The page token is the last

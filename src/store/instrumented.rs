@@ -120,6 +120,14 @@ impl Store for Instrumented {
         self.timed("list_tokens", self.inner.list_tokens()).await
     }
 
+    async fn destroy_version(&self, name: &str, version: u64) -> Result<Option<bool>, StoreError> {
+        self.timed("destroy_version", self.inner.destroy_version(name, version)).await
+    }
+
+    async fn undelete_credential(&self, name: &str, now: Micros) -> Result<bool, StoreError> {
+        self.timed("undelete_credential", self.inner.undelete_credential(name, now)).await
+    }
+
     async fn insert_audit(&self, events: &[AuditRow]) -> Result<(), StoreError> {
         self.timed("insert_audit", self.inner.insert_audit(events)).await
     }

@@ -172,6 +172,9 @@ pub struct NewVersion<'a> {
     pub now: Micros,
     /// Versions older than the newest `max_versions` are pruned in the same transaction.
     pub max_versions: u64,
+    /// When the version this write supersedes stops being readable (a rotation's grace
+    /// period); `None` keeps it readable until pruned.
+    pub previous_expires_at: Option<Micros>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -316,6 +319,13 @@ pub trait Store: Send + Sync + 'static {
     async fn insert_token(&self, token: &TokenRow) -> Result<(), StoreError>;
 
     async fn list_tokens(&self) -> Result<Vec<TokenRow>, StoreError>;
+
+    /// Wipes one version's sealed bytes irreversibly. `None`: no such version; `Some(false)`:
+    /// it was already destroyed.
+    async fn destroy_version(&self, name: &str, version: u64) -> Result<Option<bool>, StoreError>;
+
+    /// Clears `deleted_at`. `false`: no deleted credential by that name.
+    async fn undelete_credential(&self, name: &str, now: Micros) -> Result<bool, StoreError>;
 
     /// Appends audit events in one transaction.
     async fn insert_audit(&self, events: &[AuditRow]) -> Result<(), StoreError>;

@@ -339,10 +339,14 @@ macro_rules! impl_sql_store {
                     return Err(StoreError::Conflict);
                 };
                 let head = sql::credential(&head)?;
-                sqlx::query("UPDATE credential_versions SET state = 'previous' WHERE name = $1 AND state = 'current'")
-                    .bind(new.name)
-                    .execute(&mut *tx)
-                    .await?;
+                sqlx::query(
+                    "UPDATE credential_versions SET state = 'previous', expires_at = $2 \
+                     WHERE name = $1 AND state = 'current'",
+                )
+                .bind(new.name)
+                .bind(new.previous_expires_at)
+                .execute(&mut *tx)
+                .await?;
                 sqlx::query(
                     "INSERT INTO credential_versions (name, version, state, kek_id, wrapped_dek, ciphertext, created_at) \
                      VALUES ($1, $2, 'current', $3, $4, $5, $6)",
@@ -433,6 +437,50 @@ macro_rules! impl_sql_store {
                 self.notify_change(&mut tx, $crate::store::TOKENS_CHANGED).await?;
                 tx.commit().await?;
                 Ok(())
+            }
+
+            async fn destroy_version(&self, name: &str, version: u64) -> Result<Option<bool>, StoreError> {
+                let mut tx = self.pool.begin().await?;
+                let n = sqlx::query(
+                    "UPDATE credential_versions SET state = 'destroyed', ciphertext = NULL, wrapped_dek = $3 \
+                     WHERE name = $1 AND version = $2 AND state <> 'destroyed'",
+                )
+                .bind(name)
+                .bind(sql::to_db(version))
+                .bind(Vec::<u8>::new())
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if n > 0 {
+                    self.notify_change(&mut tx, name).await?;
+                    tx.commit().await?;
+                    return Ok(Some(true));
+                }
+                let exists: Option<i64> =
+                    sqlx::query_scalar("SELECT version FROM credential_versions WHERE name = $1 AND version = $2")
+                        .bind(name)
+                        .bind(sql::to_db(version))
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                tx.commit().await?;
+                Ok(exists.map(|_| false))
+            }
+
+            async fn undelete_credential(&self, name: &str, now: Micros) -> Result<bool, StoreError> {
+                let mut tx = self.pool.begin().await?;
+                let n = sqlx::query(
+                    "UPDATE credentials SET deleted_at = NULL, updated_at = $2 WHERE name = $1 AND deleted_at IS NOT NULL",
+                )
+                .bind(name)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if n > 0 {
+                    self.notify_change(&mut tx, name).await?;
+                }
+                tx.commit().await?;
+                Ok(n > 0)
             }
 
             async fn insert_audit(&self, events: &[$crate::store::AuditRow]) -> Result<(), StoreError> {

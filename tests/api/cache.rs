@@ -150,6 +150,12 @@ impl Store for PausingStore {
     async fn list_tokens(&self) -> Result<Vec<TokenRow>, StoreError> {
         self.inner.list_tokens().await
     }
+    async fn destroy_version(&self, n: &str, v: u64) -> Result<Option<bool>, StoreError> {
+        self.inner.destroy_version(n, v).await
+    }
+    async fn undelete_credential(&self, n: &str, now: Micros) -> Result<bool, StoreError> {
+        self.inner.undelete_credential(n, now).await
+    }
     async fn insert_audit(&self, e: &[credvault::store::AuditRow]) -> Result<(), StoreError> {
         self.inner.insert_audit(e).await
     }

@@ -44,6 +44,7 @@ async fn put(store: &dyn Store, name: &str, base: WriteBase, tag: u8, max: u64) 
             metadata: None,
             now: now_micros(),
             max_versions: max,
+            previous_expires_at: None,
         })
         .await?;
     assert_eq!((head.name.as_str(), head.current_version, head.deleted_at), (name, base.next_version(), None));
@@ -79,6 +80,7 @@ async fn create_update_and_read(backend: Backend) {
             metadata: Some(&meta),
             now: 100,
             max_versions: 10,
+            previous_expires_at: None,
         })
         .await
         .unwrap();
