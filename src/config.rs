@@ -13,7 +13,7 @@ use crate::audit::{AuditSettings, AuditSink};
 use crate::cache::{CacheSettings, PlaintextPolicy};
 use crate::crypto::KdfParams;
 use crate::unlock::MasterKeySpec;
-use crate::vault::Limits;
+use crate::vault::{Limits, RotationSettings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -124,6 +124,7 @@ pub struct Settings {
     pub audit: AuditSettings,
     /// Unset: plaintext gRPC (fine on loopback; use TLS anywhere else).
     pub tls: Option<TlsSettings>,
+    pub rotation: RotationSettings,
 }
 
 impl Default for Settings {
@@ -144,6 +145,7 @@ impl Default for Settings {
             cache: CacheSettings::default(),
             audit: AuditSettings::default(),
             tls: None,
+            rotation: RotationSettings::default(),
         }
     }
 }
@@ -309,6 +311,7 @@ impl Settings {
         if self.db_max_connections == 0 {
             return bad("db_max_connections must be at least 1");
         }
+        self.rotation.validate().map_err(ConfigError::Invalid)?;
         if self.worker_threads == Some(0) {
             return bad("worker_threads must be at least 1");
         }

@@ -12,7 +12,31 @@ const UPPER: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ";
 const DIGITS: &[u8] = b"0123456789";
 const SYMBOLS: &[u8] = b"!#$%&()*+,-./:;<=>?@[]^_{|}~";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// How a rotation makes a new value: stored with a rotation policy (as JSON) or given in
+/// a `RotateCredential` request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum GeneratorSpec {
+    Password { length: usize, classes: PasswordClasses },
+    Bytes { length: usize, encoding: Encoding },
+}
+
+impl GeneratorSpec {
+    /// Checks the spec without generating anything.
+    pub fn check(&self) -> Result<(), String> {
+        self.generate().map(drop)
+    }
+
+    pub fn generate(&self) -> Result<Zeroizing<Vec<u8>>, String> {
+        match *self {
+            GeneratorSpec::Password { length, classes } => password(length, classes),
+            GeneratorSpec::Bytes { length, encoding } => random_bytes(length, encoding),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct PasswordClasses {
     pub lowercase: bool,
     pub uppercase: bool,
@@ -20,7 +44,8 @@ pub struct PasswordClasses {
     pub symbols: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Encoding {
     Raw,
     Hex,
@@ -88,8 +113,23 @@ mod tests {
         }
         let all = password(16, PasswordClasses::default()).unwrap();
         assert!(all.iter().any(|b| SYMBOLS.contains(b)) && all.iter().any(u8::is_ascii_lowercase));
-        assert_ne!(password(32, PasswordClasses::default()).unwrap(), password(32, PasswordClasses::default()).unwrap());
+        assert_ne!(
+            password(32, PasswordClasses::default()).unwrap(),
+            password(32, PasswordClasses::default()).unwrap()
+        );
         assert!(password(7, PasswordClasses::default()).is_err());
+    }
+
+    #[test]
+    fn specs_round_trip_as_json() {
+        let spec =
+            GeneratorSpec::Password { length: 20, classes: PasswordClasses { digits: true, ..Default::default() } };
+        let json = serde_json::to_string(&spec).unwrap();
+        assert_eq!(serde_json::from_str::<GeneratorSpec>(&json).unwrap(), spec);
+        assert_eq!(spec.generate().unwrap().len(), 20);
+        let bytes = GeneratorSpec::Bytes { length: 0, encoding: Encoding::Hex };
+        assert!(bytes.check().is_err());
+        assert!(serde_json::from_str::<GeneratorSpec>(r#"{"type":"nope"}"#).is_err());
     }
 
     #[test]

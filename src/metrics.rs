@@ -33,6 +33,13 @@ pub mod names {
     pub const STORE_QUERY_DURATION: &str = "credvault_store_query_duration_seconds";
     pub const DB_POOL_CONNECTIONS: &str = "credvault_db_pool_connections";
     pub const BUILD_INFO: &str = "credvault_build_info";
+    pub const ROTATIONS: &str = "credvault_rotations_total";
+    pub const ROTATION_FAILURES: &str = "credvault_rotation_failures_total";
+    pub const REWRAPPED: &str = "credvault_kek_rewrapped_total";
+    pub const REWRAP_DONE: &str = "credvault_kek_rewrap_job_done";
+    pub const REWRAP_TOTAL: &str = "credvault_kek_rewrap_job_total";
+    pub const WATCHERS: &str = "credvault_watchers";
+    pub const WATCH_DROPPED: &str = "credvault_watchers_dropped_total";
 }
 
 /// Buckets from 50 us to 1 s (a cache hit to a slow database write).
@@ -75,6 +82,13 @@ fn describe() {
     describe_histogram!(STORE_QUERY_DURATION, Unit::Seconds, "Store call latency, by operation.");
     describe_gauge!(DB_POOL_CONNECTIONS, "Database pool connections, by state (idle, in_use).");
     describe_gauge!(BUILD_INFO, "Always 1; the version label names the build.");
+    describe_counter!(ROTATIONS, "Credential rotations, by trigger (request, schedule).");
+    describe_counter!(ROTATION_FAILURES, "Scheduled rotations that failed and were deferred.");
+    describe_counter!(REWRAPPED, "Data keys re-wrapped under a new KEK by this daemon.");
+    describe_gauge!(REWRAP_DONE, "Versions handled so far by the KEK rotation job this daemon works on.");
+    describe_gauge!(REWRAP_TOTAL, "Versions the KEK rotation job this daemon works on started with.");
+    describe_gauge!(WATCHERS, "Open WatchCredentials streams.");
+    describe_counter!(WATCH_DROPPED, "WatchCredentials streams ended because the client fell behind.");
     describe_gauge!(crate::audit::names::QUEUE_DEPTH, "Audit events waiting to be written.");
     describe_counter!(crate::audit::names::WRITTEN, "Audit events written to the sink.");
     describe_counter!(

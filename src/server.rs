@@ -103,7 +103,13 @@ impl Daemon {
         let keys = unlock(store.as_ref(), &settings.master_key_spec()).await?;
         let auth = Auth::load(store.as_ref(), settings.limits.default_token_rate_per_second).await?;
         let root_token = auth.ensure_root_token(store.as_ref()).await?;
-        let vault = Vault::new(store.clone(), keys, settings.limits.clone(), settings.cache.clone());
+        let vault = Vault::with_rotation(
+            store.clone(),
+            keys,
+            settings.limits.clone(),
+            settings.cache.clone(),
+            settings.rotation.clone(),
+        );
         let listener = TcpListener::bind(settings.listen)
             .await
             .map_err(|source| ServerError::Bind { addr: settings.listen, source })?;
@@ -179,6 +185,15 @@ impl Daemon {
         let auth = self.auth.clone();
         let sink: crate::store::ChangeSink = Arc::new(move |change| {
             use crate::store::Change;
+            if matches!(change, Change::Keys | Change::Resync) {
+                // Another daemon rotated the KEK (or we may have missed that it did).
+                let vault = vault.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = vault.reload_keys().await {
+                        tracing::error!(error = %e, "cannot reload keys");
+                    }
+                });
+            }
             if matches!(change, Change::Tokens | Change::Resync) {
                 // Revocations by other daemons (or missed while deaf) take effect here.
                 let (auth, store) = (auth.clone(), vault.store());
@@ -210,6 +225,8 @@ impl Daemon {
         let audit_task = audit_writer.map(|w| tokio::spawn(w.run(stop_rx.clone())));
         let metrics_addr = self.metrics_addr();
         let addr = self.local_addr();
+        let scheduler = tokio::spawn(self.vault.clone().run_scheduler(stop_rx.clone()));
+        let jobs = tokio::spawn(self.vault.clone().run_jobs(stop_rx.clone()));
         let metrics_server =
             tokio::spawn(crate::metrics::serve(self.metrics_listener, self.metrics, self.store.clone(), stop_rx));
 
@@ -231,6 +248,8 @@ impl Daemon {
             .await;
         let _ = stop_tx.send(true);
         let _ = feed.await;
+        let _ = scheduler.await;
+        let _ = jobs.await;
         let _ = metrics_server.await;
         if let Some(t) = audit_task {
             // The writer drains what is queued before it returns.

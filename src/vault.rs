@@ -17,9 +17,15 @@ use crate::crypto::{self, CryptoError, KeyRing, Sealed};
 use crate::metrics::names::DECRYPT_DURATION;
 use crate::names::{check_prefix, CredentialName};
 use crate::store::{
-    now_micros, Backend, Change, CredentialRow, Instrumented, ListQuery, Metadata, Micros, NewVersion, Store,
-    StoreError, VersionInfo, VersionRow, VersionState, WriteBase,
+    now_micros, Backend, Change, ChangeEvent, ChangeKind, CredentialRow, Instrumented, ListQuery, Metadata, Micros,
+    NewVersion, PolicyAdvance, Store, StoreError, VersionInfo, VersionRow, VersionState, WriteBase,
 };
+
+mod keys;
+mod rotation;
+
+pub use keys::JobProgress;
+pub use rotation::{NewValue, PolicySpec, RotateOutcome, RotationSettings};
 
 /// Request-size limits; every one is enforced before the store is touched.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
@@ -76,16 +82,26 @@ pub enum VaultError {
     /// Stored bytes failed authentication: tampered, moved, or sealed under another key.
     #[error("version {version} of {name:?} cannot be decrypted: stored data failed authentication")]
     DataLoss { name: String, version: u64 },
+    /// The operation lost a race it cannot retry by itself (e.g. two KEK rotations).
+    #[error("{0}")]
+    Aborted(String),
     #[error("storage is unavailable")]
     Unavailable(#[source] StoreError),
     #[error("internal error")]
     Internal(String),
+    /// A value is sealed under a KEK this daemon has not loaded (another daemon rotated
+    /// the KEK): callers reload the keys and retry once.
+    #[error("unknown key-encryption key {0}")]
+    UnknownKek(i64),
 }
 
 impl From<StoreError> for VaultError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Unavailable(_) | StoreError::Timeout(..) => VaultError::Unavailable(e),
+            StoreError::JobRunning(id) => VaultError::FailedPrecondition(format!(
+                "KEK rotation job {id} is still running; follow it with GetRotationJob"
+            )),
             other => VaultError::Internal(other.to_string()),
         }
     }
@@ -139,6 +155,25 @@ pub struct VaultStatus {
     pub credentials: u64,
 }
 
+/// What `WatchCredentials` streams.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchEvent {
+    Change(ChangeEvent),
+    /// Changes may have been missed (the change feed reconnected): re-read everything.
+    Resync,
+}
+
+/// A write's options beyond name and value.
+#[derive(Debug, Clone, Copy)]
+struct WriteOptions<'a> {
+    expected: Option<u64>,
+    metadata: Option<&'a Metadata>,
+    /// How long the replaced version stays readable (`None`: until pruned).
+    grace: Option<std::time::Duration>,
+    kind: ChangeKind,
+    policy: Option<PolicyAdvance>,
+}
+
 /// A cheap handle: clone it into every service.
 #[derive(Clone)]
 pub struct Vault {
@@ -152,6 +187,15 @@ struct Inner {
     // std RwLock: held only for synchronous sealing/opening, never across an `.await`.
     keys: RwLock<KeyRing>,
     limits: Limits,
+    rotation: RotationSettings,
+    /// Local writes and changes reported by the change feed, for `WatchCredentials`.
+    events: tokio::sync::broadcast::Sender<WatchEvent>,
+    /// Names this daemon in job leases.
+    instance: String,
+    /// Wakes the job worker when a job is started here.
+    job_wake: tokio::sync::Notify,
+    /// Serializes key reloads, so two never interleave their reads and writes of the ring.
+    reload: tokio::sync::Mutex<()>,
 }
 
 impl fmt::Debug for Vault {
@@ -166,6 +210,16 @@ const PAGE_TOKEN_PREFIX: &str = "v1:";
 
 impl Vault {
     pub fn new(store: Arc<dyn Store>, keys: KeyRing, limits: Limits, cache: CacheSettings) -> Self {
+        Self::with_rotation(store, keys, limits, cache, RotationSettings::default())
+    }
+
+    pub fn with_rotation(
+        store: Arc<dyn Store>,
+        keys: KeyRing,
+        limits: Limits,
+        cache: CacheSettings,
+        rotation: RotationSettings,
+    ) -> Self {
         Vault {
             inner: Arc::new(Inner {
                 store: Arc::new(Instrumented::new(
@@ -176,6 +230,11 @@ impl Vault {
                 decrypt_duration: metrics::histogram!(DECRYPT_DURATION),
                 keys: RwLock::new(keys),
                 limits,
+                events: tokio::sync::broadcast::channel(rotation.watch_buffer.max(1)).0,
+                rotation,
+                instance: format!("{:016x}", rand::random::<u64>()),
+                job_wake: tokio::sync::Notify::new(),
+                reload: tokio::sync::Mutex::new(()),
             }),
         }
     }
@@ -190,12 +249,34 @@ impl Vault {
     }
 
     /// Applies a change reported by the store's change feed (another daemon's write).
+    /// Key changes need the store: the caller runs [`Vault::reload_keys`] for those.
     pub fn apply_change(&self, change: Change) {
         match change {
-            Change::Credential(name) => self.inner.cache.invalidate(&name),
-            Change::Resync => self.inner.cache.clear(),
-            Change::Tokens => {}
+            Change::Credential(event) => {
+                self.inner.cache.invalidate(&event.name);
+                self.publish(WatchEvent::Change(event));
+            }
+            Change::Resync => {
+                self.inner.cache.clear();
+                self.publish(WatchEvent::Resync);
+            }
+            Change::Tokens | Change::Keys => {}
         }
+    }
+
+    /// Change events from now on. A receiver that falls more than the watch buffer
+    /// behind gets `Lagged` and should be dropped.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<WatchEvent> {
+        self.inner.events.subscribe()
+    }
+
+    fn publish(&self, event: WatchEvent) {
+        // No receivers is fine: nobody is watching.
+        let _ = self.inner.events.send(event);
+    }
+
+    fn publish_change(&self, name: &str, kind: ChangeKind, version: u64, at: Micros) {
+        self.publish(WatchEvent::Change(ChangeEvent { name: name.to_owned(), kind, version, at }));
     }
 
     pub fn limits(&self) -> &Limits {
@@ -220,6 +301,17 @@ impl Vault {
     /// Reads version `version` (the current one if `None` or 0) of `name`. The current
     /// version is served from the cache; a miss loads it once for all concurrent callers.
     pub async fn get(&self, name: &str, version: Option<u64>) -> Result<CredentialValue, VaultError> {
+        match self.get_once(name, version).await {
+            // Sealed under a KEK another daemon created: load it, then read again.
+            Err(VaultError::UnknownKek(_)) => {
+                self.reload_keys().await?;
+                self.get_once(name, version).await
+            }
+            other => other,
+        }
+    }
+
+    async fn get_once(&self, name: &str, version: Option<u64>) -> Result<CredentialValue, VaultError> {
         let name = self.name(name)?;
         let version = version.filter(|v| *v != 0);
         let cached = self.inner.cache.get(name.as_str());
@@ -306,7 +398,10 @@ impl Vault {
         let start = std::time::Instant::now();
         let opened = self.with_keys(|ring| crypto::open_value(ring, name.as_str(), version, sealed));
         self.inner.decrypt_duration.record(start.elapsed().as_secs_f64());
-        opened.map_err(|e| self.data_loss(name, version, e))
+        opened.map_err(|e| match e {
+            CryptoError::UnknownKek(id) => VaultError::UnknownKek(id),
+            e => self.data_loss(name, version, e),
+        })
     }
 
     fn data_loss(&self, name: &CredentialName, version: u64, e: CryptoError) -> VaultError {
@@ -318,6 +413,15 @@ impl Vault {
     /// for the request as a whole (bad names, too many, storage down); each name then
     /// has its own outcome, in request order.
     pub async fn batch_get(&self, names: &[String]) -> Result<Vec<Result<CredentialValue, VaultError>>, VaultError> {
+        let results = self.batch_get_once(names).await?;
+        if !results.iter().any(|r| matches!(r, Err(VaultError::UnknownKek(_)))) {
+            return Ok(results);
+        }
+        self.reload_keys().await?;
+        self.batch_get_once(names).await
+    }
+
+    async fn batch_get_once(&self, names: &[String]) -> Result<Vec<Result<CredentialValue, VaultError>>, VaultError> {
         let max = self.inner.limits.max_batch_size;
         if names.len() > max {
             return Err(VaultError::InvalidArgument(format!(
@@ -390,42 +494,12 @@ impl Vault {
         expected: Option<u64>,
         metadata: Option<&Metadata>,
     ) -> Result<PutOutcome, VaultError> {
-        self.write(name, value, expected, metadata, None).await
+        let opts = WriteOptions { expected, metadata, grace: None, kind: ChangeKind::Put, policy: None };
+        self.write(name, value, opts).await
     }
 
-    /// Rotates a live credential: `value` becomes the current version and the one it
-    /// replaces stays readable by explicit version for `grace`, then is not.
-    pub async fn rotate(
-        &self,
-        name: &str,
-        value: &[u8],
-        expected: Option<u64>,
-        grace: std::time::Duration,
-    ) -> Result<(PutOutcome, Option<Micros>), VaultError> {
-        let parsed = self.name(name)?;
-        let head = self.inner.store.get_credential(parsed.as_str()).await?;
-        match head {
-            None => return Err(not_found(&parsed)),
-            Some(h) if h.deleted_at.is_some() => return Err(deleted(&parsed)),
-            Some(_) => {}
-        }
-        if expected == Some(0) {
-            return Err(VaultError::InvalidArgument("expected_version 0 cannot rotate: the credential exists".into()));
-        }
-        let out = self.write(name, value, expected, None, Some(grace)).await?;
-        let until = out.created_at.saturating_add(i64::try_from(grace.as_micros()).unwrap_or(i64::MAX));
-        let previous_until = (out.version > 1).then_some(until);
-        Ok((out, previous_until))
-    }
-
-    async fn write(
-        &self,
-        name: &str,
-        value: &[u8],
-        expected: Option<u64>,
-        metadata: Option<&Metadata>,
-        grace: Option<std::time::Duration>,
-    ) -> Result<PutOutcome, VaultError> {
+    async fn write(&self, name: &str, value: &[u8], opts: WriteOptions<'_>) -> Result<PutOutcome, VaultError> {
+        let WriteOptions { expected, metadata, grace, kind, policy } = opts;
         let name = self.name(name)?;
         self.check_value(value)?;
         if let Some(m) = metadata {
@@ -450,7 +524,9 @@ impl Vault {
                 metadata,
                 now,
                 max_versions: self.inner.limits.max_versions,
-                previous_expires_at: grace.map(|g| now.saturating_add(i64::try_from(g.as_micros()).unwrap_or(i64::MAX))),
+                previous_expires_at: grace.map(|g| now.saturating_add(micros(g))),
+                kind,
+                policy,
             };
             match store.put_version(&new).await {
                 Ok(head) => {
@@ -464,11 +540,17 @@ impl Vault {
                     };
                     let row = VersionRow { info, sealed: Some(sealed) };
                     self.inner.cache.install(name.as_str(), Arc::new(CachedVersion::new(head, row)));
+                    self.publish_change(name.as_str(), kind, version, now);
                     return Ok(PutOutcome { name: name.as_str().to_owned(), version, created_at: now });
                 }
                 Err(StoreError::Conflict) => {
                     // Someone else wrote: whatever this daemon cached is behind.
                     self.inner.cache.invalidate(name.as_str());
+                }
+                Err(StoreError::StaleKek(_)) => {
+                    // Another daemon rotated the KEK: seal again under the new one.
+                    self.reload_keys().await?;
+                    continue;
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -553,6 +635,7 @@ impl Vault {
         let deleted = deleted?;
         let head = store.get_credential(name.as_str()).await?.ok_or_else(|| not_found(&name))?;
         if deleted {
+            self.publish_change(name.as_str(), ChangeKind::Delete, head.current_version, now);
             return Ok(head);
         }
         if head.deleted_at.is_some() {
@@ -572,7 +655,12 @@ impl Vault {
         let outcome = self.inner.store.destroy_version(name.as_str(), version).await;
         self.inner.cache.invalidate(name.as_str());
         match outcome? {
-            Some(_) => Ok(()),
+            Some(destroyed_now) => {
+                if destroyed_now {
+                    self.publish_change(name.as_str(), ChangeKind::DestroyVersion, version, now_micros());
+                }
+                Ok(())
+            }
             None => Err(VaultError::NotFound(format!("credential {:?} has no version {version}", name.as_str()))),
         }
     }
@@ -580,7 +668,8 @@ impl Vault {
     /// Makes a soft-deleted credential readable again, at the version it had.
     pub async fn undelete(&self, name: &str) -> Result<CredentialDetails, VaultError> {
         let name = self.name(name)?;
-        let done = self.inner.store.undelete_credential(name.as_str(), now_micros()).await;
+        let now = now_micros();
+        let done = self.inner.store.undelete_credential(name.as_str(), now).await;
         self.inner.cache.invalidate(name.as_str());
         if !done? {
             let head = self.inner.store.get_credential(name.as_str()).await?;
@@ -589,7 +678,9 @@ impl Vault {
                 Some(_) => VaultError::FailedPrecondition(format!("credential {:?} is not deleted", name.as_str())),
             });
         }
-        self.metadata(name.as_str()).await
+        let details = self.metadata(name.as_str()).await?;
+        self.publish_change(name.as_str(), ChangeKind::Undelete, details.head.current_version, now);
+        Ok(details)
     }
 
     /// One page of credentials under `prefix`, in name order. The page token is the last
@@ -633,6 +724,11 @@ impl Vault {
         Ok(Page { credentials: rows, next_page_token })
     }
 
+    /// Checks a listing or watch prefix.
+    pub fn check_prefix(&self, prefix: &str) -> Result<(), VaultError> {
+        check_prefix(prefix, self.inner.limits.max_name_bytes).map_err(|e| VaultError::InvalidArgument(e.0))
+    }
+
     fn decode_page_token(&self, token: &str, prefix: &str) -> Result<CredentialName, VaultError> {
         let malformed =
             || VaultError::InvalidArgument("page_token is malformed; pass back a next_page_token unchanged".into());
@@ -656,6 +752,11 @@ impl Vault {
             credentials: count.unwrap_or_default(),
         }
     }
+}
+
+/// A duration as microseconds, saturating.
+fn micros(d: std::time::Duration) -> Micros {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
 
 fn deleted(name: &CredentialName) -> VaultError {

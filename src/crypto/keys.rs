@@ -182,6 +182,24 @@ impl KeyRing {
         &self.master
     }
 
+    pub fn contains(&self, id: i64) -> bool {
+        self.keks.contains_key(&id)
+    }
+
+    /// Makes a KEK already in the ring the one new DEKs are wrapped with.
+    pub fn set_active(&mut self, id: i64) -> Result<(), CryptoError> {
+        if !self.keks.contains_key(&id) {
+            return Err(CryptoError::UnknownKek(id));
+        }
+        self.active = id;
+        Ok(())
+    }
+
+    /// Swaps in a new master key (after a rekey has re-wrapped every KEK under it).
+    pub fn replace_master(&mut self, master: MasterKey) {
+        self.master = master;
+    }
+
     pub fn add(&mut self, kek: Kek, make_active: bool) {
         let id = kek.id;
         self.keks.insert(id, kek);

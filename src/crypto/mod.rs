@@ -129,12 +129,19 @@ pub fn open_value(
     open(&dek, &sealed.ciphertext, &aad::value(name, version))
 }
 
-/// Re-wraps a DEK from its KEK to the ring's active KEK; the value ciphertext is untouched.
-pub fn rewrap_dek(ring: &KeyRing, name: &str, version: u64, sealed: &Sealed) -> Result<Sealed, CryptoError> {
-    let dek = unwrap_dek(ring, name, version, sealed.kek_id, &sealed.wrapped_dek)?;
-    let kek = ring.active();
-    let wrapped_dek = seal(kek.key(), dek.as_bytes(), &aad::dek(name, version, kek.id()))?;
-    Ok(Sealed { kek_id: kek.id(), wrapped_dek, ciphertext: sealed.ciphertext.clone() })
+/// Re-wraps the DEK of version `version` of `name` from KEK `from` to KEK `to`; the
+/// value ciphertext is untouched (it does not name the KEK).
+pub fn rewrap_dek(
+    ring: &KeyRing,
+    name: &str,
+    version: u64,
+    from: i64,
+    wrapped: &[u8],
+    to: i64,
+) -> Result<Vec<u8>, CryptoError> {
+    let dek = unwrap_dek(ring, name, version, from, wrapped)?;
+    let kek = ring.get(to).ok_or(CryptoError::UnknownKek(to))?;
+    seal(kek.key(), dek.as_bytes(), &aad::dek(name, version, to))
 }
 
 #[cfg(test)]
@@ -198,9 +205,12 @@ mod tests {
         let s = seal_value(&ring, "n", 1, b"v").unwrap();
         let (kek2, _) = Kek::generate(2, ring.master()).unwrap();
         ring.add(kek2, true);
-        let r = rewrap_dek(&ring, "n", 1, &s).unwrap();
-        assert_eq!(r.kek_id, 2);
-        assert_eq!(r.ciphertext, s.ciphertext);
+        let wrapped = rewrap_dek(&ring, "n", 1, s.kek_id, &s.wrapped_dek, 2).unwrap();
+        let r = Sealed { kek_id: 2, wrapped_dek: wrapped, ciphertext: s.ciphertext.clone() };
         assert_eq!(open_value(&ring, "n", 1, &r).unwrap().as_slice(), b"v");
+        // The re-wrapped DEK is bound to its new KEK and to its place.
+        assert_eq!(open_value(&ring, "n", 1, &Sealed { kek_id: 1, ..r.clone() }), Err(CryptoError::Authentication));
+        assert_eq!(open_value(&ring, "m", 1, &r), Err(CryptoError::Authentication));
+        assert_eq!(rewrap_dek(&ring, "n", 1, 1, &s.wrapped_dek, 9), Err(CryptoError::UnknownKek(9)));
     }
 }

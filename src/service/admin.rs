@@ -1,33 +1,42 @@
-//! `credvault.v1.AdminService`. This release implements `GetStatus` and the token RPCs;
-//! the rotation and key RPCs are declared in the API and answer `UNIMPLEMENTED`.
+//! `credvault.v1.AdminService`: rotation, keys, tokens, audit and status.
 
 use std::pin::Pin;
 
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use super::{authorize, authorize_everywhere, timestamp};
+use secrecy::SecretString;
+
+use super::credential::metadata_message;
+use super::{audit_version, authorize, authorize_everywhere, from_timestamp, timestamp};
 use crate::auth::{Auth, Capability, PolicyDoc, Rule, TokenError};
+use crate::crypto::KdfParams;
+use crate::generate::{Encoding, GeneratorSpec, PasswordClasses};
 use crate::proto::{self, admin_service_server::AdminService};
-use crate::store::{Micros, TokenRow};
+use crate::store::{JobState, Micros, PolicyKind, RotationPolicyRow, TokenRow};
 use crate::unlock::MasterKeySpec;
-use crate::vault::Vault;
+use crate::vault::{JobProgress, NewValue, PolicySpec, Vault};
+
+/// How often `WatchRotationJob` re-reads the job row.
+const JOB_POLL: std::time::Duration = std::time::Duration::from_millis(250);
 
 #[derive(Debug, Clone)]
 pub struct AdminApi {
     vault: Vault,
     auth: Auth,
     master_key_source: &'static str,
+    /// Argon2id cost for a new passphrase (`RekeyMaster`).
+    kdf: KdfParams,
     started_at: Micros,
 }
 
 impl AdminApi {
     pub fn new(vault: Vault, auth: Auth, spec: &MasterKeySpec, started_at: Micros) -> Self {
-        let master_key_source = match spec {
-            MasterKeySpec::Passphrase { .. } => "passphrase",
-            MasterKeySpec::KeyFile { .. } => "key-file",
+        let (master_key_source, kdf) = match spec {
+            MasterKeySpec::Passphrase { params, .. } => ("passphrase", *params),
+            MasterKeySpec::KeyFile { .. } => ("key-file", KdfParams::DEFAULT),
         };
-        AdminApi { vault, auth, master_key_source, started_at }
+        AdminApi { vault, auth, master_key_source, kdf, started_at }
     }
 }
 
@@ -85,8 +94,121 @@ impl From<TokenError> for Status {
     }
 }
 
-fn not_yet(rpc: &str) -> Status {
-    Status::unimplemented(format!("{rpc} is not implemented in this release"))
+fn duration(d: Option<prost_types::Duration>, what: &str) -> Result<Option<std::time::Duration>, Status> {
+    d.map(|d| {
+        std::time::Duration::try_from(d).map_err(|_| Status::invalid_argument(format!("{what} must not be negative")))
+    })
+    .transpose()
+}
+
+fn to_proto_duration(micros: Option<i64>) -> Option<prost_types::Duration> {
+    micros.and_then(|m| prost_types::Duration::try_from(std::time::Duration::from_micros(u64::try_from(m).ok()?)).ok())
+}
+
+fn password_spec(p: &proto::PasswordSpec) -> Result<GeneratorSpec, Status> {
+    let length = usize::try_from(p.length).map_err(|_| Status::invalid_argument("password length is too large"))?;
+    Ok(GeneratorSpec::Password {
+        length,
+        classes: PasswordClasses {
+            lowercase: p.lowercase,
+            uppercase: p.uppercase,
+            digits: p.digits,
+            symbols: p.symbols,
+        },
+    })
+}
+
+fn bytes_spec(b: &proto::BytesSpec) -> Result<GeneratorSpec, Status> {
+    let length = usize::try_from(b.length).map_err(|_| Status::invalid_argument("byte length is too large"))?;
+    let encoding = match proto::ByteEncoding::try_from(b.encoding) {
+        Ok(proto::ByteEncoding::Raw) => Encoding::Raw,
+        Ok(proto::ByteEncoding::Hex) => Encoding::Hex,
+        Ok(proto::ByteEncoding::Base64 | proto::ByteEncoding::Unspecified) => Encoding::Base64,
+        Err(_) => return Err(Status::invalid_argument(format!("unknown byte encoding {}", b.encoding))),
+    };
+    Ok(GeneratorSpec::Bytes { length, encoding })
+}
+
+fn policy_kind(v: i32) -> Result<PolicyKind, Status> {
+    Ok(match proto::PolicyKind::try_from(v) {
+        Ok(proto::PolicyKind::Manual) => PolicyKind::Manual,
+        Ok(proto::PolicyKind::Periodic) => PolicyKind::Periodic,
+        Ok(proto::PolicyKind::BeforeExpiry) => PolicyKind::BeforeExpiry,
+        Ok(proto::PolicyKind::Scheduled) => PolicyKind::Scheduled,
+        _ => {
+            return Err(Status::invalid_argument(format!(
+                "policy kind {v} is not one of manual, periodic, before_expiry, scheduled"
+            )))
+        }
+    })
+}
+
+fn policy_message(p: &RotationPolicyRow) -> proto::RotationPolicy {
+    let generator = serde_json::from_str::<GeneratorSpec>(&p.generator).ok().map(|g| match g {
+        GeneratorSpec::Password { length, classes } => {
+            proto::rotation_policy::Generator::Password(proto::PasswordSpec {
+                length: u32::try_from(length).unwrap_or(u32::MAX),
+                lowercase: classes.lowercase,
+                uppercase: classes.uppercase,
+                digits: classes.digits,
+                symbols: classes.symbols,
+            })
+        }
+        GeneratorSpec::Bytes { length, encoding } => proto::rotation_policy::Generator::RandomBytes(proto::BytesSpec {
+            length: u32::try_from(length).unwrap_or(u32::MAX),
+            encoding: match encoding {
+                Encoding::Raw => proto::ByteEncoding::Raw,
+                Encoding::Hex => proto::ByteEncoding::Hex,
+                Encoding::Base64 => proto::ByteEncoding::Base64,
+            } as i32,
+        }),
+    });
+    proto::RotationPolicy {
+        name: p.name.clone(),
+        kind: match p.kind {
+            PolicyKind::Manual => proto::PolicyKind::Manual,
+            PolicyKind::Periodic => proto::PolicyKind::Periodic,
+            PolicyKind::BeforeExpiry => proto::PolicyKind::BeforeExpiry,
+            PolicyKind::Scheduled => proto::PolicyKind::Scheduled,
+        } as i32,
+        interval: to_proto_duration(p.interval_us),
+        validity: to_proto_duration(p.validity_us),
+        at: p.at.map(timestamp),
+        generator,
+        grace_period: to_proto_duration(Some(p.grace_us)),
+        next_run_at: p.next_run_at.map(timestamp),
+        rotations: p.rotations,
+        last_rotated_at: p.last_rotated_at.map(timestamp),
+        last_error: p.last_error.clone().unwrap_or_default(),
+    }
+}
+
+fn job_message(p: &JobProgress) -> proto::RotationJob {
+    let j = &p.job;
+    proto::RotationJob {
+        job_id: u64::try_from(j.id).unwrap_or_default(),
+        state: match j.state {
+            JobState::Running => proto::JobState::Running,
+            JobState::Completed => proto::JobState::Completed,
+            JobState::Failed => proto::JobState::Failed,
+        } as i32,
+        new_kek_id: u32::try_from(j.new_kek_id).unwrap_or_default(),
+        done: j.done,
+        total: j.total,
+        rate_per_second: p.rate_per_second,
+        eta: p.eta.and_then(|d| prost_types::Duration::try_from(d).ok()),
+        started_at: Some(timestamp(j.started_at)),
+        finished_at: j.finished_at.map(timestamp),
+        error: j.error.clone().unwrap_or_default(),
+        failed: j.failed,
+    }
+}
+
+fn job_id(id: u64) -> Result<Option<i64>, Status> {
+    match id {
+        0 => Ok(None),
+        n => i64::try_from(n).map(Some).map_err(|_| Status::invalid_argument(format!("job_id {n} is out of range"))),
+    }
 }
 
 #[tonic::async_trait]
@@ -96,7 +218,29 @@ impl AdminService for AdminApi {
         req: Request<proto::RotateCredentialRequest>,
     ) -> Result<Response<proto::RotateCredentialResponse>, Status> {
         authorize(&req, Capability::Rotate, &req.get_ref().name)?;
-        Err(not_yet("RotateCredential"))
+        let r = req.get_ref();
+        let grace = duration(r.grace_period, "grace_period")?;
+        let spec;
+        let source = match &r.source {
+            Some(proto::rotate_credential_request::Source::Value(v)) => NewValue::Given(v),
+            Some(proto::rotate_credential_request::Source::Password(p)) => {
+                spec = password_spec(p)?;
+                NewValue::Generate(spec)
+            }
+            Some(proto::rotate_credential_request::Source::RandomBytes(b)) => {
+                spec = bytes_spec(b)?;
+                NewValue::Generate(spec)
+            }
+            None => NewValue::FromPolicy,
+        };
+        let out = self.vault.rotate(&r.name, source, grace, r.expected_version).await?;
+        audit_version(&req, out.version);
+        Ok(Response::new(proto::RotateCredentialResponse {
+            name: out.name,
+            version: out.version,
+            previous_version: out.previous_version,
+            previous_expires_at: out.previous_expires_at.map(timestamp),
+        }))
     }
 
     async fn destroy_version(
@@ -104,7 +248,13 @@ impl AdminService for AdminApi {
         req: Request<proto::DestroyVersionRequest>,
     ) -> Result<Response<proto::DestroyVersionResponse>, Status> {
         authorize(&req, Capability::Delete, &req.get_ref().name)?;
-        Err(not_yet("DestroyVersion"))
+        let r = req.get_ref();
+        if r.version == 0 {
+            return Err(Status::invalid_argument("version must be given (versions start at 1)"));
+        }
+        self.vault.destroy_version(&r.name, r.version).await?;
+        audit_version(&req, r.version);
+        Ok(Response::new(proto::DestroyVersionResponse {}))
     }
 
     async fn undelete_credential(
@@ -112,12 +262,14 @@ impl AdminService for AdminApi {
         req: Request<proto::UndeleteCredentialRequest>,
     ) -> Result<Response<proto::CredentialMetadata>, Status> {
         authorize(&req, Capability::Delete, &req.get_ref().name)?;
-        Err(not_yet("UndeleteCredential"))
+        let d = self.vault.undelete(&req.get_ref().name).await?;
+        Ok(Response::new(metadata_message(&d.head, &d.versions)))
     }
 
     async fn rotate_kek(&self, req: Request<proto::RotateKekRequest>) -> Result<Response<proto::RotationJob>, Status> {
         authorize_everywhere(&req, Capability::Admin)?;
-        Err(not_yet("RotateKek"))
+        let job = self.vault.rotate_kek().await?;
+        Ok(Response::new(job_message(&job)))
     }
 
     async fn get_rotation_job(
@@ -125,7 +277,8 @@ impl AdminService for AdminApi {
         req: Request<proto::GetRotationJobRequest>,
     ) -> Result<Response<proto::RotationJob>, Status> {
         authorize_everywhere(&req, Capability::Admin)?;
-        Err(not_yet("GetRotationJob"))
+        let job = self.vault.rotation_job(job_id(req.get_ref().job_id)?).await?;
+        Ok(Response::new(job_message(&job)))
     }
 
     type WatchRotationJobStream = Pin<Box<dyn Stream<Item = Result<proto::RotationJob, Status>> + Send>>;
@@ -135,7 +288,41 @@ impl AdminService for AdminApi {
         req: Request<proto::GetRotationJobRequest>,
     ) -> Result<Response<Self::WatchRotationJobStream>, Status> {
         authorize_everywhere(&req, Capability::Admin)?;
-        Err(not_yet("WatchRotationJob"))
+        // Resolve "the newest job" once, so the stream follows one job to its end.
+        let first = self.vault.rotation_job(job_id(req.get_ref().job_id)?).await?;
+        let id = first.job.id;
+        let vault = self.vault.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut last = None;
+            let mut current = Ok(first);
+            loop {
+                let progress = match current {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::from(e))).await;
+                        return;
+                    }
+                };
+                let msg = job_message(&progress);
+                let running = progress.job.state == JobState::Running;
+                if last.as_ref() != Some(&(msg.done, msg.failed, msg.state)) {
+                    last = Some((msg.done, msg.failed, msg.state));
+                    if tx.send(Ok(msg)).await.is_err() {
+                        return; // The client went away.
+                    }
+                }
+                if !running {
+                    return;
+                }
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    _ = tokio::time::sleep(JOB_POLL) => {}
+                }
+                current = vault.rotation_job(Some(id)).await;
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 
     async fn rekey_master(
@@ -143,7 +330,56 @@ impl AdminService for AdminApi {
         req: Request<proto::RekeyMasterRequest>,
     ) -> Result<Response<proto::RekeyMasterResponse>, Status> {
         authorize_everywhere(&req, Capability::Admin)?;
-        Err(not_yet("RekeyMaster"))
+        let r = req.into_inner();
+        if r.old_passphrase.is_empty() || r.new_passphrase.is_empty() {
+            return Err(Status::invalid_argument("old_passphrase and new_passphrase are both required"));
+        }
+        let n = self
+            .vault
+            .rekey_master(SecretString::from(r.old_passphrase), SecretString::from(r.new_passphrase), self.kdf)
+            .await?;
+        Ok(Response::new(proto::RekeyMasterResponse { keks_rewrapped: u32::try_from(n).unwrap_or(u32::MAX) }))
+    }
+
+    async fn set_rotation_policy(
+        &self,
+        req: Request<proto::SetRotationPolicyRequest>,
+    ) -> Result<Response<proto::RotationPolicy>, Status> {
+        let p = req.get_ref().policy.clone().ok_or_else(|| Status::invalid_argument("policy is required"))?;
+        authorize(&req, Capability::Rotate, &p.name)?;
+        let generator = match &p.generator {
+            Some(proto::rotation_policy::Generator::Password(s)) => password_spec(s)?,
+            Some(proto::rotation_policy::Generator::RandomBytes(b)) => bytes_spec(b)?,
+            None => return Err(Status::invalid_argument("policy.generator (password or random_bytes) is required")),
+        };
+        let spec = PolicySpec {
+            kind: policy_kind(p.kind)?,
+            interval: duration(p.interval, "interval")?,
+            validity: duration(p.validity, "validity")?,
+            at: p.at.as_ref().map(from_timestamp).transpose()?,
+            generator,
+            grace: duration(p.grace_period, "grace_period")?,
+        };
+        let row = self.vault.set_rotation_policy(&p.name, &spec).await?;
+        Ok(Response::new(policy_message(&row)))
+    }
+
+    async fn get_rotation_policy(
+        &self,
+        req: Request<proto::GetRotationPolicyRequest>,
+    ) -> Result<Response<proto::RotationPolicy>, Status> {
+        authorize(&req, Capability::Rotate, &req.get_ref().name)?;
+        let row = self.vault.rotation_policy(&req.get_ref().name).await?;
+        Ok(Response::new(policy_message(&row)))
+    }
+
+    async fn delete_rotation_policy(
+        &self,
+        req: Request<proto::DeleteRotationPolicyRequest>,
+    ) -> Result<Response<proto::DeleteRotationPolicyResponse>, Status> {
+        authorize(&req, Capability::Rotate, &req.get_ref().name)?;
+        self.vault.delete_rotation_policy(&req.get_ref().name).await?;
+        Ok(Response::new(proto::DeleteRotationPolicyResponse {}))
     }
 
     async fn create_token(

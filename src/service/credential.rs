@@ -7,9 +7,25 @@ use tonic::{Request, Response, Status};
 
 use super::{audit_version, authorize, caller, denied, from_timestamp, timestamp, version_state};
 use crate::auth::Capability;
+use crate::metrics::names;
 use crate::proto::{self, credential_service_server::CredentialService};
+use crate::store::ChangeKind;
 use crate::store::{CredentialRow, Metadata};
-use crate::vault::{CredentialDetails, CredentialValue, Vault};
+use crate::vault::{CredentialDetails, CredentialValue, Vault, WatchEvent};
+
+/// Messages queued per watch stream between the event loop and the transport; the
+/// broadcast buffer behind it (`rotation.watch_buffer`) is what a slow client exhausts.
+const WATCH_SEND_BUFFER: usize = 16;
+
+fn event_kind(k: ChangeKind) -> proto::EventKind {
+    match k {
+        ChangeKind::Put => proto::EventKind::Put,
+        ChangeKind::Rotate => proto::EventKind::Rotate,
+        ChangeKind::Delete => proto::EventKind::Delete,
+        ChangeKind::Undelete => proto::EventKind::Undelete,
+        ChangeKind::DestroyVersion => proto::EventKind::DestroyVersion,
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct CredentialApi {
@@ -200,7 +216,56 @@ impl CredentialService for CredentialApi {
         &self,
         req: Request<proto::WatchCredentialsRequest>,
     ) -> Result<Response<Self::WatchCredentialsStream>, Status> {
-        authorize(&req, Capability::Read, &req.get_ref().prefix)?;
-        Err(Status::unimplemented("WatchCredentials is not implemented in this release"))
+        let caller = caller(&req)?;
+        let prefix = req.into_inner().prefix;
+        self.vault.check_prefix(&prefix)?;
+        // Subscribe before answering, so nothing that happens after the call returns is missed.
+        let mut events = self.vault.subscribe();
+        let (tx, rx) = tokio::sync::mpsc::channel(WATCH_SEND_BUFFER);
+        let watchers = metrics::gauge!(names::WATCHERS);
+        watchers.increment(1.0);
+        tokio::spawn(async move {
+            loop {
+                let event = tokio::select! {
+                    _ = tx.closed() => break, // The client went away.
+                    e = events.recv() => e,
+                };
+                let msg = match event {
+                    Ok(WatchEvent::Change(e)) => {
+                        // Only names under the prefix that the caller may read.
+                        if !e.name.starts_with(&prefix) || !caller.policy.allows(Capability::Read, &e.name) {
+                            continue;
+                        }
+                        proto::CredentialEvent {
+                            kind: event_kind(e.kind) as i32,
+                            name: e.name,
+                            version: e.version,
+                            at: Some(timestamp(e.at)),
+                        }
+                    }
+                    Ok(WatchEvent::Resync) => proto::CredentialEvent {
+                        kind: proto::EventKind::Resync as i32,
+                        at: Some(timestamp(crate::store::now_micros())),
+                        ..Default::default()
+                    },
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        metrics::counter!(names::WATCH_DROPPED).increment(1);
+                        let _ = tx
+                            .send(Err(Status::resource_exhausted(format!(
+                                "watcher fell {n} events behind and was dropped; re-read the credentials \
+                                 under the prefix and watch again"
+                            ))))
+                            .await;
+                        break;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                };
+                if tx.send(Ok(msg)).await.is_err() {
+                    break;
+                }
+            }
+            watchers.decrement(1.0);
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 }

@@ -25,13 +25,17 @@ impl From<VaultError> for Status {
         match e {
             VaultError::InvalidArgument(_) => Status::invalid_argument(msg),
             VaultError::NotFound(_) => Status::not_found(msg),
-            VaultError::Conflict { .. } => Status::aborted(msg),
+            VaultError::Conflict { .. } | VaultError::Aborted(_) => Status::aborted(msg),
             VaultError::AlreadyExists { .. } => Status::already_exists(msg),
             VaultError::FailedPrecondition(_) => Status::failed_precondition(msg),
             VaultError::DataLoss { .. } => Status::data_loss(msg),
             VaultError::Unavailable(source) => {
                 tracing::warn!(error = %source, "storage unavailable");
                 Status::unavailable("storage is unavailable; retry later")
+            }
+            VaultError::UnknownKek(id) => {
+                tracing::error!(kek_id = id, "a stored data key refers to a KEK that no keyring row holds");
+                Status::data_loss("stored data refers to an unknown key-encryption key")
             }
             VaultError::Internal(detail) => {
                 tracing::error!(%detail, "internal error");

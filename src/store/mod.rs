@@ -46,6 +46,13 @@ pub enum StoreError {
     Corrupt(String),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A write was sealed under a KEK that is no longer the active one (another daemon
+    /// rotated the KEK): reload the keys and seal again.
+    #[error("KEK {0} is no longer active")]
+    StaleKek(i64),
+    /// A KEK rotation job is already running.
+    #[error("rotation job {0} is still running")]
+    JobRunning(i64),
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -175,6 +182,20 @@ pub struct NewVersion<'a> {
     /// When the version this write supersedes stops being readable (a rotation's grace
     /// period); `None` keeps it readable until pruned.
     pub previous_expires_at: Option<Micros>,
+    /// What the change feed reports the write as.
+    pub kind: ChangeKind,
+    /// A rotation moves the credential's rotation policy on in the same transaction.
+    pub policy: Option<PolicyAdvance>,
+}
+
+/// How a rotation updates the credential's rotation policy row (if it has one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PolicyAdvance {
+    /// A scheduled rotation claims its slot: the write commits only if the policy's
+    /// `next_run_at` still equals this, so of several daemons exactly one rotates per slot.
+    pub claim: Option<Micros>,
+    /// The next slot (`None`: nothing more is due).
+    pub next_run_at: Option<Micros>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -263,6 +284,134 @@ pub struct AuditRow {
     pub peer: String,
 }
 
+/// When a credential's rotation policy makes the scheduler rotate it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyKind {
+    /// Never by itself: `RotateCredential` without a value uses the policy's generator.
+    Manual,
+    /// Every `interval`.
+    Periodic,
+    /// `interval` before the credential's `expires_at`; each rotation renews the expiry.
+    BeforeExpiry,
+    /// Once, at a time.
+    Scheduled,
+}
+
+impl PolicyKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyKind::Manual => "manual",
+            PolicyKind::Periodic => "periodic",
+            PolicyKind::BeforeExpiry => "before_expiry",
+            PolicyKind::Scheduled => "scheduled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self, StoreError> {
+        Ok(match s {
+            "manual" => PolicyKind::Manual,
+            "periodic" => PolicyKind::Periodic,
+            "before_expiry" => PolicyKind::BeforeExpiry,
+            "scheduled" => PolicyKind::Scheduled,
+            other => return Err(StoreError::Corrupt(format!("unknown rotation policy kind {other:?}"))),
+        })
+    }
+}
+
+/// A row of `rotation_policies`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RotationPolicyRow {
+    pub name: String,
+    pub kind: PolicyKind,
+    pub interval_us: Option<i64>,
+    pub validity_us: Option<i64>,
+    pub at: Option<Micros>,
+    /// The generator spec as JSON.
+    pub generator: String,
+    pub grace_us: i64,
+    pub next_run_at: Option<Micros>,
+    pub rotations: u64,
+    pub last_rotated_at: Option<Micros>,
+    pub last_error: Option<String>,
+    pub updated_at: Micros,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobState {
+    Running,
+    Completed,
+    Failed,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Running => "running",
+            JobState::Completed => "completed",
+            JobState::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self, StoreError> {
+        Ok(match s {
+            "running" => JobState::Running,
+            "completed" => JobState::Completed,
+            "failed" => JobState::Failed,
+            other => return Err(StoreError::Corrupt(format!("unknown job state {other:?}"))),
+        })
+    }
+}
+
+/// A row of `rotation_jobs`: a KEK re-wrap and how far it got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobRow {
+    pub id: i64,
+    pub state: JobState,
+    pub new_kek_id: i64,
+    pub total: u64,
+    pub done: u64,
+    pub failed: u64,
+    /// The last (name, version) handled.
+    pub cursor: Option<(String, u64)>,
+    pub started_at: Micros,
+    pub updated_at: Micros,
+    pub finished_at: Option<Micros>,
+    pub error: Option<String>,
+    pub lease_owner: Option<String>,
+    pub lease_until: Option<Micros>,
+}
+
+/// A version whose DEK is wrapped by an older KEK (empty `wrapped_dek`: destroyed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RewrapRow {
+    pub name: String,
+    pub version: u64,
+    pub kek_id: i64,
+    pub wrapped_dek: Vec<u8>,
+}
+
+/// A re-wrapped DEK, applied only if the row still holds `old` (so it never races a
+/// concurrent destroy, prune or another re-wrap).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rewrapped {
+    pub old: RewrapRow,
+    pub wrapped_dek: Vec<u8>,
+}
+
+/// One committed batch of a re-wrap job.
+#[derive(Debug, Clone)]
+pub struct RewrapBatch<'a> {
+    pub job_id: i64,
+    pub owner: &'a str,
+    pub new_kek_id: i64,
+    pub rows: &'a [Rewrapped],
+    /// The last row the batch looked at (re-wrapped or not).
+    pub cursor: (&'a str, u64),
+    pub failed: u64,
+    pub now: Micros,
+    pub lease_until: Micros,
+}
+
 /// A page of `ListCredentials`.
 #[derive(Debug, Clone)]
 pub struct ListQuery<'a> {
@@ -327,6 +476,75 @@ pub trait Store: Send + Sync + 'static {
     /// Clears `deleted_at`. `false`: no deleted credential by that name.
     async fn undelete_credential(&self, name: &str, now: Micros) -> Result<bool, StoreError>;
 
+    /// Creates or replaces the rotation policy of a live credential. `false`: no live
+    /// credential by that name.
+    async fn put_rotation_policy(&self, policy: &RotationPolicyRow) -> Result<bool, StoreError>;
+
+    async fn get_rotation_policy(&self, name: &str) -> Result<Option<RotationPolicyRow>, StoreError>;
+
+    /// `false`: there was none.
+    async fn delete_rotation_policy(&self, name: &str) -> Result<bool, StoreError>;
+
+    /// Policies of live credentials whose `next_run_at` is at or before `now`, oldest first.
+    async fn due_rotations(&self, now: Micros, limit: u32) -> Result<Vec<RotationPolicyRow>, StoreError>;
+
+    /// Records a failed scheduled rotation and when to try again, if the slot is still
+    /// `claim` (another daemon may have rotated meanwhile).
+    async fn defer_rotation(
+        &self,
+        name: &str,
+        claim: Micros,
+        retry_at: Micros,
+        error: &str,
+    ) -> Result<bool, StoreError>;
+
+    /// Marks `previous` versions whose grace period has ended `deprecated`; returns how many.
+    async fn deprecate_expired(&self, now: Micros) -> Result<u64, StoreError>;
+
+    /// In one transaction: the active KEK becomes `retiring`, `kek` becomes active, and a
+    /// re-wrap job is created. [`StoreError::JobRunning`] if one already runs;
+    /// [`StoreError::Conflict`] if another daemon took the KEK id first.
+    async fn start_kek_rotation(&self, kek: &KekRow, now: Micros) -> Result<JobRow, StoreError>;
+
+    /// A job by id, or the newest one.
+    async fn get_job(&self, id: Option<i64>) -> Result<Option<JobRow>, StoreError>;
+
+    /// Takes (or renews) the lease on a running job. `false`: another daemon holds a
+    /// live lease, or the job is not running.
+    async fn claim_job(&self, id: i64, owner: &str, now: Micros, lease_until: Micros) -> Result<bool, StoreError>;
+
+    /// Versions after `after` (in name, version order) whose KEK is not `active`.
+    async fn rewrap_candidates(
+        &self,
+        active: i64,
+        after: Option<(&str, u64)>,
+        limit: u32,
+    ) -> Result<Vec<RewrapRow>, StoreError>;
+
+    /// Applies a batch and advances the job's cursor and counters in one transaction,
+    /// if `owner` still holds the lease. `false`: the lease was lost; nothing changed.
+    async fn commit_rewrap(&self, batch: &RewrapBatch<'_>) -> Result<bool, StoreError>;
+
+    /// Ends a job held by `owner`: KEKs that no version references any more are retired,
+    /// in the same transaction. Returns the finished job (`None`: lease lost).
+    async fn finish_job(
+        &self,
+        id: i64,
+        owner: &str,
+        now: Micros,
+        error: Option<&str>,
+    ) -> Result<Option<JobRow>, StoreError>;
+
+    /// Replaces the keyring's KDF salt, parameters and verifier and every KEK's wrapping,
+    /// atomically, if the stored verifier is still `old_verifier` and the KEKs are exactly
+    /// those given. `false`: something changed meanwhile; nothing was written.
+    async fn rekey(
+        &self,
+        keyring: &KeyringRow,
+        old_verifier: &[u8],
+        keks: &[(i64, Vec<u8>)],
+    ) -> Result<bool, StoreError>;
+
     /// Appends audit events in one transaction.
     async fn insert_audit(&self, events: &[AuditRow]) -> Result<(), StoreError>;
 
@@ -348,19 +566,80 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn change_messages_round_trip() {
+        let e = ChangeEvent { name: "a/b\tc".into(), kind: ChangeKind::Rotate, version: 7, at: 42 };
+        assert_eq!(decode_change(&encode_change(&e)), Some(Change::Credential(e)));
+        assert_eq!(decode_change(&encode_table_change(TOKENS_CHANGED)), Some(Change::Tokens));
+        assert_eq!(decode_change(&encode_table_change(KEYS_CHANGED)), Some(Change::Keys));
+        assert_eq!(decode_change("bogus\t1\t2\tname"), None);
+        assert_eq!(decode_change("put\tx\t2\tname"), None);
+        assert_eq!(decode_change("put"), None);
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PoolStats {
     pub size: u32,
     pub idle: usize,
 }
 
+/// What happened to a credential, as the change feed and `WatchCredentials` report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    Put,
+    Rotate,
+    Delete,
+    Undelete,
+    DestroyVersion,
+}
+
+impl ChangeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeKind::Put => "put",
+            ChangeKind::Rotate => "rotate",
+            ChangeKind::Delete => "delete",
+            ChangeKind::Undelete => "undelete",
+            ChangeKind::DestroyVersion => "destroy",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "put" => ChangeKind::Put,
+            "rotate" => ChangeKind::Rotate,
+            "delete" => ChangeKind::Delete,
+            "undelete" => ChangeKind::Undelete,
+            "destroy" => ChangeKind::DestroyVersion,
+            _ => return None,
+        })
+    }
+}
+
+/// One change to one credential.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeEvent {
+    pub name: String,
+    pub kind: ChangeKind,
+    /// The version written, deleted at, or destroyed.
+    pub version: u64,
+    pub at: Micros,
+}
+
 /// What the change feed reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    /// Another daemon wrote or deleted this credential.
-    Credential(String),
+    /// Another daemon changed this credential.
+    Credential(ChangeEvent),
     /// Another daemon created or revoked a token.
     Tokens,
+    /// Another daemon changed the KEKs or the master key's wrapping of them.
+    Keys,
     /// Notifications may have been missed (the feed's connection dropped and was
     /// re-established): everything cached may be stale.
     Resync,
@@ -369,5 +648,36 @@ pub enum Change {
 /// Stands for "the token table changed" on the change feed; no credential name can
 /// contain `#`.
 pub const TOKENS_CHANGED: &str = "#tokens";
+/// Stands for "the KEK table changed".
+pub const KEYS_CHANGED: &str = "#keys";
+
+/// The change feed's message for a credential change: `kind TAB version TAB at TAB name`.
+pub(crate) fn encode_change(e: &ChangeEvent) -> String {
+    format!("{}\t{}\t{}\t{}", e.kind.as_str(), e.version, e.at, e.name)
+}
+
+/// The change feed's message for a change to a whole table ([`TOKENS_CHANGED`], [`KEYS_CHANGED`]).
+pub(crate) fn encode_table_change(table: &str) -> String {
+    format!("table\t0\t0\t{table}")
+}
+
+/// Reads a message made by [`encode_change`] or [`encode_table_change`].
+pub(crate) fn decode_change(payload: &str) -> Option<Change> {
+    let mut parts = payload.splitn(4, '\t');
+    let (kind, version, at, name) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    if kind == "table" {
+        return match name {
+            TOKENS_CHANGED => Some(Change::Tokens),
+            KEYS_CHANGED => Some(Change::Keys),
+            _ => None,
+        };
+    }
+    Some(Change::Credential(ChangeEvent {
+        name: name.to_owned(),
+        kind: ChangeKind::parse(kind)?,
+        version: version.parse().ok()?,
+        at: at.parse().ok()?,
+    }))
+}
 
 pub type ChangeSink = std::sync::Arc<dyn Fn(Change) + Send + Sync>;

@@ -9,13 +9,14 @@ use tokio::sync::watch;
 
 use super::sql::{self, impl_sql_store};
 use super::{
-    Backend, Change, ChangeSink, CredentialRow, KekRow, KeyringRow, ListQuery, Micros, NewVersion, StoreError,
-    TokenRow, VersionInfo, VersionRow, WriteBase,
+    Backend, Change, ChangeSink, CredentialRow, KekRow, KeyringRow, ListQuery, Micros, NewVersion, Rewrapped,
+    StoreError, TokenRow, VersionInfo, VersionRow, WriteBase,
 };
 
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "init", include_str!("../../migrations/postgres/0001_init.sql")),
     (2, "audit", include_str!("../../migrations/postgres/0002_audit.sql")),
+    (3, "rotation", include_str!("../../migrations/postgres/0003_rotation.sql")),
 ];
 
 /// The NOTIFY channel every write announces itself on.
@@ -41,6 +42,10 @@ impl fmt::Debug for PgStore {
 }
 
 impl PgStore {
+    /// Reads the state of the KEK a write sealed under (see `put_version`).
+    const ACTIVE_KEK_CHECK: &'static str = "SELECT state FROM keks WHERE id = $1 FOR SHARE";
+    /// Takes the active KEK's row for a KEK rotation (and the write lock, on SQLite).
+    const LOCK_ACTIVE_KEK: &'static str = "SELECT id FROM keks WHERE state = 'active' FOR UPDATE";
     const BACKEND: Backend = Backend::Postgres;
 
     /// Connects and applies migrations (under sqlx's advisory lock, so daemons starting
@@ -73,10 +78,38 @@ impl PgStore {
 
 impl PgStore {
     /// Runs inside each write transaction; PostgreSQL delivers it on commit only.
-    async fn notify_change(&self, tx: &mut Transaction<'_, Postgres>, name: &str) -> Result<(), StoreError> {
+    /// One statement for the whole batch; each row changes only if it still holds the
+    /// DEK the batch read.
+    async fn apply_rewrap(tx: &mut Tx<'_>, new_kek: i64, rows: &[Rewrapped]) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<&str> = rows.iter().map(|r| r.old.name.as_str()).collect();
+        let versions: Vec<i64> = rows.iter().map(|r| sql::to_db(r.old.version)).collect();
+        let old_keks: Vec<i64> = rows.iter().map(|r| r.old.kek_id).collect();
+        let old_wrapped: Vec<&[u8]> = rows.iter().map(|r| r.old.wrapped_dek.as_slice()).collect();
+        let wrapped: Vec<&[u8]> = rows.iter().map(|r| r.wrapped_dek.as_slice()).collect();
+        sqlx::query(
+            "UPDATE credential_versions AS v SET kek_id = $1, wrapped_dek = u.w \
+             FROM UNNEST($2::text[], $3::bigint[], $4::bigint[], $5::bytea[], $6::bytea[]) \
+             AS u(name, version, old_kek, old_w, w) \
+             WHERE v.name = u.name AND v.version = u.version AND v.kek_id = u.old_kek AND v.wrapped_dek = u.old_w",
+        )
+        .bind(new_kek)
+        .bind(names)
+        .bind(versions)
+        .bind(old_keks)
+        .bind(old_wrapped)
+        .bind(wrapped)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn notify_change(&self, tx: &mut Transaction<'_, Postgres>, message: &str) -> Result<(), StoreError> {
         sqlx::query("SELECT pg_notify($1, $2)")
             .bind(CHANNEL)
-            .bind(format!("{}\t{name}", self.instance))
+            .bind(format!("{}\t{message}", self.instance))
             .execute(&mut **tx)
             .await?;
         Ok(())
@@ -116,14 +149,13 @@ impl PgStore {
                     _ = shutdown.changed() => return Ok(()),
                     n = listener.try_recv() => match n {
                         Ok(Some(n)) => {
-                            if let Some((from, name)) = n.payload().split_once('\t') {
-                                if from != self.instance {
-                                    sink(if name == super::TOKENS_CHANGED {
-                                        Change::Tokens
-                                    } else {
-                                        Change::Credential(name.to_owned())
-                                    });
-                                }
+                            match n.payload().split_once('\t') {
+                                Some((from, _)) if from == self.instance => {}
+                                Some((_, message)) => match super::decode_change(message) {
+                                    Some(change) => sink(change),
+                                    None => tracing::warn!("ignoring a malformed change notification"),
+                                },
+                                None => tracing::warn!("ignoring a malformed change notification"),
                             }
                         }
                         Ok(None) | Err(_) => {
@@ -138,5 +170,7 @@ impl PgStore {
         Ok(())
     }
 }
+
+type Tx<'a> = Transaction<'a, Postgres>;
 
 impl_sql_store!(PgStore);

@@ -5,8 +5,8 @@
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
 use super::{
-    AuditRow, CredentialRow, KekRow, KekState, KeyringRow, MasterKeySource, Metadata, StoreError, TokenRow,
-    VersionInfo, VersionRow, VersionState,
+    AuditRow, CredentialRow, JobRow, JobState, KekRow, KekState, KeyringRow, MasterKeySource, Metadata, PolicyKind,
+    RewrapRow, RotationPolicyRow, StoreError, TokenRow, VersionInfo, VersionRow, VersionState,
 };
 use crate::crypto::{KdfParams, Sealed};
 
@@ -152,6 +152,58 @@ decoders! {
         })
     }
 
+    pub(super) fn policy(row) -> RotationPolicyRow {
+        let kind: String = get(row, "kind")?;
+        Ok(RotationPolicyRow {
+            name: get(row, "name")?,
+            kind: PolicyKind::parse(&kind)?,
+            interval_us: get(row, "interval_us")?,
+            validity_us: get(row, "validity_us")?,
+            at: get(row, "at_us")?,
+            generator: get(row, "generator")?,
+            grace_us: get(row, "grace_us")?,
+            next_run_at: get(row, "next_run_at")?,
+            rotations: from_db(get(row, "rotations")?, "rotations")?,
+            last_rotated_at: get(row, "last_rotated_at")?,
+            last_error: get(row, "last_error")?,
+            updated_at: get(row, "updated_at")?,
+        })
+    }
+
+    pub(super) fn job(row) -> JobRow {
+        let state: String = get(row, "state")?;
+        let cursor_name: Option<String> = get(row, "cursor_name")?;
+        let cursor_version: Option<i64> = get(row, "cursor_version")?;
+        let cursor = match (cursor_name, cursor_version) {
+            (Some(n), Some(v)) => Some((n, from_db(v, "cursor_version")?)),
+            _ => None,
+        };
+        Ok(JobRow {
+            id: get(row, "id")?,
+            state: JobState::parse(&state)?,
+            new_kek_id: get(row, "new_kek_id")?,
+            total: from_db(get(row, "total")?, "total")?,
+            done: from_db(get(row, "done")?, "done")?,
+            failed: from_db(get(row, "failed")?, "failed")?,
+            cursor,
+            started_at: get(row, "started_at")?,
+            updated_at: get(row, "updated_at")?,
+            finished_at: get(row, "finished_at")?,
+            error: get(row, "error")?,
+            lease_owner: get(row, "lease_owner")?,
+            lease_until: get(row, "lease_until")?,
+        })
+    }
+
+    pub(super) fn rewrap(row) -> RewrapRow {
+        Ok(RewrapRow {
+            name: get(row, "name")?,
+            version: from_db(get(row, "version")?, "version")?,
+            kek_id: get(row, "kek_id")?,
+            wrapped_dek: get(row, "wrapped_dek")?,
+        })
+    }
+
     pub(super) fn token(row) -> TokenRow {
         Ok(TokenRow {
             token_hash: get(row, "token_hash")?,
@@ -170,6 +222,20 @@ decoders! {
 /// write transaction; and `watch()`, the cross-daemon change feed.
 macro_rules! impl_sql_store {
     ($store:ty) => {
+        impl $store {
+            async fn notify_credential(
+                &self,
+                tx: &mut Tx<'_>,
+                name: &str,
+                kind: $crate::store::ChangeKind,
+                version: u64,
+                at: Micros,
+            ) -> Result<(), StoreError> {
+                let event = $crate::store::ChangeEvent { name: name.to_owned(), kind, version, at };
+                self.notify_change(tx, &$crate::store::encode_change(&event)).await
+            }
+        }
+
         #[async_trait::async_trait]
         impl $crate::store::Store for $store {
             fn backend(&self) -> $crate::store::Backend {
@@ -339,6 +405,17 @@ macro_rules! impl_sql_store {
                     return Err(StoreError::Conflict);
                 };
                 let head = sql::credential(&head)?;
+                // The DEK must be wrapped by the active KEK. On PostgreSQL the KEK's row is
+                // read FOR SHARE, so a KEK rotation waits for this write and every write after
+                // it sees the new KEK: no DEK is ever left behind under a retiring KEK.
+                let kek_state: Option<String> = sqlx::query_scalar(Self::ACTIVE_KEK_CHECK)
+                    .bind(new.sealed.kek_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if kek_state.as_deref() != Some("active") {
+                    tx.rollback().await?;
+                    return Err(StoreError::StaleKek(new.sealed.kek_id));
+                }
                 sqlx::query(
                     "UPDATE credential_versions SET state = 'previous', expires_at = $2 \
                      WHERE name = $1 AND state = 'current'",
@@ -366,7 +443,32 @@ macro_rules! impl_sql_store {
                         .execute(&mut *tx)
                         .await?;
                 }
-                self.notify_change(&mut tx, new.name).await?;
+                if let Some(p) = new.policy {
+                    let n = sqlx::query(
+                        "UPDATE rotation_policies SET next_run_at = $2, rotations = rotations + 1, \
+                         last_rotated_at = $3, last_error = NULL, updated_at = $3 \
+                         WHERE name = $1 AND (CAST($4 AS BIGINT) IS NULL OR next_run_at = $4)",
+                    )
+                    .bind(new.name)
+                    .bind(p.next_run_at)
+                    .bind(new.now)
+                    .bind(p.claim)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                    if n == 0 && p.claim.is_some() {
+                        // Another daemon rotated in this slot first.
+                        tx.rollback().await?;
+                        return Err(StoreError::Conflict);
+                    }
+                }
+                let event = $crate::store::ChangeEvent {
+                    name: new.name.to_owned(),
+                    kind: new.kind,
+                    version,
+                    at: new.now,
+                };
+                self.notify_change(&mut tx, &$crate::store::encode_change(&event)).await?;
                 tx.commit().await?;
                 Ok(head)
             }
@@ -378,21 +480,21 @@ macro_rules! impl_sql_store {
                 now: Micros,
             ) -> Result<bool, StoreError> {
                 let mut tx = self.pool.begin().await?;
-                let n = sqlx::query(
+                let at: Option<i64> = sqlx::query_scalar(
                     "UPDATE credentials SET deleted_at = $2, updated_at = $2 WHERE name = $1 AND deleted_at IS NULL \
-                     AND (CAST($3 AS BIGINT) IS NULL OR current_version = $3)",
+                     AND (CAST($3 AS BIGINT) IS NULL OR current_version = $3) RETURNING current_version",
                 )
                 .bind(name)
                 .bind(now)
                 .bind(expected.map(sql::to_db))
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-                if n > 0 {
-                    self.notify_change(&mut tx, name).await?;
+                .fetch_optional(&mut *tx)
+                .await?;
+                if let Some(v) = at {
+                    let kind = $crate::store::ChangeKind::Delete;
+                    self.notify_credential(&mut tx, name, kind, sql::from_db(v, "version")?, now).await?;
                 }
                 tx.commit().await?;
-                Ok(n > 0)
+                Ok(at.is_some())
             }
 
             async fn list_credentials(&self, q: &ListQuery<'_>) -> Result<Vec<CredentialRow>, StoreError> {
@@ -434,7 +536,7 @@ macro_rules! impl_sql_store {
                 .bind(t.revoked_at)
                 .execute(&mut *tx)
                 .await?;
-                self.notify_change(&mut tx, $crate::store::TOKENS_CHANGED).await?;
+                self.notify_change(&mut tx, &$crate::store::encode_table_change($crate::store::TOKENS_CHANGED)).await?;
                 tx.commit().await?;
                 Ok(())
             }
@@ -452,7 +554,8 @@ macro_rules! impl_sql_store {
                 .await?
                 .rows_affected();
                 if n > 0 {
-                    self.notify_change(&mut tx, name).await?;
+                    let kind = $crate::store::ChangeKind::DestroyVersion;
+                    self.notify_credential(&mut tx, name, kind, version, $crate::store::now_micros()).await?;
                     tx.commit().await?;
                     return Ok(Some(true));
                 }
@@ -468,19 +571,325 @@ macro_rules! impl_sql_store {
 
             async fn undelete_credential(&self, name: &str, now: Micros) -> Result<bool, StoreError> {
                 let mut tx = self.pool.begin().await?;
-                let n = sqlx::query(
-                    "UPDATE credentials SET deleted_at = NULL, updated_at = $2 WHERE name = $1 AND deleted_at IS NOT NULL",
+                let at: Option<i64> = sqlx::query_scalar(
+                    "UPDATE credentials SET deleted_at = NULL, updated_at = $2 WHERE name = $1 \
+                     AND deleted_at IS NOT NULL RETURNING current_version",
                 )
                 .bind(name)
                 .bind(now)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if let Some(v) = at {
+                    let kind = $crate::store::ChangeKind::Undelete;
+                    self.notify_credential(&mut tx, name, kind, sql::from_db(v, "version")?, now).await?;
+                }
+                tx.commit().await?;
+                Ok(at.is_some())
+            }
+
+            async fn put_rotation_policy(&self, p: &$crate::store::RotationPolicyRow) -> Result<bool, StoreError> {
+                let n = sqlx::query(
+                    "INSERT INTO rotation_policies (name, kind, interval_us, validity_us, at_us, generator, grace_us, \
+                     next_run_at, rotations, updated_at) \
+                     SELECT $1, $2, $3, $4, $5, $6, $7, $8, 0, $9 \
+                     WHERE EXISTS (SELECT 1 FROM credentials WHERE name = $1 AND deleted_at IS NULL) \
+                     ON CONFLICT (name) DO UPDATE SET kind = excluded.kind, interval_us = excluded.interval_us, \
+                     validity_us = excluded.validity_us, at_us = excluded.at_us, generator = excluded.generator, \
+                     grace_us = excluded.grace_us, next_run_at = excluded.next_run_at, last_error = NULL, \
+                     updated_at = excluded.updated_at",
+                )
+                .bind(&p.name)
+                .bind(p.kind.as_str())
+                .bind(p.interval_us)
+                .bind(p.validity_us)
+                .bind(p.at)
+                .bind(&p.generator)
+                .bind(p.grace_us)
+                .bind(p.next_run_at)
+                .bind(p.updated_at)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+                Ok(n > 0)
+            }
+
+            async fn get_rotation_policy(
+                &self,
+                name: &str,
+            ) -> Result<Option<$crate::store::RotationPolicyRow>, StoreError> {
+                let row = sqlx::query("SELECT * FROM rotation_policies WHERE name = $1")
+                    .bind(name)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                row.as_ref().map(sql::policy).transpose()
+            }
+
+            async fn delete_rotation_policy(&self, name: &str) -> Result<bool, StoreError> {
+                let n = sqlx::query("DELETE FROM rotation_policies WHERE name = $1")
+                    .bind(name)
+                    .execute(&self.pool)
+                    .await?
+                    .rows_affected();
+                Ok(n > 0)
+            }
+
+            async fn due_rotations(
+                &self,
+                now: Micros,
+                limit: u32,
+            ) -> Result<Vec<$crate::store::RotationPolicyRow>, StoreError> {
+                let rows = sqlx::query(
+                    "SELECT p.* FROM rotation_policies p JOIN credentials c ON c.name = p.name \
+                     WHERE p.next_run_at IS NOT NULL AND p.next_run_at <= $1 AND c.deleted_at IS NULL \
+                     ORDER BY p.next_run_at LIMIT $2",
+                )
+                .bind(now)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter().map(sql::policy).collect()
+            }
+
+            async fn defer_rotation(
+                &self,
+                name: &str,
+                claim: Micros,
+                retry_at: Micros,
+                error: &str,
+            ) -> Result<bool, StoreError> {
+                let n = sqlx::query(
+                    "UPDATE rotation_policies SET next_run_at = $3, last_error = $4 \
+                     WHERE name = $1 AND next_run_at = $2",
+                )
+                .bind(name)
+                .bind(claim)
+                .bind(retry_at)
+                .bind(error)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+                Ok(n > 0)
+            }
+
+            async fn deprecate_expired(&self, now: Micros) -> Result<u64, StoreError> {
+                let n = sqlx::query(
+                    "UPDATE credential_versions SET state = 'deprecated' \
+                     WHERE state = 'previous' AND expires_at IS NOT NULL AND expires_at <= $1",
+                )
+                .bind(now)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+                Ok(n)
+            }
+
+            async fn start_kek_rotation(&self, kek: &KekRow, now: Micros) -> Result<$crate::store::JobRow, StoreError> {
+                let mut tx = self.pool.begin().await?;
+                // Taking the active KEK's row first serializes concurrent rotations (and, on
+                // PostgreSQL, waits for writes that hold it FOR SHARE).
+                let active: Option<i64> =
+                    sqlx::query_scalar(Self::LOCK_ACTIVE_KEK).fetch_optional(&mut *tx).await?;
+                let running: Option<i64> =
+                    sqlx::query_scalar("SELECT id FROM rotation_jobs WHERE state = 'running'")
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                if let Some(id) = running {
+                    tx.rollback().await?;
+                    return Err(StoreError::JobRunning(id));
+                }
+                let taken: Option<i64> = sqlx::query_scalar("SELECT id FROM keks WHERE id >= $1")
+                    .bind(kek.id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if taken.is_some() || active.is_none() {
+                    tx.rollback().await?;
+                    return Err(StoreError::Conflict);
+                }
+                sqlx::query("UPDATE keks SET state = 'retiring' WHERE state = 'active'").execute(&mut *tx).await?;
+                sqlx::query("INSERT INTO keks (id, wrapped_key, state, created_at) VALUES ($1, $2, 'active', $3)")
+                    .bind(kek.id)
+                    .bind(&kek.wrapped_key)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM credential_versions WHERE kek_id <> $1")
+                    .bind(kek.id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                let row = sqlx::query(
+                    "INSERT INTO rotation_jobs (kind, state, new_kek_id, total, started_at, updated_at) \
+                     VALUES ('kek', 'running', $1, $2, $3, $3) RETURNING *",
+                )
+                .bind(kek.id)
+                .bind(total)
+                .bind(now)
+                .fetch_one(&mut *tx)
+                .await?;
+                let job = sql::job(&row)?;
+                self.notify_change(&mut tx, &$crate::store::encode_table_change($crate::store::KEYS_CHANGED)).await?;
+                tx.commit().await?;
+                Ok(job)
+            }
+
+            async fn get_job(&self, id: Option<i64>) -> Result<Option<$crate::store::JobRow>, StoreError> {
+                let row = match id {
+                    Some(id) => sqlx::query("SELECT * FROM rotation_jobs WHERE id = $1").bind(id),
+                    None => sqlx::query("SELECT * FROM rotation_jobs ORDER BY id DESC LIMIT 1"),
+                }
+                .fetch_optional(&self.pool)
+                .await?;
+                row.as_ref().map(sql::job).transpose()
+            }
+
+            async fn claim_job(
+                &self,
+                id: i64,
+                owner: &str,
+                now: Micros,
+                lease_until: Micros,
+            ) -> Result<bool, StoreError> {
+                let n = sqlx::query(
+                    "UPDATE rotation_jobs SET lease_owner = $2, lease_until = $4 WHERE id = $1 AND state = 'running' \
+                     AND (lease_owner IS NULL OR lease_owner = $2 OR lease_until IS NULL OR lease_until < $3)",
+                )
+                .bind(id)
+                .bind(owner)
+                .bind(now)
+                .bind(lease_until)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+                Ok(n > 0)
+            }
+
+            async fn rewrap_candidates(
+                &self,
+                active: i64,
+                after: Option<(&str, u64)>,
+                limit: u32,
+            ) -> Result<Vec<$crate::store::RewrapRow>, StoreError> {
+                let (after_name, after_version) = after.unwrap_or(("", 0));
+                let rows = sqlx::query(
+                    "SELECT name, version, kek_id, wrapped_dek FROM credential_versions \
+                     WHERE kek_id <> $1 AND (name > $2 OR (name = $2 AND version > $3)) \
+                     ORDER BY name, version LIMIT $4",
+                )
+                .bind(active)
+                .bind(after_name)
+                .bind(sql::to_db(after_version))
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter().map(sql::rewrap).collect()
+            }
+
+            async fn commit_rewrap(&self, b: &$crate::store::RewrapBatch<'_>) -> Result<bool, StoreError> {
+                let mut tx = self.pool.begin().await?;
+                let held = sqlx::query(
+                    "UPDATE rotation_jobs SET done = done + $3, failed = failed + $4, cursor_name = $5, \
+                     cursor_version = $6, updated_at = $7, lease_until = $8 \
+                     WHERE id = $1 AND lease_owner = $2 AND state = 'running'",
+                )
+                .bind(b.job_id)
+                .bind(b.owner)
+                .bind(sql::to_db(b.rows.len() as u64))
+                .bind(sql::to_db(b.failed))
+                .bind(b.cursor.0)
+                .bind(sql::to_db(b.cursor.1))
+                .bind(b.now)
+                .bind(b.lease_until)
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
-                if n > 0 {
-                    self.notify_change(&mut tx, name).await?;
+                if held == 0 {
+                    tx.rollback().await?;
+                    return Ok(false);
                 }
+                Self::apply_rewrap(&mut tx, b.new_kek_id, b.rows).await?;
                 tx.commit().await?;
-                Ok(n > 0)
+                Ok(true)
+            }
+
+            async fn finish_job(
+                &self,
+                id: i64,
+                owner: &str,
+                now: Micros,
+                error: Option<&str>,
+            ) -> Result<Option<$crate::store::JobRow>, StoreError> {
+                let mut tx = self.pool.begin().await?;
+                sqlx::query(
+                    "UPDATE keks SET state = 'retired' WHERE state = 'retiring' \
+                     AND NOT EXISTS (SELECT 1 FROM credential_versions v WHERE v.kek_id = keks.id)",
+                )
+                .execute(&mut *tx)
+                .await?;
+                let row = sqlx::query(
+                    "UPDATE rotation_jobs SET state = $3, finished_at = $4, updated_at = $4, error = $5, \
+                     lease_owner = NULL, lease_until = NULL \
+                     WHERE id = $1 AND lease_owner = $2 AND state = 'running' RETURNING *",
+                )
+                .bind(id)
+                .bind(owner)
+                .bind(if error.is_some() { "failed" } else { "completed" })
+                .bind(now)
+                .bind(error)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let Some(row) = row else {
+                    tx.rollback().await?;
+                    return Ok(None);
+                };
+                let job = sql::job(&row)?;
+                self.notify_change(&mut tx, &$crate::store::encode_table_change($crate::store::KEYS_CHANGED)).await?;
+                tx.commit().await?;
+                Ok(Some(job))
+            }
+
+            async fn rekey(
+                &self,
+                k: &KeyringRow,
+                old_verifier: &[u8],
+                keks: &[(i64, Vec<u8>)],
+            ) -> Result<bool, StoreError> {
+                let mut tx = self.pool.begin().await?;
+                let (salt, params) = match &k.kdf {
+                    Some((salt, p)) => (Some(salt.clone()), Some(*p)),
+                    None => (None, None),
+                };
+                let n = sqlx::query(
+                    "UPDATE keyring SET kdf_salt = $1, kdf_m_cost = $2, kdf_t_cost = $3, kdf_p_cost = $4, \
+                     verifier = $5 WHERE id = 1 AND verifier = $6",
+                )
+                .bind(salt)
+                .bind(params.map(|p| i64::from(p.m_cost)))
+                .bind(params.map(|p| i64::from(p.t_cost)))
+                .bind(params.map(|p| i64::from(p.p_cost)))
+                .bind(&k.verifier)
+                .bind(old_verifier)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM keks").fetch_one(&mut *tx).await?;
+                if n == 0 || usize::try_from(count).ok() != Some(keks.len()) {
+                    tx.rollback().await?;
+                    return Ok(false);
+                }
+                for (id, wrapped) in keks {
+                    let n = sqlx::query("UPDATE keks SET wrapped_key = $2 WHERE id = $1")
+                        .bind(id)
+                        .bind(wrapped)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                    if n == 0 {
+                        tx.rollback().await?;
+                        return Ok(false);
+                    }
+                }
+                self.notify_change(&mut tx, &$crate::store::encode_table_change($crate::store::KEYS_CHANGED)).await?;
+                tx.commit().await?;
+                Ok(true)
             }
 
             async fn insert_audit(&self, events: &[$crate::store::AuditRow]) -> Result<(), StoreError> {
@@ -524,7 +933,7 @@ macro_rules! impl_sql_store {
                     .await?
                     .rows_affected();
                 if n > 0 {
-                    self.notify_change(&mut tx, $crate::store::TOKENS_CHANGED).await?;
+                    self.notify_change(&mut tx, &$crate::store::encode_table_change($crate::store::TOKENS_CHANGED)).await?;
                 }
                 tx.commit().await?;
                 Ok(n > 0)

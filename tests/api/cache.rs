@@ -10,8 +10,8 @@ use tonic::Code;
 
 use credvault::proto::BatchGetCredentialsRequest;
 use credvault::store::{
-    Backend as StoreBackend, ChangeSink, CredentialRow, KekRow, KeyringRow, ListQuery, Micros, NewVersion, PoolStats,
-    Store, StoreError, TokenRow, VersionInfo, VersionRow,
+    Backend as StoreBackend, ChangeSink, CredentialRow, JobRow, KekRow, KeyringRow, ListQuery, Micros, NewVersion,
+    PoolStats, RewrapBatch, RewrapRow, RotationPolicyRow, Store, StoreError, TokenRow, VersionInfo, VersionRow,
 };
 use credvault::vault::Vault;
 
@@ -155,6 +155,50 @@ impl Store for PausingStore {
     }
     async fn undelete_credential(&self, n: &str, now: Micros) -> Result<bool, StoreError> {
         self.inner.undelete_credential(n, now).await
+    }
+    async fn put_rotation_policy(&self, p: &RotationPolicyRow) -> Result<bool, StoreError> {
+        self.inner.put_rotation_policy(p).await
+    }
+    async fn get_rotation_policy(&self, n: &str) -> Result<Option<RotationPolicyRow>, StoreError> {
+        self.inner.get_rotation_policy(n).await
+    }
+    async fn delete_rotation_policy(&self, n: &str) -> Result<bool, StoreError> {
+        self.inner.delete_rotation_policy(n).await
+    }
+    async fn due_rotations(&self, now: Micros, limit: u32) -> Result<Vec<RotationPolicyRow>, StoreError> {
+        self.inner.due_rotations(now, limit).await
+    }
+    async fn defer_rotation(&self, n: &str, claim: Micros, retry: Micros, e: &str) -> Result<bool, StoreError> {
+        self.inner.defer_rotation(n, claim, retry, e).await
+    }
+    async fn deprecate_expired(&self, now: Micros) -> Result<u64, StoreError> {
+        self.inner.deprecate_expired(now).await
+    }
+    async fn start_kek_rotation(&self, k: &KekRow, now: Micros) -> Result<JobRow, StoreError> {
+        self.inner.start_kek_rotation(k, now).await
+    }
+    async fn get_job(&self, id: Option<i64>) -> Result<Option<JobRow>, StoreError> {
+        self.inner.get_job(id).await
+    }
+    async fn claim_job(&self, id: i64, o: &str, now: Micros, until: Micros) -> Result<bool, StoreError> {
+        self.inner.claim_job(id, o, now, until).await
+    }
+    async fn rewrap_candidates(
+        &self,
+        a: i64,
+        after: Option<(&str, u64)>,
+        l: u32,
+    ) -> Result<Vec<RewrapRow>, StoreError> {
+        self.inner.rewrap_candidates(a, after, l).await
+    }
+    async fn commit_rewrap(&self, b: &RewrapBatch<'_>) -> Result<bool, StoreError> {
+        self.inner.commit_rewrap(b).await
+    }
+    async fn finish_job(&self, id: i64, o: &str, now: Micros, e: Option<&str>) -> Result<Option<JobRow>, StoreError> {
+        self.inner.finish_job(id, o, now, e).await
+    }
+    async fn rekey(&self, k: &KeyringRow, old: &[u8], keks: &[(i64, Vec<u8>)]) -> Result<bool, StoreError> {
+        self.inner.rekey(k, old, keks).await
     }
     async fn insert_audit(&self, e: &[credvault::store::AuditRow]) -> Result<(), StoreError> {
         self.inner.insert_audit(e).await

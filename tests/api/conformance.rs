@@ -45,6 +45,8 @@ async fn put(store: &dyn Store, name: &str, base: WriteBase, tag: u8, max: u64) 
             now: now_micros(),
             max_versions: max,
             previous_expires_at: None,
+            kind: credvault::store::ChangeKind::Put,
+            policy: None,
         })
         .await?;
     assert_eq!((head.name.as_str(), head.current_version, head.deleted_at), (name, base.next_version(), None));
@@ -81,6 +83,8 @@ async fn create_update_and_read(backend: Backend) {
             now: 100,
             max_versions: 10,
             previous_expires_at: None,
+            kind: credvault::store::ChangeKind::Put,
+            policy: None,
         })
         .await
         .unwrap();
