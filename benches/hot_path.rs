@@ -161,7 +161,7 @@ fn sharded_vs_single_lock(c: &mut Criterion) {
     for (label, n) in [(format!("sharded_{shards}"), shards), ("single_lock".to_owned(), 1)] {
         let cache = Arc::new(Cache::new(CacheSettings { shards: n, ..CacheSettings::default() }));
         for name in names.iter() {
-            cache.install(name, entry(name));
+            cache.install(name, cache.ticket(name), entry(name));
         }
         let names = names.clone();
         let lookup: Arc<dyn Fn(usize) + Send + Sync> = Arc::new(move |i| {

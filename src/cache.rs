@@ -314,12 +314,27 @@ impl Cache {
 
     /// Installs the version a local write just committed (read-your-writes), unless a
     /// newer one is already there. Also voids fills in flight for the shard.
-    pub fn install(&self, name: &str, value: Arc<CachedVersion>) {
+    ///
+    /// `ticket` is taken before the write went to the store. If anything invalidated the
+    /// shard meanwhile (a delete, another daemon's newer write), the committed version
+    /// may already be stale: the name is dropped instead, and the next read goes to the
+    /// store, which holds this write or a newer one.
+    pub fn install(&self, name: &str, ticket: FillTicket, value: Arc<CachedVersion>) {
         if !self.settings.enabled {
             return;
         }
-        let mut shard = lock(&self.shards[self.shard_of(name)]);
+        let mut shard = lock(&self.shards[ticket.shard]);
+        let moved = shard.epoch != ticket.epoch;
         shard.epoch += 1;
+        if moved {
+            if let Some(e) = shard.lru.pop(name) {
+                shard.bytes -= e.bytes;
+                drop(shard);
+                self.account(-1, -(e.bytes as i64));
+                self.counters.invalidated.increment(1);
+            }
+            return;
+        }
         if let Some(Entry { value: Cached::Found(old), .. }) = shard.lru.peek(name) {
             if old.version() > value.version() {
                 return;
@@ -487,7 +502,7 @@ mod tests {
     fn fills_started_before_a_write_are_dropped() {
         let c = cache(|_| {});
         let slow = c.ticket("a");
-        c.install("a", version("a", 2, 10));
+        c.install("a", c.ticket("a"), version("a", 2, 10));
         c.fill("a", slow, Cached::Found(version("a", 1, 10)));
         assert_eq!(found_version(c.get("a")), Some(2));
         let slow = c.ticket("a");
@@ -497,10 +512,23 @@ mod tests {
     }
 
     #[test]
+    fn a_write_that_raced_an_invalidation_is_not_installed() {
+        let c = cache(|_| {});
+        c.install("a", c.ticket("a"), version("a", 1, 10));
+        // A write of version 2 starts; a delete (or another daemon's version 3) lands
+        // before it is installed.
+        let writing = c.ticket("a");
+        c.invalidate("a");
+        c.install("a", writing, version("a", 2, 10));
+        assert!(c.get("a").is_none(), "the possibly stale version is not served");
+        assert_eq!((c.len(), c.bytes()), (0, 0));
+    }
+
+    #[test]
     fn versions_never_go_backwards() {
         let c = cache(|_| {});
-        c.install("a", version("a", 5, 10));
-        c.install("a", version("a", 4, 10));
+        c.install("a", c.ticket("a"), version("a", 5, 10));
+        c.install("a", c.ticket("a"), version("a", 4, 10));
         assert_eq!(found_version(c.get("a")), Some(5));
         let t = c.ticket("a");
         c.fill("a", t, Cached::Found(version("a", 3, 10)));
@@ -517,7 +545,7 @@ mod tests {
             s.max_entries = 3;
         });
         for i in 0..5 {
-            c.install(&format!("n{i}"), version(&format!("n{i}"), 1, 10));
+            c.install(&format!("n{i}"), c.ticket(&format!("n{i}")), version(&format!("n{i}"), 1, 10));
         }
         assert_eq!(c.len(), 3);
         assert!(c.get("n0").is_none() && c.get("n4").is_some(), "least recently used go first");
@@ -528,7 +556,7 @@ mod tests {
             s.plaintext = PlaintextPolicy::PerRead;
         });
         for i in 0..10 {
-            c.install(&format!("n{i}"), version(&format!("n{i}"), 1, 1000));
+            c.install(&format!("n{i}"), c.ticket(&format!("n{i}")), version(&format!("n{i}"), 1, 1000));
         }
         assert!(c.bytes() <= 4000, "{} bytes", c.bytes());
         assert!(c.len() < 10 && c.len() >= 2, "{} entries", c.len());
@@ -538,12 +566,12 @@ mod tests {
     fn clear_and_disable() {
         let c = cache(|_| {});
         for i in 0..20 {
-            c.install(&format!("n{i}"), version(&format!("n{i}"), 1, 10));
+            c.install(&format!("n{i}"), c.ticket(&format!("n{i}")), version(&format!("n{i}"), 1, 10));
         }
         c.clear();
         assert_eq!((c.len(), c.bytes()), (0, 0));
         let off = cache(|s| s.enabled = false);
-        off.install("a", version("a", 1, 1));
+        off.install("a", off.ticket("a"), version("a", 1, 1));
         assert!(off.get("a").is_none());
     }
 

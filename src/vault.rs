@@ -528,6 +528,7 @@ impl Vault {
                 kind,
                 policy,
             };
+            let ticket = self.inner.cache.ticket(name.as_str());
             match store.put_version(&new).await {
                 Ok(head) => {
                     // Read-your-writes: the new version is cached before the call returns.
@@ -539,7 +540,7 @@ impl Vault {
                         expires_at: None,
                     };
                     let row = VersionRow { info, sealed: Some(sealed) };
-                    self.inner.cache.install(name.as_str(), Arc::new(CachedVersion::new(head, row)));
+                    self.inner.cache.install(name.as_str(), ticket, Arc::new(CachedVersion::new(head, row)));
                     self.publish_change(name.as_str(), kind, version, now);
                     return Ok(PutOutcome { name: name.as_str().to_owned(), version, created_at: now });
                 }
