@@ -24,6 +24,9 @@ pub enum ClientError {
     Rpc(Status),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// A rotation job ended without completing.
+    #[error("the rotation job did not complete: {0}")]
+    Job(String),
 }
 
 impl ClientError {
@@ -32,6 +35,7 @@ impl ClientError {
             ClientError::Usage(_) => 7,
             ClientError::Connect { .. } => 6,
             ClientError::Io(_) => 1,
+            ClientError::Job(_) => 4,
             ClientError::Rpc(s) => match s.code() {
                 Code::NotFound => 3,
                 Code::Aborted | Code::AlreadyExists | Code::FailedPrecondition => 4,
@@ -50,7 +54,7 @@ impl From<Status> for ClientError {
     }
 }
 
-type Authed = InterceptedService<Channel, BearerToken>;
+pub(super) type Authed = InterceptedService<Channel, BearerToken>;
 
 #[derive(Clone)]
 pub struct BearerToken(MetadataValue<tonic::metadata::Ascii>);
@@ -62,7 +66,7 @@ impl tonic::service::Interceptor for BearerToken {
     }
 }
 
-async fn connect(
+pub(super) async fn connect(
     conn: &Connection,
 ) -> Result<(CredentialServiceClient<Authed>, AdminServiceClient<Authed>), ClientError> {
     let token = conn.token.as_deref().filter(|t| !t.is_empty()).ok_or_else(|| {
@@ -125,37 +129,46 @@ fn state_name(state: i32) -> &'static str {
     }
 }
 
-fn ts(t: &Option<prost_types::Timestamp>) -> String {
+pub(super) fn ts(t: &Option<prost_types::Timestamp>) -> String {
     t.as_ref().map(|t| t.to_string()).unwrap_or_else(|| "-".into())
 }
 
 /// Runs one client subcommand, printing its result to stdout.
+/// A value from a file (byte for byte) or from stdin (a trailing newline stripped
+/// unless `keep_newline`). Never from an argument, where it would show in `ps`.
+pub(super) fn read_value(
+    file: Option<&std::path::Path>,
+    keep_newline: bool,
+) -> Result<zeroize::Zeroizing<Vec<u8>>, ClientError> {
+    Ok(zeroize::Zeroizing::new(match file {
+        Some(path) => {
+            std::fs::read(path).map_err(|e| ClientError::Usage(format!("cannot read {}: {e}", path.display())))?
+        }
+        None => {
+            if std::io::stdin().is_terminal() {
+                return Err(ClientError::Usage(
+                    "give the value with --value-file FILE or on stdin (values are never taken as arguments)".into(),
+                ));
+            }
+            let mut buf = Vec::new();
+            std::io::stdin().read_to_end(&mut buf)?;
+            if !keep_newline {
+                if buf.ends_with(b"\r\n") {
+                    buf.truncate(buf.len() - 2);
+                } else if buf.ends_with(b"\n") {
+                    buf.truncate(buf.len() - 1);
+                }
+            }
+            buf
+        }
+    }))
+}
+
 pub async fn run_client(cmd: ClientCommand) -> Result<(), ClientError> {
     let mut out = std::io::stdout().lock();
     match cmd {
         ClientCommand::Put { name, value_file, expected_version, keep_newline, description, owner, labels, conn } => {
-            let value = zeroize::Zeroizing::new(match &value_file {
-                Some(path) => std::fs::read(path)
-                    .map_err(|e| ClientError::Usage(format!("cannot read {}: {e}", path.display())))?,
-                None => {
-                    if std::io::stdin().is_terminal() {
-                        return Err(ClientError::Usage(
-                            "give the value with --value-file FILE or on stdin (values are never taken as arguments)"
-                                .into(),
-                        ));
-                    }
-                    let mut buf = Vec::new();
-                    std::io::stdin().read_to_end(&mut buf)?;
-                    if !keep_newline {
-                        if buf.ends_with(b"\r\n") {
-                            buf.truncate(buf.len() - 2);
-                        } else if buf.ends_with(b"\n") {
-                            buf.truncate(buf.len() - 1);
-                        }
-                    }
-                    buf
-                }
-            });
+            let value = read_value(value_file.as_deref(), keep_newline)?;
             let metadata = (description.is_some() || owner.is_some() || !labels.is_empty()).then(|| proto::Metadata {
                 labels: labels.into_iter().collect(),
                 description: description.unwrap_or_default(),
@@ -244,6 +257,7 @@ pub async fn run_client(cmd: ClientCommand) -> Result<(), ClientError> {
             writeln!(out, "started:         {}", ts(&s.started_at))?;
         }
         ClientCommand::Token(cmd) => run_token(cmd, &mut out).await?,
+        ClientCommand::Rotation(cmd) => super::rotate::run(cmd, &mut out).await?,
         ClientCommand::Audit(AuditCommand::Tail { lines, conn }) => {
             let (_, mut a) = connect(&conn).await?;
             let r = a.list_audit_events(proto::ListAuditEventsRequest { limit: lines }).await?.into_inner();

@@ -2,6 +2,7 @@
 //! gRPC client of a running daemon.
 
 mod client;
+mod rotate;
 
 use std::path::PathBuf;
 
@@ -116,6 +117,8 @@ pub enum ClientCommand {
     /// Create, list and revoke access tokens (needs the admin capability).
     #[command(subcommand)]
     Token(TokenCommand),
+    #[command(flatten)]
+    Rotation(rotate::RotationCommand),
 }
 
 #[derive(Debug, Clone, Subcommand)]

@@ -85,3 +85,85 @@ async fn cli_round_trip_and_exit_codes() {
     assert!(err.contains("cannot reach the daemon"), "{err}");
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_rotation_commands() {
+    let env = TestEnv::new(Backend::Sqlite).await;
+    let d = TestDaemon::start(env.settings(), None).await;
+    let text = |out: &[u8]| String::from_utf8_lossy(out).into_owned();
+    assert_eq!(run(Some(&d), &["put", "cli/key"], Some(b"first")).await.0, 0);
+
+    let (code, out, err) = run(Some(&d), &["rotate", "cli/key", "--stdin", "--grace", "10m"], Some(b"second\n")).await;
+    assert_eq!(code, 0, "{err}");
+    let out = text(&out);
+    assert!(out.starts_with("cli/key version 2\nversion 1 readable until "), "{out}");
+    assert_eq!(run(Some(&d), &["get", "cli/key"], None).await.1, b"second");
+    assert_eq!(run(Some(&d), &["get", "cli/key", "--version", "1"], None).await.1, b"first");
+
+    let (code, _, err) = run(Some(&d), &["rotate", "cli/key", "--password", "20", "--classes", "digits"], None).await;
+    assert_eq!(code, 0, "{err}");
+    let value = run(Some(&d), &["get", "cli/key"], None).await.1;
+    assert!(value.len() == 20 && value.iter().all(u8::is_ascii_digit));
+    let (code, _, err) = run(Some(&d), &["rotate", "cli/key", "--grace", "soon"], None).await;
+    assert_eq!(code, 2, "clap rejects a bad duration: {err}");
+    let (code, _, err) = run(Some(&d), &["rotate", "cli/key"], None).await;
+    assert_eq!(code, 7, "no value and no policy: {err}");
+    assert!(err.contains("no rotation policy"), "{err}");
+
+    let (code, out, err) = run(
+        Some(&d),
+        &[
+            "policy",
+            "set",
+            "cli/key",
+            "--kind",
+            "periodic",
+            "--interval",
+            "30d",
+            "--random-bytes",
+            "32",
+            "--encoding",
+            "hex",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(text(&out).starts_with("cli/key: periodic\n  next run:"), "{}", text(&out));
+    assert_eq!(run(Some(&d), &["rotate", "cli/key"], None).await.0, 0, "the policy's generator makes the value");
+    assert_eq!(run(Some(&d), &["get", "cli/key"], None).await.1.len(), 64);
+    let (code, _, err) = run(Some(&d), &["policy", "set", "cli/key", "--kind", "weekly"], None).await;
+    assert_eq!(code, 7, "{err}");
+
+    assert_eq!(run(Some(&d), &["destroy", "cli/key", "1"], None).await.0, 0);
+    let (code, _, err) = run(Some(&d), &["get", "cli/key", "--version", "1"], None).await;
+    assert!(code == 4 && err.contains("destroyed"), "{code} {err}");
+    assert_eq!(run(Some(&d), &["delete", "cli/key"], None).await.0, 0);
+    let (code, out, err) = run(Some(&d), &["undelete", "cli/key"], None).await;
+    assert_eq!((code, text(&out).trim()), (0, "cli/key restored at version 4"), "{err}");
+
+    let (code, out, err) = run(Some(&d), &["kek", "rotate"], None).await;
+    assert_eq!(code, 0, "{err}");
+    let out = text(&out);
+    assert!(out.lines().last().is_some_and(|l| l.contains("(completed): KEK 2, 4/4 re-wrapped, 0 failed")), "{out}");
+    let (code, out, _) = run(Some(&d), &["kek", "status"], None).await;
+    assert!(code == 0 && text(&out).contains("completed"));
+
+    let (code, _, err) = run(Some(&d), &["rekey"], None).await;
+    assert_eq!(code, 7, "no passphrases given: {err}");
+    let mut cmd_env = tokio::process::Command::new(env!("CARGO_BIN_EXE_credvault"));
+    let out = cmd_env
+        .args(["rekey"])
+        .env("CREDVAULT_ADDR", format!("http://{}", d.addr))
+        .env("CREDVAULT_TOKEN", &d.token)
+        .env("CREDVAULT_OLD_PASSPHRASE", "old passphrase")
+        .env("CREDVAULT_NEW_PASSPHRASE", "new passphrase")
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "a key-file database has no passphrase: {err}");
+    assert!(err.contains("key file"), "{err}");
+    d.stop().await;
+    env.cleanup().await;
+}
