@@ -253,10 +253,13 @@ impl Settings {
             s.limits.max_value_bytes = v;
         }
         if let (Some(cert_file), Some(key_file)) = (&args.tls_cert, &args.tls_key) {
+            // A new certificate from a flag keeps the file's client CA: dropping it would
+            // silently turn mutual TLS off.
+            let file_ca = s.tls.as_ref().and_then(|t| t.client_ca_file.clone());
             s.tls = Some(TlsSettings {
                 cert_file: cert_file.clone(),
                 key_file: key_file.clone(),
-                client_ca_file: args.tls_client_ca.clone(),
+                client_ca_file: args.tls_client_ca.clone().or(file_ca),
             });
         }
         if let Some(v) = args.cache_max_entries {
@@ -293,6 +296,9 @@ impl Settings {
         }
         if l.max_page_size == 0 || l.default_page_size == 0 || l.default_page_size > l.max_page_size {
             return bad("limits: need 0 < default_page_size <= max_page_size");
+        }
+        if l.max_concurrent_requests == 0 {
+            return bad("limits.max_concurrent_requests must be at least 1 (0 would refuse every request)");
         }
         if l.max_batch_size == 0 || l.max_name_bytes == 0 || l.max_name_bytes > 1024 {
             return bad("limits: max_batch_size must be >= 1 and max_name_bytes between 1 and 1024");
@@ -393,6 +399,30 @@ mod tests {
         assert_eq!(s.limits.max_versions, 5);
         std::fs::write(&path, "lisen = 1\n").unwrap();
         assert!(matches!(Settings::from_file(&path), Err(ConfigError::Parse { .. })));
+    }
+
+    #[test]
+    fn a_certificate_flag_keeps_the_files_client_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[tls]\ncert_file = \"a.pem\"\nkey_file = \"a.key\"\nclient_ca_file = \"ca.pem\"\n")
+            .unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            tls_cert: Some("b.pem".into()),
+            tls_key: Some("b.key".into()),
+            ..Default::default()
+        };
+        let s = Settings::load(&args).unwrap();
+        let tls = s.tls.unwrap();
+        assert_eq!((tls.cert_file, tls.client_ca_file), (PathBuf::from("b.pem"), Some(PathBuf::from("ca.pem"))));
+    }
+
+    #[test]
+    fn zero_concurrency_is_refused() {
+        let mut s = Settings::default();
+        s.limits.max_concurrent_requests = 0;
+        assert!(matches!(s.validate(), Err(ConfigError::Invalid(m)) if m.contains("max_concurrent_requests")));
     }
 
     #[test]

@@ -68,7 +68,8 @@ pub async fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, ServerErr
         StorageTarget::Postgres(url) => Arc::new(PgStore::connect(&url, settings.db_max_connections).await?),
         StorageTarget::Sqlite(path) => {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).map_err(|source| ServerError::DataDir { path: dir.into(), source })?;
+                crate::unlock::create_private_dir(dir)
+                    .map_err(|source| ServerError::DataDir { path: dir.into(), source })?;
             }
             Arc::new(SqliteStore::open(&path, settings.db_max_connections).await?)
         }

@@ -160,13 +160,29 @@ pub fn read_key_file(path: &Path) -> Result<MasterKey, UnlockError> {
     Ok(MasterKey::from_bytes(key.as_ref())?)
 }
 
+/// Creates the data directory readable by its owner only (it holds the database and,
+/// by default, the master key file). An existing directory keeps its permissions.
+pub(crate) fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt as _;
+        builder.mode(0o700);
+    }
+    builder.create(dir)
+}
+
 /// Creates a new random key file, readable by its owner only.
 fn create_key_file(path: &Path) -> Result<MasterKey, UnlockError> {
     let mut key = Zeroizing::new([0u8; KEY_LEN]);
     rand::rng().fill_bytes(key.as_mut());
     let text = Zeroizing::new(format!("{}\n", hex::encode(key.as_ref())));
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| key_file_error(path, e))?;
+        create_private_dir(dir).map_err(|e| key_file_error(path, e))?;
     }
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);

@@ -82,3 +82,19 @@ async fn the_binary_exits_non_zero_on_a_wrong_passphrase() {
     );
     env.cleanup().await;
 }
+
+#[cfg(unix)]
+#[tokio::test]
+async fn a_new_data_directory_is_owner_only() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let env = TestEnv::new(Backend::Sqlite).await;
+    let mut settings = env.settings();
+    settings.data_dir = env.data_dir().join("fresh/data");
+    settings.database_url = None;
+    let d = TestDaemon::start(settings.clone(), None).await;
+    d.stop().await;
+    let mode = std::fs::metadata(&settings.data_dir).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700, "the data directory holds the database and the key file");
+    assert!(settings.data_dir.join("credvault.db").is_file());
+    env.cleanup().await;
+}
