@@ -171,6 +171,9 @@ const RPCS: &[&str] = &[
     "GetRotationJob",
     "WatchRotationJob",
     "RekeyMaster",
+    "SetRotationPolicy",
+    "GetRotationPolicy",
+    "DeleteRotationPolicy",
     "CreateToken",
     "RevokeToken",
     "ListTokens",
@@ -268,5 +271,17 @@ mod tests {
         assert_eq!(rpc_label("/credvault.v1.CredentialService/payments-secret-name"), "unknown");
         assert_eq!(code_label(b"5"), "NOT_FOUND");
         assert_eq!(code_label(b"999"), "UNKNOWN");
+    }
+
+    #[test]
+    fn every_rpc_of_the_api_has_its_own_label() {
+        use prost::Message as _;
+        let set = prost_types::FileDescriptorSet::decode(crate::proto::FILE_DESCRIPTOR_SET).unwrap();
+        let methods: Vec<&str> =
+            set.file.iter().flat_map(|f| &f.service).flat_map(|s| &s.method).map(|m| m.name()).collect();
+        assert!(methods.len() > 20, "{methods:?}");
+        for m in methods {
+            assert_eq!(rpc_label(&format!("/credvault.v1.Service/{m}")), m, "add {m} to RPCS");
+        }
     }
 }

@@ -156,7 +156,7 @@ impl Daemon {
         // for those, and no more.
         let max_request = limits.max_value_bytes + 64 * 1024;
         let interceptor = AuthInterceptor::new(self.auth.clone());
-        let credentials = CredentialServiceServer::new(CredentialApi::new(self.vault.clone()))
+        let credentials = CredentialServiceServer::new(CredentialApi::new(self.vault.clone(), self.auth.clone()))
             .max_decoding_message_size(max_request)
             .max_encoding_message_size(limits.max_batch_size * (limits.max_value_bytes + 4096) + 4096);
         let admin = AdminServiceServer::new(AdminApi::new(

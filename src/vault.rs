@@ -172,6 +172,8 @@ struct WriteOptions<'a> {
     grace: Option<std::time::Duration>,
     kind: ChangeKind,
     policy: Option<PolicyAdvance>,
+    /// Only a live credential may be written (rotations): never create or revive one.
+    live_only: bool,
 }
 
 /// A cheap handle: clone it into every service.
@@ -494,12 +496,13 @@ impl Vault {
         expected: Option<u64>,
         metadata: Option<&Metadata>,
     ) -> Result<PutOutcome, VaultError> {
-        let opts = WriteOptions { expected, metadata, grace: None, kind: ChangeKind::Put, policy: None };
+        let opts =
+            WriteOptions { expected, metadata, grace: None, kind: ChangeKind::Put, policy: None, live_only: false };
         self.write(name, value, opts).await
     }
 
     async fn write(&self, name: &str, value: &[u8], opts: WriteOptions<'_>) -> Result<PutOutcome, VaultError> {
-        let WriteOptions { expected, metadata, grace, kind, policy } = opts;
+        let WriteOptions { expected, metadata, grace, kind, policy, live_only } = opts;
         let name = self.name(name)?;
         self.check_value(value)?;
         if let Some(m) = metadata {
@@ -511,6 +514,12 @@ impl Vault {
             Some(n) => WriteBase::Update(n),
             None => head_base(store.get_credential(name.as_str()).await?.as_ref()),
         };
+        let live = |base: WriteBase| match base {
+            WriteBase::Create if live_only => Err(not_found(&name)),
+            WriteBase::Revive(_) if live_only => Err(deleted(&name)),
+            _ => Ok(base),
+        };
+        base = live(base)?;
         for _ in 0..MAX_WRITE_ATTEMPTS {
             let version = base.next_version();
             let sealed = self
@@ -558,7 +567,7 @@ impl Vault {
             let head = store.get_credential(name.as_str()).await?;
             base = match (expected, head.as_ref()) {
                 // Unconditional: retry on whatever is there now.
-                (None, h) => head_base(h),
+                (None, h) => live(head_base(h))?,
                 // Create-only may revive a deleted credential, once, at the version seen.
                 (Some(0), Some(h)) if h.deleted_at.is_some() && base == WriteBase::Create => {
                     WriteBase::Revive(h.current_version)

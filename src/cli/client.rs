@@ -133,7 +133,6 @@ pub(super) fn ts(t: &Option<prost_types::Timestamp>) -> String {
     t.as_ref().map(|t| t.to_string()).unwrap_or_else(|| "-".into())
 }
 
-/// Runs one client subcommand, printing its result to stdout.
 /// A value from a file (byte for byte) or from stdin (a trailing newline stripped
 /// unless `keep_newline`). Never from an argument, where it would show in `ps`.
 pub(super) fn read_value(
@@ -164,6 +163,7 @@ pub(super) fn read_value(
     }))
 }
 
+/// Runs one client subcommand, printing its result to stdout.
 pub async fn run_client(cmd: ClientCommand) -> Result<(), ClientError> {
     let mut out = std::io::stdout().lock();
     match cmd {

@@ -6,7 +6,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use super::{audit_version, authorize, caller, denied, from_timestamp, timestamp, version_state};
-use crate::auth::Capability;
+use crate::auth::{Auth, Capability};
 use crate::metrics::names;
 use crate::proto::{self, credential_service_server::CredentialService};
 use crate::store::ChangeKind;
@@ -30,13 +30,18 @@ fn event_kind(k: ChangeKind) -> proto::EventKind {
 #[derive(Debug, Clone)]
 pub struct CredentialApi {
     vault: Vault,
+    /// Long-lived streams re-check their token with it.
+    auth: Auth,
 }
 
 impl CredentialApi {
-    pub fn new(vault: Vault) -> Self {
-        CredentialApi { vault }
+    pub fn new(vault: Vault, auth: Auth) -> Self {
+        CredentialApi { vault, auth }
     }
 }
+
+/// How often an open watch stream re-checks its token (revocation, expiry).
+const WATCH_TOKEN_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn value_response(v: CredentialValue) -> proto::GetCredentialResponse {
     proto::GetCredentialResponse {
@@ -217,6 +222,12 @@ impl CredentialService for CredentialApi {
         req: Request<proto::WatchCredentialsRequest>,
     ) -> Result<Response<Self::WatchCredentialsStream>, Status> {
         let caller = caller(&req)?;
+        // The stream outlives the request: keep the header to re-check the token, so a
+        // revoked or expired token stops receiving events.
+        let header = zeroize::Zeroizing::new(
+            req.metadata().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned(),
+        );
+        let auth = self.auth.clone();
         let prefix = req.into_inner().prefix;
         self.vault.check_prefix(&prefix)?;
         // Subscribe before answering, so nothing that happens after the call returns is missed.
@@ -225,9 +236,17 @@ impl CredentialService for CredentialApi {
         let watchers = metrics::gauge!(names::WATCHERS);
         watchers.increment(1.0);
         tokio::spawn(async move {
+            let mut token_check = tokio::time::interval(WATCH_TOKEN_CHECK);
             loop {
                 let event = tokio::select! {
                     _ = tx.closed() => break, // The client went away.
+                    _ = token_check.tick() => {
+                        if auth.authenticate(Some(header.as_str())).is_err() {
+                            let _ = tx.send(Err(Status::unauthenticated("the token was revoked or has expired"))).await;
+                            break;
+                        }
+                        continue;
+                    }
                     e = events.recv() => e,
                 };
                 let msg = match event {

@@ -171,8 +171,8 @@ impl Store for Instrumented {
         self.timed("deprecate_expired", self.inner.deprecate_expired(now)).await
     }
 
-    async fn start_kek_rotation(&self, kek: &KekRow, now: Micros) -> Result<JobRow, StoreError> {
-        self.timed("start_kek_rotation", self.inner.start_kek_rotation(kek, now)).await
+    async fn start_kek_rotation(&self, kek: &KekRow, verifier: &[u8], now: Micros) -> Result<JobRow, StoreError> {
+        self.timed("start_kek_rotation", self.inner.start_kek_rotation(kek, verifier, now)).await
     }
 
     async fn get_job(&self, id: Option<i64>) -> Result<Option<JobRow>, StoreError> {
@@ -192,7 +192,7 @@ impl Store for Instrumented {
         self.timed("rewrap_candidates", self.inner.rewrap_candidates(active, after, limit)).await
     }
 
-    async fn commit_rewrap(&self, batch: &RewrapBatch<'_>) -> Result<bool, StoreError> {
+    async fn commit_rewrap(&self, batch: &RewrapBatch<'_>) -> Result<Option<u64>, StoreError> {
         self.timed("commit_rewrap", self.inner.commit_rewrap(batch)).await
     }
 

@@ -503,8 +503,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// In one transaction: the active KEK becomes `retiring`, `kek` becomes active, and a
     /// re-wrap job is created. [`StoreError::JobRunning`] if one already runs;
-    /// [`StoreError::Conflict`] if another daemon took the KEK id first.
-    async fn start_kek_rotation(&self, kek: &KekRow, now: Micros) -> Result<JobRow, StoreError>;
+    /// [`StoreError::Conflict`] if another daemon took the KEK id first, or the keyring's
+    /// verifier is no longer `verifier` (the master key changed under the caller).
+    async fn start_kek_rotation(&self, kek: &KekRow, verifier: &[u8], now: Micros) -> Result<JobRow, StoreError>;
 
     /// A job by id, or the newest one.
     async fn get_job(&self, id: Option<i64>) -> Result<Option<JobRow>, StoreError>;
@@ -522,8 +523,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<RewrapRow>, StoreError>;
 
     /// Applies a batch and advances the job's cursor and counters in one transaction,
-    /// if `owner` still holds the lease. `false`: the lease was lost; nothing changed.
-    async fn commit_rewrap(&self, batch: &RewrapBatch<'_>) -> Result<bool, StoreError>;
+    /// if `owner` still holds the lease. Returns how many versions were re-wrapped
+    /// (rows changed since they were read are left alone); `None`: the lease was lost
+    /// and nothing changed.
+    async fn commit_rewrap(&self, batch: &RewrapBatch<'_>) -> Result<Option<u64>, StoreError>;
 
     /// Ends a job held by `owner`: KEKs that no version references any more are retired,
     /// in the same transaction. Returns the finished job (`None`: lease lost).

@@ -77,19 +77,18 @@ impl PgStore {
 }
 
 impl PgStore {
-    /// Runs inside each write transaction; PostgreSQL delivers it on commit only.
     /// One statement for the whole batch; each row changes only if it still holds the
-    /// DEK the batch read.
-    async fn apply_rewrap(tx: &mut Tx<'_>, new_kek: i64, rows: &[Rewrapped]) -> Result<(), StoreError> {
+    /// DEK the batch read. Returns how many rows changed.
+    async fn apply_rewrap(tx: &mut Tx<'_>, new_kek: i64, rows: &[Rewrapped]) -> Result<u64, StoreError> {
         if rows.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let names: Vec<&str> = rows.iter().map(|r| r.old.name.as_str()).collect();
         let versions: Vec<i64> = rows.iter().map(|r| sql::to_db(r.old.version)).collect();
         let old_keks: Vec<i64> = rows.iter().map(|r| r.old.kek_id).collect();
         let old_wrapped: Vec<&[u8]> = rows.iter().map(|r| r.old.wrapped_dek.as_slice()).collect();
         let wrapped: Vec<&[u8]> = rows.iter().map(|r| r.wrapped_dek.as_slice()).collect();
-        sqlx::query(
+        let n = sqlx::query(
             "UPDATE credential_versions AS v SET kek_id = $1, wrapped_dek = u.w \
              FROM UNNEST($2::text[], $3::bigint[], $4::bigint[], $5::bytea[], $6::bytea[]) \
              AS u(name, version, old_kek, old_w, w) \
@@ -102,10 +101,12 @@ impl PgStore {
         .bind(old_wrapped)
         .bind(wrapped)
         .execute(&mut **tx)
-        .await?;
-        Ok(())
+        .await?
+        .rows_affected();
+        Ok(n)
     }
 
+    /// Runs inside each write transaction; PostgreSQL delivers it on commit only.
     async fn notify_change(&self, tx: &mut Transaction<'_, Postgres>, message: &str) -> Result<(), StoreError> {
         sqlx::query("SELECT pg_notify($1, $2)")
             .bind(CHANNEL)

@@ -683,7 +683,12 @@ macro_rules! impl_sql_store {
                 Ok(n)
             }
 
-            async fn start_kek_rotation(&self, kek: &KekRow, now: Micros) -> Result<$crate::store::JobRow, StoreError> {
+            async fn start_kek_rotation(
+                &self,
+                kek: &KekRow,
+                verifier: &[u8],
+                now: Micros,
+            ) -> Result<$crate::store::JobRow, StoreError> {
                 let mut tx = self.pool.begin().await?;
                 // Taking the active KEK's row first serializes concurrent rotations (and, on
                 // PostgreSQL, waits for writes that hold it FOR SHARE).
@@ -701,7 +706,12 @@ macro_rules! impl_sql_store {
                     .bind(kek.id)
                     .fetch_optional(&mut *tx)
                     .await?;
-                if taken.is_some() || active.is_none() {
+                // The new KEK is wrapped by the caller's master key: it must still be the
+                // database's (a rekey re-wraps every KEK while holding their rows).
+                let stored: Option<Vec<u8>> = sqlx::query_scalar("SELECT verifier FROM keyring WHERE id = 1")
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if taken.is_some() || active.is_none() || stored.as_deref() != Some(verifier) {
                     tx.rollback().await?;
                     return Err(StoreError::Conflict);
                 }
@@ -783,8 +793,11 @@ macro_rules! impl_sql_store {
                 rows.iter().map(sql::rewrap).collect()
             }
 
-            async fn commit_rewrap(&self, b: &$crate::store::RewrapBatch<'_>) -> Result<bool, StoreError> {
+            async fn commit_rewrap(&self, b: &$crate::store::RewrapBatch<'_>) -> Result<Option<u64>, StoreError> {
                 let mut tx = self.pool.begin().await?;
+                // The data first (on SQLite this takes the write lock), then the job row:
+                // without the lease the whole transaction rolls back.
+                let changed = Self::apply_rewrap(&mut tx, b.new_kek_id, b.rows).await?;
                 let held = sqlx::query(
                     "UPDATE rotation_jobs SET done = done + $3, failed = failed + $4, cursor_name = $5, \
                      cursor_version = $6, updated_at = $7, lease_until = $8 \
@@ -792,7 +805,7 @@ macro_rules! impl_sql_store {
                 )
                 .bind(b.job_id)
                 .bind(b.owner)
-                .bind(sql::to_db(b.rows.len() as u64))
+                .bind(sql::to_db(changed))
                 .bind(sql::to_db(b.failed))
                 .bind(b.cursor.0)
                 .bind(sql::to_db(b.cursor.1))
@@ -803,11 +816,10 @@ macro_rules! impl_sql_store {
                 .rows_affected();
                 if held == 0 {
                     tx.rollback().await?;
-                    return Ok(false);
+                    return Ok(None);
                 }
-                Self::apply_rewrap(&mut tx, b.new_kek_id, b.rows).await?;
                 tx.commit().await?;
-                Ok(true)
+                Ok(Some(changed))
             }
 
             async fn finish_job(
@@ -818,6 +830,15 @@ macro_rules! impl_sql_store {
                 error: Option<&str>,
             ) -> Result<Option<$crate::store::JobRow>, StoreError> {
                 let mut tx = self.pool.begin().await?;
+                // Versions destroyed while the job ran have no key left to re-wrap; they
+                // only refer to their old KEK, which must not keep it from retiring.
+                sqlx::query(
+                    "UPDATE credential_versions SET kek_id = (SELECT new_kek_id FROM rotation_jobs WHERE id = $1) \
+                     WHERE state = 'destroyed' AND kek_id IN (SELECT id FROM keks WHERE state = 'retiring')",
+                )
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
                 sqlx::query(
                     "UPDATE keks SET state = 'retired' WHERE state = 'retiring' \
                      AND NOT EXISTS (SELECT 1 FROM credential_versions v WHERE v.kek_id = keks.id)",

@@ -71,28 +71,43 @@ impl SqliteStore {
 }
 
 impl SqliteStore {
-    /// One process owns an SQLite file, so there is nobody to notify.
-    /// SQLite runs in-process: one prepared statement per row inside the batch's
-    /// transaction costs microseconds. Each row changes only if it still holds the DEK
-    /// the batch read.
-    async fn apply_rewrap(tx: &mut Tx<'_>, new_kek: i64, rows: &[Rewrapped]) -> Result<(), StoreError> {
-        for r in rows {
-            sqlx::query(
-                "UPDATE credential_versions SET kek_id = $1, wrapped_dek = $2 \
-                 WHERE name = $3 AND version = $4 AND kek_id = $5 AND wrapped_dek = $6",
-            )
-            .bind(new_kek)
-            .bind(&r.wrapped_dek)
-            .bind(&r.old.name)
-            .bind(sql::to_db(r.old.version))
-            .bind(r.old.kek_id)
-            .bind(&r.old.wrapped_dek)
-            .execute(&mut **tx)
-            .await?;
+    /// One statement for the whole batch (the rows travel as one JSON parameter, keys
+    /// hex-encoded); each row changes only if it still holds the DEK the batch read.
+    /// Returns how many rows changed.
+    async fn apply_rewrap(tx: &mut Tx<'_>, new_kek: i64, rows: &[Rewrapped]) -> Result<u64, StoreError> {
+        if rows.is_empty() {
+            return Ok(0);
         }
-        Ok(())
+        let list: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "n": r.old.name,
+                    "v": sql::to_db(r.old.version),
+                    "k": r.old.kek_id,
+                    "o": hex::encode(&r.old.wrapped_dek),
+                    "w": hex::encode(&r.wrapped_dek),
+                })
+            })
+            .collect();
+        let json = serde_json::to_string(&list).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let n = sqlx::query(
+            "UPDATE credential_versions SET kek_id = $1, wrapped_dek = unhex(j.value ->> '$.w') \
+             FROM json_each($2) AS j \
+             WHERE credential_versions.name = j.value ->> '$.n' \
+             AND credential_versions.version = j.value ->> '$.v' \
+             AND credential_versions.kek_id = j.value ->> '$.k' \
+             AND credential_versions.wrapped_dek = unhex(j.value ->> '$.o')",
+        )
+        .bind(new_kek)
+        .bind(json)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+        Ok(n)
     }
 
+    /// One process owns an SQLite file, so there is nobody to notify.
     async fn notify_change(&self, _tx: &mut Transaction<'_, Sqlite>, _message: &str) -> Result<(), StoreError> {
         Ok(())
     }

@@ -83,16 +83,28 @@ impl Vault {
     pub async fn rotate_kek(&self) -> Result<JobProgress, VaultError> {
         self.reload_keys().await?;
         let store = &self.inner.store;
+        // A daemon started before a rekey still holds the old master key: a KEK wrapped
+        // under it would be unreadable to every daemon started with the new passphrase.
+        let keyring = store.load_keyring().await?.ok_or_else(|| VaultError::Internal("no keyring".into()))?;
+        if self.with_keys(|k| k.master().check_verifier(&keyring.verifier)).is_err() {
+            return Err(VaultError::FailedPrecondition(
+                "this daemon's master key is out of date (the passphrase was changed): restart it with the new \
+                 passphrase before rotating the KEK"
+                    .into(),
+            ));
+        }
         let next_id = store.list_keks().await?.iter().map(|k| k.id).max().unwrap_or(0) + 1;
         let (kek, wrapped) = self
             .with_keys(|k| Kek::generate(next_id, k.master()))
             .map_err(|e| VaultError::Internal(format!("KEK generation failed: {e}")))?;
         let now = now_micros();
         let row = KekRow { id: next_id, wrapped_key: wrapped, state: KekState::Active, created_at: now };
-        let job = match store.start_kek_rotation(&row, now).await {
+        let job = match store.start_kek_rotation(&row, &keyring.verifier, now).await {
             Ok(job) => job,
             Err(StoreError::Conflict) => {
-                return Err(VaultError::Aborted("another daemon rotated the KEK at the same moment; retry".into()))
+                return Err(VaultError::Aborted(
+                    "another daemon rotated the KEK or changed the passphrase at the same moment; retry".into(),
+                ))
             }
             Err(e) => return Err(e.into()),
         };
@@ -199,14 +211,14 @@ impl Vault {
                 now,
                 lease_until: self.lease_end(now),
             };
-            if !store.commit_rewrap(&b).await? {
+            let Some(changed) = store.commit_rewrap(&b).await? else {
                 tracing::warn!(job_id = job.id, "lost the KEK rotation job's lease; another daemon continues it");
                 return Ok(());
-            }
-            done += batch.len() as u64;
+            };
+            done += changed;
             failed += batch_failed;
             cursor = Some(last);
-            metrics::counter!(names::REWRAPPED).increment(batch.len() as u64);
+            metrics::counter!(names::REWRAPPED).increment(changed);
             metrics::gauge!(names::REWRAP_DONE).set(done as f64);
             tracing::debug!(job_id = job.id, done, batch = batch.len(), elapsed = ?started.elapsed(), "re-wrap batch");
             if !pause.is_zero() {

@@ -57,6 +57,11 @@ impl RotationSettings {
         if self.scheduler_interval_ms == 0 || self.job_lease_ms == 0 {
             return Err("rotation.scheduler_interval_ms and rotation.job_lease_ms must be positive".into());
         }
+        if self.rewrap_pause_ms.saturating_mul(2) >= self.job_lease_ms {
+            // The lease is renewed by each batch: a pause near the lease would let another
+            // daemon take the job over while this one still works on it.
+            return Err("rotation.rewrap_pause_ms must be less than half of rotation.job_lease_ms".into());
+        }
         if !(1..=100_000).contains(&self.rewrap_batch_size) {
             return Err("rotation.rewrap_batch_size must be between 1 and 100000".into());
         }
@@ -185,6 +190,7 @@ impl Vault {
             grace: Some(grace),
             kind: ChangeKind::Rotate,
             policy: plan.map(|p| PolicyAdvance { claim: None, next_run_at: p.next_run_at }),
+            live_only: true,
         };
         let out = self.write(parsed.as_str(), &value, opts).await?;
         metrics::counter!(names::ROTATIONS, "trigger" => "request").increment(1);
@@ -294,6 +300,7 @@ impl Vault {
                 grace: Some(Duration::from_micros(u64::try_from(policy.grace_us).unwrap_or(0))),
                 kind: ChangeKind::Rotate,
                 policy: Some(PolicyAdvance { claim: Some(claim), next_run_at: plan.next_run_at }),
+                live_only: true,
             };
             match self.write(name.as_str(), &value, opts).await {
                 Ok(out) => {

@@ -174,8 +174,8 @@ impl Store for PausingStore {
     async fn deprecate_expired(&self, now: Micros) -> Result<u64, StoreError> {
         self.inner.deprecate_expired(now).await
     }
-    async fn start_kek_rotation(&self, k: &KekRow, now: Micros) -> Result<JobRow, StoreError> {
-        self.inner.start_kek_rotation(k, now).await
+    async fn start_kek_rotation(&self, k: &KekRow, v: &[u8], now: Micros) -> Result<JobRow, StoreError> {
+        self.inner.start_kek_rotation(k, v, now).await
     }
     async fn get_job(&self, id: Option<i64>) -> Result<Option<JobRow>, StoreError> {
         self.inner.get_job(id).await
@@ -191,7 +191,7 @@ impl Store for PausingStore {
     ) -> Result<Vec<RewrapRow>, StoreError> {
         self.inner.rewrap_candidates(a, after, l).await
     }
-    async fn commit_rewrap(&self, b: &RewrapBatch<'_>) -> Result<bool, StoreError> {
+    async fn commit_rewrap(&self, b: &RewrapBatch<'_>) -> Result<Option<u64>, StoreError> {
         self.inner.commit_rewrap(b).await
     }
     async fn finish_job(&self, id: i64, o: &str, now: Micros, e: Option<&str>) -> Result<Option<JobRow>, StoreError> {

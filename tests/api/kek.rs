@@ -334,3 +334,36 @@ async fn rekey_changes_the_passphrase_and_only_that() {
     env.cleanup().await;
     env2.cleanup().await;
 }
+
+/// After a rekey through one daemon, another daemon still holding the old master key
+/// must not wrap a new KEK under it (daemons restarted with the new passphrase could not
+/// read it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_with_an_old_master_key_cannot_rotate_the_kek() {
+    let env = TestEnv::new(Backend::Postgres).await;
+    let (old, new) = ("first passphrase", "second passphrase");
+    let a = TestDaemon::start(passphrase_settings(env.settings(), old), None).await;
+    let b = TestDaemon::start(passphrase_settings(env.settings(), old), Some(&a.token)).await;
+    let mut admin_a = a.admin().await;
+    let req = RekeyMasterRequest { old_passphrase: old.into(), new_passphrase: new.into() };
+    admin_a.rekey_master(req).await.unwrap();
+    let mut admin_b = b.admin().await;
+    assert_status(admin_b.rotate_kek(RotateKekRequest {}).await, Code::FailedPrecondition, "out of date");
+    // The daemon that rekeyed can.
+    let job = admin_a.rotate_kek(RotateKekRequest {}).await.unwrap().into_inner();
+    eventually("the job to finish", Duration::from_secs(60), async || {
+        job_state(&mut admin_a, job.job_id).await == proto::JobState::Completed as i32
+    })
+    .await;
+    let token = a.token.clone();
+    a.stop().await;
+    b.stop().await;
+    let d = TestDaemon::start(passphrase_settings(env.settings(), new), Some(&token)).await;
+    assert_eq!(d.vault.status().await.active_kek_id, 2, "the new KEK opens with the new passphrase");
+    d.stop().await;
+    env.cleanup().await;
+}
+
+async fn job_state(admin: &mut Admin, id: u64) -> i32 {
+    job(admin, id).await.state
+}

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use tokio_stream::StreamExt as _;
 use tonic::metadata::MetadataValue;
 use tonic::Code;
 
@@ -188,7 +189,23 @@ async fn revocation_reaches_every_daemon() {
     })
     .await;
 
+    // Watch streams on both daemons: they carry only names the token may read.
+    let watch = credvault::proto::WatchCredentialsRequest { prefix: String::new() };
+    let mut wa = on_a.watch_credentials(watch.clone()).await.unwrap().into_inner();
+    let mut wb = on_b.watch_credentials(watch).await.unwrap().into_inner();
+    put(&mut a.client().await, "s/secret", b"v", None).await.unwrap();
+    put(&mut a.client().await, "r/y", b"v", None).await.unwrap();
+    for w in [&mut wa, &mut wb] {
+        let e = tokio::time::timeout(Duration::from_secs(5), w.next()).await.unwrap().unwrap().unwrap();
+        assert_eq!(e.name, "r/y", "s/secret is not readable by this token");
+    }
+
     a.admin().await.revoke_token(RevokeTokenRequest { id: id.clone() }).await.unwrap();
+    for w in [&mut wa, &mut wb] {
+        let ended = tokio::time::timeout(Duration::from_secs(10), w.next()).await.expect("the stream ends");
+        let status = ended.expect("with a status").expect_err("an error status");
+        assert_eq!(status.code(), Code::Unauthenticated, "{}", status.message());
+    }
     assert_status(get(&mut on_a, "r/x", None).await, Code::Unauthenticated, "invalid or expired token");
     crate::cache::eventually("B refuses the revoked token", Duration::from_secs(1), async || {
         get(&mut on_b, "r/x", None).await.is_err_and(|s| s.code() == Code::Unauthenticated)
