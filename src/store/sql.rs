@@ -780,8 +780,10 @@ macro_rules! impl_sql_store {
             ) -> Result<Vec<$crate::store::RewrapRow>, StoreError> {
                 let (after_name, after_version) = after.unwrap_or(("", 0));
                 let rows = sqlx::query(
+                    // A row-value comparison, so both databases walk the primary key from
+                    // the cursor instead of scanning from the start on every batch.
                     "SELECT name, version, kek_id, wrapped_dek FROM credential_versions \
-                     WHERE kek_id <> $1 AND (name > $2 OR (name = $2 AND version > $3)) \
+                     WHERE (name, version) > ($2, $3) AND kek_id <> $1 \
                      ORDER BY name, version LIMIT $4",
                 )
                 .bind(active)

@@ -73,6 +73,15 @@ async fn job(admin: &mut Admin, id: u64) -> proto::RotationJob {
     admin.get_rotation_job(GetRotationJobRequest { job_id: id }).await.unwrap().into_inner()
 }
 
+/// Waits for a job to end (completed or failed) and returns it.
+async fn finished(admin: &mut Admin, id: u64) -> proto::RotationJob {
+    eventually("the job to finish", Duration::from_secs(120), async || {
+        job(admin, id).await.state != proto::JobState::Running as i32
+    })
+    .await;
+    job(admin, id).await
+}
+
 fn slow_rewrap(mut s: Settings) -> Settings {
     s.rotation.rewrap_batch_size = 100;
     s.rotation.rewrap_pause_ms = 20;
@@ -157,11 +166,7 @@ async fn kek_rotation_survives_a_crash(backend: Backend) {
     // A new daemon resumes the job once the dead one's lease lapses.
     let d = TestDaemon::start(settings, Some(&token)).await;
     let mut admin = d.admin().await;
-    eventually("the job to finish", Duration::from_secs(120), async || {
-        job(&mut admin, started.job_id).await.state != proto::JobState::Running as i32
-    })
-    .await;
-    let done = job(&mut admin, 0).await;
+    let done = finished(&mut admin, started.job_id).await;
     assert_eq!(done.state, proto::JobState::Completed as i32, "{}", done.error);
     assert_eq!((done.done, done.failed), (5001, 0));
     assert!(done.finished_at.is_some() && done.rate_per_second > 0.0);
@@ -207,17 +212,13 @@ async fn puts_racing_a_rewrap_lose_nothing(backend: Backend) {
             writes
         });
     }
-    eventually("the job to finish", Duration::from_secs(120), async || {
-        job(&mut admin, started.job_id).await.state != proto::JobState::Running as i32
-    })
-    .await;
+    let done = finished(&mut admin, started.job_id).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut rounds = std::collections::HashMap::new();
     while let Some(r) = writers.join_next().await {
         rounds.extend(r.expect("writer"));
     }
     assert!(!rounds.is_empty(), "writers wrote during the job");
-    let done = job(&mut admin, started.job_id).await;
     assert_eq!((done.state, done.failed), (proto::JobState::Completed as i32, 0), "{}", done.error);
 
     check_all(&d.vault, &names, |n| value_of(n, rounds.get(n).copied().unwrap_or(1))).await;
@@ -267,10 +268,7 @@ async fn a_kek_rotation_reaches_every_daemon() {
         }
     };
     assert_eq!(kek_of("multi/z").await, 2, "B sealed under the new KEK");
-    eventually("the job to finish", Duration::from_secs(60), async || {
-        job(&mut admin, started.job_id).await.state == proto::JobState::Completed as i32
-    })
-    .await;
+    assert_eq!(finished(&mut admin, started.job_id).await.state, proto::JobState::Completed as i32);
     assert_eq!(kek_of("multi/x").await, 2);
     raw.close().await;
     b.vault.cache().clear();
@@ -291,10 +289,7 @@ async fn rekey_changes_the_passphrase_and_only_that() {
     put(&mut c, "rk/a", b"alpha", None).await.unwrap();
     // A second KEK, so the rekey has more than one to re-wrap.
     let started = admin.rotate_kek(RotateKekRequest {}).await.unwrap().into_inner();
-    eventually("the job to finish", Duration::from_secs(60), async || {
-        job(&mut admin, started.job_id).await.state == proto::JobState::Completed as i32
-    })
-    .await;
+    assert_eq!(finished(&mut admin, started.job_id).await.state, proto::JobState::Completed as i32);
     put(&mut c, "rk/b", b"beta", None).await.unwrap();
 
     let req = |o: &str, n: &str| RekeyMasterRequest { old_passphrase: o.into(), new_passphrase: n.into() };
@@ -310,10 +305,7 @@ async fn rekey_changes_the_passphrase_and_only_that() {
     // This daemon keeps working, and can rotate again under the new master key.
     assert_eq!(get(&mut c, "rk/a", None).await.unwrap().1, b"alpha");
     let again = admin.rotate_kek(RotateKekRequest {}).await.unwrap().into_inner();
-    eventually("the second job to finish", Duration::from_secs(60), async || {
-        job(&mut admin, again.job_id).await.state == proto::JobState::Completed as i32
-    })
-    .await;
+    assert_eq!(finished(&mut admin, again.job_id).await.state, proto::JobState::Completed as i32);
     d.stop().await;
 
     let refused = credvault::server::Daemon::build(passphrase_settings(env.settings(), old)).await;
@@ -351,10 +343,7 @@ async fn a_daemon_with_an_old_master_key_cannot_rotate_the_kek() {
     assert_status(admin_b.rotate_kek(RotateKekRequest {}).await, Code::FailedPrecondition, "out of date");
     // The daemon that rekeyed can.
     let job = admin_a.rotate_kek(RotateKekRequest {}).await.unwrap().into_inner();
-    eventually("the job to finish", Duration::from_secs(60), async || {
-        job_state(&mut admin_a, job.job_id).await == proto::JobState::Completed as i32
-    })
-    .await;
+    assert_eq!(finished(&mut admin_a, job.job_id).await.state, proto::JobState::Completed as i32);
     let token = a.token.clone();
     a.stop().await;
     b.stop().await;
@@ -362,8 +351,4 @@ async fn a_daemon_with_an_old_master_key_cannot_rotate_the_kek() {
     assert_eq!(d.vault.status().await.active_kek_id, 2, "the new KEK opens with the new passphrase");
     d.stop().await;
     env.cleanup().await;
-}
-
-async fn job_state(admin: &mut Admin, id: u64) -> i32 {
-    job(admin, id).await.state
 }
