@@ -4,6 +4,7 @@
 //! ```text
 //! cargo bench --bench rewrap                 # 20,000 credentials on each backend
 //! REWRAP_N=50000 cargo bench --bench rewrap
+//! REWRAP_BACKENDS=postgres cargo bench --bench rewrap   # one backend only
 //! ```
 //! PostgreSQL comes from `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`);
 //! the bench creates and drops its own database. A backend that cannot be reached is
@@ -86,10 +87,19 @@ async fn main() {
     // `cargo bench` passes `--bench`; nothing else to parse.
     let n: usize = std::env::var("REWRAP_N").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
 
+    let backends = std::env::var("REWRAP_BACKENDS").unwrap_or_else(|_| "sqlite,postgres".into());
     let dir = tempfile::tempdir().expect("temp dir");
-    match SqliteStore::open(&dir.path().join("rewrap.db"), 8).await {
-        Ok(s) => measure("sqlite", Arc::new(s), n).await,
-        Err(e) => println!("sqlite: skipped ({e})"),
+    if !backends.contains("sqlite") {
+        println!("sqlite: skipped (REWRAP_BACKENDS)");
+    } else {
+        match SqliteStore::open(&dir.path().join("rewrap.db"), 8).await {
+            Ok(s) => measure("sqlite", Arc::new(s), n).await,
+            Err(e) => println!("sqlite: skipped ({e})"),
+        }
+    }
+    if !backends.contains("postgres") {
+        println!("postgres: skipped (REWRAP_BACKENDS)");
+        return;
     }
 
     let admin = std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
