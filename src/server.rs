@@ -85,6 +85,12 @@ fn tls_config(tls: &crate::config::TlsSettings) -> Result<tonic::transport::Serv
     Ok(config)
 }
 
+/// The gRPC server with the daemon's transport settings, shared with the bench's
+/// baseline server so the two differ only in what they do per request.
+pub fn grpc_server() -> Server {
+    Server::builder().tcp_nodelay(true)
+}
+
 impl Daemon {
     pub async fn build(settings: Settings) -> Result<Daemon, ServerError> {
         settings.validate()?;
@@ -214,12 +220,11 @@ impl Daemon {
             tokio::spawn(crate::metrics::serve(self.metrics_listener, self.metrics, self.store.clone(), stop_rx));
 
         tracing::info!(%addr, %metrics_addr, backend = self.store.backend().as_str(), "credvault serving gRPC");
-        let mut builder = Server::builder();
+        let mut builder = grpc_server();
         if let Some(tls) = &self.settings.tls {
             builder = builder.tls_config(tls_config(tls)?)?;
         }
         let served = builder
-            .tcp_nodelay(true)
             .layer(crate::metrics::RequestMetricsLayer)
             .layer(crate::audit::AuditLayer::new(audit))
             .layer(crate::limits::ConcurrencyLimitLayer::new(limits.max_concurrent_requests))

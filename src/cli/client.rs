@@ -97,7 +97,7 @@ async fn connect(
     ))
 }
 
-fn client_tls(conn: &Connection) -> Result<tonic::transport::ClientTlsConfig, ClientError> {
+pub(super) fn client_tls(conn: &Connection) -> Result<tonic::transport::ClientTlsConfig, ClientError> {
     use tonic::transport::{Certificate, ClientTlsConfig, Identity};
     let read = |p: &std::path::Path| {
         std::fs::read(p).map_err(|e| ClientError::Usage(format!("cannot read {}: {e}", p.display())))
@@ -244,6 +244,7 @@ pub async fn run_client(cmd: ClientCommand) -> Result<(), ClientError> {
             writeln!(out, "started:         {}", ts(&s.started_at))?;
         }
         ClientCommand::Token(cmd) => run_token(cmd, &mut out).await?,
+        ClientCommand::Bench(args) => super::bench::run(*args, &mut out).await?,
         ClientCommand::Audit(AuditCommand::Tail { lines, conn }) => {
             let (_, mut a) = connect(&conn).await?;
             let r = a.list_audit_events(proto::ListAuditEventsRequest { limit: lines }).await?.into_inner();
