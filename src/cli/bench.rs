@@ -1136,9 +1136,7 @@ impl BaselineServer {
         std::thread::Builder::new().name("baseline".into()).spawn(move || {
             let served = runtime.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(listener)?;
-                // With a listener of our own, `Server::tcp_nodelay` does not apply: set it
-                // on each accepted socket, or Nagle holds back the trailers.
-                let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+                let incoming = crate::server::incoming(listener);
                 let serve = crate::server::grpc_server()
                     .add_service(CredentialServiceServer::new(api).max_encoding_message_size(usize::MAX))
                     .serve_with_incoming(incoming);
