@@ -94,6 +94,9 @@ pub struct Audit {
     capacity: usize,
 }
 
+/// How long the writer waits for a batch to fill once it holds an event.
+const BATCH_LINGER: Duration = Duration::from_millis(5);
+
 /// The writer half, run by the server until shutdown.
 pub struct AuditWriter {
     rx: mpsc::Receiver<AuditRow>,
@@ -142,6 +145,12 @@ impl AuditWriter {
             };
             let Some(first) = first else { break };
             batch.push(first);
+            if self.rx.len() + 1 < batch_size {
+                // Let a batch build up: under load this makes one store write every few
+                // milliseconds instead of one per handful of events (each a transaction,
+                // and a wake-up of this task per request). No request waits for it.
+                tokio::time::sleep(BATCH_LINGER).await;
+            }
             while batch.len() < batch_size {
                 match self.rx.try_recv() {
                     Ok(e) => batch.push(e),

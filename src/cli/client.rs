@@ -101,7 +101,7 @@ pub(super) async fn connect(
     ))
 }
 
-fn client_tls(conn: &Connection) -> Result<tonic::transport::ClientTlsConfig, ClientError> {
+pub(super) fn client_tls(conn: &Connection) -> Result<tonic::transport::ClientTlsConfig, ClientError> {
     use tonic::transport::{Certificate, ClientTlsConfig, Identity};
     let read = |p: &std::path::Path| {
         std::fs::read(p).map_err(|e| ClientError::Usage(format!("cannot read {}: {e}", p.display())))
@@ -258,6 +258,7 @@ pub async fn run_client(cmd: ClientCommand) -> Result<(), ClientError> {
         }
         ClientCommand::Token(cmd) => run_token(cmd, &mut out).await?,
         ClientCommand::Rotation(cmd) => super::rotate::run(cmd, &mut out).await?,
+        ClientCommand::Bench(args) => super::bench::run(*args, &mut out).await?,
         ClientCommand::Audit(AuditCommand::Tail { lines, conn }) => {
             let (_, mut a) = connect(&conn).await?;
             let r = a.list_audit_events(proto::ListAuditEventsRequest { limit: lines }).await?.into_inner();

@@ -1,6 +1,7 @@
 //! The `credvault` command line: `serve` runs the daemon; every other subcommand is a
 //! gRPC client of a running daemon.
 
+pub mod bench;
 mod client;
 mod rotate;
 
@@ -117,6 +118,8 @@ pub enum ClientCommand {
     /// Create, list and revoke access tokens (needs the admin capability).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Load-test a daemon (and, with --baseline, a bare gRPC server in this process).
+    Bench(Box<bench::BenchArgs>),
     #[command(flatten)]
     Rotation(rotate::RotationCommand),
 }

@@ -43,12 +43,12 @@ impl CredentialApi {
 /// How often an open watch stream re-checks its token (revocation, expiry).
 const WATCH_TOKEN_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
-fn value_response(v: CredentialValue) -> proto::GetCredentialResponse {
+fn value_response(mut v: CredentialValue) -> proto::GetCredentialResponse {
     proto::GetCredentialResponse {
-        // prost owns its buffers: this copy of the plaintext lives until the response is
-        // encoded; the vault's own buffer is zeroized when `v` drops here.
-        value: v.value.to_vec(),
-        name: v.name.clone(),
+        // prost owns its buffers: the plaintext moves into the response (no second copy)
+        // and lives until the response is encoded; what is left in `v` is empty.
+        value: std::mem::take(&mut *v.value),
+        name: std::mem::take(&mut v.name),
         version: v.version,
         state: version_state(v.state) as i32,
         created_at: Some(timestamp(v.created_at)),

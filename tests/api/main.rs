@@ -5,6 +5,7 @@ mod helpers;
 
 mod audit;
 mod bad_input;
+mod bench;
 mod cache;
 mod cli;
 mod concurrency;

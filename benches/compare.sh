@@ -1,0 +1,211 @@
+#!/usr/bin/env bash
+# Side-by-side benchmarks on this machine, in one go:
+#   - the gRPC baseline (a bare tonic server in the bench process, answering from memory),
+#   - credvault cache hits (memoized and per-read decryption; 2 and 1 runtime workers),
+#   - a fixed rate of 10,000 req/s (open loop, coordinated omission corrected),
+#   - credvault cache misses and puts on PostgreSQL and SQLite,
+#   - the memory of 100,000 cached 256-byte credentials,
+#   - and, when installed, `redis-benchmark -t get` against the local Redis and a pgbench
+#     point select by primary key against the local PostgreSQL, at the same concurrency.
+# Then writes a markdown table and an SVG of the latency distributions.
+#
+# Needs: a Rust toolchain, python3 (standard library only), PostgreSQL reachable at
+# $PG_ADMIN_URL (trust auth; the script creates and drops two scratch databases), and
+# optionally redis-benchmark/redis-server and pgbench. Installs nothing.
+#
+#   benches/compare.sh                      # everything, about 12 minutes on 2 cores
+#   ONLY='hit|rate' benches/compare.sh      # only the runs whose name matches
+#   DURATION=3 ROUNDS=1 benches/compare.sh  # quicker, noisier
+#
+# Results go to $OUT (default benches/results): one JSON report per run, summary.md and
+# latency.svg.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benches/results}
+DURATION=${DURATION:-5}
+WARMUP=${WARMUP:-1}
+ROUNDS=${ROUNDS:-3}
+ONLY=${ONLY:-.}
+PG_ADMIN_URL=${PG_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+PG_HOST=${PG_HOST:-127.0.0.1}
+PG_USER=${PG_USER:-postgres}
+REDIS_HOST=${REDIS_HOST:-127.0.0.1}
+REDIS_PORT=${REDIS_PORT:-6379}
+BIN=target/release/credvault
+DB=cv_bench_$$
+PGBENCH_DB=cv_bench_pgbench_$$
+
+mkdir -p "$OUT"
+WORK=$(mktemp -d /tmp/credvault-bench.XXXXXX)
+PIDS=()
+
+cleanup() {
+    for pid in "${PIDS[@]:-}"; do
+        [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
+    done
+    if command -v dropdb >/dev/null; then
+        dropdb -h "$PG_HOST" -U "$PG_USER" --if-exists --force "$DB" 2>/dev/null || true
+        dropdb -h "$PG_HOST" -U "$PG_USER" --if-exists --force "$PGBENCH_DB" 2>/dev/null || true
+    fi
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+log() { printf '\n== %s\n' "$*" >&2; }
+wanted() { [[ "$1" =~ $ONLY ]]; }
+
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+    log "cargo build --release"
+    cargo build --release --quiet
+fi
+
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+}
+
+# start_daemon NAME [serve flags...]: sets PORT, TOKEN and DAEMON_PID.
+start_daemon() {
+    local name=$1
+    shift
+    local dir=$WORK/$name
+    mkdir -p "$dir"
+    PORT=$(free_port)
+    local mport
+    mport=$(free_port)
+    "$BIN" serve --data-dir "$dir" --listen "127.0.0.1:$PORT" --metrics-listen "127.0.0.1:$mport" "$@" \
+        >"$dir/stdout" 2>"$dir/stderr" &
+    DAEMON_PID=$!
+    PIDS+=("$DAEMON_PID")
+    for _ in $(seq 1 300); do
+        if grep -q '^export CREDVAULT_TOKEN=' "$dir/stdout" 2>/dev/null && grep -q 'serving gRPC' "$dir/stderr"; then
+            TOKEN=$(sed -n 's/^export CREDVAULT_TOKEN=//p' "$dir/stdout")
+            return 0
+        fi
+        if ! kill -0 "$DAEMON_PID" 2>/dev/null; then
+            cat "$dir/stderr" >&2
+            echo "daemon $name exited during start-up" >&2
+            exit 1
+        fi
+        sleep 0.1
+    done
+    echo "daemon $name did not start within 30 s" >&2
+    exit 1
+}
+
+stop_daemon() {
+    kill -TERM "$DAEMON_PID" 2>/dev/null || true
+    for _ in $(seq 1 100); do
+        kill -0 "$DAEMON_PID" 2>/dev/null || return 0
+        sleep 0.1
+    done
+    kill -KILL "$DAEMON_PID" 2>/dev/null || true
+}
+
+# bench NAME [bench flags...]: one report, $OUT/NAME.json.
+bench() {
+    local name=$1
+    shift
+    log "$name: credvault bench $*"
+    "$BIN" bench --addr "http://127.0.0.1:$PORT" --token "$TOKEN" --rounds "$ROUNDS" --duration "$DURATION" \
+        --warmup "$WARMUP" --label "$name" --json "$@" >"$OUT/$name.json"
+}
+
+# The same settings on every cache-hit run: 256-byte values, 1,000 keys, uniform.
+HIT=(--workload get --keys 1000 --value-size 256)
+C1=(-c 1 --connections 1)
+C64=(-c 64 --connections 4)
+
+if wanted 'hit|rate'; then
+    start_daemon sqlite-memoize
+    wanted hit && bench hit-memoize-c1 "${HIT[@]}" "${C1[@]}" --baseline
+    wanted hit && bench hit-memoize-c64 "${HIT[@]}" "${C64[@]}" --baseline
+    wanted hit && bench hit-zipf-c64 "${HIT[@]}" "${C64[@]}" --distribution zipf --baseline
+    wanted rate && bench rate-10k "${HIT[@]}" "${C64[@]}" --rate 10000 --baseline
+    stop_daemon
+fi
+if wanted 'hit'; then
+    start_daemon sqlite-per-read --cache-plaintext per-read
+    bench hit-per-read-c1 "${HIT[@]}" "${C1[@]}" --baseline
+    bench hit-per-read-c64 "${HIT[@]}" "${C64[@]}" --baseline
+    stop_daemon
+    start_daemon sqlite-1-worker --worker-threads 1
+    bench hit-1worker-c1 "${HIT[@]}" "${C1[@]}" --baseline
+    bench hit-1worker-c64 "${HIT[@]}" "${C64[@]}" --baseline
+    stop_daemon
+fi
+
+CACHE_OFF=$WORK/cache-off.toml
+printf '[cache]\nenabled = false\n' >"$CACHE_OFF"
+# backend_runs BACKEND [serve flags...]: misses (not found, and the cache off so every
+# read loads and decrypts a row) and compare-and-set puts, one caller.
+backend_runs() {
+    local backend=$1
+    shift
+    start_daemon "$backend" "$@"
+    bench "miss-$backend-c1" --workload miss "${C1[@]}"
+    bench "put-$backend-c1" --workload put --keys 1000 --value-size 256 "${C1[@]}"
+    bench "put-$backend-c64" --workload put --keys 1000 --value-size 256 "${C64[@]}"
+    stop_daemon
+    start_daemon "$backend-cache-off" --config "$CACHE_OFF" "$@"
+    bench "load-$backend-c1" --workload get --keys 1000 --value-size 256 "${C1[@]}"
+    stop_daemon
+}
+if wanted 'sqlite'; then
+    backend_runs sqlite
+fi
+if wanted 'postgres'; then
+    createdb -h "$PG_HOST" -U "$PG_USER" "$DB"
+    backend_runs postgres --database-url "${PG_ADMIN_URL%/*}/$DB"
+    dropdb -h "$PG_HOST" -U "$PG_USER" --force "$DB"
+fi
+
+if wanted 'memory'; then
+    # 100,000 credentials, each read once so its plaintext is memoized; the cache sized
+    # to hold them all.
+    MEM_CONF=$WORK/memory.toml
+    printf '[cache]\nmax_entries = 200000\nmax_bytes = 1073741824\n' >"$MEM_CONF"
+    start_daemon memory --config "$MEM_CONF"
+    python3 - "$DAEMON_PID" >"$OUT/memory-empty.json" <<'EOF'
+import json, sys
+rss = next(int(l.split()[1]) * 1024 for l in open(f"/proc/{sys.argv[1]}/status") if l.startswith("VmRSS:"))
+print(json.dumps({"server_rss_bytes": rss}))
+EOF
+    log "memory: seeding 100,000 credentials, then reading each once"
+    "$BIN" bench --addr "http://127.0.0.1:$PORT" --token "$TOKEN" --workload get --keys 100000 --value-size 256 \
+        --distribution sequential --requests 100000 --warmup 0 -c 16 --connections 2 --server-pid "$DAEMON_PID" \
+        --label memory-100k --json >"$OUT/memory-100k.json"
+    stop_daemon
+fi
+
+if wanted 'redis' && command -v redis-benchmark >/dev/null; then
+    # A 256-byte value under the key redis-benchmark reads, in database 15, removed after.
+    for c in 1 64; do
+        log "redis-benchmark -t get -c $c"
+        redis-benchmark -h "$REDIS_HOST" -p "$REDIS_PORT" --dbnum 15 -t set -n 1 -d 256 -q >/dev/null
+        n=$((c == 1 ? 50000 : 300000))
+        redis-benchmark -h "$REDIS_HOST" -p "$REDIS_PORT" --dbnum 15 -t get -n "$n" -c "$c" -d 256 --csv \
+            >"$OUT/redis-get-c$c.csv"
+    done
+    redis-cli -h "$REDIS_HOST" -p "$REDIS_PORT" -n 15 del 'key:__rand_int__' >/dev/null || true
+fi
+
+if wanted 'pgbench' && command -v pgbench >/dev/null; then
+    createdb -h "$PG_HOST" -U "$PG_USER" "$PGBENCH_DB"
+    pgbench -h "$PG_HOST" -U "$PG_USER" -i -s 1 -q "$PGBENCH_DB" >/dev/null 2>&1
+    for c in 1 64; do
+        log "pgbench -S (point select by primary key) -c $c"
+        rm -f "$WORK"/pgbench_log.*
+        # -S: SELECT abalance FROM pgbench_accounts WHERE aid = :aid; one line per transaction.
+        (cd "$WORK" && pgbench -h "$PG_HOST" -U "$PG_USER" -S -M prepared -c "$c" -j "$((c == 1 ? 1 : 2))" \
+            -T "$DURATION" --log --log-prefix=pgbench_log "$PGBENCH_DB" >"$OUT/pgbench-c$c.txt" 2>&1)
+        # Latency in microseconds is the third field of each log line.
+        cat "$WORK"/pgbench_log.* | awk '{print $3}' >"$WORK/pgbench-c$c.lat"
+        python3 benches/report.py --pgbench "$WORK/pgbench-c$c.lat" "$OUT/pgbench-c$c.txt" >"$OUT/pgbench-c$c.json"
+    done
+    dropdb -h "$PG_HOST" -U "$PG_USER" --force "$PGBENCH_DB"
+fi
+
+python3 benches/report.py "$OUT"
+log "wrote $OUT/summary.md and $OUT/latency.svg"
+cat "$OUT/summary.md"
