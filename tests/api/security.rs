@@ -302,3 +302,34 @@ async fn overload_is_shed_and_slow_storage_is_unavailable() {
     d.stop().await;
     env.cleanup().await;
 }
+
+/// A caller's deadline (`grpc-timeout`) ends the request even while storage is stuck;
+/// the store timeout is much longer here, so only the deadline can have ended it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_deadlines_are_honoured() {
+    let env = TestEnv::new(Backend::Postgres).await;
+    let mut settings = env.settings();
+    settings.limits.store_timeout_ms = 30_000;
+    let d = TestDaemon::start(settings, None).await;
+    let mut c = d.client().await;
+    put(&mut c, "deadline/x", b"v", None).await.unwrap();
+    d.vault.cache().clear();
+    let raw = sqlx::PgPool::connect(&env.database_url()).await.unwrap();
+    let mut lock = raw.begin().await.unwrap();
+    sqlx::query("LOCK TABLE credentials IN ACCESS EXCLUSIVE MODE").execute(&mut *lock).await.unwrap();
+
+    let mut req =
+        tonic::Request::new(credvault::proto::GetCredentialRequest { name: "deadline/x".into(), version: None });
+    req.set_timeout(Duration::from_millis(300));
+    let waited = tokio::time::timeout(Duration::from_secs(20), c.get_credential(req)).await;
+    let status = waited.expect("the deadline ended the call, not the store timeout").expect_err("an error");
+    // tonic's server ends an expired request with CANCELLED "Timeout expired" (gRPC
+    // clients enforce their own deadline too and report DEADLINE_EXCEEDED locally).
+    assert_eq!((status.code(), status.message()), (Code::Cancelled, "Timeout expired"));
+
+    lock.rollback().await.unwrap();
+    raw.close().await;
+    assert_eq!(get(&mut c, "deadline/x", None).await.unwrap().1, b"v", "serving again once storage answers");
+    d.stop().await;
+    env.cleanup().await;
+}
