@@ -88,7 +88,10 @@ mod tests {
         }
         let all = password(16, PasswordClasses::default()).unwrap();
         assert!(all.iter().any(|b| SYMBOLS.contains(b)) && all.iter().any(u8::is_ascii_lowercase));
-        assert_ne!(password(32, PasswordClasses::default()).unwrap(), password(32, PasswordClasses::default()).unwrap());
+        assert_ne!(
+            password(32, PasswordClasses::default()).unwrap(),
+            password(32, PasswordClasses::default()).unwrap()
+        );
         assert!(password(7, PasswordClasses::default()).is_err());
     }
 
