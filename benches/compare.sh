@@ -37,6 +37,7 @@ DB=cv_bench_$$
 PGBENCH_DB=cv_bench_pgbench_$$
 
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
 WORK=$(mktemp -d /tmp/credvault-bench.XXXXXX)
 PIDS=()
 
@@ -64,26 +65,30 @@ free_port() {
     python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
 }
 
-# start_daemon NAME [serve flags...]: sets PORT, TOKEN and DAEMON_PID.
+# start_daemon NAME [serve flags...]: sets PORT, TOKEN and DAEMON_PID. The data directory
+# (key file, SQLite file) is $WORK/$DATA_DIR, default NAME; a daemon restarted over the
+# same data prints no new root token, so TOKEN keeps the one from the first start.
 start_daemon() {
     local name=$1
     shift
-    local dir=$WORK/$name
+    local dir=$WORK/${DATA_DIR:-$name}
     mkdir -p "$dir"
     PORT=$(free_port)
     local mport
     mport=$(free_port)
     "$BIN" serve --data-dir "$dir" --listen "127.0.0.1:$PORT" --metrics-listen "127.0.0.1:$mport" "$@" \
-        >"$dir/stdout" 2>"$dir/stderr" &
+        >"$dir/$name.stdout" 2>"$dir/$name.stderr" &
     DAEMON_PID=$!
     PIDS+=("$DAEMON_PID")
     for _ in $(seq 1 300); do
-        if grep -q '^export CREDVAULT_TOKEN=' "$dir/stdout" 2>/dev/null && grep -q 'serving gRPC' "$dir/stderr"; then
-            TOKEN=$(sed -n 's/^export CREDVAULT_TOKEN=//p' "$dir/stdout")
+        if grep -q 'serving gRPC' "$dir/$name.stderr" 2>/dev/null; then
+            if grep -q '^export CREDVAULT_TOKEN=' "$dir/$name.stdout"; then
+                TOKEN=$(sed -n 's/^export CREDVAULT_TOKEN=//p' "$dir/$name.stdout")
+            fi
             return 0
         fi
         if ! kill -0 "$DAEMON_PID" 2>/dev/null; then
-            cat "$dir/stderr" >&2
+            cat "$dir/$name.stderr" >&2
             echo "daemon $name exited during start-up" >&2
             exit 1
         fi
@@ -147,7 +152,7 @@ backend_runs() {
     bench "put-$backend-c1" --workload put --keys 1000 --value-size 256 "${C1[@]}"
     bench "put-$backend-c64" --workload put --keys 1000 --value-size 256 "${C64[@]}"
     stop_daemon
-    start_daemon "$backend-cache-off" --config "$CACHE_OFF" "$@"
+    DATA_DIR=$backend start_daemon "$backend-cache-off" --config "$CACHE_OFF" "$@"
     bench "load-$backend-c1" --workload get --keys 1000 --value-size 256 "${C1[@]}"
     stop_daemon
 }
@@ -161,20 +166,28 @@ if wanted 'postgres'; then
 fi
 
 if wanted 'memory'; then
-    # 100,000 credentials, each read once so its plaintext is memoized; the cache sized
-    # to hold them all.
+    # 100,000 credentials of 256 bytes with the cache sized to hold them all. One daemon
+    # writes them (and reads each once); a second daemon over the same data then fills
+    # its cache by reading each once, which is the steady state of a daemon that serves
+    # credentials written elsewhere: its resident memory is the number that counts.
     MEM_CONF=$WORK/memory.toml
     printf '[cache]\nmax_entries = 200000\nmax_bytes = 1073741824\n' >"$MEM_CONF"
-    start_daemon memory --config "$MEM_CONF"
+    MEM_ARGS=(--workload get --keys 100000 --value-size 256 --distribution sequential --requests 100000 --warmup 0
+        -c 16 --connections 2 --json)
+    log "memory: writing 100,000 credentials, then reading each once"
+    start_daemon memory-writer --config "$MEM_CONF"
+    "$BIN" bench --addr "http://127.0.0.1:$PORT" --token "$TOKEN" "${MEM_ARGS[@]}" --server-pid "$DAEMON_PID" \
+        --label memory-writer >"$OUT/memory-writer.json"
+    stop_daemon
+    log "memory: a fresh daemon reading each of the 100,000 once"
+    DATA_DIR=memory-writer start_daemon memory-reader --config "$MEM_CONF"
     python3 - "$DAEMON_PID" >"$OUT/memory-empty.json" <<'EOF'
 import json, sys
 rss = next(int(l.split()[1]) * 1024 for l in open(f"/proc/{sys.argv[1]}/status") if l.startswith("VmRSS:"))
 print(json.dumps({"server_rss_bytes": rss}))
 EOF
-    log "memory: seeding 100,000 credentials, then reading each once"
-    "$BIN" bench --addr "http://127.0.0.1:$PORT" --token "$TOKEN" --workload get --keys 100000 --value-size 256 \
-        --distribution sequential --requests 100000 --warmup 0 -c 16 --connections 2 --server-pid "$DAEMON_PID" \
-        --label memory-100k --json >"$OUT/memory-100k.json"
+    "$BIN" bench --addr "http://127.0.0.1:$PORT" --token "$TOKEN" "${MEM_ARGS[@]}" --no-seed --server-pid "$DAEMON_PID" \
+        --label memory-100k >"$OUT/memory-100k.json"
     stop_daemon
 fi
 

@@ -207,9 +207,12 @@ def summary(out_dir):
         targets.append(f"| put on PostgreSQL, one caller: p95 < 10 ms | {fmt_us(p95)} | {verdict(p95 < 10000)} |")
     mem = load(out_dir, "memory-100k.json")
     empty = load(out_dir, "memory-empty.json")
+    writer = load(out_dir, "memory-writer.json")
     if mem and mem.get("server_rss_bytes"):
         rss = mem["server_rss_bytes"] / MB
-        base = f" ({empty['server_rss_bytes'] / MB:.1f} MiB before seeding)" if empty else ""
+        base = f" (a fresh daemon filled by reads; {empty['server_rss_bytes'] / MB:.1f} MiB before)" if empty else ""
+        if writer and writer.get("server_rss_bytes"):
+            base += f"; {writer['server_rss_bytes'] / MB:.1f} MiB for the daemon that also wrote them"
         targets.append(f"| 100,000 cached 256-byte credentials: < 100 MB RSS | {rss:.1f} MiB{base} | {verdict(mem['server_rss_bytes'] < 100e6)} |")
 
     settings = next((o["settings"] for o in runs.values() if o), None)

@@ -624,7 +624,7 @@ async fn measure(
             // Enough room for a second of backlog; when the callers fall further behind the
             // pacer waits, and the scheduled times still count the delay.
             let cap = (rate as usize).clamp(args.concurrency, 1 << 20);
-            let (tx, rx) = mpsc::channel(cap);
+            let (tx, rx) = mpsc::channel::<(u64, Instant)>(cap);
             pacer = Some(spawn_pacer(rate, start, deadline, max_requests, tx)?);
             Tickets::Paced(Arc::new(Mutex::new(rx)))
         }
@@ -667,9 +667,9 @@ async fn measure(
         }
     }
     let elapsed = start.elapsed();
+    // Closes the schedule: a pacer still waiting to hand out a request stops now.
+    drop(tickets);
     if let Some(p) = pacer {
-        // The pacer stops once its channel is closed (all callers are done), or at the
-        // deadline: it is finished or about to be.
         let _ = tokio::task::spawn_blocking(move || p.join()).await;
     }
     Ok(Measured { histogram, outcomes, elapsed })
@@ -685,7 +685,7 @@ fn spawn_pacer(
     start: Instant,
     deadline: Instant,
     max: u64,
-    tx: mpsc::Sender<Instant>,
+    tx: mpsc::Sender<(u64, Instant)>,
 ) -> Result<std::thread::JoinHandle<()>, ClientError> {
     let pacer = move || {
         for i in 0..max {
@@ -698,7 +698,7 @@ fn spawn_pacer(
             if at > now {
                 std::thread::sleep(at - now);
             }
-            if tx.blocking_send(at).is_err() {
+            if tx.blocking_send((i, at)).is_err() {
                 break;
             }
         }
@@ -710,8 +710,8 @@ fn spawn_pacer(
 enum Tickets {
     /// Closed loop: take a number until `max` or the deadline.
     Counted { next: Arc<AtomicU64>, max: u64, deadline: Instant },
-    /// Open loop: scheduled start times from the pacer.
-    Paced(Arc<Mutex<mpsc::Receiver<Instant>>>),
+    /// Open loop: request numbers and their scheduled start times, from the pacer.
+    Paced(Arc<Mutex<mpsc::Receiver<(u64, Instant)>>>),
 }
 
 struct Shared {
@@ -752,9 +752,9 @@ impl Worker {
                     (n, now)
                 }
                 Tickets::Paced(rx) => {
-                    let at = rx.lock().await.recv().await;
-                    match at {
-                        Some(at) => (0, at),
+                    let next = rx.lock().await.recv().await;
+                    match next {
+                        Some(ticket) => ticket,
                         None => break,
                     }
                 }
