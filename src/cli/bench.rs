@@ -28,12 +28,11 @@ use clap::ValueEnum as _;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, Mutex};
-use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status};
 
-use super::client::{client_tls, ClientError};
+use super::client::{bearer, endpoint, BearerToken as Bearer, ClientError};
 use super::Connection;
 use crate::proto::credential_service_client::CredentialServiceClient;
 use crate::proto::credential_service_server::{CredentialService, CredentialServiceServer};
@@ -421,44 +420,6 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
 }
 
 type Client = CredentialServiceClient<InterceptedService<Channel, Bearer>>;
-
-/// Adds the `authorization` header to every request.
-#[derive(Clone)]
-struct Bearer(MetadataValue<tonic::metadata::Ascii>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        req.metadata_mut().insert("authorization", self.0.clone());
-        Ok(req)
-    }
-}
-
-fn bearer(token: &str) -> Result<Bearer, ClientError> {
-    let mut header: MetadataValue<_> = format!("Bearer {token}")
-        .parse()
-        .map_err(|_| usage("the token contains characters not allowed in a header"))?;
-    header.set_sensitive(true);
-    Ok(Bearer(header))
-}
-
-fn endpoint(conn: &Connection) -> Result<Endpoint, ClientError> {
-    let tls = conn.tls_ca.is_some() || conn.tls_client_cert.is_some() || conn.addr.starts_with("https://");
-    let addr = match (conn.addr.split_once("://"), tls) {
-        (Some(("http", rest)), true) => format!("https://{rest}"),
-        (Some(_), _) => conn.addr.clone(),
-        (None, true) => format!("https://{}", conn.addr),
-        (None, false) => format!("http://{}", conn.addr),
-    };
-    let err = |reason: String| ClientError::Connect { addr: addr.clone(), reason };
-    let mut endpoint = Endpoint::from_shared(addr.clone())
-        .map_err(|e| err(e.to_string()))?
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(5));
-    if tls {
-        endpoint = endpoint.tls_config(client_tls(conn)?).map_err(|e| err(e.to_string()))?;
-    }
-    Ok(endpoint)
-}
 
 /// `n` separate HTTP/2 connections (each `connect` opens its own).
 async fn connect_all(endpoint: &Endpoint, n: usize, auth: Bearer) -> Result<Vec<Client>, ClientError> {

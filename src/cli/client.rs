@@ -75,10 +75,30 @@ pub(super) async fn connect(
                 .into(),
         )
     })?;
+    let auth = bearer(token)?;
+    let endpoint = endpoint(conn)?;
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| ClientError::Connect { addr: endpoint.uri().to_string(), reason: e.to_string() })?;
+    Ok((
+        CredentialServiceClient::with_interceptor(channel.clone(), auth.clone()),
+        AdminServiceClient::with_interceptor(channel, auth),
+    ))
+}
+
+/// The `authorization` header for a bearer token, marked sensitive so it is never logged.
+pub(super) fn bearer(token: &str) -> Result<BearerToken, ClientError> {
     let mut header: MetadataValue<_> = format!("Bearer {token}")
         .parse()
         .map_err(|_| ClientError::Usage("the token contains characters not allowed in a header".into()))?;
     header.set_sensitive(true);
+    Ok(BearerToken(header))
+}
+
+/// Where `conn` points: `https` when any TLS option is given (an `http://` address is
+/// upgraded), plaintext otherwise.
+pub(super) fn endpoint(conn: &Connection) -> Result<Endpoint, ClientError> {
     let tls = conn.tls_ca.is_some() || conn.tls_client_cert.is_some() || conn.addr.starts_with("https://");
     let addr = match (conn.addr.split_once("://"), tls) {
         (Some(("http", rest)), true) => format!("https://{rest}"),
@@ -86,22 +106,18 @@ pub(super) async fn connect(
         (None, true) => format!("https://{}", conn.addr),
         (None, false) => format!("http://{}", conn.addr),
     };
-    let connect_err = |reason: String| ClientError::Connect { addr: addr.clone(), reason };
+    let err = |reason: String| ClientError::Connect { addr: addr.clone(), reason };
     let mut endpoint = Endpoint::from_shared(addr.clone())
-        .map_err(|e| connect_err(e.to_string()))?
+        .map_err(|e| err(e.to_string()))?
+        .tcp_nodelay(true)
         .connect_timeout(std::time::Duration::from_secs(5));
     if tls {
-        endpoint = endpoint.tls_config(client_tls(conn)?).map_err(|e| connect_err(e.to_string()))?;
+        endpoint = endpoint.tls_config(client_tls(conn)?).map_err(|e| err(e.to_string()))?;
     }
-    let channel = endpoint.connect().await.map_err(|e| connect_err(e.to_string()))?;
-    let auth = BearerToken(header);
-    Ok((
-        CredentialServiceClient::with_interceptor(channel.clone(), auth.clone()),
-        AdminServiceClient::with_interceptor(channel, auth),
-    ))
+    Ok(endpoint)
 }
 
-pub(super) fn client_tls(conn: &Connection) -> Result<tonic::transport::ClientTlsConfig, ClientError> {
+fn client_tls(conn: &Connection) -> Result<tonic::transport::ClientTlsConfig, ClientError> {
     use tonic::transport::{Certificate, ClientTlsConfig, Identity};
     let read = |p: &std::path::Path| {
         std::fs::read(p).map_err(|e| ClientError::Usage(format!("cannot read {}: {e}", p.display())))
