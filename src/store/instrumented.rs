@@ -16,6 +16,9 @@ use crate::metrics::names::STORE_QUERY_DURATION;
 
 const BACKGROUND_OPS: &[&str] = &[
     "insert_audit",
+    // Key reloads follow change notifications (another daemon rotated the KEK, or the
+    // feed reconnected); a read that meets an unknown KEK also reloads, rarely.
+    "list_keks",
     "due_rotations",
     "defer_rotation",
     "deprecate_expired",
