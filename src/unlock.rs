@@ -135,7 +135,11 @@ async fn load_keks(store: &dyn Store, master: MasterKey) -> Result<KeyRing, Unlo
 }
 
 /// Argon2id is deliberately slow: keep it off the async workers.
-async fn derive(passphrase: SecretString, salt: Vec<u8>, params: KdfParams) -> Result<MasterKey, UnlockError> {
+pub(crate) async fn derive(
+    passphrase: SecretString,
+    salt: Vec<u8>,
+    params: KdfParams,
+) -> Result<MasterKey, UnlockError> {
     tokio::task::spawn_blocking(move || MasterKey::derive(&passphrase, &salt, params))
         .await
         .map_err(|e| UnlockError::Join(e.to_string()))?

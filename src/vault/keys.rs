@@ -27,6 +27,7 @@ use crate::store::{
     now_micros, JobRow, JobState, KekRow, KekState, KeyringRow, MasterKeySource, RewrapBatch, Rewrapped, Store,
     StoreError,
 };
+use crate::unlock::UnlockError;
 
 /// A job's progress as operators see it.
 #[derive(Debug, Clone)]
@@ -56,6 +57,12 @@ impl Vault {
 
     /// Loads KEKs created by other daemons and follows the stored active KEK.
     pub async fn reload_keys(&self) -> Result<(), VaultError> {
+        self.reload_keys_listing().await.map(drop)
+    }
+
+    /// [`Vault::reload_keys`], returning the KEK rows it read (so callers that need the
+    /// list do not read it again).
+    async fn reload_keys_listing(&self) -> Result<Vec<KekRow>, VaultError> {
         let _one_at_a_time = self.inner.reload.lock().await;
         let rows = self.inner.store.list_keks().await?;
         let mut fresh = Vec::new();
@@ -76,12 +83,12 @@ impl Vault {
         if let Some(id) = active {
             ring.set_active(id).map_err(|e| VaultError::Internal(e.to_string()))?;
         }
-        Ok(())
+        Ok(rows)
     }
 
     /// Creates a new active KEK and starts the job that re-wraps every older DEK under it.
     pub async fn rotate_kek(&self) -> Result<JobProgress, VaultError> {
-        self.reload_keys().await?;
+        let keks = self.reload_keys_listing().await?;
         let store = &self.inner.store;
         // A daemon started before a rekey still holds the old master key: a KEK wrapped
         // under it would be unreadable to every daemon started with the new passphrase.
@@ -93,7 +100,7 @@ impl Vault {
                     .into(),
             ));
         }
-        let next_id = store.list_keks().await?.iter().map(|k| k.id).max().unwrap_or(0) + 1;
+        let next_id = keks.iter().map(|k| k.id).max().unwrap_or(0) + 1;
         let (kek, wrapped) = self
             .with_keys(|k| Kek::generate(next_id, k.master()))
             .map_err(|e| VaultError::Internal(format!("KEK generation failed: {e}")))?;
@@ -261,11 +268,11 @@ impl Vault {
         if old_master.check_verifier(&keyring.verifier).is_err() {
             return Err(VaultError::InvalidArgument("the old passphrase is wrong; nothing was changed".into()));
         }
-        self.reload_keys().await?;
+        let keks = self.reload_keys_listing().await?;
         let mut new_salt = vec![0u8; 16];
         rand::rng().fill_bytes(&mut new_salt);
         let new_master = derive(new, new_salt.clone(), params).await?;
-        let ids: Vec<i64> = store.list_keks().await?.iter().map(|k| k.id).collect();
+        let ids: Vec<i64> = keks.iter().map(|k| k.id).collect();
         let wrapped = self.with_keys(|ring| {
             ids.iter()
                 .map(|id| {
@@ -286,9 +293,10 @@ impl Vault {
     }
 }
 
+/// Argon2id off the async workers (shared with start-up unlocking).
 async fn derive(passphrase: SecretString, salt: Vec<u8>, params: KdfParams) -> Result<MasterKey, VaultError> {
-    tokio::task::spawn_blocking(move || MasterKey::derive(&passphrase, &salt, params))
-        .await
-        .map_err(|e| VaultError::Internal(format!("key derivation task: {e}")))?
-        .map_err(|e| VaultError::InvalidArgument(format!("key derivation: {e}")))
+    crate::unlock::derive(passphrase, salt, params).await.map_err(|e| match e {
+        UnlockError::Crypto(e) => VaultError::InvalidArgument(format!("key derivation: {e}")),
+        other => VaultError::Internal(format!("key derivation task: {other}")),
+    })
 }
