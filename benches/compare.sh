@@ -32,7 +32,7 @@ PG_HOST=${PG_HOST:-127.0.0.1}
 PG_USER=${PG_USER:-postgres}
 REDIS_HOST=${REDIS_HOST:-127.0.0.1}
 REDIS_PORT=${REDIS_PORT:-6379}
-BIN=target/release/credvault
+BIN=${BIN:-target/release/credvault}
 DB=cv_bench_$$
 PGBENCH_DB=cv_bench_pgbench_$$
 

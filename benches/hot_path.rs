@@ -17,7 +17,7 @@ use credvault::cache::{Cache, CacheSettings, Cached, CachedVersion, PlaintextPol
 use credvault::config::{DatabaseUrl, Settings};
 use credvault::crypto::Sealed;
 use credvault::server::open_store;
-use credvault::store::{CredentialRow, Metadata, VersionInfo, VersionRow, VersionState};
+use credvault::store::{VersionInfo, VersionRow, VersionState};
 use credvault::vault::Vault;
 
 const VALUE_BYTES: usize = 256;
@@ -115,20 +115,12 @@ fn cache_miss_sqlite(c: &mut Criterion) {
     });
 }
 
-fn entry(name: &str) -> Arc<CachedVersion> {
-    let head = CredentialRow {
-        name: name.into(),
-        current_version: 1,
-        metadata: Metadata::default(),
-        created_at: 0,
-        updated_at: 0,
-        deleted_at: None,
-    };
+fn entry() -> Arc<CachedVersion> {
     let row = VersionRow {
         info: VersionInfo { version: 1, state: VersionState::Current, kek_id: 1, created_at: 0, expires_at: None },
         sealed: Some(Sealed { kek_id: 1, wrapped_dek: vec![0; 61], ciphertext: vec![0; VALUE_BYTES + 29] }),
     };
-    Arc::new(CachedVersion::new(head, row))
+    Arc::new(CachedVersion::new(row))
 }
 
 /// `threads` threads each doing `per_thread` lookups; returns the wall time.
@@ -161,7 +153,7 @@ fn sharded_vs_single_lock(c: &mut Criterion) {
     for (label, n) in [(format!("sharded_{shards}"), shards), ("single_lock".to_owned(), 1)] {
         let cache = Arc::new(Cache::new(CacheSettings { shards: n, ..CacheSettings::default() }));
         for name in names.iter() {
-            cache.install(name, cache.ticket(name), entry(name));
+            cache.install(name, cache.ticket(name), entry());
         }
         let names = names.clone();
         let lookup: Arc<dyn Fn(usize) + Send + Sync> = Arc::new(move |i| {

@@ -65,7 +65,7 @@ impl Default for AuditSettings {
 /// Filled in while a request is handled; read when it ends.
 #[derive(Debug, Default)]
 pub struct AuditContext {
-    pub request_id: String,
+    pub request_id: RequestId,
     caller: OnceLock<Arc<Caller>>,
     credential: OnceLock<String>,
     version: OnceLock<u64>,
@@ -85,13 +85,69 @@ impl AuditContext {
     }
 }
 
+/// A request's id: 16 hex digits in logs, audit rows and the `x-request-id` header.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RequestId(pub u64);
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+impl RequestId {
+    fn header_value(self) -> http::HeaderValue {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut text = [0u8; 16];
+        for (i, b) in text.iter_mut().enumerate() {
+            *b = HEX[((self.0 >> (60 - 4 * i)) & 0xf) as usize];
+        }
+        http::HeaderValue::from_bytes(&text).unwrap_or_else(|_| http::HeaderValue::from_static("0"))
+    }
+}
+
+/// What a request leaves on the queue: the cheap parts only (ids, static labels, shared
+/// caller, socket address). The writer task turns it into an [`AuditRow`], so the strings
+/// are formatted off the request's path.
+#[derive(Debug)]
+struct Event {
+    at: i64,
+    request_id: RequestId,
+    caller: Option<Arc<Caller>>,
+    rpc: &'static str,
+    credential: Option<String>,
+    version: Option<u64>,
+    code: &'static str,
+    latency_us: u64,
+    peer: Option<std::net::SocketAddr>,
+}
+
+impl Event {
+    fn into_row(self) -> AuditRow {
+        AuditRow {
+            at: self.at,
+            request_id: self.request_id.to_string(),
+            token_id: self.caller.as_ref().map(|c| c.token_id.clone()).unwrap_or_default(),
+            token_name: self.caller.as_ref().map(|c| c.display_name.clone()).unwrap_or_default(),
+            rpc: self.rpc.to_owned(),
+            credential: self.credential,
+            version: self.version,
+            code: self.code.to_owned(),
+            latency_us: self.latency_us,
+            peer: self.peer.map(|p| p.to_string()).unwrap_or_default(),
+        }
+    }
+}
+
 /// The audit handle: queue, health and settings. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Audit {
-    tx: Option<mpsc::Sender<AuditRow>>,
+    tx: Option<mpsc::Sender<Event>>,
     healthy: Arc<AtomicBool>,
     required: bool,
     capacity: usize,
+    depth_gauge: metrics::Gauge,
+    dropped: metrics::Counter,
 }
 
 /// How long the writer waits for a batch to fill once it holds an event.
@@ -99,7 +155,7 @@ const BATCH_LINGER: Duration = Duration::from_millis(5);
 
 /// The writer half, run by the server until shutdown.
 pub struct AuditWriter {
-    rx: mpsc::Receiver<AuditRow>,
+    rx: mpsc::Receiver<Event>,
     settings: AuditSettings,
     store: Arc<dyn Store>,
     healthy: Arc<AtomicBool>,
@@ -114,12 +170,26 @@ impl std::fmt::Debug for AuditWriter {
 pub fn channel(settings: &AuditSettings, store: Arc<dyn Store>) -> (Audit, Option<AuditWriter>) {
     let healthy = Arc::new(AtomicBool::new(true));
     if settings.sink == AuditSink::Off {
-        let audit = Audit { tx: None, healthy, required: settings.required, capacity: 0 };
+        let audit = Audit {
+            tx: None,
+            healthy,
+            required: settings.required,
+            capacity: 0,
+            depth_gauge: metrics::gauge!(names::QUEUE_DEPTH),
+            dropped: metrics::counter!(names::DROPPED),
+        };
         return (audit, None);
     }
     let capacity = settings.queue_capacity.max(1);
     let (tx, rx) = mpsc::channel(capacity);
-    let audit = Audit { tx: Some(tx), healthy: healthy.clone(), required: settings.required, capacity };
+    let audit = Audit {
+        tx: Some(tx),
+        healthy: healthy.clone(),
+        required: settings.required,
+        capacity,
+        depth_gauge: metrics::gauge!(names::QUEUE_DEPTH),
+        dropped: metrics::counter!(names::DROPPED),
+    };
     (audit, Some(AuditWriter { rx, settings: settings.clone(), store, healthy }))
 }
 
@@ -144,7 +214,7 @@ impl AuditWriter {
                 }
             };
             let Some(first) = first else { break };
-            batch.push(first);
+            batch.push(first.into_row());
             if self.rx.len() + 1 < batch_size {
                 // Let a batch build up: under load this makes one store write every few
                 // milliseconds instead of one per handful of events (each a transaction,
@@ -153,7 +223,7 @@ impl AuditWriter {
             }
             while batch.len() < batch_size {
                 match self.rx.try_recv() {
-                    Ok(e) => batch.push(e),
+                    Ok(e) => batch.push(e.into_row()),
                     Err(_) => break,
                 }
             }
@@ -271,15 +341,9 @@ where
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let audit = self.layer.audit.clone();
         let n = self.layer.ids.next.fetch_add(1, Ordering::Relaxed);
-        let request_id = format!("{:016x}", self.layer.ids.base.wrapping_add(n));
-        let rpc = req.uri().path().rsplit('/').next().unwrap_or_default();
-        let rpc = crate::metrics::rpc_label(rpc);
-        let peer = req
-            .extensions()
-            .get::<tonic::transport::server::TcpConnectInfo>()
-            .and_then(|i| i.remote_addr())
-            .map(|a| a.to_string())
-            .unwrap_or_default();
+        let request_id = RequestId(self.layer.ids.base.wrapping_add(n));
+        let rpc = crate::metrics::rpc_label(req.uri().path());
+        let peer = req.extensions().get::<tonic::transport::server::TcpConnectInfo>().and_then(|i| i.remote_addr());
 
         // Required mode: hold a queue slot for this request's event before doing anything.
         let permit = match (&audit.tx, audit.required) {
@@ -290,7 +354,7 @@ where
                 match tx.clone().try_reserve_owned() {
                     Ok(p) => Some(p),
                     Err(_) => {
-                        metrics::counter!(names::DROPPED).increment(1);
+                        audit.dropped.increment(1);
                         return refuse("audit queue is full and audit is required; request refused");
                     }
                 }
@@ -299,7 +363,7 @@ where
             _ => None,
         };
 
-        let ctx = Arc::new(AuditContext { request_id: request_id.clone(), ..AuditContext::default() });
+        let ctx = Arc::new(AuditContext { request_id, ..AuditContext::default() });
         req.extensions_mut().insert(ctx.clone());
         let span = tracing::info_span!("request", id = %request_id, rpc);
         let start = Instant::now();
@@ -311,35 +375,30 @@ where
                     Ok(r) => r.headers().get("grpc-status").map(|v| v.as_bytes()).unwrap_or(b"0"),
                     Err(_) => b"13",
                 };
-                let caller = ctx.caller.get();
-                let event = AuditRow {
-                    at: now_micros(),
-                    request_id: request_id.clone(),
-                    token_id: caller.map(|c| c.token_id.clone()).unwrap_or_default(),
-                    token_name: caller.map(|c| c.display_name.clone()).unwrap_or_default(),
-                    rpc: rpc.to_owned(),
-                    credential: ctx.credential.get().cloned(),
-                    version: ctx.version.get().copied(),
-                    code: crate::metrics::code_label(code).to_owned(),
-                    latency_us: u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX),
-                    peer,
+                let code = crate::metrics::code_label(code);
+                let latency_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+                // The handler has dropped its request (and its reference) by now: take the
+                // context's parts instead of copying them.
+                let (caller, credential, version) = match Arc::try_unwrap(ctx) {
+                    Ok(c) => (c.caller.into_inner(), c.credential.into_inner(), c.version.into_inner()),
+                    Err(c) => (c.caller.get().cloned(), c.credential.get().cloned(), c.version.get().copied()),
                 };
+                let event =
+                    Event { at: now_micros(), request_id, caller, rpc, credential, version, code, latency_us, peer };
                 match (permit, &audit.tx) {
                     (Some(p), _) => {
                         p.send(event);
                     }
                     (None, Some(tx)) => {
                         if tx.try_send(event).is_err() {
-                            metrics::counter!(names::DROPPED).increment(1);
+                            audit.dropped.increment(1);
                         }
                     }
                     (None, None) => {}
                 }
-                metrics::gauge!(names::QUEUE_DEPTH).set(audit.depth() as f64);
+                audit.depth_gauge.set(audit.depth() as f64);
                 if let Ok(r) = &mut res {
-                    if let Ok(v) = request_id.parse() {
-                        r.headers_mut().insert("x-request-id", v);
-                    }
+                    r.headers_mut().insert("x-request-id", request_id.header_value());
                 }
                 res
             },

@@ -5,9 +5,10 @@
 //!   readers on different cores rarely meet on one lock. Locks are `std` mutexes held
 //!   for a lookup or an insert, never across an `.await`.
 //! - **Lazy:** an entry holds the wrapped DEK and ciphertext. Plaintext is made only when
-//!   a caller asks for the value; with [`PlaintextPolicy::Memoize`] it is kept in the
-//!   entry (in a `Zeroizing` buffer, wiped when the last reference to the entry drops:
-//!   after eviction, invalidation, expiry or shutdown), with `PerRead` it never is.
+//!   a caller asks for the value; with [`PlaintextPolicy::Memoize`] the first read
+//!   replaces the entry by one holding the plaintext alone (in a `Zeroizing` buffer, wiped
+//!   when the last reference to the entry drops: after eviction, invalidation, expiry or
+//!   shutdown), with `PerRead` it never is.
 //! - **Fill guard:** each shard has an epoch, bumped by every write, invalidation and
 //!   clear. A store read takes a [`FillTicket`] before it starts; its result is cached only
 //!   if the epoch has not moved, so a slow read can never put back something a
@@ -22,7 +23,7 @@ use std::future::Future;
 use std::hash::BuildHasher;
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use lru::LruCache;
 use serde::Deserialize;
@@ -30,8 +31,9 @@ use tokio::sync::OnceCell;
 use tokio::time::{Duration, Instant};
 use zeroize::Zeroizing;
 
+use crate::crypto::Sealed;
 use crate::metrics::names;
-use crate::store::{CredentialRow, VersionRow};
+use crate::store::{VersionInfo, VersionRow};
 
 /// What happens to plaintext after a cached value is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -85,49 +87,95 @@ impl CacheSettings {
     }
 }
 
-/// A credential's current version as loaded from the store.
+/// A credential's current version as cached: its version metadata and either its sealed
+/// bytes or, once read under [`PlaintextPolicy::Memoize`], its plaintext alone.
+///
+/// Entries are immutable. Memoizing replaces the entry with a plaintext-only one
+/// ([`Cache::memoize`]), so a memoized credential does not also keep its ciphertext and
+/// wrapped DEK, and readers holding the sealed entry are never disturbed.
 pub struct CachedVersion {
-    pub head: CredentialRow,
-    pub row: VersionRow,
-    plaintext: OnceLock<Zeroizing<Vec<u8>>>,
+    pub info: VersionInfo,
+    body: Body,
+}
+
+enum Body {
+    /// The sealed value (`None` if this version was destroyed).
+    Sealed(Option<Sealed>),
+    /// The decrypted value, wiped when the entry drops.
+    Plain(Zeroizing<Box<[u8]>>),
 }
 
 impl CachedVersion {
-    pub fn new(head: CredentialRow, row: VersionRow) -> Self {
-        CachedVersion { head, row, plaintext: OnceLock::new() }
+    pub fn new(row: VersionRow) -> Self {
+        CachedVersion { info: row.info, body: Body::Sealed(row.sealed) }
+    }
+
+    fn memoized(info: VersionInfo, plaintext: &[u8]) -> Self {
+        // A fresh exact-size allocation: shrinking the caller's buffer in place could
+        // leave a copy of the value behind in freed memory.
+        CachedVersion { info, body: Body::Plain(Zeroizing::new(Box::from(plaintext))) }
     }
 
     pub fn version(&self) -> u64 {
-        self.row.info.version
+        self.info.version
+    }
+
+    /// The sealed value, unless the entry holds plaintext only (or the version was
+    /// destroyed).
+    pub fn sealed(&self) -> Option<&Sealed> {
+        match &self.body {
+            Body::Sealed(s) => s.as_ref(),
+            Body::Plain(_) => None,
+        }
     }
 
     /// The memoized plaintext, if a previous read kept it.
     pub fn plaintext(&self) -> Option<&[u8]> {
-        self.plaintext.get().map(|p| p.as_slice())
+        match &self.body {
+            Body::Plain(p) => Some(p),
+            Body::Sealed(_) => None,
+        }
     }
 
-    /// Keeps `value` as this entry's plaintext (first writer wins).
-    pub fn memoize(&self, value: Zeroizing<Vec<u8>>) {
-        let _ = self.plaintext.set(value);
+    /// Whether the value can still be produced (its bytes were not destroyed).
+    pub fn has_value(&self) -> bool {
+        !matches!(self.body, Body::Sealed(None))
     }
 
-    fn estimated_bytes(&self, memoize: bool) -> usize {
-        let m = &self.head.metadata;
-        let sealed = self.row.sealed.as_ref().map(|s| s.wrapped_dek.len() + s.ciphertext.len()).unwrap_or(0);
-        let labels: usize = m.labels.iter().map(|(k, v)| k.len() + v.len() + 48).sum();
-        let plaintext = if memoize { self.row.sealed.as_ref().map(|s| s.ciphertext.len()).unwrap_or(0) } else { 0 };
-        // Fixed part: the structs, the Arc and the map slot.
-        320 + self.head.name.len() + sealed + labels + m.description.len() + m.owner.len() + plaintext
+    /// What this entry costs: the heap blocks it owns with the allocator's rounding,
+    /// plus the LRU node and key that hold it.
+    fn estimated_bytes(&self, name: &str) -> usize {
+        let owned = match &self.body {
+            Body::Sealed(Some(s)) => heap_block(s.wrapped_dek.len()) + heap_block(s.ciphertext.len()),
+            Body::Sealed(None) => 0,
+            Body::Plain(p) => heap_block(p.len()),
+        };
+        heap_block(std::mem::size_of::<CachedVersion>() + 16) + owned + entry_overhead(name)
     }
+}
+
+/// A heap block of `n` bytes as glibc's allocator lays it out (a word of header,
+/// 16-byte granules, 32 bytes at least).
+fn heap_block(n: usize) -> usize {
+    if n == 0 {
+        0
+    } else {
+        (n + 8).div_ceil(16).max(2) * 16
+    }
+}
+
+/// The LRU node, its key and its hash-table slot.
+fn entry_overhead(name: &str) -> usize {
+    heap_block(std::mem::size_of::<Box<str>>() + std::mem::size_of::<Entry>() + 16) + heap_block(name.len()) + 16
 }
 
 impl fmt::Debug for CachedVersion {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CachedVersion")
-            .field("name", &self.head.name)
             .field("version", &self.version())
-            .field("plaintext", &self.plaintext.get().map(|_| "REDACTED"))
-            .finish()
+            .field("state", &self.info.state)
+            .field("plaintext", &self.plaintext().map(|_| "REDACTED"))
+            .finish_non_exhaustive()
     }
 }
 
@@ -148,7 +196,7 @@ struct Entry {
 }
 
 struct Shard {
-    lru: LruCache<String, Entry>,
+    lru: LruCache<Box<str>, Entry>,
     bytes: usize,
     epoch: u64,
 }
@@ -372,21 +420,41 @@ impl Cache {
         }
     }
 
+    /// Replaces the cached `entry` of `name` by one holding only `plaintext`, if `entry`
+    /// is still the one cached and the policy memoizes. The sealed bytes are freed once
+    /// the last reader of the old entry is done.
+    pub fn memoize(&self, name: &str, entry: &Arc<CachedVersion>, plaintext: &[u8]) {
+        if !self.settings.enabled || self.settings.plaintext != PlaintextPolicy::Memoize {
+            return;
+        }
+        let memo = Arc::new(CachedVersion::memoized(entry.info.clone(), plaintext));
+        let bytes = memo.estimated_bytes(name);
+        let mut shard = lock(&self.shards[self.shard_of(name)]);
+        let Some(e) = shard.lru.peek_mut(name) else { return };
+        if !matches!(&e.value, Cached::Found(current) if Arc::ptr_eq(current, entry)) {
+            return;
+        }
+        let old_bytes = std::mem::replace(&mut e.bytes, bytes);
+        let old = std::mem::replace(&mut e.value, Cached::Found(memo));
+        shard.bytes = shard.bytes - old_bytes + bytes;
+        drop(shard);
+        drop(old);
+        self.account(0, bytes as i64 - old_bytes as i64);
+    }
+
     fn insert(&self, shard: &mut Shard, name: &str, value: Cached) {
         let (ttl, bytes) = match &value {
-            Cached::Found(v) => {
-                (self.settings.ttl_ms, v.estimated_bytes(self.settings.plaintext == PlaintextPolicy::Memoize))
-            }
-            Cached::Missing { .. } => (self.settings.negative_ttl_ms, 96 + name.len()),
+            Cached::Found(v) => (self.settings.ttl_ms, v.estimated_bytes(name)),
+            Cached::Missing { .. } => (self.settings.negative_ttl_ms, entry_overhead(name)),
         };
         let entry = Entry { value, expires: Instant::now() + Duration::from_millis(ttl), bytes };
         let (mut d_entries, mut d_bytes) = (1i64, bytes as i64);
         shard.bytes += bytes;
-        if let Some((old_name, old)) = shard.lru.push(name.to_owned(), entry) {
+        if let Some((old_name, old)) = shard.lru.push(Box::from(name), entry) {
             shard.bytes -= old.bytes;
             d_entries -= 1;
             d_bytes -= old.bytes as i64;
-            if old_name != name {
+            if &*old_name != name {
                 self.counters.capacity.increment(1);
             }
         }
@@ -446,23 +514,14 @@ impl Cache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crypto::Sealed;
-    use crate::store::{Metadata, VersionInfo, VersionState};
+    use crate::store::VersionState;
 
-    fn version(name: &str, v: u64, value_len: usize) -> Arc<CachedVersion> {
-        let head = CredentialRow {
-            name: name.into(),
-            current_version: v,
-            metadata: Metadata::default(),
-            created_at: 0,
-            updated_at: 0,
-            deleted_at: None,
-        };
+    fn version(_name: &str, v: u64, value_len: usize) -> Arc<CachedVersion> {
         let row = VersionRow {
             info: VersionInfo { version: v, state: VersionState::Current, kek_id: 1, created_at: 0, expires_at: None },
             sealed: Some(Sealed { kek_id: 1, wrapped_dek: vec![0; 61], ciphertext: vec![0; value_len] }),
         };
-        Arc::new(CachedVersion::new(head, row))
+        Arc::new(CachedVersion::new(row))
     }
 
     fn cache(f: impl FnOnce(&mut CacheSettings)) -> Cache {
@@ -577,10 +636,39 @@ mod tests {
 
     #[test]
     fn debug_hides_memoized_plaintext() {
-        let v = version("a", 1, 4);
-        v.memoize(Zeroizing::new(b"hunter2".to_vec()));
+        let v = CachedVersion::memoized(version("a", 1, 4).info.clone(), b"hunter2");
         let text = format!("{v:?}");
         assert!(!text.contains("hunter2") && text.contains("REDACTED"), "{text}");
+    }
+
+    #[test]
+    fn memoizing_replaces_the_sealed_entry_by_a_smaller_plaintext_one() {
+        let c = cache(|_| {});
+        let sealed = version("a", 3, 272);
+        c.install("a", c.ticket("a"), sealed.clone());
+        let before = c.bytes();
+        c.memoize("a", &sealed, &[7u8; 256]);
+        let Some(Cached::Found(memo)) = c.get("a") else { panic!("entry gone") };
+        assert_eq!((memo.version(), memo.plaintext(), memo.sealed()), (3, Some(&[7u8; 256][..]), None));
+        assert!(c.bytes() < before, "{} bytes after, {before} before", c.bytes());
+        assert_eq!(c.len(), 1);
+
+        // A stale entry (already replaced, or invalidated and refilled) is left alone.
+        c.memoize("a", &sealed, &[9u8; 256]);
+        let Some(Cached::Found(now)) = c.get("a") else { panic!("entry gone") };
+        assert!(Arc::ptr_eq(&now, &memo));
+        let newer = version("a", 4, 272);
+        c.install("a", c.ticket("a"), newer.clone());
+        c.memoize("a", &sealed, &[9u8; 256]);
+        let Some(Cached::Found(now)) = c.get("a") else { panic!("entry gone") };
+        assert!(Arc::ptr_eq(&now, &newer), "a memo of version 3 never replaces version 4");
+
+        // Per-read decryption keeps the sealed entry.
+        let per_read = cache(|s| s.plaintext = PlaintextPolicy::PerRead);
+        per_read.install("a", per_read.ticket("a"), sealed.clone());
+        per_read.memoize("a", &sealed, &[7u8; 256]);
+        let Some(Cached::Found(kept)) = per_read.get("a") else { panic!("entry gone") };
+        assert!(kept.plaintext().is_none() && kept.sealed().is_some());
     }
 
     #[tokio::test]

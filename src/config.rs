@@ -105,7 +105,9 @@ pub struct Settings {
     /// `postgres://...` for PostgreSQL, `sqlite://PATH` for another SQLite file; unset:
     /// SQLite in `data_dir`.
     pub database_url: Option<DatabaseUrl>,
-    pub db_max_connections: u32,
+    /// Database pool size; unset: 16 on PostgreSQL, 4 on SQLite (see
+    /// [`Settings::pool_size`]).
+    pub db_max_connections: Option<u32>,
     /// A 32-byte master key file. Default `data_dir/master.key`, generated on first start.
     pub master_key_file: Option<PathBuf>,
     /// Derive the master key from the passphrase in this file (Argon2id) instead.
@@ -134,7 +136,7 @@ impl Default for Settings {
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 7421)),
             data_dir: PathBuf::from("./credvault-data"),
             database_url: None,
-            db_max_connections: 16,
+            db_max_connections: None,
             master_key_file: None,
             passphrase_file: None,
             passphrase: None,
@@ -314,7 +316,7 @@ impl Settings {
         if self.audit.queue_capacity == 0 || self.audit.batch_size == 0 {
             return bad("audit.queue_capacity and audit.batch_size must be at least 1");
         }
-        if self.db_max_connections == 0 {
+        if self.db_max_connections == Some(0) {
             return bad("db_max_connections must be at least 1");
         }
         self.rotation.validate().map_err(ConfigError::Invalid)?;

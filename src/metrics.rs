@@ -184,31 +184,84 @@ const RPCS: &[&str] = &[
     "ServerReflectionInfo",
 ];
 
-pub(crate) fn rpc_label(path: &str) -> &'static str {
+/// The position of the path's method in [`RPCS`]; `RPCS.len()` for anything else.
+fn rpc_index(path: &str) -> usize {
     let method = path.rsplit('/').next().unwrap_or_default();
-    RPCS.iter().find(|r| **r == method).copied().unwrap_or("unknown")
+    RPCS.iter().position(|r| *r == method).unwrap_or(RPCS.len())
+}
+
+pub(crate) fn rpc_label(path: &str) -> &'static str {
+    RPCS.get(rpc_index(path)).copied().unwrap_or("unknown")
+}
+
+/// gRPC status codes by number.
+const CODES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+const UNKNOWN_CODE: usize = 2;
+const INTERNAL_CODE: usize = 13;
+
+/// The number of a `grpc-status` value; anything that is not one is UNKNOWN.
+fn code_index(code: &[u8]) -> usize {
+    let n = match code {
+        [d] if d.is_ascii_digit() => usize::from(d - b'0'),
+        [b'1', d] if d.is_ascii_digit() => 10 + usize::from(d - b'0'),
+        _ => return UNKNOWN_CODE,
+    };
+    if n < CODES.len() {
+        n
+    } else {
+        UNKNOWN_CODE
+    }
 }
 
 pub(crate) fn code_label(code: &[u8]) -> &'static str {
-    match code {
-        b"0" => "OK",
-        b"1" => "CANCELLED",
-        b"2" => "UNKNOWN",
-        b"3" => "INVALID_ARGUMENT",
-        b"4" => "DEADLINE_EXCEEDED",
-        b"5" => "NOT_FOUND",
-        b"6" => "ALREADY_EXISTS",
-        b"7" => "PERMISSION_DENIED",
-        b"8" => "RESOURCE_EXHAUSTED",
-        b"9" => "FAILED_PRECONDITION",
-        b"10" => "ABORTED",
-        b"11" => "OUT_OF_RANGE",
-        b"12" => "UNIMPLEMENTED",
-        b"13" => "INTERNAL",
-        b"14" => "UNAVAILABLE",
-        b"15" => "DATA_LOSS",
-        b"16" => "UNAUTHENTICATED",
-        _ => "UNKNOWN",
+    CODES[code_index(code)]
+}
+
+/// The request series' handles, each registered on first use. `counter!` with labels
+/// builds a key and looks it up in the registry on every call; with these a request
+/// pays an index and an atomic add instead.
+struct RequestSeries {
+    /// By RPC (the last for `unknown`).
+    duration: Vec<OnceLock<metrics::Histogram>>,
+    /// By RPC, then by status code.
+    requests: Vec<[OnceLock<metrics::Counter>; CODES.len()]>,
+}
+
+fn request_series() -> &'static RequestSeries {
+    static SERIES: OnceLock<RequestSeries> = OnceLock::new();
+    SERIES.get_or_init(|| RequestSeries {
+        duration: (0..=RPCS.len()).map(|_| OnceLock::new()).collect(),
+        requests: (0..=RPCS.len()).map(|_| std::array::from_fn(|_| OnceLock::new())).collect(),
+    })
+}
+
+fn record_request(rpc: usize, code: usize, seconds: f64) {
+    let (Some(duration), Some(requests)) = (request_series().duration.get(rpc), request_series().requests.get(rpc))
+    else {
+        return;
+    };
+    let label = RPCS.get(rpc).copied().unwrap_or("unknown");
+    duration.get_or_init(|| metrics::histogram!(names::REQUEST_DURATION, "rpc" => label)).record(seconds);
+    if let Some(counter) = requests.get(code) {
+        counter.get_or_init(|| metrics::counter!(names::REQUESTS, "rpc" => label, "code" => CODES[code])).increment(1);
     }
 }
 
@@ -245,17 +298,16 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let rpc = rpc_label(req.uri().path());
+        let rpc = rpc_index(req.uri().path());
         let start = Instant::now();
         let fut = self.inner.call(req);
         Box::pin(async move {
             let res = fut.await;
             let code = match &res {
-                Ok(r) => r.headers().get("grpc-status").map(|v| code_label(v.as_bytes())).unwrap_or("OK"),
-                Err(_) => "INTERNAL",
+                Ok(r) => r.headers().get("grpc-status").map(|v| code_index(v.as_bytes())).unwrap_or(0),
+                Err(_) => INTERNAL_CODE,
             };
-            metrics::histogram!(names::REQUEST_DURATION, "rpc" => rpc).record(start.elapsed().as_secs_f64());
-            metrics::counter!(names::REQUESTS, "rpc" => rpc, "code" => code).increment(1);
+            record_request(rpc, code, start.elapsed().as_secs_f64());
             res
         })
     }
@@ -271,6 +323,12 @@ mod tests {
         assert_eq!(rpc_label("/credvault.v1.CredentialService/payments-secret-name"), "unknown");
         assert_eq!(code_label(b"5"), "NOT_FOUND");
         assert_eq!(code_label(b"999"), "UNKNOWN");
+        assert_eq!(code_label(b"16"), "UNAUTHENTICATED");
+        assert_eq!(code_label(b"0"), "OK");
+        assert_eq!(code_label(b"-1"), "UNKNOWN");
+        assert_eq!(code_label(b"+5"), "UNKNOWN", "only plain numbers");
+        assert_eq!(code_label(b""), "UNKNOWN");
+        assert_eq!(rpc_label("/x.Svc/ServerReflectionInfo"), "ServerReflectionInfo");
     }
 
     #[test]

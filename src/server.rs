@@ -65,13 +65,15 @@ impl std::fmt::Debug for Daemon {
 /// Opens the configured store and applies its migrations.
 pub async fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, ServerError> {
     Ok(match settings.storage()? {
-        StorageTarget::Postgres(url) => Arc::new(PgStore::connect(&url, settings.db_max_connections).await?),
+        StorageTarget::Postgres(url) => {
+            Arc::new(PgStore::connect(&url, settings.db_max_connections.unwrap_or(PgStore::DEFAULT_POOL)).await?)
+        }
         StorageTarget::Sqlite(path) => {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 crate::unlock::create_private_dir(dir)
                     .map_err(|source| ServerError::DataDir { path: dir.into(), source })?;
             }
-            Arc::new(SqliteStore::open(&path, settings.db_max_connections).await?)
+            Arc::new(SqliteStore::open(&path, settings.db_max_connections.unwrap_or(SqliteStore::DEFAULT_POOL)).await?)
         }
     })
 }

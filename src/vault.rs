@@ -12,7 +12,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use zeroize::Zeroizing;
 
-use crate::cache::{Cache, CacheSettings, Cached, CachedVersion, PlaintextPolicy};
+use crate::cache::{Cache, CacheSettings, Cached, CachedVersion};
 use crate::crypto::{self, CryptoError, KeyRing, Sealed};
 use crate::metrics::names::DECRYPT_DURATION;
 use crate::names::{check_prefix, CredentialName};
@@ -364,7 +364,7 @@ impl Vault {
                 match store.get_version(name.as_str(), None).await? {
                     None => Ok(Cached::Missing { deleted: false }),
                     Some((head, _)) if head.deleted_at.is_some() => Ok(Cached::Missing { deleted: true }),
-                    Some((head, Some(row))) => Ok(Cached::Found(Arc::new(CachedVersion::new(head, row)))),
+                    Some((_, Some(row))) => Ok(Cached::Found(Arc::new(CachedVersion::new(row)))),
                     Some((head, None)) => Err(VaultError::Internal(format!(
                         "current version {} of {:?} has no row",
                         head.current_version,
@@ -382,18 +382,17 @@ impl Vault {
             Cached::Missing { deleted: true } => return Err(deleted(name)),
             Cached::Missing { deleted: false } => return Err(not_found(name)),
         };
-        let sealed = readable(name, &entry.row)?;
-        let value = match entry.plaintext() {
-            Some(p) => Zeroizing::new(p.to_vec()),
-            None => {
+        check_readable(name, &entry.info, entry.has_value())?;
+        let value = match (entry.plaintext(), entry.sealed()) {
+            (Some(p), _) => Zeroizing::new(p.to_vec()),
+            (None, Some(sealed)) => {
                 let value = self.decrypt(name, entry.version(), sealed)?;
-                if self.inner.cache.settings().plaintext == PlaintextPolicy::Memoize {
-                    entry.memoize(value.clone());
-                }
+                self.inner.cache.memoize(name.as_str(), &entry, &value);
                 value
             }
+            (None, None) => return Err(unreadable(name, &entry.info)),
         };
-        Ok(credential_value(name, &entry.row.info, value))
+        Ok(credential_value(name, &entry.info, value))
     }
 
     fn decrypt(&self, name: &CredentialName, version: u64, sealed: &Sealed) -> Result<Zeroizing<Vec<u8>>, VaultError> {
@@ -461,7 +460,7 @@ impl Vault {
                 let c = match rows.remove(name) {
                     None => Cached::Missing { deleted: false },
                     Some((head, _)) if head.deleted_at.is_some() => Cached::Missing { deleted: true },
-                    Some((head, row)) => Cached::Found(Arc::new(CachedVersion::new(head, row))),
+                    Some((_, row)) => Cached::Found(Arc::new(CachedVersion::new(row))),
                 };
                 cache.fill(name, *ticket, c.clone());
                 if let Some(parsed_name) = parsed.iter().find(|p| p.as_str() == name) {
@@ -539,7 +538,7 @@ impl Vault {
             };
             let ticket = self.inner.cache.ticket(name.as_str());
             match store.put_version(&new).await {
-                Ok(head) => {
+                Ok(_) => {
                     // Read-your-writes: the new version is cached before the call returns.
                     let info = VersionInfo {
                         version,
@@ -549,7 +548,7 @@ impl Vault {
                         expires_at: None,
                     };
                     let row = VersionRow { info, sealed: Some(sealed) };
-                    self.inner.cache.install(name.as_str(), ticket, Arc::new(CachedVersion::new(head, row)));
+                    self.inner.cache.install(name.as_str(), ticket, Arc::new(CachedVersion::new(row)));
                     self.publish_change(name.as_str(), kind, version, now);
                     return Ok(PutOutcome { name: name.as_str().to_owned(), version, created_at: now });
                 }
@@ -775,21 +774,32 @@ fn deleted(name: &CredentialName) -> VaultError {
 
 /// The sealed bytes of a version, if its state allows reading it.
 fn readable<'a>(name: &CredentialName, row: &'a VersionRow) -> Result<&'a Sealed, VaultError> {
-    let info = &row.info;
+    check_readable(name, &row.info, row.sealed.is_some())?;
+    row.sealed.as_ref().ok_or_else(|| unreadable(name, &row.info))
+}
+
+/// A version can be read while it is current or within its grace period, and while its
+/// bytes exist.
+fn check_readable(name: &CredentialName, info: &VersionInfo, present: bool) -> Result<(), VaultError> {
     let ok = match info.state {
         VersionState::Current => true,
         VersionState::Previous => info.expires_at.is_none_or(|t| t > now_micros()),
         VersionState::Deprecated | VersionState::Destroyed => false,
     };
-    match &row.sealed {
-        Some(s) if ok => Ok(s),
-        _ => Err(VaultError::FailedPrecondition(format!(
-            "version {} of {:?} is {} and cannot be read",
-            info.version,
-            name.as_str(),
-            if info.state == VersionState::Previous { "past its grace period" } else { info.state.as_str() }
-        ))),
+    if ok && present {
+        Ok(())
+    } else {
+        Err(unreadable(name, info))
     }
+}
+
+fn unreadable(name: &CredentialName, info: &VersionInfo) -> VaultError {
+    VaultError::FailedPrecondition(format!(
+        "version {} of {:?} is {} and cannot be read",
+        info.version,
+        name.as_str(),
+        if info.state == VersionState::Previous { "past its grace period" } else { info.state.as_str() }
+    ))
 }
 
 fn credential_value(name: &CredentialName, info: &VersionInfo, value: Zeroizing<Vec<u8>>) -> CredentialValue {

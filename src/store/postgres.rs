@@ -47,6 +47,9 @@ impl PgStore {
     /// Takes the active KEK's row for a KEK rotation (and the write lock, on SQLite).
     const LOCK_ACTIVE_KEK: &'static str = "SELECT id FROM keks WHERE state = 'active' FOR UPDATE";
     const BACKEND: Backend = Backend::Postgres;
+    /// Pool size unless configured: enough for puts and misses from many callers to
+    /// overlap their round trips.
+    pub const DEFAULT_POOL: u32 = 16;
 
     /// Connects and applies migrations (under sqlx's advisory lock, so daemons starting
     /// together migrate once).

@@ -216,9 +216,22 @@ decoders! {
     }
 }
 
-/// Audit rows per INSERT statement: 10 bound values each, well under the bind limits of
-/// SQLite (32,766) and PostgreSQL (65,535).
-pub(crate) const AUDIT_ROWS_PER_INSERT: usize = 500;
+/// The row counts of the multi-row audit INSERTs, largest first. A batch of any size is
+/// written as statements of these sizes only, so each connection prepares and caches at
+/// most three audit statements. One statement per batch size would prepare a new one for
+/// most batches, and the statement cache (100 per connection) would hold dozens of
+/// 5,000-parameter programs: megabytes of memory per connection and a parse per write.
+pub(crate) const AUDIT_INSERT_SIZES: [usize; 3] = [64, 8, 1];
+
+/// Splits `rows` into consecutive chunks whose lengths are all in [`AUDIT_INSERT_SIZES`].
+pub(crate) fn audit_chunks<T>(mut rows: &[T]) -> impl Iterator<Item = &[T]> {
+    std::iter::from_fn(move || {
+        let size = AUDIT_INSERT_SIZES.into_iter().find(|s| *s <= rows.len())?;
+        let (chunk, rest) = rows.split_at(size);
+        rows = rest;
+        Some(chunk)
+    })
+}
 
 /// A query builder for the pool's database (named by the pool, so callers need no type).
 pub(crate) fn query_builder<'a, DB: sqlx::Database>(_pool: &sqlx::Pool<DB>, sql: &str) -> sqlx::QueryBuilder<'a, DB> {
@@ -925,11 +938,12 @@ macro_rules! impl_sql_store {
             }
 
             async fn insert_audit(&self, events: &[$crate::store::AuditRow]) -> Result<(), StoreError> {
-                // One multi-row INSERT per chunk rather than one statement per event: at
-                // thousands of requests per second, per-event statements cost the daemon
-                // more CPU than the requests they record.
+                // Multi-row INSERTs rather than one statement per event: at thousands of
+                // requests per second, per-event statements cost the daemon more CPU than
+                // the requests they record. Chunks come in three fixed sizes so their
+                // prepared statements are reused.
                 let mut tx = self.pool.begin().await?;
-                for chunk in events.chunks(sql::AUDIT_ROWS_PER_INSERT) {
+                for chunk in sql::audit_chunks(events) {
                     let mut q = sql::query_builder(
                         &self.pool,
                         "INSERT INTO audit_log (at, request_id, token_id, token_name, rpc, credential, version, code, \
@@ -1009,4 +1023,22 @@ pub(super) fn migrator(files: &[(i64, &'static str, &'static str)]) -> sqlx::mig
         })
         .collect::<Vec<_>>();
     Migrator { migrations: Cow::Owned(migrations), ..Migrator::DEFAULT }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn audit_batches_split_into_the_fixed_statement_sizes() {
+        for n in [0usize, 1, 7, 8, 9, 63, 64, 65, 137, 500] {
+            let rows: Vec<usize> = (0..n).collect();
+            let chunks: Vec<&[usize]> = audit_chunks(&rows).collect();
+            assert!(chunks.iter().all(|c| AUDIT_INSERT_SIZES.contains(&c.len())), "{n}: {chunks:?}");
+            let joined: Vec<usize> = chunks.concat();
+            assert_eq!(joined, rows, "every row once, in order");
+        }
+        let sizes: Vec<usize> = audit_chunks(&[0u8; 137]).map(|c| c.len()).collect();
+        assert_eq!(sizes, [64, 64, 8, 1]);
+    }
 }

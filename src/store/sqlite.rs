@@ -30,6 +30,14 @@ impl SqliteStore {
     /// Takes the active KEK's row for a KEK rotation (and the write lock, on SQLite).
     const LOCK_ACTIVE_KEK: &'static str = "UPDATE keks SET state = state WHERE state = 'active' RETURNING id";
     const BACKEND: Backend = Backend::Sqlite;
+    /// Pool size unless configured. SQLite runs one writer at a time and a read past the
+    /// daemon's cache takes tens of microseconds, while every connection is a thread with
+    /// its own page cache and allocator arena: a few connections serve two cores.
+    pub const DEFAULT_POOL: u32 = 4;
+    /// SQLite's page cache, shared out among the pool's connections. The daemon's own
+    /// cache sits in front of it and the file's pages stay in the OS page cache, so a
+    /// larger one buys little and costs resident memory on every connection.
+    const PAGE_CACHE_KIB: u32 = 4 * 1024;
 
     /// Opens (creating if needed) the database file and applies migrations.
     pub async fn open(path: &Path, max_connections: u32) -> Result<Self, StoreError> {
@@ -42,7 +50,9 @@ impl SqliteStore {
             // except for the last transactions before a power loss.
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(10));
+            .busy_timeout(Duration::from_secs(10))
+            // Negative: a size in KiB.
+            .pragma("cache_size", format!("-{}", (Self::PAGE_CACHE_KIB / max_connections.max(1)).max(256)));
         let pool = SqlitePoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(10))

@@ -117,7 +117,7 @@ impl TestEnv {
             metrics_listen: "127.0.0.1:0".parse().expect("addr"),
             data_dir: self.dir.path().to_owned(),
             database_url: Some(DatabaseUrl::new(self.database_url())),
-            db_max_connections: 8,
+            db_max_connections: Some(8),
             ..Settings::default()
         }
     }
