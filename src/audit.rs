@@ -54,11 +54,21 @@ pub struct AuditSettings {
     /// Events waiting to be written at most.
     pub queue_capacity: usize,
     pub batch_size: usize,
+    /// How long the writer lets a batch fill once it holds an event. Longer: fewer, larger
+    /// writes and fewer wake-ups competing with requests; events reach the sink later.
+    pub flush_interval_ms: u64,
 }
 
 impl Default for AuditSettings {
     fn default() -> Self {
-        AuditSettings { sink: AuditSink::Store, file: None, required: false, queue_capacity: 10_000, batch_size: 500 }
+        AuditSettings {
+            sink: AuditSink::Store,
+            file: None,
+            required: false,
+            queue_capacity: 10_000,
+            batch_size: 500,
+            flush_interval_ms: 20,
+        }
     }
 }
 
@@ -150,9 +160,6 @@ pub struct Audit {
     dropped: metrics::Counter,
 }
 
-/// How long the writer waits for a batch to fill once it holds an event.
-const BATCH_LINGER: Duration = Duration::from_millis(5);
-
 /// The writer half, run by the server until shutdown.
 pub struct AuditWriter {
     rx: mpsc::Receiver<Event>,
@@ -219,7 +226,7 @@ impl AuditWriter {
                 // Let a batch build up: under load this makes one store write every few
                 // milliseconds instead of one per handful of events (each a transaction,
                 // and a wake-up of this task per request). No request waits for it.
-                tokio::time::sleep(BATCH_LINGER).await;
+                tokio::time::sleep(Duration::from_millis(self.settings.flush_interval_ms)).await;
             }
             while batch.len() < batch_size {
                 match self.rx.try_recv() {

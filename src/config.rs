@@ -316,6 +316,9 @@ impl Settings {
         if self.audit.queue_capacity == 0 || self.audit.batch_size == 0 {
             return bad("audit.queue_capacity and audit.batch_size must be at least 1");
         }
+        if self.audit.flush_interval_ms > 10_000 {
+            return bad("audit.flush_interval_ms must be at most 10000 (10 s)");
+        }
         if self.db_max_connections == Some(0) {
             return bad("db_max_connections must be at least 1");
         }
@@ -425,6 +428,18 @@ mod tests {
         let mut s = Settings::default();
         s.limits.max_concurrent_requests = 0;
         assert!(matches!(s.validate(), Err(ConfigError::Invalid(m)) if m.contains("max_concurrent_requests")));
+    }
+
+    #[test]
+    fn pool_size_and_audit_flush_interval_are_bounded() {
+        let s = Settings { db_max_connections: Some(0), ..Settings::default() };
+        assert!(matches!(s.validate(), Err(ConfigError::Invalid(m)) if m.contains("db_max_connections")));
+        let mut s = Settings::default();
+        assert_eq!(s.db_max_connections, None, "unset: each backend's own default");
+        s.audit.flush_interval_ms = 10_001;
+        assert!(matches!(s.validate(), Err(ConfigError::Invalid(m)) if m.contains("flush_interval_ms")));
+        s.audit.flush_interval_ms = 0;
+        assert!(s.validate().is_ok());
     }
 
     #[test]

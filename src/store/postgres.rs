@@ -9,7 +9,7 @@ use tokio::sync::watch;
 
 use super::sql::{self, impl_sql_store};
 use super::{
-    Backend, Change, ChangeSink, CredentialRow, KekRow, KeyringRow, ListQuery, Micros, NewVersion, Rewrapped,
+    AuditRow, Backend, Change, ChangeSink, CredentialRow, KekRow, KeyringRow, ListQuery, Micros, NewVersion, Rewrapped,
     StoreError, TokenRow, VersionInfo, VersionRow, WriteBase,
 };
 
@@ -114,6 +114,35 @@ impl PgStore {
         .await?
         .rows_affected();
         Ok(n)
+    }
+
+    /// The batch travels as one array per column, so every batch size uses the same
+    /// statement.
+    async fn insert_audit_batch(&self, events: &[AuditRow]) -> Result<(), StoreError> {
+        let col = |f: fn(&AuditRow) -> String| events.iter().map(f).collect::<Vec<String>>();
+        let at: Vec<i64> = events.iter().map(|e| e.at).collect();
+        let credential: Vec<Option<String>> = events.iter().map(|e| e.credential.clone()).collect();
+        let version: Vec<Option<i64>> = events.iter().map(|e| e.version.map(sql::to_db)).collect();
+        let latency: Vec<i64> = events.iter().map(|e| sql::to_db(e.latency_us)).collect();
+        let q = format!(
+            "INSERT INTO audit_log ({}) SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], \
+             $5::text[], $6::text[], $7::bigint[], $8::text[], $9::bigint[], $10::text[])",
+            sql::AUDIT_COLS
+        );
+        sqlx::query(&q)
+            .bind(at)
+            .bind(col(|e| e.request_id.clone()))
+            .bind(col(|e| e.token_id.clone()))
+            .bind(col(|e| e.token_name.clone()))
+            .bind(col(|e| e.rpc.clone()))
+            .bind(credential)
+            .bind(version)
+            .bind(col(|e| e.code.clone()))
+            .bind(latency)
+            .bind(col(|e| e.peer.clone()))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// Runs inside each write transaction; PostgreSQL delivers it on commit only.

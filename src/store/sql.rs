@@ -216,31 +216,14 @@ decoders! {
     }
 }
 
-/// The row counts of the multi-row audit INSERTs, largest first. A batch of any size is
-/// written as statements of these sizes only, so each connection prepares and caches at
-/// most three audit statements. One statement per batch size would prepare a new one for
-/// most batches, and the statement cache (100 per connection) would hold dozens of
-/// 5,000-parameter programs: megabytes of memory per connection and a parse per write.
-pub(crate) const AUDIT_INSERT_SIZES: [usize; 3] = [64, 8, 1];
-
-/// Splits `rows` into consecutive chunks whose lengths are all in [`AUDIT_INSERT_SIZES`].
-pub(crate) fn audit_chunks<T>(mut rows: &[T]) -> impl Iterator<Item = &[T]> {
-    std::iter::from_fn(move || {
-        let size = AUDIT_INSERT_SIZES.into_iter().find(|s| *s <= rows.len())?;
-        let (chunk, rest) = rows.split_at(size);
-        rows = rest;
-        Some(chunk)
-    })
-}
-
-/// A query builder for the pool's database (named by the pool, so callers need no type).
-pub(crate) fn query_builder<'a, DB: sqlx::Database>(_pool: &sqlx::Pool<DB>, sql: &str) -> sqlx::QueryBuilder<'a, DB> {
-    sqlx::QueryBuilder::new(sql)
-}
+/// The columns an audit insert fills, in the order both backends' statements list them.
+pub(crate) const AUDIT_COLS: &str =
+    "at, request_id, token_id, token_name, rpc, credential, version, code, latency_us, peer";
 
 /// Expands `#[async_trait] impl Store for $store` over a `pool: sqlx::Pool<_>` field.
 /// The backend type supplies `BACKEND`; `current_many_query()` for the one statement
-/// whose dialects differ (binding a list of names); `notify_change()`, called inside each
+/// whose dialects differ (binding a list of names); `insert_audit_batch()` (binding a
+/// batch of audit rows as one parameter set); `notify_change()`, called inside each
 /// write transaction; and `watch()`, the cross-daemon change feed.
 macro_rules! impl_sql_store {
     ($store:ty) => {
@@ -938,33 +921,12 @@ macro_rules! impl_sql_store {
             }
 
             async fn insert_audit(&self, events: &[$crate::store::AuditRow]) -> Result<(), StoreError> {
-                // Multi-row INSERTs rather than one statement per event: at thousands of
-                // requests per second, per-event statements cost the daemon more CPU than
-                // the requests they record. Chunks come in three fixed sizes so their
-                // prepared statements are reused.
-                let mut tx = self.pool.begin().await?;
-                for chunk in sql::audit_chunks(events) {
-                    let mut q = sql::query_builder(
-                        &self.pool,
-                        "INSERT INTO audit_log (at, request_id, token_id, token_name, rpc, credential, version, code, \
-                         latency_us, peer) ",
-                    );
-                    q.push_values(chunk, |mut row, e| {
-                        row.push_bind(e.at)
-                            .push_bind(&e.request_id)
-                            .push_bind(&e.token_id)
-                            .push_bind(&e.token_name)
-                            .push_bind(&e.rpc)
-                            .push_bind(&e.credential)
-                            .push_bind(e.version.map(sql::to_db))
-                            .push_bind(&e.code)
-                            .push_bind(sql::to_db(e.latency_us))
-                            .push_bind(&e.peer);
-                    });
-                    q.build().execute(&mut *tx).await?;
+                if events.is_empty() {
+                    return Ok(());
                 }
-                tx.commit().await?;
-                Ok(())
+                // One statement for the whole batch, whatever its size (see the backends'
+                // `insert_audit_batch`): one prepared statement, one round trip.
+                self.insert_audit_batch(events).await
             }
 
             async fn recent_audit(&self, limit: u32) -> Result<Vec<$crate::store::AuditRow>, StoreError> {
@@ -1023,22 +985,4 @@ pub(super) fn migrator(files: &[(i64, &'static str, &'static str)]) -> sqlx::mig
         })
         .collect::<Vec<_>>();
     Migrator { migrations: Cow::Owned(migrations), ..Migrator::DEFAULT }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn audit_batches_split_into_the_fixed_statement_sizes() {
-        for n in [0usize, 1, 7, 8, 9, 63, 64, 65, 137, 500] {
-            let rows: Vec<usize> = (0..n).collect();
-            let chunks: Vec<&[usize]> = audit_chunks(&rows).collect();
-            assert!(chunks.iter().all(|c| AUDIT_INSERT_SIZES.contains(&c.len())), "{n}: {chunks:?}");
-            let joined: Vec<usize> = chunks.concat();
-            assert_eq!(joined, rows, "every row once, in order");
-        }
-        let sizes: Vec<usize> = audit_chunks(&[0u8; 137]).map(|c| c.len()).collect();
-        assert_eq!(sizes, [64, 64, 8, 1]);
-    }
 }

@@ -9,8 +9,8 @@ use sqlx::{Sqlite, SqlitePool, Transaction};
 
 use super::sql::{self, impl_sql_store};
 use super::{
-    Backend, ChangeSink, CredentialRow, KekRow, KeyringRow, ListQuery, Micros, NewVersion, Rewrapped, StoreError,
-    TokenRow, VersionInfo, VersionRow, WriteBase,
+    AuditRow, Backend, ChangeSink, CredentialRow, KekRow, KeyringRow, ListQuery, Micros, NewVersion, Rewrapped,
+    StoreError, TokenRow, VersionInfo, VersionRow, WriteBase,
 };
 
 const MIGRATIONS: &[(i64, &str, &str)] = &[
@@ -115,6 +115,36 @@ impl SqliteStore {
         .await?
         .rows_affected();
         Ok(n)
+    }
+
+    /// The batch travels as one JSON array of rows (arrays in [`sql::AUDIT_COLS`] order),
+    /// so every batch size uses the same statement.
+    async fn insert_audit_batch(&self, events: &[AuditRow]) -> Result<(), StoreError> {
+        let rows: Vec<_> = events
+            .iter()
+            .map(|e| {
+                (
+                    e.at,
+                    &e.request_id,
+                    &e.token_id,
+                    &e.token_name,
+                    &e.rpc,
+                    &e.credential,
+                    e.version.map(sql::to_db),
+                    &e.code,
+                    sql::to_db(e.latency_us),
+                    &e.peer,
+                )
+            })
+            .collect();
+        let json = serde_json::to_string(&rows).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let q = format!(
+            "INSERT INTO audit_log ({}) SELECT {} FROM json_each($1)",
+            sql::AUDIT_COLS,
+            (0..10).map(|i| format!("value ->> {i}")).collect::<Vec<_>>().join(", ")
+        );
+        sqlx::query(&q).bind(json).execute(&self.pool).await?;
+        Ok(())
     }
 
     /// One process owns an SQLite file, so there is nobody to notify.
