@@ -176,28 +176,22 @@ impl std::fmt::Debug for AuditWriter {
 
 pub fn channel(settings: &AuditSettings, store: Arc<dyn Store>) -> (Audit, Option<AuditWriter>) {
     let healthy = Arc::new(AtomicBool::new(true));
-    if settings.sink == AuditSink::Off {
-        let audit = Audit {
-            tx: None,
-            healthy,
-            required: settings.required,
-            capacity: 0,
-            depth_gauge: metrics::gauge!(names::QUEUE_DEPTH),
-            dropped: metrics::counter!(names::DROPPED),
-        };
-        return (audit, None);
-    }
-    let capacity = settings.queue_capacity.max(1);
-    let (tx, rx) = mpsc::channel(capacity);
+    let capacity = if settings.sink == AuditSink::Off { 0 } else { settings.queue_capacity.max(1) };
+    let (tx, writer) = if capacity == 0 {
+        (None, None)
+    } else {
+        let (tx, rx) = mpsc::channel(capacity);
+        (Some(tx), Some(AuditWriter { rx, settings: settings.clone(), store, healthy: healthy.clone() }))
+    };
     let audit = Audit {
-        tx: Some(tx),
-        healthy: healthy.clone(),
+        tx,
+        healthy,
         required: settings.required,
         capacity,
         depth_gauge: metrics::gauge!(names::QUEUE_DEPTH),
         dropped: metrics::counter!(names::DROPPED),
     };
-    (audit, Some(AuditWriter { rx, settings: settings.clone(), store, healthy }))
+    (audit, writer)
 }
 
 impl Audit {

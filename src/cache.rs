@@ -137,11 +137,6 @@ impl CachedVersion {
         }
     }
 
-    /// Whether the value can still be produced (its bytes were not destroyed).
-    pub fn has_value(&self) -> bool {
-        !matches!(self.body, Body::Sealed(None))
-    }
-
     /// What this entry costs: the heap blocks it owns with the allocator's rounding,
     /// plus the LRU node and key that hold it.
     fn estimated_bytes(&self, name: &str) -> usize {
@@ -516,7 +511,7 @@ mod tests {
     use super::*;
     use crate::store::VersionState;
 
-    fn version(_name: &str, v: u64, value_len: usize) -> Arc<CachedVersion> {
+    fn version(v: u64, value_len: usize) -> Arc<CachedVersion> {
         let row = VersionRow {
             info: VersionInfo { version: v, state: VersionState::Current, kek_id: 1, created_at: 0, expires_at: None },
             sealed: Some(Sealed { kek_id: 1, wrapped_dek: vec![0; 61], ciphertext: vec![0; value_len] }),
@@ -544,7 +539,7 @@ mod tests {
             s.negative_ttl_ms = 100;
         });
         let t = c.ticket("a");
-        c.fill("a", t, Cached::Found(version("a", 1, 10)));
+        c.fill("a", t, Cached::Found(version(1, 10)));
         let t = c.ticket("gone");
         c.fill("gone", t, Cached::Missing { deleted: false });
         assert_eq!(found_version(c.get("a")), Some(1));
@@ -561,24 +556,24 @@ mod tests {
     fn fills_started_before_a_write_are_dropped() {
         let c = cache(|_| {});
         let slow = c.ticket("a");
-        c.install("a", c.ticket("a"), version("a", 2, 10));
-        c.fill("a", slow, Cached::Found(version("a", 1, 10)));
+        c.install("a", c.ticket("a"), version(2, 10));
+        c.fill("a", slow, Cached::Found(version(1, 10)));
         assert_eq!(found_version(c.get("a")), Some(2));
         let slow = c.ticket("a");
         c.invalidate("a");
-        c.fill("a", slow, Cached::Found(version("a", 2, 10)));
+        c.fill("a", slow, Cached::Found(version(2, 10)));
         assert!(c.get("a").is_none(), "a fill that raced an invalidation is not cached");
     }
 
     #[test]
     fn a_write_that_raced_an_invalidation_is_not_installed() {
         let c = cache(|_| {});
-        c.install("a", c.ticket("a"), version("a", 1, 10));
+        c.install("a", c.ticket("a"), version(1, 10));
         // A write of version 2 starts; a delete (or another daemon's version 3) lands
         // before it is installed.
         let writing = c.ticket("a");
         c.invalidate("a");
-        c.install("a", writing, version("a", 2, 10));
+        c.install("a", writing, version(2, 10));
         assert!(c.get("a").is_none(), "the possibly stale version is not served");
         assert_eq!((c.len(), c.bytes()), (0, 0));
     }
@@ -586,14 +581,14 @@ mod tests {
     #[test]
     fn versions_never_go_backwards() {
         let c = cache(|_| {});
-        c.install("a", c.ticket("a"), version("a", 5, 10));
-        c.install("a", c.ticket("a"), version("a", 4, 10));
+        c.install("a", c.ticket("a"), version(5, 10));
+        c.install("a", c.ticket("a"), version(4, 10));
         assert_eq!(found_version(c.get("a")), Some(5));
         let t = c.ticket("a");
-        c.fill("a", t, Cached::Found(version("a", 3, 10)));
+        c.fill("a", t, Cached::Found(version(3, 10)));
         assert_eq!(found_version(c.get("a")), Some(5));
         let t = c.ticket("a");
-        c.fill("a", t, Cached::Found(version("a", 6, 10)));
+        c.fill("a", t, Cached::Found(version(6, 10)));
         assert_eq!(found_version(c.get("a")), Some(6));
     }
 
@@ -604,7 +599,7 @@ mod tests {
             s.max_entries = 3;
         });
         for i in 0..5 {
-            c.install(&format!("n{i}"), c.ticket(&format!("n{i}")), version(&format!("n{i}"), 1, 10));
+            c.install(&format!("n{i}"), c.ticket(&format!("n{i}")), version(1, 10));
         }
         assert_eq!(c.len(), 3);
         assert!(c.get("n0").is_none() && c.get("n4").is_some(), "least recently used go first");
@@ -615,7 +610,7 @@ mod tests {
             s.plaintext = PlaintextPolicy::PerRead;
         });
         for i in 0..10 {
-            c.install(&format!("n{i}"), c.ticket(&format!("n{i}")), version(&format!("n{i}"), 1, 1000));
+            c.install(&format!("n{i}"), c.ticket(&format!("n{i}")), version(1, 1000));
         }
         assert!(c.bytes() <= 4000, "{} bytes", c.bytes());
         assert!(c.len() < 10 && c.len() >= 2, "{} entries", c.len());
@@ -625,18 +620,18 @@ mod tests {
     fn clear_and_disable() {
         let c = cache(|_| {});
         for i in 0..20 {
-            c.install(&format!("n{i}"), c.ticket(&format!("n{i}")), version(&format!("n{i}"), 1, 10));
+            c.install(&format!("n{i}"), c.ticket(&format!("n{i}")), version(1, 10));
         }
         c.clear();
         assert_eq!((c.len(), c.bytes()), (0, 0));
         let off = cache(|s| s.enabled = false);
-        off.install("a", off.ticket("a"), version("a", 1, 1));
+        off.install("a", off.ticket("a"), version(1, 1));
         assert!(off.get("a").is_none());
     }
 
     #[test]
     fn debug_hides_memoized_plaintext() {
-        let v = CachedVersion::memoized(version("a", 1, 4).info.clone(), b"hunter2");
+        let v = CachedVersion::memoized(version(1, 4).info.clone(), b"hunter2");
         let text = format!("{v:?}");
         assert!(!text.contains("hunter2") && text.contains("REDACTED"), "{text}");
     }
@@ -644,7 +639,7 @@ mod tests {
     #[test]
     fn memoizing_replaces_the_sealed_entry_by_a_smaller_plaintext_one() {
         let c = cache(|_| {});
-        let sealed = version("a", 3, 272);
+        let sealed = version(3, 272);
         c.install("a", c.ticket("a"), sealed.clone());
         let before = c.bytes();
         c.memoize("a", &sealed, &[7u8; 256]);
@@ -657,7 +652,7 @@ mod tests {
         c.memoize("a", &sealed, &[9u8; 256]);
         let Some(Cached::Found(now)) = c.get("a") else { panic!("entry gone") };
         assert!(Arc::ptr_eq(&now, &memo));
-        let newer = version("a", 4, 272);
+        let newer = version(4, 272);
         c.install("a", c.ticket("a"), newer.clone());
         c.memoize("a", &sealed, &[9u8; 256]);
         let Some(Cached::Found(now)) = c.get("a") else { panic!("entry gone") };
@@ -683,7 +678,7 @@ mod tests {
                 c.load_coalesced("a", || async {
                     loads.fetch_add(1, Ordering::SeqCst);
                     gate.notified().await;
-                    Ok::<_, ()>(Cached::Found(version("a", 7, 10)))
+                    Ok::<_, ()>(Cached::Found(version(7, 10)))
                 })
                 .await
             }));

@@ -254,8 +254,8 @@ fn request_series() -> &'static RequestSeries {
 }
 
 fn record_request(rpc: usize, code: usize, seconds: f64) {
-    let (Some(duration), Some(requests)) = (request_series().duration.get(rpc), request_series().requests.get(rpc))
-    else {
+    let series = request_series();
+    let (Some(duration), Some(requests)) = (series.duration.get(rpc), series.requests.get(rpc)) else {
         return;
     };
     let label = RPCS.get(rpc).copied().unwrap_or("unknown");

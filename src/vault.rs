@@ -382,7 +382,7 @@ impl Vault {
             Cached::Missing { deleted: true } => return Err(deleted(name)),
             Cached::Missing { deleted: false } => return Err(not_found(name)),
         };
-        check_readable(name, &entry.info, entry.has_value())?;
+        check_state(name, &entry.info)?;
         let value = match (entry.plaintext(), entry.sealed()) {
             (Some(p), _) => Zeroizing::new(p.to_vec()),
             (None, Some(sealed)) => {
@@ -774,19 +774,19 @@ fn deleted(name: &CredentialName) -> VaultError {
 
 /// The sealed bytes of a version, if its state allows reading it.
 fn readable<'a>(name: &CredentialName, row: &'a VersionRow) -> Result<&'a Sealed, VaultError> {
-    check_readable(name, &row.info, row.sealed.is_some())?;
+    check_state(name, &row.info)?;
     row.sealed.as_ref().ok_or_else(|| unreadable(name, &row.info))
 }
 
-/// A version can be read while it is current or within its grace period, and while its
-/// bytes exist.
-fn check_readable(name: &CredentialName, info: &VersionInfo, present: bool) -> Result<(), VaultError> {
+/// A version can be read while it is current or within its grace period (and while its
+/// bytes exist, which the callers check).
+fn check_state(name: &CredentialName, info: &VersionInfo) -> Result<(), VaultError> {
     let ok = match info.state {
         VersionState::Current => true,
         VersionState::Previous => info.expires_at.is_none_or(|t| t > now_micros()),
         VersionState::Deprecated | VersionState::Destroyed => false,
     };
-    if ok && present {
+    if ok {
         Ok(())
     } else {
         Err(unreadable(name, info))
