@@ -23,6 +23,8 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("invalid setting: {0}")]
     Invalid(String),
+    #[error(transparent)]
+    InsecureFile(#[from] crate::unlock::InsecureFile),
 }
 
 /// A database URL whose `Debug` hides any password.
@@ -37,6 +39,33 @@ impl DatabaseUrl {
 
     pub fn expose(&self) -> &str {
         &self.0
+    }
+
+    /// A `postgres://` URL without a password gets `password` (percent-encoded); any
+    /// other URL is returned as it is.
+    pub fn with_default_password(&self, password: &str) -> DatabaseUrl {
+        let u = &self.0;
+        let Some(s) = u.strip_prefix("postgres://").map(|_| 11).or(u.strip_prefix("postgresql://").map(|_| 13)) else {
+            return self.clone();
+        };
+        let authority_end = u[s..].find(['/', '?']).map_or(u.len(), |i| s + i);
+        // No user: an empty one keeps the driver's default (PGUSER, else the OS user).
+        let at = u[s..authority_end].rfind('@').map_or(s, |i| s + i);
+        if u[s..at].contains(':') {
+            return self.clone();
+        }
+        let mut encoded = String::with_capacity(password.len() * 3);
+        for b in password.bytes() {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+                encoded.push(char::from(b));
+            } else {
+                encoded.push_str(&format!("%{b:02X}"));
+            }
+        }
+        let rest = if at == s { format!("@{}", &u[s..]) } else { u[at..].to_owned() };
+        let out = DatabaseUrl(format!("{}:{encoded}{rest}", &u[..at]));
+        zeroize::Zeroize::zeroize(&mut encoded);
+        out
     }
 
     /// The URL with its password replaced by `REDACTED`.
@@ -112,6 +141,9 @@ pub struct Settings {
     pub master_key_file: Option<PathBuf>,
     /// Derive the master key from the passphrase in this file (Argon2id) instead.
     pub passphrase_file: Option<PathBuf>,
+    /// Accept a key or passphrase file that group or others may access (refused by
+    /// default, as ssh refuses such private keys).
+    pub allow_insecure_key_permissions: bool,
     /// Set from `CREDVAULT_PASSPHRASE` or `passphrase_file`; never read from the TOML file.
     #[serde(skip)]
     pub passphrase: Option<SecretString>,
@@ -139,6 +171,7 @@ impl Default for Settings {
             db_max_connections: None,
             master_key_file: None,
             passphrase_file: None,
+            allow_insecure_key_permissions: false,
             passphrase: None,
             kdf: KdfSettings::default(),
             worker_threads: None,
@@ -185,6 +218,9 @@ pub struct ServeArgs {
     /// File holding the passphrase the master key is derived from (CREDVAULT_PASSPHRASE also works).
     #[arg(long, env = "CREDVAULT_PASSPHRASE_FILE")]
     pub passphrase_file: Option<PathBuf>,
+    /// Accept a key or passphrase file that group or others may access.
+    #[arg(long, env = "CREDVAULT_ALLOW_INSECURE_KEY_PERMISSIONS")]
+    pub allow_insecure_key_permissions: bool,
     /// Versions kept per credential [default: 10].
     #[arg(long, env = "CREDVAULT_MAX_VERSIONS")]
     pub max_versions: Option<u64>,
@@ -239,11 +275,20 @@ impl Settings {
         if let Some(url) = &args.database_url {
             s.database_url = Some(DatabaseUrl::new(url.clone()));
         }
+        // `serve` removes PGPASSWORD from the environment before the driver would read it
+        // (see `unlock::scrub_environment`), so it travels inside the URL instead.
+        if let (Some(url), Ok(password)) = (&s.database_url, std::env::var("PGPASSWORD")) {
+            let password = zeroize::Zeroizing::new(password);
+            s.database_url = Some(url.with_default_password(&password));
+        }
         if args.master_key_file.is_some() {
             s.master_key_file = args.master_key_file.clone();
         }
         if args.passphrase_file.is_some() {
             s.passphrase_file = args.passphrase_file.clone();
+        }
+        if args.allow_insecure_key_permissions {
+            s.allow_insecure_key_permissions = true;
         }
         if args.worker_threads.is_some() {
             s.worker_threads = args.worker_threads;
@@ -275,7 +320,7 @@ impl Settings {
         }
         s.passphrase = match (std::env::var("CREDVAULT_PASSPHRASE").ok(), &s.passphrase_file) {
             (Some(p), _) => Some(SecretString::from(p)),
-            (None, Some(path)) => Some(read_passphrase(path)?),
+            (None, Some(path)) => Some(read_passphrase(path, s.allow_insecure_key_permissions)?),
             (None, None) => None,
         };
         s.validate()?;
@@ -366,15 +411,26 @@ impl Settings {
             None => match &self.master_key_file {
                 // An explicitly named key file must exist: generating one silently could
                 // hide a typo in the path.
-                Some(path) => MasterKeySpec::KeyFile { path: path.clone(), create: false },
-                None => MasterKeySpec::KeyFile { path: self.data_dir.join("master.key"), create: true },
+                Some(path) => MasterKeySpec::KeyFile {
+                    path: path.clone(),
+                    create: false,
+                    allow_insecure_permissions: self.allow_insecure_key_permissions,
+                },
+                None => MasterKeySpec::KeyFile {
+                    path: self.data_dir.join("master.key"),
+                    create: true,
+                    allow_insecure_permissions: self.allow_insecure_key_permissions,
+                },
             },
         }
     }
 }
 
-fn read_passphrase(path: &Path) -> Result<SecretString, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+fn read_passphrase(path: &Path, allow_insecure: bool) -> Result<SecretString, ConfigError> {
+    crate::unlock::check_private_file(path, "passphrase file", allow_insecure)?;
+    let text = zeroize::Zeroizing::new(
+        std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?,
+    );
     let trimmed = text.trim_end_matches(['\r', '\n']);
     if trimmed.is_empty() {
         return Err(ConfigError::Invalid(format!("passphrase file {} is empty", path.display())));
@@ -391,6 +447,19 @@ mod tests {
         let u = DatabaseUrl::new("postgres://app:s3cret@db:5432/vault");
         assert_eq!(format!("{u:?}"), "\"postgres://app:REDACTED@db:5432/vault\"");
         assert_eq!(DatabaseUrl::new("postgres://app@db/v").redacted(), "postgres://app@db/v");
+    }
+
+    #[test]
+    fn pgpassword_fills_a_url_without_a_password() {
+        let u = DatabaseUrl::new("postgres://app@db:5432/vault?sslmode=require");
+        assert_eq!(u.with_default_password("p@ss:w/rd").expose(), "postgres://app:p%40ss%3Aw%2Frd@db:5432/vault?sslmode=require");
+        let has = DatabaseUrl::new("postgresql://app:own@db/vault");
+        assert_eq!(has.with_default_password("x").expose(), "postgresql://app:own@db/vault");
+        let no_user = DatabaseUrl::new("postgres://db/vault");
+        assert_eq!(no_user.with_default_password("x").expose(), "postgres://:x@db/vault");
+        assert_eq!(format!("{:?}", no_user.with_default_password("x")), "\"postgres://:REDACTED@db/vault\"");
+        let sqlite = DatabaseUrl::new("sqlite://a@b");
+        assert_eq!(sqlite.with_default_password("x").expose(), "sqlite://a@b");
     }
 
     #[test]

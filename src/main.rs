@@ -41,7 +41,13 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Everything secret is in `settings` now: take it out of the environment while this is
+    // still the only thread (before the runtime starts its workers).
+    let scrubbed = credvault::unlock::scrub_environment(credvault::unlock::SECRET_ENV_VARS);
     init_tracing(settings.log_format);
+    if !scrubbed.is_empty() {
+        tracing::info!(variables = ?scrubbed, "removed secret variables from the process environment");
+    }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = settings.worker_threads {
         builder.worker_threads(n);

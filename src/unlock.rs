@@ -21,9 +21,12 @@ pub enum MasterKeySpec {
         params: KdfParams,
     },
     /// A 32-byte key (raw, or 64 hex characters); generated on first start if `create`.
+    /// An existing file that group or others may access is refused unless
+    /// `allow_insecure_permissions`.
     KeyFile {
         path: PathBuf,
         create: bool,
+        allow_insecure_permissions: bool,
     },
 }
 
@@ -33,9 +36,12 @@ impl std::fmt::Debug for MasterKeySpec {
             MasterKeySpec::Passphrase { params, .. } => {
                 f.debug_struct("Passphrase").field("passphrase", &"REDACTED").field("params", params).finish()
             }
-            MasterKeySpec::KeyFile { path, create } => {
-                f.debug_struct("KeyFile").field("path", path).field("create", create).finish()
-            }
+            MasterKeySpec::KeyFile { path, create, allow_insecure_permissions } => f
+                .debug_struct("KeyFile")
+                .field("path", path)
+                .field("create", create)
+                .field("allow_insecure_permissions", allow_insecure_permissions)
+                .finish(),
         }
     }
 }
@@ -48,6 +54,8 @@ pub enum UnlockError {
     SourceMismatch { expected: &'static str, given: &'static str },
     #[error("master key file {path}: {reason}")]
     KeyFile { path: PathBuf, reason: String },
+    #[error(transparent)]
+    InsecureFile(#[from] InsecureFile),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -87,7 +95,9 @@ async fn open_existing(k: &KeyringRow, spec: &MasterKeySpec) -> Result<MasterKey
                 k.kdf.clone().ok_or_else(|| StoreError::Corrupt("passphrase keyring without KDF parameters".into()))?;
             derive(passphrase.clone(), salt, params).await?
         }
-        MasterKeySpec::KeyFile { path, .. } => read_key_file(path)?,
+        MasterKeySpec::KeyFile { path, allow_insecure_permissions, .. } => {
+            read_key_file(path, *allow_insecure_permissions)?
+        }
     };
     master.check_verifier(&k.verifier).map_err(|_| UnlockError::WrongKey(given_noun(given)))?;
     Ok(master)
@@ -108,8 +118,12 @@ async fn initialise(store: &dyn Store, spec: &MasterKeySpec) -> Result<Option<Ma
             let master = derive(passphrase.clone(), salt.clone(), *params).await?;
             (master, MasterKeySource::Passphrase, Some((salt, *params)))
         }
-        MasterKeySpec::KeyFile { path, create } => {
-            let master = if *create && !path.exists() { create_key_file(path)? } else { read_key_file(path)? };
+        MasterKeySpec::KeyFile { path, create, allow_insecure_permissions } => {
+            let master = if *create && !path.exists() {
+                create_key_file(path)?
+            } else {
+                read_key_file(path, *allow_insecure_permissions)?
+            };
             (master, MasterKeySource::KeyFile, None)
         }
     };
@@ -150,8 +164,46 @@ fn key_file_error(path: &Path, reason: impl std::fmt::Display) -> UnlockError {
     UnlockError::KeyFile { path: path.to_owned(), reason: reason.to_string() }
 }
 
-/// Reads a key file: exactly 32 raw bytes, or 64 hex characters (surrounding whitespace ignored).
-pub fn read_key_file(path: &Path) -> Result<MasterKey, UnlockError> {
+/// A key or passphrase file that group or others may access.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{what} {} is accessible by group or others (mode {mode:04o}); it must be private to its owner: \
+     run `chmod 600 {}`, or start with --allow-insecure-key-permissions to accept it",
+    path.display(),
+    path.display()
+)]
+pub struct InsecureFile {
+    pub what: &'static str,
+    pub path: PathBuf,
+    pub mode: u32,
+}
+
+/// Refuses a secret file whose permission bits grant anything to group or others (as
+/// ssh does for private keys); with `allow` it is accepted with a warning. A file that
+/// cannot be inspected is left to the read that follows, which reports why.
+pub fn check_private_file(path: &Path, what: &'static str, allow: bool) -> Result<(), InsecureFile> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let Ok(meta) = std::fs::metadata(path) else { return Ok(()) };
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            let err = InsecureFile { what, path: path.to_owned(), mode };
+            if !allow {
+                return Err(err);
+            }
+            tracing::warn!(path = %path.display(), mode = format!("{mode:04o}"), "{what} is accessible by group or others; accepted because insecure key permissions are allowed");
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (path, what, allow);
+    Ok(())
+}
+
+/// Reads a key file: exactly 32 raw bytes, or 64 hex characters (surrounding whitespace
+/// ignored). A file group or others may access is refused unless `allow_insecure`.
+pub fn read_key_file(path: &Path, allow_insecure: bool) -> Result<MasterKey, UnlockError> {
+    check_private_file(path, "master key file", allow_insecure)?;
     let raw = Zeroizing::new(std::fs::read(path).map_err(|e| key_file_error(path, e))?);
     if raw.len() == KEY_LEN {
         return Ok(MasterKey::from_bytes(&raw)?);
@@ -199,4 +251,50 @@ fn create_key_file(path: &Path) -> Result<MasterKey, UnlockError> {
     file.write_all(text.as_bytes()).and_then(|_| file.sync_all()).map_err(|e| key_file_error(path, e))?;
     tracing::info!(path = %path.display(), "generated a new master key file; back it up: without it the data cannot be read");
     Ok(MasterKey::from_bytes(key.as_ref())?)
+}
+
+/// Environment variables that carry secrets. `serve` reads what it needs from them and
+/// then removes them (see [`scrub_environment`]); a client command keeps its token.
+pub const SECRET_ENV_VARS: &[&str] = &[
+    "CREDVAULT_PASSPHRASE",
+    "CREDVAULT_DATABASE_URL",
+    "CREDVAULT_TOKEN",
+    "CREDVAULT_OLD_PASSPHRASE",
+    "CREDVAULT_NEW_PASSPHRASE",
+    "PGPASSWORD",
+];
+
+/// Removes `names` from the process environment and overwrites their values where the
+/// kernel shows them (`/proc/<pid>/environ` reads the original environment block, which
+/// `unsetenv` leaves untouched). Returns the names that were present.
+///
+/// Call it while the process has one thread (before the async runtime starts): the C
+/// environment is not synchronised, and no other thread may read it meanwhile.
+pub fn scrub_environment(names: &[&str]) -> Vec<String> {
+    let present: Vec<String> = names.iter().filter(|n| std::env::var_os(n).is_some()).map(|n| n.to_string()).collect();
+    #[cfg(unix)]
+    // SAFETY: `environ` is the C library's NULL-terminated array of NUL-terminated
+    // strings. We only read the array and overwrite bytes strictly before each matching
+    // string's terminating NUL, so every string stays valid (it becomes `NAME=`). The
+    // caller guarantees no other thread touches the environment meanwhile.
+    unsafe {
+        extern "C" {
+            static mut environ: *mut *mut std::ffi::c_char;
+        }
+        let mut entry = environ;
+        while !entry.is_null() && !(*entry).is_null() {
+            let bytes = std::ffi::CStr::from_ptr(*entry).to_bytes();
+            if let Some(eq) = bytes.iter().position(|b| *b == b'=') {
+                if names.iter().any(|n| n.as_bytes() == &bytes[..eq]) {
+                    let value = (*entry).cast::<u8>().add(eq + 1);
+                    std::ptr::write_bytes(value, 0, bytes.len() - eq - 1);
+                }
+            }
+            entry = entry.add(1);
+        }
+    }
+    for name in &present {
+        std::env::remove_var(name);
+    }
+    present
 }

@@ -208,6 +208,21 @@ impl fmt::Debug for Vault {
 
 /// Unconditional writes retry their internal compare-and-set this many times.
 const MAX_WRITE_ATTEMPTS: usize = 64;
+
+/// The highest version a credential can reach: both backends store versions as signed
+/// 64-bit integers.
+pub const MAX_VERSION: u64 = i64::MAX as u64;
+
+/// An `expected_version` after which no version can follow is refused before anything
+/// is read, so the version arithmetic after it never overflows.
+fn check_expected(expected: Option<u64>) -> Result<(), VaultError> {
+    match expected {
+        Some(v) if v >= MAX_VERSION => Err(VaultError::InvalidArgument(format!(
+            "expected_version {v} is out of range: versions go up to {MAX_VERSION}, so it must be below that"
+        ))),
+        _ => Ok(()),
+    }
+}
 const PAGE_TOKEN_PREFIX: &str = "v1:";
 
 impl Vault {
@@ -503,6 +518,7 @@ impl Vault {
     async fn write(&self, name: &str, value: &[u8], opts: WriteOptions<'_>) -> Result<PutOutcome, VaultError> {
         let WriteOptions { expected, metadata, grace, kind, policy, live_only } = opts;
         let name = self.name(name)?;
+        check_expected(expected)?;
         self.check_value(value)?;
         if let Some(m) = metadata {
             self.check_metadata(m)?;
@@ -521,6 +537,12 @@ impl Vault {
         base = live(base)?;
         for _ in 0..MAX_WRITE_ATTEMPTS {
             let version = base.next_version();
+            if version > MAX_VERSION {
+                return Err(VaultError::FailedPrecondition(format!(
+                    "credential {:?} is at version {MAX_VERSION}, the highest there is",
+                    name.as_str()
+                )));
+            }
             let sealed = self
                 .with_keys(|ring| crypto::seal_value(ring, name.as_str(), version, value))
                 .map_err(|e| VaultError::Internal(format!("sealing failed: {e}")))?;
@@ -636,6 +658,7 @@ impl Vault {
     /// Soft-deletes `name`; versions are kept. Returns the head after the delete.
     pub async fn delete(&self, name: &str, expected: Option<u64>) -> Result<CredentialRow, VaultError> {
         let name = self.name(name)?;
+        check_expected(expected)?;
         let now = now_micros();
         let store = &self.inner.store;
         let deleted = store.delete_credential(name.as_str(), expected.filter(|v| *v != 0), now).await;

@@ -161,11 +161,12 @@ pub enum WriteBase {
 }
 
 impl WriteBase {
-    /// The version the write creates.
+    /// The version the write creates (saturating: callers refuse versions beyond
+    /// `vault::MAX_VERSION` before writing).
     pub fn next_version(self) -> u64 {
         match self {
             WriteBase::Create => 1,
-            WriteBase::Update(v) | WriteBase::Revive(v) => v + 1,
+            WriteBase::Update(v) | WriteBase::Revive(v) => v.saturating_add(1),
         }
     }
 }

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow, PgSslMode};
 use sqlx::{PgPool, Postgres, Transaction};
 use tokio::sync::watch;
 
@@ -54,12 +54,34 @@ impl PgStore {
     /// Connects and applies migrations (under sqlx's advisory lock, so daemons starting
     /// together migrate once).
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
-        let options: PgConnectOptions = url.parse().map_err(StoreError::Unavailable)?;
+        let options = connect_options(url)?;
+        let (host, port, mode) = (options.get_host().to_owned(), options.get_port(), options.get_ssl_mode());
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
             .connect_with(options.application_name("credvault"))
-            .await?;
+            .await
+            .map_err(|e| {
+                // A handshake failure (the driver reports a refused certificate as invalid
+                // I/O data): say which server and which mode, which its message does not.
+                let handshake = match &e {
+                    sqlx::Error::Tls(_) => true,
+                    sqlx::Error::Io(io) => io.kind() == std::io::ErrorKind::InvalidData,
+                    _ => false,
+                };
+                if !handshake || matches!(mode, PgSslMode::Disable) {
+                    return StoreError::from(e);
+                }
+                let message = format!("PostgreSQL at {host}:{port} with sslmode={}: {e}", mode_name(mode));
+                StoreError::Unavailable(sqlx::Error::Tls(message.into()))
+            })?;
+        let verified = matches!(mode, PgSslMode::VerifyCa | PgSslMode::VerifyFull);
+        let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|a| a.is_loopback());
+        if !verified && !loopback && !host.starts_with('/') {
+            tracing::warn!(%host, port, sslmode = mode_name(mode), "the PostgreSQL server's certificate is not verified; use sslmode=verify-full with sslrootcert=<CA file> outside a trusted network");
+        } else {
+            tracing::info!(%host, port, sslmode = mode_name(mode), "connected to PostgreSQL");
+        }
         sql::migrator(MIGRATIONS).run(&pool).await?;
         Ok(PgStore { pool, instance: format!("{:016x}", rand::random::<u64>()) })
     }
@@ -212,5 +234,82 @@ impl PgStore {
 }
 
 type Tx<'a> = Transaction<'a, Postgres>;
+
+fn mode_name(mode: PgSslMode) -> &'static str {
+    match mode {
+        PgSslMode::Disable => "disable",
+        PgSslMode::Allow => "allow",
+        PgSslMode::Prefer => "prefer",
+        PgSslMode::Require => "require",
+        PgSslMode::VerifyCa => "verify-ca",
+        PgSslMode::VerifyFull => "verify-full",
+    }
+}
+
+/// Parses a `postgres://` URL into the driver's options, checking the TLS settings the
+/// driver (sqlx 0.8 with rustls) would not honour as libpq does:
+///
+/// - `sslmode=verify-ca` is refused: the driver's "chain only" verifier does not
+///   recognise the name error of this rustls version, so it checks the host name anyway
+///   (and besides the given root it trusts the public web roots). `verify-full` does what
+///   it says.
+/// - `sslrootcert=<file>` with `sslmode=require` is refused too: libpq reads it as
+///   `verify-ca`, while the driver would ignore the file and verify nothing.
+/// - `sslrootcert=system` means the public roots (the driver would open a file named
+///   `system`) and, as in libpq, requires `verify-full` (the mode it implies when unset).
+///
+/// The `PGSSLMODE`/`PGSSLROOTCERT` variables count as URL settings, as in libpq.
+pub(crate) fn connect_options(url: &str) -> Result<PgConnectOptions, StoreError> {
+    let config = |m: String| StoreError::Unavailable(sqlx::Error::Configuration(m.into()));
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let mut root_cert = std::env::var("PGSSLROOTCERT").ok().filter(|v| !v.is_empty());
+    let mut mode_given = std::env::var("PGSSLMODE").is_ok_and(|v| !v.is_empty());
+    let mut kept = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "sslrootcert" | "ssl-root-cert" | "ssl-ca" => {
+                root_cert = Some(value.to_owned());
+                if value == "system" {
+                    continue;
+                }
+            }
+            "sslmode" | "ssl-mode" => mode_given = true,
+            _ => {}
+        }
+        kept.push(pair);
+    }
+    let system_roots = root_cert.as_deref() == Some("system");
+    let has_ca_file = root_cert.is_some() && !system_roots;
+    let rebuilt = if kept.is_empty() { base.to_owned() } else { format!("{base}?{}", kept.join("&")) };
+    let options: PgConnectOptions = rebuilt.parse().map_err(StoreError::Unavailable)?;
+    let use_full = "use sslmode=verify-full with sslrootcert=<CA file> and connect by a name the server's \
+                    certificate holds";
+    let mode = match options.get_ssl_mode() {
+        _ if system_roots && !mode_given => PgSslMode::VerifyFull,
+        PgSslMode::VerifyFull => PgSslMode::VerifyFull,
+        m if system_roots => {
+            return Err(config(format!(
+                "sslrootcert=system needs sslmode=verify-full (it was {}): the public roots prove \
+                 nothing without the host name check",
+                mode_name(m)
+            )))
+        }
+        PgSslMode::VerifyCa => {
+            return Err(config(format!(
+                "sslmode=verify-ca is not supported (the PostgreSQL driver cannot check the chain \
+                 without the host name); {use_full}"
+            )))
+        }
+        PgSslMode::Require if has_ca_file => {
+            return Err(config(format!(
+                "sslrootcert with sslmode=require asks for verify-ca, which is not supported; {use_full}, \
+                 or drop sslrootcert to encrypt without verifying"
+            )))
+        }
+        m => m,
+    };
+    Ok(options.ssl_mode(mode))
+}
 
 impl_sql_store!(PgStore);

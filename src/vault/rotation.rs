@@ -157,6 +157,7 @@ impl Vault {
         expected: Option<u64>,
     ) -> Result<RotateOutcome, VaultError> {
         let parsed = self.name(name)?;
+        super::check_expected(expected)?;
         if expected == Some(0) {
             return Err(VaultError::InvalidArgument(
                 "expected_version 0 means \"must not exist\"; a rotation needs an existing credential".into(),
