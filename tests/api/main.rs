@@ -16,6 +16,7 @@ mod kek;
 mod pg_tls;
 mod keys;
 mod rotation;
+mod secrets;
 mod security;
 mod tamper;
 mod tls;
