@@ -5,7 +5,8 @@ use std::pin::Pin;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret as _, SecretString};
+use zeroize::{Zeroize as _, Zeroizing};
 
 use super::credential::metadata_message;
 use super::{audit_version, authorize, authorize_everywhere, from_timestamp, timestamp};
@@ -204,6 +205,14 @@ fn job_message(p: &JobProgress) -> proto::RotationJob {
     }
 }
 
+/// Copies a secret out of a decoded message into a zeroized-on-drop box of its exact
+/// size, then wipes the message's buffer (its whole capacity) in place.
+fn take_secret(field: &mut String) -> SecretString {
+    let secret = SecretString::from(field.as_str());
+    field.zeroize();
+    secret
+}
+
 fn job_id(id: u64) -> Result<Option<i64>, Status> {
     match id {
         0 => Ok(None),
@@ -217,12 +226,18 @@ impl AdminService for AdminApi {
         &self,
         req: Request<proto::RotateCredentialRequest>,
     ) -> Result<Response<proto::RotateCredentialResponse>, Status> {
+        // A given value leaves the message first, so it is zeroized on every path.
+        let mut req = req;
+        let given = match &mut req.get_mut().source {
+            Some(proto::rotate_credential_request::Source::Value(v)) => Zeroizing::new(std::mem::take(v)),
+            _ => Zeroizing::new(Vec::new()),
+        };
         authorize(&req, Capability::Rotate, &req.get_ref().name)?;
         let r = req.get_ref();
         let grace = duration(r.grace_period, "grace_period")?;
         let spec;
         let source = match &r.source {
-            Some(proto::rotate_credential_request::Source::Value(v)) => NewValue::Given(v),
+            Some(proto::rotate_credential_request::Source::Value(_)) => NewValue::Given(&given),
             Some(proto::rotate_credential_request::Source::Password(p)) => {
                 spec = password_spec(p)?;
                 NewValue::Generate(spec)
@@ -329,15 +344,15 @@ impl AdminService for AdminApi {
         &self,
         req: Request<proto::RekeyMasterRequest>,
     ) -> Result<Response<proto::RekeyMasterResponse>, Status> {
+        // Both passphrases leave the message first, so they are zeroized on every path.
+        let mut req = req;
+        let old = take_secret(&mut req.get_mut().old_passphrase);
+        let new = take_secret(&mut req.get_mut().new_passphrase);
         authorize_everywhere(&req, Capability::Admin)?;
-        let r = req.into_inner();
-        if r.old_passphrase.is_empty() || r.new_passphrase.is_empty() {
+        if old.expose_secret().is_empty() || new.expose_secret().is_empty() {
             return Err(Status::invalid_argument("old_passphrase and new_passphrase are both required"));
         }
-        let n = self
-            .vault
-            .rekey_master(SecretString::from(r.old_passphrase), SecretString::from(r.new_passphrase), self.kdf)
-            .await?;
+        let n = self.vault.rekey_master(old, new, self.kdf).await?;
         Ok(Response::new(proto::RekeyMasterResponse { keks_rewrapped: u32::try_from(n).unwrap_or(u32::MAX) }))
     }
 
@@ -483,5 +498,24 @@ impl AdminService for AdminApi {
             started_at: Some(timestamp(self.started_at)),
             uptime: prost_types::Duration::try_from(uptime).ok(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn take_secret_wipes_the_whole_message_buffer() {
+        let mut field = String::with_capacity(64);
+        field.push_str("correct horse battery staple");
+        let capacity = field.capacity();
+        let secret = take_secret(&mut field);
+        assert_eq!(secret.expose_secret(), "correct horse battery staple");
+        assert!(field.is_empty());
+        assert_eq!(field.capacity(), capacity, "wiped in place, not reallocated");
+        // SAFETY: zeroize wrote every byte of the capacity, so all of it is initialised.
+        let bytes = unsafe { std::slice::from_raw_parts(field.as_ptr(), capacity) };
+        assert!(bytes.iter().all(|b| *b == 0), "passphrase bytes left in the buffer");
     }
 }

@@ -162,11 +162,14 @@ impl CredentialService for CredentialApi {
         &self,
         req: Request<proto::PutCredentialRequest>,
     ) -> Result<Response<proto::PutCredentialResponse>, Status> {
+        // The value leaves the message first, so it is zeroized on every path, refusals
+        // included (see ARCHITECTURE.md, "Secrets in memory", for the copies tonic keeps).
+        let mut req = req;
+        let value = zeroize::Zeroizing::new(std::mem::take(&mut req.get_mut().value));
         authorize(&req, Capability::Write, &req.get_ref().name)?;
         let ctx = crate::audit::context(&req).cloned();
         let r = req.into_inner();
         let metadata = r.metadata.map(metadata_from).transpose()?;
-        let value = zeroize::Zeroizing::new(r.value);
         let out = self.vault.put(&r.name, &value, r.expected_version, metadata.as_ref()).await?;
         if let Some(ctx) = ctx {
             ctx.set_version(out.version);
