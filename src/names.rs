@@ -125,4 +125,56 @@ mod tests {
             assert!(check_prefix(p, 256).is_err(), "{p:?}");
         }
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A valid name: 1 to 6 segments of the allowed charset, none `.` or `..`.
+        fn valid_name() -> impl Strategy<Value = String> {
+            let segment = "[A-Za-z0-9._-]{1,12}".prop_filter("not . or ..", |s| s != "." && s != "..");
+            prop::collection::vec(segment, 1..6).prop_map(|v| v.join("/"))
+        }
+
+        proptest! {
+            #[test]
+            fn arbitrary_input_never_panics_and_errors_are_printable(
+                bytes in prop::collection::vec(any::<u8>(), 0..300),
+                max in 0usize..300,
+            ) {
+                let s = String::from_utf8_lossy(&bytes);
+                for e in [CredentialName::parse(&s, max).err(), check_prefix(&s, max).err()].into_iter().flatten() {
+                    // Messages reach logs and audit rows: no raw control characters.
+                    prop_assert!(!e.0.chars().any(char::is_control), "{:?}", e.0);
+                }
+            }
+
+            #[test]
+            fn arbitrary_unicode_never_panics(s in "\\PC{0,80}|[\\x00-\\x7f]{0,80}") {
+                let _ = CredentialName::parse(&s, 256);
+                let _ = check_prefix(&s, 256);
+            }
+
+            #[test]
+            fn what_parses_has_the_documented_shape(s in "[A-Za-z0-9._/~*-]{0,40}") {
+                if let Ok(n) = CredentialName::parse(&s, 256) {
+                    let t = n.as_str();
+                    prop_assert_eq!(t, s.as_str());
+                    prop_assert!(!t.is_empty() && !t.starts_with('/') && !t.ends_with('/') && !t.contains("//"));
+                    prop_assert!(t.split('/').all(|seg| seg != "." && seg != ".."));
+                    prop_assert!(t.bytes().all(|b| b == b'/' || allowed(b)) && t.bytes().all(|b| b < b'~'));
+                }
+            }
+
+            #[test]
+            fn valid_names_parse_and_every_start_of_one_is_a_prefix(name in valid_name()) {
+                prop_assert_eq!(CredentialName::parse(&name, 256).map(|n| n.as_str().to_owned()), Ok(name.clone()));
+                for cut in 0..=name.len() {
+                    prop_assert!(check_prefix(&name[..cut], 256).is_ok(), "{:?}", &name[..cut]);
+                }
+                let limit = name.len() - 1;
+                prop_assert!(CredentialName::parse(&name, limit).is_err(), "length limit ignored");
+            }
+        }
+    }
 }

@@ -213,4 +213,81 @@ mod tests {
         assert_eq!(open_value(&ring, "m", 1, &r), Err(CryptoError::Authentication));
         assert_eq!(rewrap_dek(&ring, "n", 1, 1, &s.wrapped_dek, 9), Err(CryptoError::UnknownKek(9)));
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn key(seed: [u8; 32]) -> SecretKey {
+            SecretKey::from_slice(&seed).unwrap_or_else(|_| unreachable!("32 bytes"))
+        }
+
+        proptest! {
+            #[test]
+            fn random_blobs_never_open_and_never_panic(
+                seed in any::<[u8; 32]>(),
+                blob in prop::collection::vec(any::<u8>(), 0..200),
+                aad in prop::collection::vec(any::<u8>(), 0..40),
+            ) {
+                prop_assert!(open(&key(seed), &blob, &aad).is_err());
+            }
+
+            #[test]
+            fn seal_then_open_round_trips(
+                seed in any::<[u8; 32]>(),
+                plaintext in prop::collection::vec(any::<u8>(), 0..2048),
+                aad in prop::collection::vec(any::<u8>(), 0..64),
+            ) {
+                let k = key(seed);
+                let blob = seal(&k, &plaintext, &aad).unwrap_or_else(|_| unreachable!());
+                prop_assert_eq!(blob.len(), plaintext.len() + SEAL_OVERHEAD);
+                prop_assert_eq!(open(&k, &blob, &aad).map(|p| p.to_vec()), Ok(plaintext));
+            }
+
+            #[test]
+            fn any_flipped_bit_or_cut_fails_to_open(
+                seed in any::<[u8; 32]>(),
+                plaintext in prop::collection::vec(any::<u8>(), 0..256),
+                aad in prop::collection::vec(any::<u8>(), 1..64),
+                at in any::<prop::sample::Index>(),
+                bit in 0u8..8,
+            ) {
+                let k = key(seed);
+                let blob = seal(&k, &plaintext, &aad).unwrap_or_else(|_| unreachable!());
+                let mut flipped = blob.clone();
+                let i = at.index(flipped.len());
+                flipped[i] ^= 1 << bit;
+                prop_assert!(open(&k, &flipped, &aad).is_err(), "bit {} of byte {} went unnoticed", bit, i);
+                let mut other_aad = aad.clone();
+                let j = at.index(other_aad.len());
+                other_aad[j] ^= 1 << bit;
+                prop_assert_eq!(open(&k, &blob, &other_aad), Err(CryptoError::Authentication));
+                prop_assert!(open(&k, &blob[..i], &aad).is_err(), "a blob cut to {} bytes opened", i);
+            }
+
+            #[test]
+            fn sealed_values_open_only_in_their_place(
+                plaintext in prop::collection::vec(any::<u8>(), 1..256),
+                version in 1u64..u64::MAX,
+                name in "[a-z0-9/]{1,20}",
+                at in any::<prop::sample::Index>(),
+                bit in 0u8..8,
+            ) {
+                let ring = ring();
+                let s = seal_value(&ring, &name, version, &plaintext).unwrap_or_else(|_| unreachable!());
+                prop_assert_eq!(open_value(&ring, &name, version, &s).map(|p| p.to_vec()), Ok(plaintext));
+                prop_assert!(open_value(&ring, &name, version - 1, &s).is_err());
+                let moved = format!("{}x", name);
+                prop_assert!(open_value(&ring, &moved, version, &s).is_err());
+                let mut t = s.clone();
+                let i = at.index(t.wrapped_dek.len());
+                t.wrapped_dek[i] ^= 1 << bit;
+                prop_assert!(open_value(&ring, &name, version, &t).is_err());
+                let mut t = s.clone();
+                let i = at.index(t.ciphertext.len());
+                t.ciphertext[i] ^= 1 << bit;
+                prop_assert!(open_value(&ring, &name, version, &t).is_err());
+            }
+        }
+    }
 }
