@@ -97,9 +97,19 @@ impl From<TokenError> for Status {
 
 fn duration(d: Option<prost_types::Duration>, what: &str) -> Result<Option<std::time::Duration>, Status> {
     d.map(|d| {
-        std::time::Duration::try_from(d).map_err(|_| Status::invalid_argument(format!("{what} must not be negative")))
+        to_std_duration(d).ok_or_else(|| Status::invalid_argument(format!("{what} must not be negative")))?.map_err(
+            |_| Status::invalid_argument(format!("{what}: nanos must be below 1,000,000,000")),
+        )
     })
     .transpose()
+}
+
+/// `None` for a negative duration, `Some(Err)` for nanos out of range. prost-types' own
+/// conversion negates a negative duration to report it, which overflows (a panic in
+/// debug builds) at `seconds = i64::MIN`: found by the RPC fuzz test.
+fn to_std_duration(d: prost_types::Duration) -> Option<Result<std::time::Duration, ()>> {
+    let (seconds, nanos) = (u64::try_from(d.seconds).ok()?, u32::try_from(d.nanos).ok()?);
+    Some(if nanos < 1_000_000_000 { Ok(std::time::Duration::new(seconds, nanos)) } else { Err(()) })
 }
 
 fn to_proto_duration(micros: Option<i64>) -> Option<prost_types::Duration> {
@@ -421,7 +431,7 @@ impl AdminService for AdminApi {
         let ttl = match r.ttl {
             None => None,
             Some(d) => {
-                Some(std::time::Duration::try_from(d).map_err(|_| Status::invalid_argument("ttl must be positive"))?)
+                Some(duration(Some(d), "ttl").map_err(|_| Status::invalid_argument("ttl must be positive"))?.unwrap_or_default())
             }
         };
         let rate = (r.rate_limit_per_second > 0).then_some(r.rate_limit_per_second);
@@ -504,6 +514,20 @@ impl AdminService for AdminApi {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hostile_durations_are_refused_without_overflow() {
+        let d = |seconds, nanos| Some(prost_types::Duration { seconds, nanos });
+        for (seconds, nanos) in [(i64::MIN, 0), (i64::MIN, i32::MIN), (-1, 0), (0, -1), (i64::MAX, i32::MIN)] {
+            let e = duration(d(seconds, nanos), "grace_period").unwrap_err();
+            assert_eq!((e.code(), e.message()), (tonic::Code::InvalidArgument, "grace_period must not be negative"));
+        }
+        let e = duration(d(1, i32::MAX), "grace_period").unwrap_err();
+        assert!(e.message().contains("nanos must be below"), "{}", e.message());
+        let max = duration(d(i64::MAX, 999_999_999), "x").unwrap();
+        assert_eq!(max, Some(std::time::Duration::new(i64::MAX as u64, 999_999_999)));
+        assert_eq!(duration(None, "x").unwrap(), None);
+    }
 
     #[test]
     fn take_secret_wipes_the_whole_message_buffer() {

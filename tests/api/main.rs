@@ -11,6 +11,7 @@ mod cli;
 mod concurrency;
 mod conformance;
 mod e2e;
+mod fuzz;
 mod hygiene;
 mod kek;
 mod pg_tls;
