@@ -452,7 +452,10 @@ mod tests {
     #[test]
     fn pgpassword_fills_a_url_without_a_password() {
         let u = DatabaseUrl::new("postgres://app@db:5432/vault?sslmode=require");
-        assert_eq!(u.with_default_password("p@ss:w/rd").expose(), "postgres://app:p%40ss%3Aw%2Frd@db:5432/vault?sslmode=require");
+        assert_eq!(
+            u.with_default_password("p@ss:w/rd").expose(),
+            "postgres://app:p%40ss%3Aw%2Frd@db:5432/vault?sslmode=require"
+        );
         let has = DatabaseUrl::new("postgresql://app:own@db/vault");
         assert_eq!(has.with_default_password("x").expose(), "postgresql://app:own@db/vault");
         let no_user = DatabaseUrl::new("postgres://db/vault");

@@ -97,9 +97,9 @@ impl From<TokenError> for Status {
 
 fn duration(d: Option<prost_types::Duration>, what: &str) -> Result<Option<std::time::Duration>, Status> {
     d.map(|d| {
-        to_std_duration(d).ok_or_else(|| Status::invalid_argument(format!("{what} must not be negative")))?.map_err(
-            |_| Status::invalid_argument(format!("{what}: nanos must be below 1,000,000,000")),
-        )
+        to_std_duration(d)
+            .ok_or_else(|| Status::invalid_argument(format!("{what} must not be negative")))?
+            .map_err(|_| Status::invalid_argument(format!("{what}: nanos must be below 1,000,000,000")))
     })
     .transpose()
 }
@@ -430,9 +430,11 @@ impl AdminService for AdminApi {
             .collect::<Result<Vec<_>, Status>>()?;
         let ttl = match r.ttl {
             None => None,
-            Some(d) => {
-                Some(duration(Some(d), "ttl").map_err(|_| Status::invalid_argument("ttl must be positive"))?.unwrap_or_default())
-            }
+            Some(d) => Some(
+                duration(Some(d), "ttl")
+                    .map_err(|_| Status::invalid_argument("ttl must be positive"))?
+                    .unwrap_or_default(),
+            ),
         };
         let rate = (r.rate_limit_per_second > 0).then_some(r.rate_limit_per_second);
         let store = self.vault.store();

@@ -116,7 +116,8 @@ fn tag(out: &mut Vec<u8>, field: i32, wire: u64) {
 }
 
 fn interesting_int(rng: &mut StdRng) -> u64 {
-    const EDGES: [u64; 9] = [0, 1, 2, 100, u32::MAX as u64, i64::MAX as u64, i64::MAX as u64 + 1, u64::MAX - 1, u64::MAX];
+    const EDGES: [u64; 9] =
+        [0, 1, 2, 100, u32::MAX as u64, i64::MAX as u64, i64::MAX as u64 + 1, u64::MAX - 1, u64::MAX];
     if rng.random_bool(0.6) {
         EDGES[rng.random_range(0..EDGES.len())]
     } else {
@@ -128,7 +129,19 @@ fn interesting_int(rng: &mut StdRng) -> u64 {
 /// non-ASCII, oversized.
 fn interesting_string(rng: &mut StdRng) -> String {
     const WORDS: [&str; 14] = [
-        "", "team-a", "team-a/db", "fuzz/x", "a", "*", "team-a/*", "..", "a//b", "/", "x\0y", "\u{1b}[31m", "ü/ñ",
+        "",
+        "team-a",
+        "team-a/db",
+        "fuzz/x",
+        "a",
+        "*",
+        "team-a/*",
+        "..",
+        "a//b",
+        "/",
+        "x\0y",
+        "\u{1b}[31m",
+        "ü/ñ",
         "Bearer",
     ];
     match rng.random_range(0..5) {
@@ -233,10 +246,10 @@ fn random_message(rng: &mut StdRng, messages: &HashMap<String, DescriptorProto>,
 /// Random bytes, plus shapes that trip naive decoders.
 fn hostile_bytes(rng: &mut StdRng) -> Vec<u8> {
     match rng.random_range(0..8) {
-        0 => vec![0xff; rng.random_range(1..16)],                // endless varint
-        1 => vec![0x0a, 0xff, 0xff, 0xff, 0xff, 0x0f, b'a'],     // length far beyond the body
+        0 => vec![0xff; rng.random_range(1..16)],            // endless varint
+        1 => vec![0x0a, 0xff, 0xff, 0xff, 0xff, 0x0f, b'a'], // length far beyond the body
         2 => std::iter::repeat_n([0x0a, 0x80, 0x01], 200).flatten().collect(), // deep nesting
-        3 => vec![0x0b, 0x0c],                                    // group tags
+        3 => vec![0x0b, 0x0c],                               // group tags
         _ => random_bytes(rng, 300),
     }
 }

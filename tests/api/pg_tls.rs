@@ -106,8 +106,11 @@ async fn a_daemon_over_tls_serves_and_never_shows_the_password() {
     d.stop().await;
     // A start-up failure names the server, not the password (trust auth ignores it).
     let secret = "pw-that-must-not-leak";
-    let with_password = url(&env, "127.0.0.1", &format!("sslmode=verify-full&sslrootcert={SNAKEOIL}"))
-        .replacen("postgres@", &format!("postgres:{secret}@"), 1);
+    let with_password = url(&env, "127.0.0.1", &format!("sslmode=verify-full&sslrootcert={SNAKEOIL}")).replacen(
+        "postgres@",
+        &format!("postgres:{secret}@"),
+        1,
+    );
     settings.database_url = Some(credvault::config::DatabaseUrl::new(with_password));
     assert!(!format!("{settings:?}").contains(secret), "settings Debug shows the password");
     let err = match credvault::server::Daemon::build(settings).await {

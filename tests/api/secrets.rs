@@ -98,12 +98,16 @@ async fn a_key_file_open_to_others_is_refused_unless_allowed() {
     let key = env.data_dir().join("master.key");
     for mode in [0o644, 0o640, 0o604, 0o660] {
         chmod(&key, mode);
-        let err = Daemon::build(env.settings()).await.err().expect("an insecure key file is refused");
+        let Err(err) = Daemon::build(env.settings()).await else { panic!("an insecure key file must be refused") };
         let ServerError::Unlock(UnlockError::InsecureFile(f)) = &err else { panic!("wrong error: {err}") };
         assert_eq!((f.path.as_path(), f.mode), (key.as_path(), mode));
         let message = err.to_string();
-        let needles =
-            [key.display().to_string(), format!("mode {mode:04o}"), "chmod 600".into(), "--allow-insecure-key-permissions".into()];
+        let needles = [
+            key.display().to_string(),
+            format!("mode {mode:04o}"),
+            "chmod 600".into(),
+            "--allow-insecure-key-permissions".into(),
+        ];
         for needle in needles {
             assert!(message.contains(&needle), "{message:?} lacks {needle:?}");
         }
@@ -126,7 +130,8 @@ async fn a_passphrase_file_open_to_others_is_refused_unless_allowed() {
     let file = dir.path().join("passphrase");
     std::fs::write(&file, "correct horse\n").unwrap();
     chmod(&file, 0o644);
-    let args = ServeArgs { passphrase_file: Some(file.clone()), data_dir: Some(dir.path().into()), ..Default::default() };
+    let args =
+        ServeArgs { passphrase_file: Some(file.clone()), data_dir: Some(dir.path().into()), ..Default::default() };
     // The variable would win over the file; make sure the file is what is read.
     assert!(std::env::var_os("CREDVAULT_PASSPHRASE").is_none(), "run the tests without CREDVAULT_PASSPHRASE");
     match Settings::load(&args) {

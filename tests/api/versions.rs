@@ -28,7 +28,8 @@ async fn versions_out_of_range_are_refused(backend: Backend) {
         // On a name that exists and on one that does not: the range check comes first.
         for name in ["edge/one", "edge/absent"] {
             assert_status(put(&mut c, name, b"v2", Some(expected)).await, Code::InvalidArgument, &needle);
-            let del = c.delete_credential(DeleteCredentialRequest { name: name.into(), expected_version: Some(expected) });
+            let del =
+                c.delete_credential(DeleteCredentialRequest { name: name.into(), expected_version: Some(expected) });
             assert_status(del.await, Code::InvalidArgument, &needle);
             let rot = admin.rotate_credential(RotateCredentialRequest {
                 name: name.into(),
