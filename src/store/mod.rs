@@ -6,6 +6,7 @@
 //! the row and a loser changes nothing.
 
 mod instrumented;
+mod pg_tls;
 mod postgres;
 mod sql;
 mod sqlite;

@@ -1,12 +1,14 @@
 //! PostgreSQL backend: production, many daemons sharing one database.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow, PgSslMode};
 use sqlx::{PgPool, Postgres, Transaction};
 use tokio::sync::watch;
 
+use super::pg_tls;
 use super::sql::{self, impl_sql_store};
 use super::{
     AuditRow, Backend, Change, ChangeSink, CredentialRow, KekRow, KeyringRow, ListQuery, Micros, NewVersion, Rewrapped,
@@ -27,6 +29,8 @@ pub struct PgStore {
     pool: PgPool,
     /// Tags this daemon's notifications so it can ignore its own.
     instance: String,
+    /// TLS done by the daemon itself (see `pg_tls`); the pool connects through it.
+    _bridge: Option<std::sync::Arc<super::pg_tls::Bridge>>,
 }
 
 impl fmt::Debug for PgStore {
@@ -54,8 +58,20 @@ impl PgStore {
     /// Connects and applies migrations (under sqlx's advisory lock, so daemons starting
     /// together migrate once).
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
-        let options = connect_options(url)?;
+        let (options, bridge_spec) = connect_options(url)?;
         let (host, port, mode) = (options.get_host().to_owned(), options.get_port(), options.get_ssl_mode());
+        let tls_error = |e: &dyn fmt::Display| {
+            let message = format!("PostgreSQL at {host}:{port} with sslmode={}: {e}", mode_name(mode));
+            StoreError::Unavailable(sqlx::Error::Tls(message.into()))
+        };
+        let (options, bridge) = match &bridge_spec {
+            None => (options, None),
+            Some(spec) => {
+                let bridge = super::pg_tls::start(spec, &host, port).await.map_err(|e| tls_error(&e))?;
+                let options = options.socket(bridge.socket_dir()).ssl_mode(PgSslMode::Disable);
+                (options, Some(std::sync::Arc::new(bridge)))
+            }
+        };
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
@@ -72,8 +88,7 @@ impl PgStore {
                 if !handshake || matches!(mode, PgSslMode::Disable) {
                     return StoreError::from(e);
                 }
-                let message = format!("PostgreSQL at {host}:{port} with sslmode={}: {e}", mode_name(mode));
-                StoreError::Unavailable(sqlx::Error::Tls(message.into()))
+                tls_error(&e)
             })?;
         let verified = matches!(mode, PgSslMode::VerifyCa | PgSslMode::VerifyFull);
         let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|a| a.is_loopback());
@@ -83,7 +98,7 @@ impl PgStore {
             tracing::info!(%host, port, sslmode = mode_name(mode), "connected to PostgreSQL");
         }
         sql::migrator(MIGRATIONS).run(&pool).await?;
-        Ok(PgStore { pool, instance: format!("{:016x}", rand::random::<u64>()) })
+        Ok(PgStore { pool, instance: format!("{:016x}", rand::random::<u64>()), _bridge: bridge })
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -246,45 +261,48 @@ fn mode_name(mode: PgSslMode) -> &'static str {
     }
 }
 
-/// Parses a `postgres://` URL into the driver's options, checking the TLS settings the
-/// driver (sqlx 0.8 with rustls) would not honour as libpq does:
+/// Parses a `postgres://` URL into the driver's options, and says whether the daemon
+/// must do the TLS itself (see `pg_tls`). libpq's rules, where sqlx 0.8 with rustls
+/// reads `sslmode` and `sslrootcert` differently:
 ///
-/// - `sslmode=verify-ca` is refused: the driver's "chain only" verifier does not
-///   recognise the name error of this rustls version, so it checks the host name anyway
-///   (and besides the given root it trusts the public web roots). `verify-full` does what
-///   it says.
-/// - `sslrootcert=<file>` with `sslmode=require` is refused too: libpq reads it as
-///   `verify-ca`, while the driver would ignore the file and verify nothing.
-/// - `sslrootcert=system` means the public roots (the driver would open a file named
-///   `system`) and, as in libpq, requires `verify-full` (the mode it implies when unset).
+/// - `verify-ca` checks the chain against `sslrootcert` only, never the name (sqlx
+///   fails on any name mismatch and would trust the public roots too); it needs
+///   `sslrootcert`.
+/// - `verify-full` with `sslrootcert=<file>` trusts that CA only (sqlx would trust the
+///   public web roots besides it).
+/// - `require` with `sslrootcert=<file>` is `verify-ca` (sqlx would ignore the file).
+/// - `sslrootcert=system` means the public roots (sqlx would open a file named
+///   `system`) and requires `verify-full`, the mode it implies when none is given.
 ///
-/// The `PGSSLMODE`/`PGSSLROOTCERT` variables count as URL settings, as in libpq.
-pub(crate) fn connect_options(url: &str) -> Result<PgConnectOptions, StoreError> {
+/// `PGSSLMODE`/`PGSSLROOTCERT`/`PGSSLCERT`/`PGSSLKEY` count as URL settings, as in libpq.
+pub(crate) fn connect_options(url: &str) -> Result<(PgConnectOptions, Option<pg_tls::BridgeSpec>), StoreError> {
     let config = |m: String| StoreError::Unavailable(sqlx::Error::Configuration(m.into()));
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     let (base, query) = url.split_once('?').unwrap_or((url, ""));
-    let mut root_cert = std::env::var("PGSSLROOTCERT").ok().filter(|v| !v.is_empty());
-    let mut mode_given = std::env::var("PGSSLMODE").is_ok_and(|v| !v.is_empty());
+    let mut root_cert = env("PGSSLROOTCERT");
+    let (mut client_cert, mut client_key) = (env("PGSSLCERT"), env("PGSSLKEY"));
+    let mut mode_given = env("PGSSLMODE").is_some();
     let mut kept = Vec::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         match key {
             "sslrootcert" | "ssl-root-cert" | "ssl-ca" => {
-                root_cert = Some(value.to_owned());
+                root_cert = Some(percent_decode(value));
                 if value == "system" {
                     continue;
                 }
             }
+            "sslcert" | "ssl-cert" => client_cert = Some(percent_decode(value)),
+            "sslkey" | "ssl-key" => client_key = Some(percent_decode(value)),
             "sslmode" | "ssl-mode" => mode_given = true,
             _ => {}
         }
         kept.push(pair);
     }
     let system_roots = root_cert.as_deref() == Some("system");
-    let has_ca_file = root_cert.is_some() && !system_roots;
+    let ca_file = root_cert.filter(|_| !system_roots).map(PathBuf::from);
     let rebuilt = if kept.is_empty() { base.to_owned() } else { format!("{base}?{}", kept.join("&")) };
     let options: PgConnectOptions = rebuilt.parse().map_err(StoreError::Unavailable)?;
-    let use_full = "use sslmode=verify-full with sslrootcert=<CA file> and connect by a name the server's \
-                    certificate holds";
     let mode = match options.get_ssl_mode() {
         _ if system_roots && !mode_given => PgSslMode::VerifyFull,
         PgSslMode::VerifyFull => PgSslMode::VerifyFull,
@@ -295,21 +313,52 @@ pub(crate) fn connect_options(url: &str) -> Result<PgConnectOptions, StoreError>
                 mode_name(m)
             )))
         }
-        PgSslMode::VerifyCa => {
-            return Err(config(format!(
-                "sslmode=verify-ca is not supported (the PostgreSQL driver cannot check the chain \
-                 without the host name); {use_full}"
-            )))
-        }
-        PgSslMode::Require if has_ca_file => {
-            return Err(config(format!(
-                "sslrootcert with sslmode=require asks for verify-ca, which is not supported; {use_full}, \
-                 or drop sslrootcert to encrypt without verifying"
-            )))
+        PgSslMode::Require if ca_file.is_some() => PgSslMode::VerifyCa,
+        PgSslMode::VerifyCa if ca_file.is_none() => {
+            return Err(config(
+                "sslmode=verify-ca needs sslrootcert=<file> naming the CA that signed the server's \
+                 certificate (or use sslmode=verify-full, which also checks the host name)"
+                    .to_owned(),
+            ))
         }
         m => m,
     };
-    Ok(options.ssl_mode(mode))
+    let bridge = match (mode, ca_file) {
+        (PgSslMode::VerifyCa | PgSslMode::VerifyFull, Some(root_cert)) => {
+            if options.get_socket().is_some() {
+                return Err(config("TLS cannot be used over a Unix socket; give a host name".to_owned()));
+            }
+            let client = match (client_cert, client_key) {
+                (Some(c), Some(k)) => Some((PathBuf::from(c), PathBuf::from(k))),
+                (None, None) => None,
+                _ => return Err(config("sslcert and sslkey must be given together".to_owned())),
+            };
+            Some(pg_tls::BridgeSpec { root_cert, check_name: matches!(mode, PgSslMode::VerifyFull), client })
+        }
+        _ => None,
+    };
+    Ok((options.ssl_mode(mode), bridge))
+}
+
+/// Decodes `%XX` escapes in a URL parameter (paths of certificate files).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| char::from(c).to_digit(16);
+        match (b[i], b.get(i + 1).copied().and_then(hex), b.get(i + 2).copied().and_then(hex)) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 impl_sql_store!(PgStore);

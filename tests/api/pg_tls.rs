@@ -48,6 +48,16 @@ async fn require_really_uses_tls_and_disable_does_not() {
 async fn verify_modes_check_the_ca_and_the_host_name() {
     let env = TestEnv::new(Backend::Postgres).await;
     let root = format!("sslrootcert={SNAKEOIL}");
+    // The snakeoil certificate as its own root: verify-ca checks the chain, not the name,
+    // so 127.0.0.1 (not in the certificate) connects; so does require with a root (libpq
+    // reads it as verify-ca).
+    for query in [format!("sslmode=verify-ca&{root}"), format!("sslmode=require&{root}")] {
+        let store = PgStore::connect(&url(&env, "127.0.0.1", &query), 1)
+            .await
+            .unwrap_or_else(|e| panic!("{query}: the server's own certificate as root must connect: {e}"));
+        assert!(connection_is_tls(&store).await, "{query}: not TLS");
+        store.pool().close().await;
+    }
     // verify-full by the name in the certificate works...
     let full = PgStore::connect(&url(&env, "localhost", &format!("sslmode=verify-full&{root}")), 1)
         .await
@@ -59,13 +69,20 @@ async fn verify_modes_check_the_ca_and_the_host_name() {
     for needle in ["127.0.0.1:5432", "sslmode=verify-full", "not valid for name"] {
         assert!(err.contains(needle), "{err:?} lacks {needle:?}");
     }
-    // A CA that did not sign the server's certificate fails in verify-full and verify-ca.
+    // A CA that did not sign the server's certificate fails in every verifying mode.
     let other = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
     let other_path = env.data_dir().join("other-ca.pem");
     std::fs::write(&other_path, other.cert.pem()).expect("write CA");
     let other_root = format!("sslrootcert={}", other_path.display());
-    let err = connect_err(&url(&env, "localhost", &format!("sslmode=verify-full&{other_root}"))).await;
-    assert!(err.contains("sslmode=verify-full") && err.contains("UnknownIssuer"), "{err:?}");
+    for (mode, shown) in [("verify-full", "verify-full"), ("verify-ca", "verify-ca"), ("require", "verify-ca")] {
+        let err = connect_err(&url(&env, "localhost", &format!("sslmode={mode}&{other_root}"))).await;
+        assert!(err.contains(&format!("sslmode={shown}")) && err.contains("UnknownIssuer"), "{mode}: {err:?}");
+    }
+    // A root file that holds no certificate is a clear error, not "trust nothing".
+    let empty = env.data_dir().join("empty.pem");
+    std::fs::write(&empty, "not a certificate\n").expect("write");
+    let err = connect_err(&url(&env, "localhost", &format!("sslmode=verify-ca&sslrootcert={}", empty.display()))).await;
+    assert!(err.contains("holds no certificate"), "{err:?}");
     // Public roots: the snakeoil certificate is not among them.
     let err = connect_err(&url(&env, "localhost", "sslmode=verify-full")).await;
     assert!(err.contains("UnknownIssuer"), "{err:?}");
@@ -77,18 +94,66 @@ async fn verify_modes_check_the_ca_and_the_host_name() {
 #[tokio::test]
 async fn tls_settings_that_would_be_misread_are_refused() {
     let env = TestEnv::new(Backend::Postgres).await;
-    // verify-ca cannot be honoured by the driver (it checks the name anyway): refused,
-    // with or without a root; so is require with a root, which libpq reads as verify-ca.
-    for query in ["sslmode=verify-ca", &format!("sslmode=verify-ca&sslrootcert={SNAKEOIL}")] {
-        let err = connect_err(&url(&env, "127.0.0.1", query)).await;
-        assert!(err.contains("sslmode=verify-ca is not supported") && err.contains("verify-full"), "{err:?}");
-    }
-    let err = connect_err(&url(&env, "127.0.0.1", &format!("sslmode=require&sslrootcert={SNAKEOIL}"))).await;
-    assert!(err.contains("asks for verify-ca, which is not supported"), "{err:?}");
+    let err = connect_err(&url(&env, "127.0.0.1", "sslmode=verify-ca")).await;
+    assert!(err.contains("sslmode=verify-ca needs sslrootcert"), "{err:?}");
     let err = connect_err(&url(&env, "127.0.0.1", "sslmode=require&sslrootcert=system")).await;
     assert!(err.contains("sslrootcert=system needs sslmode=verify-full"), "{err:?}");
+    let err =
+        connect_err(&url(&env, "127.0.0.1", &format!("sslmode=verify-ca&sslrootcert={SNAKEOIL}&sslcert=a.pem"))).await;
+    assert!(err.contains("sslcert and sslkey must be given together"), "{err:?}");
     let err = connect_err(&url(&env, "127.0.0.1", "sslmode=sometimes")).await;
     assert!(err.contains("sometimes"), "{err:?}");
+    env.cleanup().await;
+}
+
+/// Through the daemon's own TLS (verify-ca): a whole daemon works, change notifications
+/// included, and the bridge's socket directory is private and removed with the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_over_verify_ca_serves_reads_writes_and_notifications() {
+    use crate::e2e::{get, put};
+    use crate::helpers::TestDaemon;
+    let env = TestEnv::new(Backend::Postgres).await;
+    let mut settings = env.settings();
+    let verified = url(&env, "127.0.0.1", &format!("sslmode=verify-ca&sslrootcert={SNAKEOIL}"));
+    settings.database_url = Some(credvault::config::DatabaseUrl::new(verified.clone()));
+    let a = TestDaemon::start(settings.clone(), None).await;
+    let b = TestDaemon::start(settings, Some(&a.token)).await;
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    put(&mut ca, "tls/one", b"v1", None).await.expect("put");
+    assert_eq!(get(&mut cb, "tls/one", None).await.expect("get").1, b"v1".to_vec());
+    put(&mut ca, "tls/one", b"v2", None).await.expect("put");
+    // b cached v1; a's NOTIFY over the bridged LISTEN connection invalidates it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        if get(&mut cb, "tls/one", None).await.expect("get").1 == b"v2" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the change notification never arrived");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    a.stop().await;
+    b.stop().await;
+    let store = PgStore::connect(&verified, 1).await.expect("connect");
+    assert!(connection_is_tls(&store).await, "the bridged connection must be TLS at the server");
+    let dirs = || {
+        std::fs::read_dir(std::env::temp_dir())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("credvault-pg-"))
+            .map(|e| e.path())
+            .collect::<Vec<_>>()
+    };
+    #[cfg(unix)]
+    for d in dirs() {
+        use std::os::unix::fs::PermissionsExt as _;
+        if let Ok(m) = std::fs::metadata(&d) {
+            assert_eq!(m.permissions().mode() & 0o777, 0o700, "{}", d.display());
+        }
+    }
+    let before = dirs();
+    drop(store);
+    let after = dirs();
+    assert!(before.iter().any(|d| !after.contains(d)), "the bridge's directory outlived its store");
     env.cleanup().await;
 }
 
