@@ -45,7 +45,7 @@ impl DatabaseUrl {
     /// other URL is returned as it is.
     pub fn with_default_password(&self, password: &str) -> DatabaseUrl {
         let u = &self.0;
-        let Some(s) = u.strip_prefix("postgres://").map(|_| 11).or(u.strip_prefix("postgresql://").map(|_| 13)) else {
+        let Some(s) = ["postgres://", "postgresql://"].iter().find(|p| u.starts_with(**p)).map(|p| p.len()) else {
             return self.clone();
         };
         let authority_end = u[s..].find(['/', '?']).map_or(u.len(), |i| s + i);
@@ -59,7 +59,8 @@ impl DatabaseUrl {
             if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
                 encoded.push(char::from(b));
             } else {
-                encoded.push_str(&format!("%{b:02X}"));
+                const HEX: &[u8; 16] = b"0123456789ABCDEF";
+                encoded.extend(['%', char::from(HEX[usize::from(b >> 4)]), char::from(HEX[usize::from(b & 15)])]);
             }
         }
         let rest = if at == s { format!("@{}", &u[s..]) } else { u[at..].to_owned() };
