@@ -55,6 +55,10 @@ impl Bridge {
     }
 }
 
+/// Connect plus handshake; the pool's own acquire timeout is shorter, so this only
+/// bounds how long an abandoned attempt lingers.
+const OPEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// PostgreSQL's `SSLRequest`: length 8, code 80877103.
 const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 
@@ -68,6 +72,12 @@ struct Target {
 
 impl Target {
     async fn open(&self) -> io::Result<TlsStream<TcpStream>> {
+        tokio::time::timeout(OPEN_TIMEOUT, self.open_now())
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS connection to PostgreSQL timed out"))?
+    }
+
+    async fn open_now(&self) -> io::Result<TlsStream<TcpStream>> {
         let mut tcp = TcpStream::connect((self.host.as_str(), self.port)).await?;
         tcp.set_nodelay(true)?;
         tcp.write_all(&SSL_REQUEST).await?;

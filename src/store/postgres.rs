@@ -67,7 +67,11 @@ impl PgStore {
         let (options, bridge) = match &bridge_spec {
             None => (options, None),
             Some(spec) => {
-                let bridge = super::pg_tls::start(spec, &host, port).await.map_err(|e| tls_error(&e))?;
+                let bridge = super::pg_tls::start(spec, &host, port).await.map_err(|e| match e.kind() {
+                    // A refused certificate or a bad CA file; anything else is the network.
+                    std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput => tls_error(&e),
+                    _ => StoreError::Unavailable(sqlx::Error::Io(e)),
+                })?;
                 let options = options.socket(bridge.socket_dir()).ssl_mode(PgSslMode::Disable);
                 (options, Some(std::sync::Arc::new(bridge)))
             }

@@ -185,3 +185,24 @@ async fn a_daemon_over_tls_serves_and_never_shows_the_password() {
     assert!(err.contains("not valid for name") && !err.contains(secret), "{err}");
     env.cleanup().await;
 }
+
+/// A server that is down is a network error, not a certificate problem, even when the
+/// daemon does the TLS itself.
+#[tokio::test]
+async fn an_unreachable_server_is_unavailable_not_a_tls_error() {
+    let env = TestEnv::new(Backend::Postgres).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dead = url(&env, "127.0.0.1", &format!("sslmode=verify-ca&sslrootcert={SNAKEOIL}")).replacen(
+        ":5432",
+        &format!(":{port}"),
+        1,
+    );
+    match PgStore::connect(&dead, 1).await {
+        Err(credvault::store::StoreError::Unavailable(sqlx::Error::Io(e))) => {
+            assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}")
+        }
+        Err(e) => panic!("expected an I/O error, got {e:?}"),
+        Ok(_) => panic!("nothing listens on port {port}"),
+    }
+    env.cleanup().await;
+}
