@@ -307,9 +307,10 @@ fn capability(name: &str) -> Result<i32, ClientError> {
         "list" => proto::Capability::List,
         "rotate" => proto::Capability::Rotate,
         "admin" => proto::Capability::Admin,
+        "destroy" => proto::Capability::Destroy,
         other => {
             return Err(ClientError::Usage(format!(
-                "unknown capability {other:?}; use read, write, delete, list, rotate or admin"
+                "unknown capability {other:?}; use read, write, delete, list, rotate, destroy or admin"
             )))
         }
     };
@@ -324,6 +325,7 @@ fn capability_name(v: i32) -> &'static str {
         Ok(proto::Capability::List) => "list",
         Ok(proto::Capability::Rotate) => "rotate",
         Ok(proto::Capability::Admin) => "admin",
+        Ok(proto::Capability::Destroy) => "destroy",
         _ => "?",
     }
 }
