@@ -16,8 +16,8 @@ use sha2::{Digest, Sha256};
 
 use crate::store::{now_micros, Micros, Store, StoreError, TokenRow};
 
-pub use crate::policy::{Capability, Policy, PolicyDoc, Rule};
 use crate::policy::ROOT_POLICY;
+pub use crate::policy::{Capability, Policy, PolicyDoc, Rule};
 
 /// Every token starts with this, so leaked tokens are easy to find with a scanner.
 pub const TOKEN_PREFIX: &str = "cvt_";

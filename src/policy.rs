@@ -113,7 +113,10 @@ impl Pattern {
     /// Parses the segment syntax (what `CreateToken` accepts).
     fn parse(p: &str) -> Result<Pattern, String> {
         if p.is_empty() || p.len() > MAX_PATTERN_BYTES {
-            return Err(format!("rule pattern {:?} must be 1-{MAX_PATTERN_BYTES} characters", p.escape_debug().to_string()));
+            return Err(format!(
+                "rule pattern {:?} must be 1-{MAX_PATTERN_BYTES} characters",
+                p.escape_debug().to_string()
+            ));
         }
         if let Some(bad) = p.bytes().find(|b| !segment_char(*b) && !matches!(b, b'/' | b'*')) {
             let shown = if bad.is_ascii_graphic() { format!("'{}'", bad as char) } else { format!("byte 0x{bad:02x}") };

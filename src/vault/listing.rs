@@ -229,3 +229,71 @@ impl Vault {
         Ok(Page { credentials: found, next_page_token })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const NOW: Micros = 1_800_000_000_000_000;
+
+    fn key(b: u8) -> SecretKey {
+        page_key(&crypto::MasterKey::from_bytes(&[b; 32]).unwrap())
+    }
+
+    fn binding<'a>(token_id: &'a str, prefix: &'a str) -> PageBinding<'a> {
+        PageBinding { token_id, prefix, include_deleted: false }
+    }
+
+    #[test]
+    fn tokens_are_bound_to_caller_query_key_and_time() {
+        let k = key(1);
+        let b = binding("abc123abc123", "team-a/");
+        let t = seal_page_token(&k, &b, "team-b/hidden,", NOW, 258).unwrap();
+        assert_eq!(open_page_token(&k, &b, &t, NOW + 1).unwrap(), "team-b/hidden,");
+        let foreign = [
+            binding("def456def456", "team-a/"),
+            binding("abc123abc123", "team-"),
+            PageBinding { include_deleted: true, ..b },
+        ];
+        for other in foreign {
+            assert_eq!(open_page_token(&k, &other, &t, NOW), Err(PageTokenError::Foreign), "{other:?}");
+        }
+        assert_eq!(open_page_token(&key(2), &b, &t, NOW), Err(PageTokenError::Foreign), "another master key");
+        let ttl = PAGE_TOKEN_TTL.as_micros() as Micros;
+        assert_eq!(open_page_token(&k, &b, &t, NOW + ttl + 1), Err(PageTokenError::Expired));
+        assert_eq!(open_page_token(&k, &b, &t, NOW - CLOCK_SKEW_MICROS - 1), Err(PageTokenError::Expired));
+        for garbage in ["", "!!!", "djE6dGVhbS1h", &"A".repeat(MAX_PAGE_TOKEN_CHARS + 1)] {
+            assert_eq!(open_page_token(&k, &b, garbage, NOW), Err(PageTokenError::Malformed), "{garbage:?}");
+        }
+        // Fixed length, whatever the position; no plaintext inside.
+        let short = seal_page_token(&k, &b, "a", NOW, 258).unwrap();
+        assert_eq!(short.len(), t.len());
+        let raw = URL_SAFE_NO_PAD.decode(&t).unwrap();
+        assert!(!raw.windows(6).any(|w| w == b"team-b"));
+    }
+
+    proptest! {
+        #[test]
+        fn random_tokens_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..400), text in "\\PC{0,64}") {
+            let k = key(3);
+            let b = binding("abc123abc123", "");
+            let _ = open_page_token(&k, &b, &URL_SAFE_NO_PAD.encode(&bytes), NOW);
+            let _ = open_page_token(&k, &b, &text, NOW);
+        }
+
+        #[test]
+        fn round_trip_and_any_flipped_bit_fails(resume in "[a-z0-9/,~-]{0,300}", bit in any::<prop::sample::Index>()) {
+            let k = key(4);
+            let b = binding("abc123abc123", "x");
+            let t = seal_page_token(&k, &b, &resume, NOW, 258).unwrap();
+            prop_assert_eq!(open_page_token(&k, &b, &t, NOW).unwrap(), resume);
+            let mut raw = URL_SAFE_NO_PAD.decode(&t).unwrap();
+            let i = bit.index(raw.len() * 8);
+            raw[i / 8] ^= 1 << (i % 8);
+            let err = open_page_token(&k, &b, &URL_SAFE_NO_PAD.encode(&raw), NOW).unwrap_err();
+            prop_assert!(matches!(err, PageTokenError::Foreign | PageTokenError::Malformed));
+        }
+    }
+}
