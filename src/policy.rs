@@ -188,7 +188,7 @@ impl Pattern {
                     match (parts.next(), seg) {
                         (None, _) => return false,
                         (Some(part), Some(lit)) if part != lit => return false,
-                        (Some(part), _) if part.is_empty() => return false,
+                        (Some(""), _) => return false,
                         _ => {}
                     }
                 }

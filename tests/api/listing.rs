@@ -162,6 +162,7 @@ async fn outside_names_cost_few_pages(backend: Backend) {
     let before = d.vault.store_queries();
     let (names, tokens) = page_all(&mut a, "", 100).await;
     let queries = d.vault.store_queries() - before;
+    eprintln!("{backend:?}: 5 of 50,005 names in {} pages, {queries} store queries", tokens.len() + 1);
     assert_eq!(names, visible);
     assert!(tokens.len() <= 2, "5 names in {} pages", tokens.len() + 1);
     assert!(queries <= 30, "{queries} store queries");
