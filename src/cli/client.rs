@@ -388,3 +388,19 @@ async fn run_token(cmd: TokenCommand, out: &mut impl std::io::Write) -> Result<(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capabilities_parse_and_print_both_ways() {
+        for name in ["read", "write", "delete", "list", "rotate", "destroy", "admin"] {
+            assert_eq!(capability_name(capability(name).unwrap()), name);
+        }
+        match capability("nuke") {
+            Err(ClientError::Usage(m)) => assert!(m.contains("rotate, destroy or admin"), "{m}"),
+            other => panic!("expected a usage error, got {other:?}"),
+        }
+    }
+}
