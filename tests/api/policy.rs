@@ -210,3 +210,41 @@ async fn destroying_and_cutting_grace_need_destroy() {
     d.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_stored_with_old_patterns_keep_working() {
+    let env = TestEnv::new(Backend::Sqlite).await;
+    let d = TestDaemon::start(env.settings(), None).await;
+    let mut root = d.client().await;
+    for n in ["team-a/x/y", "team-b/x"] {
+        put(&mut root, n, b"v1", None).await.unwrap();
+        put(&mut root, n, b"v2", None).await.unwrap();
+    }
+    // A token as an older version stored it: a bare list of rules, `*` crossing `/`.
+    let token = "cvt_legacy0000000000000000000000000000000000000";
+    let store = env.store().await;
+    store
+        .insert_token(&credvault::store::TokenRow {
+            token_hash: hex::encode(credvault::auth::hash_token(token)),
+            display_name: "old".into(),
+            policies: r#"[{"pattern":"team-a/*","capabilities":["read","delete","list"]}]"#.into(),
+            created_at: credvault::store::now_micros(),
+            expires_at: None,
+            revoked_at: None,
+        })
+        .await
+        .unwrap();
+    // Creating a token reloads the table.
+    create_token(&d, "nudge", vec![rule("n/**", &[Capability::Read], false)], 0, None).await;
+    let mut old = client_with(&d, token).await;
+    assert_eq!(get(&mut old, "team-a/x/y", None).await.unwrap().1, b"v2", "old `team-a/*` reaches any depth");
+    assert_status(get(&mut old, "team-b/x", None).await, Code::PermissionDenied, "may not read \"team-b/x\"");
+    let mut old_admin = admin_with(&d, token).await;
+    old_admin.destroy_version(DestroyVersionRequest { name: "team-a/x/y".into(), version: 1 }).await.unwrap();
+    let tokens = d.admin().await.list_tokens(ListTokensRequest {}).await.unwrap().into_inner().tokens;
+    let shown = tokens.iter().find(|t| t.display_name == "old").unwrap();
+    assert_eq!(shown.rules[0].pattern, "team-a/**");
+    assert!(shown.rules[0].capabilities.contains(&(Capability::Destroy as i32)));
+    d.stop().await;
+    env.cleanup().await;
+}
