@@ -16,141 +16,11 @@ use sha2::{Digest, Sha256};
 
 use crate::store::{now_micros, Micros, Store, StoreError, TokenRow};
 
-/// What a token may do to a credential.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Capability {
-    Read,
-    Write,
-    Delete,
-    List,
-    Rotate,
-    /// Operator RPCs: tokens, keys, status. Granted only by a rule whose pattern is `*`.
-    Admin,
-}
-
-impl Capability {
-    pub const ALL: [Capability; 6] = [
-        Capability::Read,
-        Capability::Write,
-        Capability::Delete,
-        Capability::List,
-        Capability::Rotate,
-        Capability::Admin,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Capability::Read => "read",
-            Capability::Write => "write",
-            Capability::Delete => "delete",
-            Capability::List => "list",
-            Capability::Rotate => "rotate",
-            Capability::Admin => "admin",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Capability> {
-        Capability::ALL.into_iter().find(|c| c.as_str() == s)
-    }
-}
-
-/// One policy rule: a name pattern and the capabilities it grants (or, with `deny`,
-/// takes away).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Rule {
-    /// `*` matches any run of characters, `/` included: `payments/*` covers every name
-    /// under `payments/`. A pattern without `*` names one credential.
-    pub pattern: String,
-    pub capabilities: Vec<Capability>,
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub deny: bool,
-}
-
-/// A token's rules. Default deny; a capability is granted when an allow rule matching
-/// the name grants it and no deny rule matching the name takes it away (deny wins,
-/// whatever the order or specificity).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Policy {
-    rules: Vec<Rule>,
-}
-
-impl Policy {
-    /// Checks rules from an untrusted source (CreateToken).
-    pub fn new(rules: Vec<Rule>) -> Result<Policy, String> {
-        if rules.is_empty() {
-            return Err("a token needs at least one policy rule".into());
-        }
-        for r in &rules {
-            let ok_chars = r.pattern.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-/*".contains(&b));
-            if r.pattern.is_empty() || r.pattern.len() > 256 || !ok_chars {
-                return Err(format!(
-                    "rule pattern {:?} must be 1-256 characters of letters, digits, '.', '_', '-', '/' and '*'",
-                    r.pattern
-                ));
-            }
-            if r.capabilities.is_empty() {
-                return Err(format!("rule {:?} grants no capability", r.pattern));
-            }
-        }
-        Ok(Policy { rules })
-    }
-
-    pub fn rules(&self) -> &[Rule] {
-        &self.rules
-    }
-
-    /// May the holder do `cap` to credential `name`?
-    pub fn allows(&self, cap: Capability, name: &str) -> bool {
-        let mut allowed = false;
-        for r in self.rules.iter().filter(|r| r.capabilities.contains(&cap) && glob_match(&r.pattern, name)) {
-            if r.deny {
-                return false;
-            }
-            allowed = true;
-        }
-        allowed
-    }
-
-    /// May the holder do `cap` regardless of name (operator RPCs)? Only a `*` rule grants it.
-    pub fn allows_everywhere(&self, cap: Capability) -> bool {
-        let mut allowed = false;
-        for r in self.rules.iter().filter(|r| r.capabilities.contains(&cap)) {
-            if r.deny {
-                return false;
-            }
-            allowed |= r.pattern == "*";
-        }
-        allowed
-    }
-}
-
-/// `*` matches any run of characters (including `/`); everything else matches itself.
-pub fn glob_match(pattern: &str, name: &str) -> bool {
-    let (p, n) = (pattern.as_bytes(), name.as_bytes());
-    let (mut pi, mut ni) = (0, 0);
-    let mut backtrack: Option<(usize, usize)> = None;
-    while ni < n.len() {
-        if pi < p.len() && p[pi] == b'*' {
-            backtrack = Some((pi, ni));
-            pi += 1;
-        } else if pi < p.len() && p[pi] == n[ni] {
-            pi += 1;
-            ni += 1;
-        } else if let Some((bp, bn)) = backtrack {
-            pi = bp + 1;
-            ni = bn + 1;
-            backtrack = Some((bp, bn + 1));
-        } else {
-            return false;
-        }
-    }
-    p[pi..].iter().all(|b| *b == b'*')
-}
+use crate::policy::ROOT_POLICY;
+pub use crate::policy::{Capability, Policy, PolicyDoc, Rule};
 
 /// Every token starts with this, so leaked tokens are easy to find with a scanner.
 pub const TOKEN_PREFIX: &str = "cvt_";
-const ROOT_POLICY: &str = r#"[{"pattern":"*","capabilities":["read","write","delete","list","rotate","admin"]}]"#;
 
 /// Who is calling: put into each request's extensions by the interceptor.
 #[derive(Debug)]
@@ -205,24 +75,6 @@ pub fn generate_token() -> SecretString {
     let mut raw = zeroize::Zeroizing::new([0u8; 32]);
     rand::rng().fill_bytes(raw.as_mut());
     SecretString::from(format!("{TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(raw.as_ref())))
-}
-
-/// A token's stored policy document: its rules plus its rate limit.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct PolicyDoc {
-    pub rules: Vec<Rule>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rate_limit_per_second: Option<u32>,
-}
-
-impl PolicyDoc {
-    /// Reads a stored document; older documents were a bare list of rules.
-    pub fn parse(json: &str) -> Result<PolicyDoc, StoreError> {
-        if let Ok(rules) = serde_json::from_str::<Vec<Rule>>(json) {
-            return Ok(PolicyDoc { rules, rate_limit_per_second: None });
-        }
-        serde_json::from_str(json).map_err(|e| StoreError::Corrupt(format!("token policy: {e}")))
-    }
 }
 
 impl Auth {
@@ -291,7 +143,7 @@ fn entry(row: &TokenRow, default_rate: u32) -> Result<Entry, StoreError> {
         caller: Arc::new(Caller {
             token_id: token_id(&row.token_hash),
             display_name: row.display_name.clone(),
-            policy: Policy { rules: doc.rules },
+            policy: Policy::from_doc(&doc),
             limiter: crate::limits::TokenLimiter::per_second(rate),
         }),
         expires_at: row.expires_at,
@@ -352,7 +204,7 @@ impl Auth {
             Some(d) if d.is_zero() => return Err(TokenError::Invalid("ttl must be positive".into())),
             Some(d) => Some(now.saturating_add(i64::try_from(d.as_micros()).unwrap_or(i64::MAX))),
         };
-        let doc = PolicyDoc { rules: policy.rules, rate_limit_per_second };
+        let doc = PolicyDoc::new(&policy, rate_limit_per_second);
         let token = generate_token();
         let row = TokenRow {
             token_hash: hex::encode(hash_token(token.expose_secret())),
@@ -422,53 +274,6 @@ mod tests {
         assert_eq!(auth.authenticate(Some("Basic cvt_abc")).err(), Some(AuthError::Malformed));
         assert_eq!(auth.authenticate(Some("Bearer ")).err(), Some(AuthError::Malformed));
         assert_eq!(auth.authenticate(Some("Bearer cvt_abd")).err(), Some(AuthError::Invalid));
-    }
-
-    fn rules(spec: &[(&str, &[Capability], bool)]) -> Policy {
-        Policy::new(
-            spec.iter().map(|(p, c, d)| Rule { pattern: (*p).into(), capabilities: c.to_vec(), deny: *d }).collect(),
-        )
-        .unwrap()
-    }
-
-    #[test]
-    fn globs() {
-        assert!(glob_match("*", "a/b/c"));
-        assert!(glob_match("team-a/*", "team-a/x/y"));
-        assert!(!glob_match("team-a/*", "team-ab/x"));
-        assert!(!glob_match("team-a/*", "team-a"));
-        assert!(glob_match("*/db/*", "svc/db/password"));
-        assert!(glob_match("a*c*e", "abcde"));
-        assert!(!glob_match("a*c*e", "abcdf"));
-        assert!(glob_match("exact/name", "exact/name"));
-        assert!(!glob_match("exact/name", "exact/names"));
-    }
-
-    #[test]
-    fn default_deny_and_deny_wins() {
-        use Capability::*;
-        let p = rules(&[("team-a/*", &[Read, List], false), ("team-a/secret/*", &[Read], true)]);
-        assert!(p.allows(Read, "team-a/x"));
-        assert!(p.allows(List, "team-a/secret/k"));
-        assert!(!p.allows(Read, "team-a/secret/k"), "deny wins over a broader allow");
-        assert!(!p.allows(Write, "team-a/x"), "default deny");
-        assert!(!p.allows(Read, "team-b/x"));
-        assert!(!p.allows_everywhere(Admin));
-        let admin = rules(&[("*", &[Admin], false)]);
-        assert!(admin.allows_everywhere(Admin));
-        let scoped_admin = rules(&[("team-a/*", &[Admin], false)]);
-        assert!(!scoped_admin.allows_everywhere(Admin), "admin needs a * rule");
-        assert!(Policy::new(vec![]).is_err());
-        assert!(Policy::new(vec![Rule { pattern: "a b".into(), capabilities: vec![Read], deny: false }]).is_err());
-    }
-
-    #[test]
-    fn root_policy_grants_everything() {
-        let doc = PolicyDoc::parse(ROOT_POLICY).unwrap();
-        let p = Policy::new(doc.rules).unwrap();
-        for c in Capability::ALL {
-            assert!(p.allows(c, "any/name") && p.allows_everywhere(c));
-        }
     }
 
     #[test]

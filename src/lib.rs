@@ -7,7 +7,8 @@
 //! - [`vault`]: the core: validation, sealing and opening, compare-and-set writes.
 //! - [`cache`]: the sharded TTL LRU of sealed versions with lazy decryption.
 //! - [`metrics`]: metric names, the Prometheus recorder and `/metrics` listener.
-//! - [`auth`]: bearer tokens and their policies, checked in memory.
+//! - [`auth`]: bearer tokens, checked in memory.
+//! - [`policy`]: token policies: capabilities, the pattern language, listing ranges.
 //! - [`audit`]: the audit layer, queue and batch writer.
 //! - [`limits`]: per-token rate limits and load shedding.
 //! - [`unlock`]: turns a passphrase or key file into an unlocked key ring at start-up.
@@ -24,6 +25,7 @@ pub mod generate;
 pub mod limits;
 pub mod metrics;
 pub mod names;
+pub mod policy;
 pub mod proto;
 pub mod server;
 pub mod service;

@@ -40,6 +40,7 @@ pub mod names {
     pub const REWRAP_TOTAL: &str = "credvault_kek_rewrap_job_total";
     pub const WATCHERS: &str = "credvault_watchers";
     pub const WATCH_DROPPED: &str = "credvault_watchers_dropped_total";
+    pub const LIST_ROWS_SCANNED: &str = "credvault_list_rows_scanned_total";
 }
 
 /// Buckets from 50 us to 1 s (a cache hit to a slow database write).
@@ -89,6 +90,7 @@ fn describe() {
     describe_gauge!(REWRAP_TOTAL, "Versions the KEK rotation job this daemon works on started with.");
     describe_gauge!(WATCHERS, "Open WatchCredentials streams.");
     describe_counter!(WATCH_DROPPED, "WatchCredentials streams ended because the client fell behind.");
+    describe_counter!(LIST_ROWS_SCANNED, "Rows ListCredentials read from the store, shown or skipped by policy.");
     describe_gauge!(crate::audit::names::QUEUE_DEPTH, "Audit events waiting to be written.");
     describe_counter!(crate::audit::names::WRITTEN, "Audit events written to the sink.");
     describe_counter!(

@@ -95,6 +95,66 @@ pub fn check_prefix(prefix: &str, max_len: usize) -> Result<(), NameError> {
     Ok(())
 }
 
+/// Names `start <= name < end`, in byte order (the order of the store's name index).
+/// Bounds need not be valid names: `,` sorts below every name character and `~` above.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NameRange {
+    pub start: String,
+    pub end: String,
+}
+
+/// Sorts below every character a name may hold (`-` is the lowest, 0x2d).
+const BELOW_NAME_CHARS: char = ',';
+/// Sorts above every character a name may hold (`z` is the highest, 0x7a).
+const ABOVE_NAME_CHARS: char = '~';
+
+impl NameRange {
+    /// Every name starting with `prefix`.
+    pub fn prefix(prefix: &str) -> NameRange {
+        NameRange { start: prefix.to_owned(), end: format!("{prefix}{ABOVE_NAME_CHARS}") }
+    }
+
+    /// Exactly the name `name`.
+    pub fn exact(name: &str) -> NameRange {
+        NameRange { start: name.to_owned(), end: after(name) }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.start >= self.end
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.start.as_str() <= name && name < self.end.as_str()
+    }
+
+    pub fn intersect(&self, other: &NameRange) -> Option<NameRange> {
+        let r = NameRange {
+            start: self.start.clone().max(other.start.clone()),
+            end: self.end.clone().min(other.end.clone()),
+        };
+        (!r.is_empty()).then_some(r)
+    }
+
+    /// What is left of this range without `cut`: none, one or two ranges, in order.
+    pub fn minus(&self, cut: &NameRange) -> Vec<NameRange> {
+        if cut.is_empty() || cut.end <= self.start || self.end <= cut.start {
+            return vec![self.clone()];
+        }
+        [
+            NameRange { start: self.start.clone(), end: cut.start.clone() },
+            NameRange { start: cut.end.clone(), end: self.end.clone() },
+        ]
+        .into_iter()
+        .filter(|r| !r.is_empty())
+        .collect()
+    }
+}
+
+/// The lowest bound above `name` and below every other name: where a scan resumes after it.
+pub fn after(name: &str) -> String {
+    format!("{name}{BELOW_NAME_CHARS}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,8 +8,6 @@
 use std::fmt;
 use std::sync::{Arc, RwLock};
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine as _;
 use zeroize::Zeroizing;
 
 use crate::cache::{Cache, CacheSettings, Cached, CachedVersion};
@@ -17,14 +15,16 @@ use crate::crypto::{self, CryptoError, KeyRing, Sealed};
 use crate::metrics::names::DECRYPT_DURATION;
 use crate::names::{check_prefix, CredentialName};
 use crate::store::{
-    now_micros, Backend, Change, ChangeEvent, ChangeKind, CredentialRow, Instrumented, ListQuery, Metadata, Micros,
-    NewVersion, PolicyAdvance, Store, StoreError, VersionInfo, VersionRow, VersionState, WriteBase,
+    now_micros, Backend, Change, ChangeEvent, ChangeKind, CredentialRow, Instrumented, Metadata, Micros, NewVersion,
+    PolicyAdvance, Store, StoreError, VersionInfo, VersionRow, VersionState, WriteBase,
 };
 
 mod keys;
+mod listing;
 mod rotation;
 
 pub use keys::JobProgress;
+pub use listing::{open_page_token, page_key, seal_page_token, PageBinding, PageTokenError, PAGE_TOKEN_TTL};
 pub use rotation::{NewValue, PolicySpec, RotateOutcome, RotationSettings};
 
 /// Request-size limits; every one is enforced before the store is touched.
@@ -36,6 +36,9 @@ pub struct Limits {
     pub max_batch_size: usize,
     pub max_page_size: u32,
     pub default_page_size: u32,
+    /// Rows one `ListCredentials` request reads from the store at most, counting those
+    /// the caller may not see; past it the page comes back short with a token to go on.
+    pub max_list_scan_rows: usize,
     /// Versions kept per credential; older ones are pruned on write.
     pub max_versions: u64,
     pub max_labels: usize,
@@ -55,6 +58,7 @@ impl Default for Limits {
             max_batch_size: 100,
             max_page_size: 1000,
             default_page_size: 100,
+            max_list_scan_rows: 10_000,
             max_versions: 10,
             max_labels: 64,
             max_concurrent_requests: 1024,
@@ -70,6 +74,10 @@ pub enum VaultError {
     InvalidArgument(String),
     #[error("{0}")]
     NotFound(String),
+    /// The caller's capability covers the operation but not this use of it (e.g. a
+    /// grace period cut short without `destroy`).
+    #[error("{0}")]
+    PermissionDenied(String),
     /// An `expected_version` did not match.
     #[error("version conflict on {name:?}: expected version {expected}, current version is {current}{}", if *.deleted { " (deleted)" } else { "" })]
     Conflict { name: String, expected: u64, current: u64, deleted: bool },
@@ -223,7 +231,6 @@ fn check_expected(expected: Option<u64>) -> Result<(), VaultError> {
         _ => Ok(()),
     }
 }
-const PAGE_TOKEN_PREFIX: &str = "v1:";
 
 impl Vault {
     pub fn new(store: Arc<dyn Store>, keys: KeyRing, limits: Limits, cache: CacheSettings) -> Self {
@@ -715,63 +722,9 @@ impl Vault {
         Ok(details)
     }
 
-    /// One page of credentials under `prefix`, in name order. The page token is the last
-    /// name of the previous page, so inserts between pages neither repeat nor skip names.
-    pub async fn list(
-        &self,
-        prefix: &str,
-        page_size: u32,
-        page_token: &str,
-        include_deleted: bool,
-    ) -> Result<Page, VaultError> {
-        let limits = &self.inner.limits;
-        check_prefix(prefix, limits.max_name_bytes).map_err(|e| VaultError::InvalidArgument(e.0))?;
-        let size = match page_size {
-            0 => limits.default_page_size,
-            n if n > limits.max_page_size => {
-                return Err(VaultError::InvalidArgument(format!(
-                    "page_size {n} is over the limit of {}",
-                    limits.max_page_size
-                )))
-            }
-            n => n,
-        };
-        let after = if page_token.is_empty() { None } else { Some(self.decode_page_token(page_token, prefix)?) };
-        let mut rows = self
-            .inner
-            .store
-            .list_credentials(&ListQuery {
-                prefix,
-                after: after.as_ref().map(|n| n.as_str()),
-                limit: size + 1,
-                include_deleted,
-            })
-            .await?;
-        let next_page_token = if rows.len() > size as usize {
-            rows.truncate(size as usize);
-            rows.last().map(|r| encode_page_token(&r.name)).unwrap_or_default()
-        } else {
-            String::new()
-        };
-        Ok(Page { credentials: rows, next_page_token })
-    }
-
     /// Checks a listing or watch prefix.
     pub fn check_prefix(&self, prefix: &str) -> Result<(), VaultError> {
         check_prefix(prefix, self.inner.limits.max_name_bytes).map_err(|e| VaultError::InvalidArgument(e.0))
-    }
-
-    fn decode_page_token(&self, token: &str, prefix: &str) -> Result<CredentialName, VaultError> {
-        let malformed =
-            || VaultError::InvalidArgument("page_token is malformed; pass back a next_page_token unchanged".into());
-        let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| malformed())?;
-        let text = String::from_utf8(bytes).map_err(|_| malformed())?;
-        let last = text.strip_prefix(PAGE_TOKEN_PREFIX).ok_or_else(malformed)?;
-        let name = CredentialName::parse(last, self.inner.limits.max_name_bytes).map_err(|_| malformed())?;
-        if !name.as_str().starts_with(prefix) {
-            return Err(VaultError::InvalidArgument("page_token belongs to a listing with another prefix".into()));
-        }
-        Ok(name)
     }
 
     pub async fn status(&self) -> VaultStatus {
@@ -846,8 +799,4 @@ fn head_base(head: Option<&CredentialRow>) -> WriteBase {
         Some(h) if h.deleted_at.is_some() => WriteBase::Revive(h.current_version),
         Some(h) => WriteBase::Update(h.current_version),
     }
-}
-
-fn encode_page_token(last: &str) -> String {
-    URL_SAFE_NO_PAD.encode(format!("{PAGE_TOKEN_PREFIX}{last}"))
 }

@@ -307,9 +307,10 @@ fn capability(name: &str) -> Result<i32, ClientError> {
         "list" => proto::Capability::List,
         "rotate" => proto::Capability::Rotate,
         "admin" => proto::Capability::Admin,
+        "destroy" => proto::Capability::Destroy,
         other => {
             return Err(ClientError::Usage(format!(
-                "unknown capability {other:?}; use read, write, delete, list, rotate or admin"
+                "unknown capability {other:?}; use read, write, delete, list, rotate, destroy or admin"
             )))
         }
     };
@@ -324,6 +325,7 @@ fn capability_name(v: i32) -> &'static str {
         Ok(proto::Capability::List) => "list",
         Ok(proto::Capability::Rotate) => "rotate",
         Ok(proto::Capability::Admin) => "admin",
+        Ok(proto::Capability::Destroy) => "destroy",
         _ => "?",
     }
 }
@@ -385,4 +387,20 @@ async fn run_token(cmd: TokenCommand, out: &mut impl std::io::Write) -> Result<(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capabilities_parse_and_print_both_ways() {
+        for name in ["read", "write", "delete", "list", "rotate", "destroy", "admin"] {
+            assert_eq!(capability_name(capability(name).unwrap()), name);
+        }
+        match capability("nuke") {
+            Err(ClientError::Usage(m)) => assert!(m.contains("rotate, destroy or admin"), "{m}"),
+            other => panic!("expected a usage error, got {other:?}"),
+        }
+    }
 }

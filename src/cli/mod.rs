@@ -143,10 +143,16 @@ pub enum TokenCommand {
         /// A name for the token, shown in listings and audit events.
         #[arg(long)]
         name: String,
-        /// PATTERN=CAP[,CAP...], e.g. 'team-a/*=read,list'; repeat for more rules.
+        /// PATTERN=CAP[,CAP...], e.g. 'team-a/**=read,list'; repeat for more rules.
+        /// PATTERN is '/'-separated segments: a literal name segment, '*' (exactly one
+        /// segment) or, last only, '**' (any depth): 'team-a/db' is one name, 'team-a/*'
+        /// is one level below team-a/, 'team-a/**' is everything below it, '**' is
+        /// everything. CAP is read, write, delete, list, rotate, destroy (destroy
+        /// versions, cut grace periods short) or admin (only with '**').
         #[arg(long = "allow", value_parser = parse_rule, required = true)]
         allow: Vec<(String, Vec<String>)>,
-        /// PATTERN=CAP[,CAP...] taken away even where an allow rule grants it.
+        /// PATTERN=CAP[,CAP...] taken away even where an allow rule grants it (deny
+        /// wins). To deny a name and everything below it, deny both 'x' and 'x/**'.
         #[arg(long = "deny", value_parser = parse_rule)]
         deny: Vec<(String, Vec<String>)>,
         /// Lifetime in seconds [default: no expiry].

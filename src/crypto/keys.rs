@@ -102,6 +102,15 @@ impl MasterKey {
     fn key(&self) -> &SecretKey {
         &self.0
     }
+
+    /// A key for another purpose, derived with HKDF-SHA256 (`info` names the purpose), so
+    /// every daemon holding this master key derives the same one and nothing is stored.
+    pub fn derive_subkey(&self, info: &[u8]) -> SecretKey {
+        let mut out = Zeroizing::new([0u8; KEY_LEN]);
+        // Cannot fail: 32 bytes is far below HKDF-SHA256's 8160-byte output limit.
+        let _ = hkdf::Hkdf::<sha2::Sha256>::new(None, self.0.as_bytes()).expand(info, out.as_mut());
+        SecretKey(out)
+    }
 }
 
 impl fmt::Debug for MasterKey {

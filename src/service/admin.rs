@@ -10,7 +10,7 @@ use zeroize::{Zeroize as _, Zeroizing};
 
 use super::credential::metadata_message;
 use super::{audit_version, authorize, authorize_everywhere, from_timestamp, timestamp};
-use crate::auth::{Auth, Capability, PolicyDoc, Rule, TokenError};
+use crate::auth::{Auth, Capability, Policy, PolicyDoc, Rule, TokenError};
 use crate::crypto::KdfParams;
 use crate::generate::{Encoding, GeneratorSpec, PasswordClasses};
 use crate::proto::{self, admin_service_server::AdminService};
@@ -49,6 +49,7 @@ fn capability_to_proto(c: Capability) -> proto::Capability {
         Capability::List => proto::Capability::List,
         Capability::Rotate => proto::Capability::Rotate,
         Capability::Admin => proto::Capability::Admin,
+        Capability::Destroy => proto::Capability::Destroy,
     }
 }
 
@@ -60,17 +61,19 @@ fn capability_from_proto(v: i32) -> Result<Capability, Status> {
         Ok(proto::Capability::List) => Capability::List,
         Ok(proto::Capability::Rotate) => Capability::Rotate,
         Ok(proto::Capability::Admin) => Capability::Admin,
+        Ok(proto::Capability::Destroy) => Capability::Destroy,
         _ => return Err(Status::invalid_argument(format!("unknown capability {v}"))),
     })
 }
 
 fn token_info(row: &TokenRow) -> proto::TokenInfo {
-    let doc = PolicyDoc::parse(&row.policies).unwrap_or_default();
+    // Rules as the daemon reads them (legacy patterns translated, or marked `legacy:`).
+    let policy = PolicyDoc::parse(&row.policies).map(|d| Policy::from_doc(&d)).unwrap_or_default();
     proto::TokenInfo {
         id: crate::auth::token_id(&row.token_hash),
         display_name: row.display_name.clone(),
-        rules: doc
-            .rules
+        rules: policy
+            .rules()
             .iter()
             .map(|r| proto::PolicyRule {
                 pattern: r.pattern.clone(),
@@ -242,7 +245,8 @@ impl AdminService for AdminApi {
             Some(proto::rotate_credential_request::Source::Value(v)) => Zeroizing::new(std::mem::take(v)),
             _ => Zeroizing::new(Vec::new()),
         };
-        authorize(&req, Capability::Rotate, &req.get_ref().name)?;
+        let c = authorize(&req, Capability::Rotate, &req.get_ref().name)?;
+        let may_cut_grace = c.policy.allows(Capability::Destroy, &req.get_ref().name);
         let r = req.get_ref();
         let grace = duration(r.grace_period, "grace_period")?;
         let spec;
@@ -258,7 +262,7 @@ impl AdminService for AdminApi {
             }
             None => NewValue::FromPolicy,
         };
-        let out = self.vault.rotate(&r.name, source, grace, r.expected_version).await?;
+        let out = self.vault.rotate(&r.name, source, grace, r.expected_version, may_cut_grace).await?;
         audit_version(&req, out.version);
         Ok(Response::new(proto::RotateCredentialResponse {
             name: out.name,
@@ -272,7 +276,7 @@ impl AdminService for AdminApi {
         &self,
         req: Request<proto::DestroyVersionRequest>,
     ) -> Result<Response<proto::DestroyVersionResponse>, Status> {
-        authorize(&req, Capability::Delete, &req.get_ref().name)?;
+        authorize(&req, Capability::Destroy, &req.get_ref().name)?;
         let r = req.get_ref();
         if r.version == 0 {
             return Err(Status::invalid_argument("version must be given (versions start at 1)"));
@@ -371,7 +375,8 @@ impl AdminService for AdminApi {
         req: Request<proto::SetRotationPolicyRequest>,
     ) -> Result<Response<proto::RotationPolicy>, Status> {
         let p = req.get_ref().policy.clone().ok_or_else(|| Status::invalid_argument("policy is required"))?;
-        authorize(&req, Capability::Rotate, &p.name)?;
+        let c = authorize(&req, Capability::Rotate, &p.name)?;
+        let may_cut_grace = c.policy.allows(Capability::Destroy, &p.name);
         let generator = match &p.generator {
             Some(proto::rotation_policy::Generator::Password(s)) => password_spec(s)?,
             Some(proto::rotation_policy::Generator::RandomBytes(b)) => bytes_spec(b)?,
@@ -385,7 +390,7 @@ impl AdminService for AdminApi {
             generator,
             grace: duration(p.grace_period, "grace_period")?,
         };
-        let row = self.vault.set_rotation_policy(&p.name, &spec).await?;
+        let row = self.vault.set_rotation_policy(&p.name, &spec, may_cut_grace).await?;
         Ok(Response::new(policy_message(&row)))
     }
 

@@ -204,16 +204,10 @@ impl CredentialService for CredentialApi {
     ) -> Result<Response<proto::ListCredentialsResponse>, Status> {
         let c = caller(&req)?;
         let r = req.into_inner();
-        let page = self.vault.list(&r.prefix, r.page_size, &r.page_token, r.include_deleted).await?;
-        // Only names the caller may list. The cursor still follows the unfiltered page, so
-        // a page can hold fewer than page_size names; paging on is always correct.
+        // The vault scans only what this caller may list, and seals the cursor to it.
+        let page = self.vault.list(&c, &r.prefix, r.page_size, &r.page_token, r.include_deleted).await?;
         Ok(Response::new(proto::ListCredentialsResponse {
-            credentials: page
-                .credentials
-                .iter()
-                .filter(|h| c.policy.allows(Capability::List, &h.name))
-                .map(|h| metadata_message(h, &[]))
-                .collect(),
+            credentials: page.credentials.iter().map(|h| metadata_message(h, &[])).collect(),
             next_page_token: page.next_page_token,
         }))
     }

@@ -414,12 +414,12 @@ pub struct RewrapBatch<'a> {
     pub lease_until: Micros,
 }
 
-/// A page of `ListCredentials`.
+/// One scan of `ListCredentials`: names `start <= name < end` in name order (byte
+/// order), at most `limit` of them. See [`NameRange`](crate::names::NameRange) for bounds.
 #[derive(Debug, Clone)]
 pub struct ListQuery<'a> {
-    pub prefix: &'a str,
-    /// Names strictly after this one (the cursor).
-    pub after: Option<&'a str>,
+    pub start: &'a str,
+    pub end: &'a str,
     pub limit: u32,
     pub include_deleted: bool,
 }

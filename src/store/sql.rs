@@ -20,9 +20,6 @@ pub(super) const CRED_COLS_BARE: &str =
 pub(super) const VERSION_COLS: &str = "v.version, v.state, v.kek_id, v.wrapped_dek, v.ciphertext, \
      v.created_at AS v_created_at, v.expires_at AS v_expires_at";
 
-/// A bound above every valid name (names use only `[A-Za-z0-9._/-]`, all below `~`).
-pub(super) const NAME_CEILING: &str = "~";
-
 /// Versions and counts are stored as BIGINT.
 pub(super) fn to_db(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
@@ -503,16 +500,16 @@ macro_rules! impl_sql_store {
             }
 
             async fn list_credentials(&self, q: &ListQuery<'_>) -> Result<Vec<CredentialRow>, StoreError> {
-                let upper = format!("{}{}", q.prefix, sql::NAME_CEILING);
+                // One lower and one upper bound on the name index, so either backend's
+                // planner scans exactly the range.
                 let stmt = format!(
-                    "SELECT {} FROM credentials c WHERE c.name >= $1 AND c.name < $2 AND c.name > $3 \
-                     AND ($4 OR c.deleted_at IS NULL) ORDER BY c.name LIMIT $5",
+                    "SELECT {} FROM credentials c WHERE c.name >= $1 AND c.name < $2 \
+                     AND ($3 OR c.deleted_at IS NULL) ORDER BY c.name LIMIT $4",
                     sql::CRED_COLS
                 );
                 let rows = sqlx::query(&stmt)
-                    .bind(q.prefix)
-                    .bind(upper)
-                    .bind(q.after.unwrap_or(""))
+                    .bind(q.start)
+                    .bind(q.end)
                     .bind(q.include_deleted)
                     .bind(i64::from(q.limit))
                     .fetch_all(&self.pool)

@@ -148,13 +148,15 @@ fn generator(p: &RotationPolicyRow) -> Result<GeneratorSpec, VaultError> {
 impl Vault {
     /// Makes a new current version of a live credential. The version it replaces stays
     /// readable by explicit version for the grace period (`None`: the policy's, else the
-    /// configured default), then is not.
+    /// configured default), then is not. A grace period shorter than that needs
+    /// `may_cut_grace` (the `destroy` capability).
     pub async fn rotate(
         &self,
         name: &str,
         source: NewValue<'_>,
         grace: Option<Duration>,
         expected: Option<u64>,
+        may_cut_grace: bool,
     ) -> Result<RotateOutcome, VaultError> {
         let parsed = self.name(name)?;
         super::check_expected(expected)?;
@@ -166,6 +168,19 @@ impl Vault {
         let store = &self.inner.store;
         let head = self.live_head(&parsed).await?;
         let policy = store.get_rotation_policy(parsed.as_str()).await?;
+        let usual = match &policy {
+            Some(p) => (Duration::from_micros(u64::try_from(p.grace_us).unwrap_or(0)), "its rotation policy's"),
+            None => (self.inner.rotation.default_grace(), "the server default"),
+        };
+        if let Some(g) = grace.filter(|g| *g < usual.0 && !may_cut_grace) {
+            return Err(VaultError::PermissionDenied(format!(
+                "a grace period of {g:?} for {:?} is shorter than the {:?} it would otherwise get ({}); cutting a \
+                 grace period short needs the destroy capability",
+                parsed.as_str(),
+                usual.0,
+                usual.1
+            )));
+        }
         let value: Zeroizing<Vec<u8>> = match source {
             NewValue::Given(v) => Zeroizing::new(v.to_vec()),
             NewValue::Generate(spec) => spec.generate().map_err(VaultError::InvalidArgument)?,
@@ -179,9 +194,7 @@ impl Vault {
                 }
             },
         };
-        let grace = grace
-            .or_else(|| policy.as_ref().map(|p| Duration::from_micros(u64::try_from(p.grace_us).unwrap_or(0))))
-            .unwrap_or_else(|| self.inner.rotation.default_grace());
+        let grace = grace.unwrap_or(usual.0);
         let now = now_micros();
         let plan = policy.as_ref().map(|p| plan(p, None, now));
         let metadata = renewed_metadata(&head, plan.as_ref());
@@ -212,9 +225,23 @@ impl Vault {
         }
     }
 
-    /// Creates or replaces the rotation policy of a live credential.
-    pub async fn set_rotation_policy(&self, name: &str, spec: &PolicySpec) -> Result<RotationPolicyRow, VaultError> {
+    /// Creates or replaces the rotation policy of a live credential. A grace period
+    /// shorter than the server default needs `may_cut_grace` (the `destroy` capability).
+    pub async fn set_rotation_policy(
+        &self,
+        name: &str,
+        spec: &PolicySpec,
+        may_cut_grace: bool,
+    ) -> Result<RotationPolicyRow, VaultError> {
         let name = self.name(name)?;
+        let usual = self.inner.rotation.default_grace();
+        if let Some(g) = spec.grace.filter(|g| *g < usual && !may_cut_grace) {
+            return Err(VaultError::PermissionDenied(format!(
+                "a rotation policy grace period of {g:?} for {:?} is shorter than the server default of {usual:?}; \
+                 that needs the destroy capability",
+                name.as_str()
+            )));
+        }
         let bad = |m: &str| Err(VaultError::InvalidArgument(m.to_owned()));
         spec.generator.check().map_err(|e| VaultError::InvalidArgument(format!("generator: {e}")))?;
         let now = now_micros();

@@ -6,6 +6,8 @@ use credvault::store::{
     StoreError, TokenRow, VersionState, WriteBase,
 };
 
+use credvault::names::{self, NameRange};
+
 use crate::both_backends;
 use crate::helpers::{Backend, TestEnv};
 
@@ -171,28 +173,42 @@ async fn pagination_is_stable_across_inserts(backend: Backend) {
     for n in ["team-a/1", "team-a/3", "team-a/5", "team-a/7", "team-ab/x", "team-b/1", "team-a"] {
         put(s, n, WriteBase::Create, 1, 10).await.unwrap();
     }
-    let page = |after: Option<&'static str>| ListQuery { prefix: "team-a/", after, limit: 2, include_deleted: false };
-    let names = |rows: Vec<credvault::store::CredentialRow>| rows.into_iter().map(|r| r.name).collect::<Vec<_>>();
-    assert_eq!(names(s.list_credentials(&page(None)).await.unwrap()), vec!["team-a/1", "team-a/3"]);
+    // The vault resumes a listing at `after(last name)`; the range is the prefix's.
+    let range = NameRange::prefix("team-a/");
+    let page = |after: Option<&str>| {
+        let start = after.map(names::after).unwrap_or_else(|| range.start.clone());
+        (start, range.end.clone())
+    };
+    async fn list(s: &dyn Store, bounds: (String, String), include_deleted: bool) -> Vec<String> {
+        let q = ListQuery { start: &bounds.0, end: &bounds.1, limit: 2, include_deleted };
+        s.list_credentials(&q).await.unwrap().into_iter().map(|r| r.name).collect()
+    }
+    assert_eq!(list(s, page(None), false).await, vec!["team-a/1", "team-a/3"]);
     // Inserts before and after the cursor: earlier names are not repeated, later ones appear.
     put(s, "team-a/0", WriteBase::Create, 1, 10).await.unwrap();
     put(s, "team-a/4", WriteBase::Create, 1, 10).await.unwrap();
-    assert_eq!(names(s.list_credentials(&page(Some("team-a/3"))).await.unwrap()), vec!["team-a/4", "team-a/5"]);
-    assert_eq!(names(s.list_credentials(&page(Some("team-a/5"))).await.unwrap()), vec!["team-a/7"]);
+    assert_eq!(list(s, page(Some("team-a/3")), false).await, vec!["team-a/4", "team-a/5"]);
+    assert_eq!(list(s, page(Some("team-a/5")), false).await, vec!["team-a/7"]);
     // Deleted names are hidden unless asked for.
     assert!(s.delete_credential("team-a/7", None, 1).await.unwrap());
-    assert!(s.list_credentials(&page(Some("team-a/5"))).await.unwrap().is_empty());
-    let with_deleted = ListQuery { include_deleted: true, ..page(Some("team-a/5")) };
-    assert_eq!(names(s.list_credentials(&with_deleted).await.unwrap()), vec!["team-a/7"]);
+    assert!(list(s, page(Some("team-a/5")), false).await.is_empty());
+    assert_eq!(list(s, page(Some("team-a/5")), true).await, vec!["team-a/7"]);
     // A prefix without a slash matches across segment boundaries; empty lists all in order.
-    let all = ListQuery { prefix: "", after: None, limit: 100, include_deleted: true };
-    let all = names(s.list_credentials(&all).await.unwrap());
+    let all = NameRange::prefix("");
+    let q = ListQuery { start: &all.start, end: &all.end, limit: 100, include_deleted: true };
+    let all: Vec<String> = s.list_credentials(&q).await.unwrap().into_iter().map(|r| r.name).collect();
     let mut sorted = all.clone();
     sorted.sort();
     assert_eq!(all, sorted);
     assert_eq!(all.len(), 9);
-    let a = ListQuery { prefix: "team-a", after: None, limit: 100, include_deleted: false };
-    assert_eq!(s.list_credentials(&a).await.unwrap().len(), 7);
+    let a = NameRange::prefix("team-a");
+    let q = ListQuery { start: &a.start, end: &a.end, limit: 100, include_deleted: false };
+    assert_eq!(s.list_credentials(&q).await.unwrap().len(), 7);
+    // An exact range holds one name, not the names that start with it.
+    let exact = NameRange::exact("team-a");
+    let q = ListQuery { start: &exact.start, end: &exact.end, limit: 100, include_deleted: false };
+    let one: Vec<String> = s.list_credentials(&q).await.unwrap().into_iter().map(|r| r.name).collect();
+    assert_eq!(one, vec!["team-a"]);
     env.cleanup().await;
 }
 

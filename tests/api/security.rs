@@ -14,11 +14,11 @@ use credvault::proto::{
 use crate::e2e::{get, put};
 use crate::helpers::{assert_status, Backend, Bearer, Client, TestDaemon, TestEnv};
 
-fn rule(pattern: &str, caps: &[Capability], deny: bool) -> PolicyRule {
+pub(crate) fn rule(pattern: &str, caps: &[Capability], deny: bool) -> PolicyRule {
     PolicyRule { pattern: pattern.into(), capabilities: caps.iter().map(|c| *c as i32).collect(), deny }
 }
 
-async fn create_token(
+pub(crate) async fn create_token(
     d: &TestDaemon,
     name: &str,
     rules: Vec<PolicyRule>,
@@ -40,7 +40,7 @@ async fn create_token(
     (r.token, r.info.unwrap().id)
 }
 
-async fn client_with(d: &TestDaemon, token: &str) -> Client {
+pub(crate) async fn client_with(d: &TestDaemon, token: &str) -> Client {
     let bearer = Bearer(format!("Bearer {token}").parse::<MetadataValue<_>>().unwrap());
     proto::credential_service_client::CredentialServiceClient::with_interceptor(d.channel().await, bearer)
 }
@@ -57,8 +57,8 @@ async fn scoped_tokens_see_only_their_names() {
         &d,
         "team-a-reader",
         vec![
-            rule("team-a/*", &[Capability::Read, Capability::List], false),
-            rule("team-a/secret/*", &[Capability::Read], true),
+            rule("team-a/**", &[Capability::Read, Capability::List], false),
+            rule("team-a/secret/**", &[Capability::Read], true),
         ],
         0,
         None,
