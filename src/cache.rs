@@ -769,7 +769,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_suspended_cache_keeps_entries_unverified_until_a_resync_checks_them() {
-        let c = cache(|_| {});
+        let c = cache(|s| s.negative_ttl_ms = 60_000);
         for (n, v) in [("same", 1), ("moved", 1), ("gone", 3), ("deleted", 2)] {
             c.install(n, c.ticket(n), version(v, 10));
         }

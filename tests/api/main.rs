@@ -14,6 +14,8 @@ mod e2e;
 mod hygiene;
 mod kek;
 mod keys;
+mod outage;
+mod proxy;
 mod rotation;
 mod security;
 mod tamper;
