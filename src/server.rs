@@ -240,6 +240,8 @@ impl Daemon {
         });
         if tokio::time::timeout(std::time::Duration::from_secs(10), subscribed_rx).await.is_err() {
             tracing::warn!("change feed not subscribed after 10 s; serving anyway, the cache resyncs when it is");
+            // What is cached before the subscription may miss notifications.
+            self.vault.apply_change(crate::store::Change::Lost);
         }
         let (audit, audit_writer) = crate::audit::channel(&self.settings.audit, self.store.clone());
         let audit_task = audit_writer.map(|w| tokio::spawn(w.run(stop_rx.clone())));

@@ -123,6 +123,11 @@ impl Vault {
 
     /// Revalidates the cache until it is in sync, the feed is lost again, or shutdown.
     async fn resync(&self, shutdown: &mut watch::Receiver<bool>) {
+        if self.inner.cache.in_sync() {
+            // Nothing was lost (the feed's first subscription): nothing to revalidate.
+            self.publish(WatchEvent::Resync);
+            return;
+        }
         let mut reachable = self.store_reachable();
         loop {
             if *shutdown.borrow() || !self.inner.feed.up.load(Ordering::SeqCst) {
