@@ -52,9 +52,12 @@ impl Vault {
 
     pub(super) fn feed_subscribed(&self) {
         self.inner.feed.up.store(true, Ordering::SeqCst);
+        if self.inner.cache.in_sync() {
+            // Nothing was lost (the feed's first subscription): nothing to revalidate.
+            self.publish(WatchEvent::Resync);
+            return;
+        }
         self.inner.feed.resync.notify_one();
-        // The feed reached the store: let a waiting probe confirm it without backoff.
-        self.inner.feed.probe.notify_one();
     }
 
     /// Whether an unverified entry may be served now: `cache.serve_stale_seconds` is on

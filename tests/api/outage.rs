@@ -101,6 +101,23 @@ async fn hits_are_served_through_a_ten_second_outage() {
     println!("outage: {reads} reads served ({marked} marked stale); slowest miss {miss:?}, slowest write {write:?}");
     assert!(miss < Duration::from_secs(1) && write < Duration::from_secs(1), "miss {miss:?}, write {write:?}");
 
+    // A batch answers the cached names (marked stale) and fails the uncached one alone.
+    let mut wanted = names[..3].to_vec();
+    wanted.push("outage/never-cached".into());
+    let batch = c.batch_get_credentials(proto::BatchGetCredentialsRequest { names: wanted }).await.unwrap();
+    assert!(batch.metadata().get(credvault::service::STALE_HEADER).is_some(), "batch not marked stale");
+    let results = batch.into_inner().results;
+    for (r, n) in results.iter().zip(&names[..3]) {
+        match &r.result {
+            Some(proto::batch_get_result::Result::Credential(v)) => assert_eq!(v.value, n.as_bytes()),
+            other => panic!("{n}: {other:?}"),
+        }
+    }
+    match &results[3].result {
+        Some(proto::batch_get_result::Result::Error(e)) => assert_eq!(e.code, Code::Unavailable as i32, "{e:?}"),
+        other => panic!("uncached name: {other:?}"),
+    }
+
     let body = crate::cache::scrape(&d).await;
     for series in ["credvault_store_reachable ", "credvault_store_breaker_open ", "credvault_cache_stale_serves_total "]
     {
