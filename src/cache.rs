@@ -15,14 +15,28 @@
 //!   concurrent write replaced. Writes install their own version, and an entry's version
 //!   only ever increases.
 //!
+//! - **Trust:** an entry is *fresh* while it is within its TTL and the cache is in sync
+//!   with the store (the change feed is live and no outage happened since the last
+//!   resync). Losing the feed or the store ([`Cache::suspend`]) makes every entry
+//!   *unverified*: it is not served as a hit any more, but it is kept, so that while the
+//!   store is down the vault can still answer from it (marked stale, within
+//!   `serve_stale_seconds`). Expired entries are kept that long past their TTL for the
+//!   same reason. A resync ([`Cache::begin_resync`], [`Cache::revalidate`],
+//!   [`Cache::finish_resync`]) checks every unverified entry against the store and keeps
+//!   it only if it is still the current version.
+//!
 //! **Invariant:** a hit touches no store and no await point: one hash, one short lock.
+//!
+//! **Invariant:** after [`Cache::finish_resync`] returns `true`, every entry was either
+//! revalidated against the store after the feed was subscribed again, or filled from it
+//! since: no version superseded while the daemon was deaf survives a resync.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::hash::BuildHasher;
 use std::num::NonZeroUsize;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use lru::LruCache;
@@ -60,6 +74,10 @@ pub struct CacheSettings {
     /// How long a not-found answer stays cached.
     pub negative_ttl_ms: u64,
     pub plaintext: PlaintextPolicy,
+    /// While the store is unreachable, cached versions (unverified or expired) are still
+    /// served for up to this long after it was last reachable, marked stale. 0: fail
+    /// closed (nothing unverified is ever served).
+    pub serve_stale_seconds: u64,
 }
 
 impl Default for CacheSettings {
@@ -72,6 +90,7 @@ impl Default for CacheSettings {
             ttl_ms: 5 * 60 * 1000,
             negative_ttl_ms: 5 * 1000,
             plaintext: PlaintextPolicy::Memoize,
+            serve_stale_seconds: 300,
         }
     }
 }
@@ -188,6 +207,34 @@ struct Entry {
     value: Cached,
     expires: Instant,
     bytes: usize,
+    /// The trust generation the entry was filled or revalidated in ([`UNVERIFIED`]: filled
+    /// while the cache was out of sync).
+    gen: u64,
+    /// When the entry was filled or last revalidated.
+    as_of: Instant,
+}
+
+/// The generation of entries filled while the cache is out of sync with the store.
+const UNVERIFIED: u64 = u64::MAX;
+
+/// What [`Cache::lookup`] found.
+#[derive(Debug, Clone)]
+pub struct Hit {
+    pub value: Cached,
+    /// Within its TTL and verified: serve it. Otherwise ask the store first, and serve
+    /// this only if the store cannot answer.
+    pub fresh: bool,
+    /// For an entry that is not fresh: how long since it was last known to be current.
+    pub age: Duration,
+}
+
+/// What the store says about a cached name, for [`Cache::revalidate`].
+#[derive(Debug, Clone, Copy)]
+pub enum Current<'a> {
+    Absent,
+    Deleted,
+    /// The current version and whether its bytes still exist.
+    Live(&'a VersionInfo, bool),
 }
 
 struct Shard {
@@ -211,6 +258,9 @@ struct Counters {
     capacity: metrics::Counter,
     size: metrics::Counter,
     invalidated: metrics::Counter,
+    resync: metrics::Counter,
+    stale_serves: metrics::Counter,
+    resyncs: metrics::Counter,
     entries_gauge: metrics::Gauge,
     bytes_gauge: metrics::Gauge,
 }
@@ -225,6 +275,12 @@ pub struct Cache {
     bytes: AtomicI64,
     counters: Counters,
     inflight: Mutex<HashMap<String, Arc<OnceCell<Cached>>>>,
+    /// In sync with the store: the change feed is live and no outage since the last resync.
+    live: AtomicBool,
+    /// The current trust generation; entries of another one are unverified.
+    gen: AtomicU64,
+    /// When the cache fell out of sync (`None` while in sync).
+    lost_at: Mutex<Option<Instant>>,
 }
 
 impl fmt::Debug for Cache {
@@ -265,10 +321,16 @@ impl Cache {
                 capacity: eviction("capacity"),
                 size: eviction("size"),
                 invalidated: eviction("invalidated"),
+                resync: eviction("resync"),
+                stale_serves: metrics::counter!(names::CACHE_STALE_SERVES),
+                resyncs: metrics::counter!(names::CACHE_RESYNCS),
                 entries_gauge: metrics::gauge!(names::CACHE_ENTRIES),
                 bytes_gauge: metrics::gauge!(names::CACHE_BYTES),
             },
             inflight: Mutex::new(HashMap::new()),
+            live: AtomicBool::new(true),
+            gen: AtomicU64::new(0),
+            lost_at: Mutex::new(None),
         }
     }
 
@@ -299,36 +361,163 @@ impl Cache {
         self.counters.bytes_gauge.set(b as f64);
     }
 
-    /// A fresh entry for `name`, counting a hit or a miss. Expired entries are removed.
+    /// A fresh entry for `name`, counting a hit or a miss (see [`Cache::lookup`]).
     pub fn get(&self, name: &str) -> Option<Cached> {
+        self.lookup(name).filter(|h| h.fresh).map(|h| h.value)
+    }
+
+    /// What the cache holds for `name`, fresh or not, counting a hit (fresh) or a miss.
+    /// Entries past their TTL by more than `serve_stale_seconds` are removed.
+    pub fn lookup(&self, name: &str) -> Option<Hit> {
         if !self.settings.enabled {
             self.counters.misses.increment(1);
             return None;
         }
         let now = Instant::now();
+        // `live` before `gen`: the order `begin_resync` publishes them in reverse.
+        let live = self.live.load(Ordering::SeqCst);
+        let gen = self.gen.load(Ordering::SeqCst);
         let mut shard = lock(&self.shards[self.shard_of(name)]);
-        let found = shard.lru.get(name).map(|e| (e.expires > now, e.value.clone()));
-        match found {
-            Some((true, value)) => {
-                drop(shard);
-                self.counters.hits.increment(1);
-                Some(value)
+        let found = shard.lru.get(name).map(|e| (e.expires, e.gen, e.as_of, e.value.clone()));
+        let Some((expires, entry_gen, as_of, value)) = found else {
+            drop(shard);
+            self.counters.misses.increment(1);
+            return None;
+        };
+        if expires > now && live && entry_gen == gen {
+            drop(shard);
+            self.counters.hits.increment(1);
+            return Some(Hit { value, fresh: true, age: Duration::ZERO });
+        }
+        if expires <= now && expires + self.stale_window() <= now {
+            let removed = shard.lru.pop(name).map(|e| e.bytes).unwrap_or(0);
+            shard.bytes -= removed;
+            drop(shard);
+            self.account(-1, -(removed as i64));
+            self.counters.expired.increment(1);
+            self.counters.misses.increment(1);
+            return None;
+        }
+        drop(shard);
+        self.counters.misses.increment(1);
+        // Known current until the later of its fill and the loss of sync.
+        // In sync (only expired): notifications kept it current until now.
+        let known = lock(&self.lost_at).map_or(now, |lost| lost.max(as_of));
+        Some(Hit { value, fresh: false, age: now.saturating_duration_since(known) })
+    }
+
+    /// How long unverified or expired entries may still be served while the store is down.
+    pub fn stale_window(&self) -> Duration {
+        Duration::from_secs(self.settings.serve_stale_seconds)
+    }
+
+    /// Counts a read answered from an entry that was not fresh.
+    pub fn count_stale_serve(&self) {
+        self.counters.stale_serves.increment(1);
+    }
+
+    /// The cache falls out of sync with the store (the change feed was lost, or the
+    /// store is down): every entry becomes unverified, and so is every fill until the
+    /// next [`Cache::begin_resync`]. Entries are kept, to be served stale if need be.
+    pub fn suspend(&self) {
+        self.live.store(false, Ordering::SeqCst);
+        self.gen.fetch_add(1, Ordering::SeqCst);
+        lock(&self.lost_at).get_or_insert_with(Instant::now);
+    }
+
+    /// Whether the cache is in sync (no suspension since the last completed resync).
+    pub fn in_sync(&self) -> bool {
+        self.live.load(Ordering::SeqCst) && lock(&self.lost_at).is_none()
+    }
+
+    /// Starts a resync, once the change feed is subscribed and the store reachable:
+    /// fills in flight are voided (they may predate the subscription), and fills from
+    /// now on are trusted. Returns the generation to pass to [`Cache::revalidate`] and
+    /// [`Cache::finish_resync`]; entries from before stay unverified until revalidated.
+    pub fn begin_resync(&self) -> u64 {
+        for s in self.shards.iter() {
+            lock(s).epoch += 1;
+        }
+        let gen = self.gen.fetch_add(1, Ordering::SeqCst) + 1;
+        self.live.store(true, Ordering::SeqCst);
+        gen
+    }
+
+    /// Names whose entries are not of generation `gen` (those a resync must check).
+    pub fn unverified_names(&self, gen: u64) -> Vec<String> {
+        let mut out = Vec::new();
+        for s in self.shards.iter() {
+            let shard = lock(s);
+            out.extend(shard.lru.iter().filter(|(_, e)| e.gen != gen).map(|(k, _)| k.to_string()));
+        }
+        out
+    }
+
+    /// Keeps `name`'s entry, now trusted, if it matches what the store reports as
+    /// current (read after [`Cache::begin_resync`]); drops it otherwise. Entries filled
+    /// or written since the resync began are left alone: they are newer than the check.
+    pub fn revalidate(&self, gen: u64, name: &str, current: Current<'_>) {
+        if self.gen.load(Ordering::SeqCst) != gen {
+            return;
+        }
+        let mut shard = lock(&self.shards[self.shard_of(name)]);
+        let Some(e) = shard.lru.peek_mut(name) else { return };
+        if e.gen == gen {
+            return;
+        }
+        let same = match (&e.value, current) {
+            (Cached::Missing { deleted: false }, Current::Absent) => true,
+            (Cached::Missing { deleted: true }, Current::Deleted) => true,
+            (Cached::Found(v), Current::Live(info, has_bytes)) => {
+                // The KEK id may differ after a re-wrap; the value is the same.
+                v.info.version == info.version
+                    && v.info.state == info.state
+                    && v.info.expires_at == info.expires_at
+                    && (v.plaintext().is_some() || v.sealed().is_some()) == has_bytes
             }
-            Some((false, _)) => {
-                let removed = shard.lru.pop(name).map(|e| e.bytes).unwrap_or(0);
-                shard.bytes -= removed;
-                drop(shard);
-                self.account(-1, -(removed as i64));
-                self.counters.expired.increment(1);
-                self.counters.misses.increment(1);
-                None
+            _ => false,
+        };
+        if same {
+            e.gen = gen;
+            e.as_of = Instant::now();
+            return;
+        }
+        let removed = shard.lru.pop(name).map(|e| e.bytes).unwrap_or(0);
+        shard.bytes -= removed;
+        drop(shard);
+        self.account(-1, -(removed as i64));
+        self.counters.resync.increment(1);
+    }
+
+    /// Ends the resync of generation `gen`: drops whatever was not revalidated and puts
+    /// the cache back in sync. `false` if the cache fell out of sync again meanwhile
+    /// (then a later resync must run).
+    pub fn finish_resync(&self, gen: u64) -> bool {
+        if self.gen.load(Ordering::SeqCst) != gen {
+            return false;
+        }
+        for s in self.shards.iter() {
+            let mut shard = lock(s);
+            let stale: Vec<Box<str>> = shard.lru.iter().filter(|(_, e)| e.gen != gen).map(|(k, _)| k.clone()).collect();
+            let mut bytes = 0;
+            for k in &stale {
+                bytes += shard.lru.pop(k).map(|e| e.bytes).unwrap_or(0);
             }
-            None => {
-                drop(shard);
-                self.counters.misses.increment(1);
-                None
+            shard.bytes -= bytes;
+            drop(shard);
+            if !stale.is_empty() {
+                self.account(-(stale.len() as i64), -(bytes as i64));
+                self.counters.resync.increment(stale.len() as u64);
             }
         }
+        let mut lost = lock(&self.lost_at);
+        if self.gen.load(Ordering::SeqCst) != gen || !self.live.load(Ordering::SeqCst) {
+            return false;
+        }
+        *lost = None;
+        drop(lost);
+        self.counters.resyncs.increment(1);
+        true
     }
 
     /// Call before reading `name` from the store; pass the ticket to [`Cache::fill`].
@@ -347,8 +536,9 @@ impl Cache {
         if shard.epoch != ticket.epoch {
             return;
         }
+        // An equal version replaces the entry: that renews an expired or unverified one.
         if let (Cached::Found(new), Some(Entry { value: Cached::Found(old), .. })) = (&value, shard.lru.peek(name)) {
-            if old.version() >= new.version() {
+            if old.version() > new.version() {
                 return;
             }
         }
@@ -442,7 +632,10 @@ impl Cache {
             Cached::Found(v) => (self.settings.ttl_ms, v.estimated_bytes(name)),
             Cached::Missing { .. } => (self.settings.negative_ttl_ms, entry_overhead(name)),
         };
-        let entry = Entry { value, expires: Instant::now() + Duration::from_millis(ttl), bytes };
+        let now = Instant::now();
+        // `live` before `gen`, as in `lookup`.
+        let gen = if self.live.load(Ordering::SeqCst) { self.gen.load(Ordering::SeqCst) } else { UNVERIFIED };
+        let entry = Entry { value, expires: now + Duration::from_millis(ttl), bytes, gen, as_of: now };
         let (mut d_entries, mut d_bytes) = (1i64, bytes as i64);
         shard.bytes += bytes;
         if let Some((old_name, old)) = shard.lru.push(Box::from(name), entry) {
@@ -537,6 +730,7 @@ mod tests {
         let c = cache(|s| {
             s.ttl_ms = 1000;
             s.negative_ttl_ms = 100;
+            s.serve_stale_seconds = 0;
         });
         let t = c.ticket("a");
         c.fill("a", t, Cached::Found(version(1, 10)));
@@ -550,6 +744,99 @@ mod tests {
         tokio::time::advance(Duration::from_millis(900)).await;
         assert!(c.get("a").is_none());
         assert_eq!((c.len(), c.bytes()), (0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_entries_are_kept_for_the_stale_window_but_not_served_as_hits() {
+        let c = cache(|s| {
+            s.ttl_ms = 1000;
+            s.serve_stale_seconds = 10;
+        });
+        c.install("a", c.ticket("a"), version(1, 10));
+        tokio::time::advance(Duration::from_millis(1001)).await;
+        assert!(c.get("a").is_none(), "expired: not a hit");
+        let hit = c.lookup("a").expect("kept for the stale window");
+        assert!(!hit.fresh && matches!(hit.value, Cached::Found(ref v) if v.version() == 1));
+        assert_eq!(hit.age, Duration::ZERO, "in sync: known current until now");
+        // A fill of the same version renews it.
+        let t = c.ticket("a");
+        c.fill("a", t, Cached::Found(version(1, 10)));
+        assert!(c.lookup("a").unwrap().fresh);
+        tokio::time::advance(Duration::from_secs(11) + Duration::from_millis(1)).await;
+        assert!(c.lookup("a").is_none(), "gone once past TTL plus the stale window");
+        assert_eq!((c.len(), c.bytes()), (0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_suspended_cache_keeps_entries_unverified_until_a_resync_checks_them() {
+        let c = cache(|s| s.negative_ttl_ms = 60_000);
+        for (n, v) in [("same", 1), ("moved", 1), ("gone", 3), ("deleted", 2)] {
+            c.install(n, c.ticket(n), version(v, 10));
+        }
+        c.fill("neg", c.ticket("neg"), Cached::Missing { deleted: false });
+        assert!(c.in_sync());
+        c.suspend();
+        assert!(!c.in_sync());
+        tokio::time::advance(Duration::from_secs(7)).await;
+        let hit = c.lookup("same").unwrap();
+        assert!(!hit.fresh && hit.age == Duration::from_secs(7), "{hit:?}");
+        // Fills while out of sync are unverified too.
+        c.install("late", c.ticket("late"), version(1, 10));
+        assert!(!c.lookup("late").unwrap().fresh);
+
+        let gen = c.begin_resync();
+        // Written after the resync began: trusted, and left alone by the checks.
+        c.install("new", c.ticket("new"), version(1, 10));
+        assert!(c.lookup("new").unwrap().fresh);
+        let mut names = c.unverified_names(gen);
+        names.sort();
+        assert_eq!(names, ["deleted", "gone", "late", "moved", "neg", "same"]);
+        let v1 = version(1, 10).info.clone();
+        let v2 = version(2, 10).info.clone();
+        c.revalidate(gen, "same", Current::Live(&v1, true));
+        c.revalidate(gen, "late", Current::Live(&v1, true));
+        c.revalidate(gen, "moved", Current::Live(&v2, true));
+        c.revalidate(gen, "gone", Current::Absent);
+        c.revalidate(gen, "deleted", Current::Deleted);
+        c.revalidate(gen, "neg", Current::Absent);
+        assert!(c.finish_resync(gen));
+        assert!(c.in_sync());
+        assert_eq!(found_version(c.get("same")), Some(1));
+        assert_eq!(found_version(c.get("late")), Some(1));
+        assert_eq!(found_version(c.get("new")), Some(1));
+        assert!(matches!(c.get("neg"), Some(Cached::Missing { deleted: false })));
+        for superseded in ["moved", "gone", "deleted"] {
+            assert!(c.lookup(superseded).is_none(), "{superseded} survived the resync");
+        }
+        assert_eq!(c.len(), 4);
+    }
+
+    #[test]
+    fn a_resync_interrupted_by_another_loss_does_not_finish() {
+        let c = cache(|_| {});
+        c.install("a", c.ticket("a"), version(1, 10));
+        c.suspend();
+        let gen = c.begin_resync();
+        c.suspend();
+        c.revalidate(gen, "a", Current::Live(&version(1, 10).info.clone(), true));
+        assert!(!c.finish_resync(gen));
+        assert!(!c.in_sync());
+        assert!(!c.lookup("a").unwrap().fresh, "still unverified");
+        // Not revalidated entries are dropped by the resync that does finish.
+        let gen = c.begin_resync();
+        assert!(c.finish_resync(gen));
+        assert!(c.lookup("a").is_none());
+    }
+
+    #[test]
+    fn a_fill_in_flight_across_a_resync_is_dropped() {
+        let c = cache(|_| {});
+        c.suspend();
+        let before = c.ticket("a");
+        let gen = c.begin_resync();
+        c.fill("a", before, Cached::Found(version(1, 10)));
+        assert!(c.lookup("a").is_none(), "read before the feed was back: not cached");
+        assert!(c.finish_resync(gen));
     }
 
     #[test]

@@ -251,6 +251,10 @@ pub struct ServeArgs {
     /// Keep decrypted values in the cache (memoize) or decrypt on every read (per-read).
     #[arg(long, env = "CREDVAULT_CACHE_PLAINTEXT", value_parser = parse_plaintext)]
     pub cache_plaintext: Option<PlaintextPolicy>,
+    /// Seconds cached credentials are still served (marked stale) while the store is
+    /// unreachable; 0 fails closed [default: 300].
+    #[arg(long, env = "CREDVAULT_CACHE_SERVE_STALE_SECONDS")]
+    pub cache_serve_stale_seconds: Option<u64>,
 }
 
 fn parse_plaintext(s: &str) -> Result<PlaintextPolicy, String> {
@@ -318,6 +322,9 @@ impl Settings {
         }
         if let Some(v) = args.cache_plaintext {
             s.cache.plaintext = v;
+        }
+        if let Some(v) = args.cache_serve_stale_seconds {
+            s.cache.serve_stale_seconds = v;
         }
         s.passphrase = match (std::env::var("CREDVAULT_PASSPHRASE").ok(), &s.passphrase_file) {
             (Some(p), _) => Some(SecretString::from(p)),
@@ -494,6 +501,18 @@ mod tests {
         let s = Settings::load(&args).unwrap();
         let tls = s.tls.unwrap();
         assert_eq!((tls.cert_file, tls.client_ca_file), (PathBuf::from("b.pem"), Some(PathBuf::from("ca.pem"))));
+    }
+
+    #[test]
+    fn serve_stale_seconds_from_file_and_flag() {
+        assert_eq!(Settings::default().cache.serve_stale_seconds, 300);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[cache]\nserve_stale_seconds = 0\n").unwrap();
+        let args = ServeArgs { config: Some(path.clone()), ..Default::default() };
+        assert_eq!(Settings::load(&args).unwrap().cache.serve_stale_seconds, 0, "0 fails closed");
+        let args = ServeArgs { config: Some(path), cache_serve_stale_seconds: Some(60), ..Default::default() };
+        assert_eq!(Settings::load(&args).unwrap().cache.serve_stale_seconds, 60, "the flag wins");
     }
 
     #[test]

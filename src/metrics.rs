@@ -41,6 +41,12 @@ pub mod names {
     pub const WATCHERS: &str = "credvault_watchers";
     pub const WATCH_DROPPED: &str = "credvault_watchers_dropped_total";
     pub const LIST_ROWS_SCANNED: &str = "credvault_list_rows_scanned_total";
+    pub const STORE_REACHABLE: &str = "credvault_store_reachable";
+    pub const STORE_BREAKER_OPEN: &str = "credvault_store_breaker_open";
+    pub const STORE_BREAKER_REJECTED: &str = "credvault_store_breaker_rejected_total";
+    pub const STORE_UNREACHABLE_SECONDS: &str = "credvault_store_unreachable_seconds";
+    pub const CACHE_STALE_SERVES: &str = "credvault_cache_stale_serves_total";
+    pub const CACHE_RESYNCS: &str = "credvault_cache_resyncs_total";
 }
 
 /// Buckets from 50 us to 1 s (a cache hit to a slow database write).
@@ -91,6 +97,22 @@ fn describe() {
     describe_gauge!(WATCHERS, "Open WatchCredentials streams.");
     describe_counter!(WATCH_DROPPED, "WatchCredentials streams ended because the client fell behind.");
     describe_counter!(LIST_ROWS_SCANNED, "Rows ListCredentials read from the store, shown or skipped by policy.");
+    describe_gauge!(STORE_REACHABLE, "1 while the store answers, 0 after a failed call or probe until one succeeds.");
+    describe_gauge!(
+        STORE_BREAKER_OPEN,
+        "1 while the store breaker is open (calls fail fast and a probe tests the store)."
+    );
+    describe_counter!(STORE_BREAKER_REJECTED, "Store calls refused at once because the breaker was open.");
+    describe_gauge!(
+        STORE_UNREACHABLE_SECONDS,
+        Unit::Seconds,
+        "Seconds since the store was last known reachable (0 while it is)."
+    );
+    describe_counter!(
+        CACHE_STALE_SERVES,
+        "Reads answered from unverified or expired cache entries while the store was down."
+    );
+    describe_counter!(CACHE_RESYNCS, "Cache resyncs completed (every cached entry revalidated against the store).");
     describe_gauge!(crate::audit::names::QUEUE_DEPTH, "Audit events waiting to be written.");
     describe_counter!(crate::audit::names::WRITTEN, "Audit events written to the sink.");
     describe_counter!(

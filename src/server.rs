@@ -186,6 +186,9 @@ impl Daemon {
         let (health_reporter, health) = tonic_health::server::health_reporter();
         health_reporter.set_serving::<CredentialServiceServer<CredentialApi>>().await;
         health_reporter.set_serving::<AdminServiceServer<AdminApi>>().await;
+        // The overall status and the API services stay SERVING through a store outage
+        // (cache hits are still answered); `credvault.store` follows the store breaker.
+        let store_health = tokio::spawn(report_store_health(health_reporter.clone(), self.vault.store_reachable()));
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -236,13 +239,16 @@ impl Daemon {
             }
         });
         if tokio::time::timeout(std::time::Duration::from_secs(10), subscribed_rx).await.is_err() {
-            tracing::warn!("change feed not subscribed after 10 s; serving anyway, it clears the cache when it is");
+            tracing::warn!("change feed not subscribed after 10 s; serving anyway, the cache resyncs when it is");
+            // What is cached before the subscription may miss notifications.
+            self.vault.apply_change(crate::store::Change::Lost);
         }
         let (audit, audit_writer) = crate::audit::channel(&self.settings.audit, self.store.clone());
         let audit_task = audit_writer.map(|w| tokio::spawn(w.run(stop_rx.clone())));
         let metrics_addr = self.metrics_addr();
         let addr = self.local_addr();
         let scheduler = tokio::spawn(self.vault.clone().run_scheduler(stop_rx.clone()));
+        let keeper = tokio::spawn(self.vault.clone().run_keeper(stop_rx.clone()));
         let jobs = tokio::spawn(self.vault.clone().run_jobs(stop_rx.clone()));
         let metrics_server =
             tokio::spawn(crate::metrics::serve(self.metrics_listener, self.metrics, self.store.clone(), stop_rx));
@@ -265,6 +271,8 @@ impl Daemon {
         let _ = stop_tx.send(true);
         let _ = feed.await;
         let _ = scheduler.await;
+        let _ = keeper.await;
+        store_health.abort();
         let _ = jobs.await;
         let _ = metrics_server.await;
         if let Some(t) = audit_task {
@@ -275,5 +283,24 @@ impl Daemon {
         self.vault.cache().clear();
         tracing::info!("credvault stopped");
         Ok(served?)
+    }
+}
+
+/// The name under which `grpc.health.v1.Health` reports whether the store is reachable.
+pub const STORE_HEALTH_SERVICE: &str = "credvault.store";
+
+/// Mirrors the store breaker into the `credvault.store` health status until the breaker
+/// goes away (the daemon stops; the task is also aborted then).
+async fn report_store_health(
+    reporter: tonic_health::server::HealthReporter,
+    mut reachable: tokio::sync::watch::Receiver<bool>,
+) {
+    use tonic_health::ServingStatus;
+    loop {
+        let status = if *reachable.borrow_and_update() { ServingStatus::Serving } else { ServingStatus::NotServing };
+        reporter.set_service_status(STORE_HEALTH_SERVICE, status).await;
+        if reachable.changed().await.is_err() {
+            return;
+        }
     }
 }

@@ -10,7 +10,7 @@ use std::sync::{Arc, RwLock};
 
 use zeroize::Zeroizing;
 
-use crate::cache::{Cache, CacheSettings, Cached, CachedVersion};
+use crate::cache::{Cache, CacheSettings, Cached, CachedVersion, Hit};
 use crate::crypto::{self, CryptoError, KeyRing, Sealed};
 use crate::metrics::names::DECRYPT_DURATION;
 use crate::names::{check_prefix, CredentialName};
@@ -19,6 +19,7 @@ use crate::store::{
     PolicyAdvance, Store, StoreError, VersionInfo, VersionRow, VersionState, WriteBase,
 };
 
+mod feed;
 mod keys;
 mod listing;
 mod rotation;
@@ -106,7 +107,7 @@ pub enum VaultError {
 impl From<StoreError> for VaultError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Unavailable(_) | StoreError::Timeout(..) => VaultError::Unavailable(e),
+            StoreError::Unavailable(_) | StoreError::Timeout(..) | StoreError::Down => VaultError::Unavailable(e),
             StoreError::JobRunning(id) => VaultError::FailedPrecondition(format!(
                 "KEK rotation job {id} is still running; follow it with GetRotationJob"
             )),
@@ -123,6 +124,9 @@ pub struct CredentialValue {
     pub created_at: Micros,
     pub expires_at: Option<Micros>,
     pub value: Zeroizing<Vec<u8>>,
+    /// Served from an unverified or expired cache entry because the store could not be
+    /// reached: how long since the daemon last knew this version to be current.
+    pub stale: Option<std::time::Duration>,
 }
 
 impl fmt::Debug for CredentialValue {
@@ -131,6 +135,7 @@ impl fmt::Debug for CredentialValue {
             .field("name", &self.name)
             .field("version", &self.version)
             .field("state", &self.state)
+            .field("stale", &self.stale)
             .field("value", &"REDACTED")
             .finish()
     }
@@ -206,6 +211,8 @@ struct Inner {
     job_wake: tokio::sync::Notify,
     /// Serializes key reloads, so two never interleave their reads and writes of the ring.
     reload: tokio::sync::Mutex<()>,
+    /// The change feed's state and the keeper's wake-ups (see `vault/feed.rs`).
+    feed: feed::FeedState,
 }
 
 impl fmt::Debug for Vault {
@@ -259,6 +266,7 @@ impl Vault {
                 instance: format!("{:016x}", rand::random::<u64>()),
                 job_wake: tokio::sync::Notify::new(),
                 reload: tokio::sync::Mutex::new(()),
+                feed: feed::FeedState::default(),
             }),
         }
     }
@@ -274,16 +282,16 @@ impl Vault {
 
     /// Applies a change reported by the store's change feed (another daemon's write).
     /// Key changes need the store: the caller runs [`Vault::reload_keys`] for those.
+    /// A lost feed makes the cache unverified; a resubscribed one has the keeper
+    /// ([`Vault::run_keeper`]) revalidate it and then tell watchers to resync.
     pub fn apply_change(&self, change: Change) {
         match change {
             Change::Credential(event) => {
                 self.inner.cache.invalidate(&event.name);
                 self.publish(WatchEvent::Change(event));
             }
-            Change::Resync => {
-                self.inner.cache.clear();
-                self.publish(WatchEvent::Resync);
-            }
+            Change::Lost => self.feed_lost(),
+            Change::Resync => self.feed_subscribed(),
             Change::Tokens | Change::Keys => {}
         }
     }
@@ -338,17 +346,43 @@ impl Vault {
     async fn get_once(&self, name: &str, version: Option<u64>) -> Result<CredentialValue, VaultError> {
         let name = self.name(name)?;
         let version = version.filter(|v| *v != 0);
-        let cached = self.inner.cache.get(name.as_str());
-        match (version, cached) {
-            (None, Some(c)) => self.serve(&name, c),
+        let hit = self.inner.cache.lookup(name.as_str());
+        match (version, hit) {
+            (None, Some(h)) if h.fresh => self.serve(&name, h.value),
             (None, None) => {
                 let c = self.load_current(&name).await?;
                 self.serve(&name, c)
             }
-            (Some(v), Some(Cached::Found(c))) if c.version() == v => self.serve(&name, Cached::Found(c)),
-            (Some(_), Some(Cached::Missing { deleted: true })) => Err(deleted(&name)),
-            (Some(v), _) => self.get_version_uncached(&name, v).await,
+            // Unverified or expired: the store decides, unless it cannot be reached.
+            (None, Some(h)) => match self.load_current(&name).await {
+                Err(VaultError::Unavailable(e)) => self.serve_stale(&name, h, e),
+                other => self.serve(&name, other?),
+            },
+            (Some(v), Some(h)) if h.fresh => match h.value {
+                Cached::Found(c) if c.version() == v => self.serve(&name, Cached::Found(c)),
+                Cached::Missing { deleted: true } => Err(deleted(&name)),
+                _ => self.get_version_uncached(&name, v).await,
+            },
+            (Some(v), Some(h)) => match self.get_version_uncached(&name, v).await {
+                Err(VaultError::Unavailable(e)) if matches!(&h.value, Cached::Found(c) if c.version() == v) => {
+                    self.serve_stale(&name, h, e)
+                }
+                other => other,
+            },
+            (Some(v), None) => self.get_version_uncached(&name, v).await,
         }
+    }
+
+    /// Answers from a cache entry that is not fresh because the store is unreachable,
+    /// if `cache.serve_stale_seconds` allows it; otherwise the store's error stands.
+    fn serve_stale(&self, name: &CredentialName, hit: Hit, error: StoreError) -> Result<CredentialValue, VaultError> {
+        if !self.may_serve_stale() {
+            return Err(VaultError::Unavailable(error));
+        }
+        self.inner.cache.count_stale_serve();
+        let mut v = self.serve(name, hit.value)?;
+        v.stale = Some(hit.age);
+        Ok(v)
     }
 
     /// Explicit older versions are read from the store; only current versions are cached.
@@ -456,28 +490,36 @@ impl Vault {
         let cache = &self.inner.cache;
         let mut known: std::collections::HashMap<&str, Cached> = std::collections::HashMap::new();
         let mut misses: Vec<(String, crate::cache::FillTicket)> = Vec::new();
+        // Entries that are not fresh: the fallback if the store cannot be reached.
+        let mut unfresh: std::collections::HashMap<&str, Hit> = std::collections::HashMap::new();
         for name in &parsed {
             if known.contains_key(name.as_str()) || misses.iter().any(|(m, _)| m == name.as_str()) {
                 continue;
             }
-            match cache.get(name.as_str()) {
-                Some(c) => {
-                    known.insert(name.as_str(), c);
+            match cache.lookup(name.as_str()) {
+                Some(h) if h.fresh => {
+                    known.insert(name.as_str(), h.value);
                 }
-                None => misses.push((name.as_str().to_owned(), cache.ticket(name.as_str()))),
+                other => {
+                    if let Some(h) = other {
+                        unfresh.insert(name.as_str(), h);
+                    }
+                    misses.push((name.as_str().to_owned(), cache.ticket(name.as_str())));
+                }
             }
         }
         if !misses.is_empty() {
             // All misses in one query.
             let wanted: Vec<String> = misses.iter().map(|(n, _)| n.clone()).collect();
-            let mut rows: std::collections::HashMap<String, (CredentialRow, VersionRow)> = self
-                .inner
-                .store
-                .get_current_many(&wanted)
-                .await?
-                .into_iter()
-                .map(|(h, v)| (h.name.clone(), (h, v)))
-                .collect();
+            let rows = match self.inner.store.get_current_many(&wanted).await {
+                Ok(rows) => rows,
+                Err(e) if e.outage().is_some() || matches!(e, StoreError::Down) => {
+                    return self.batch_stale(&parsed, known, unfresh, e);
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let mut rows: std::collections::HashMap<String, (CredentialRow, VersionRow)> =
+                rows.into_iter().map(|(h, v)| (h.name.clone(), (h, v))).collect();
             for (name, ticket) in &misses {
                 let c = match rows.remove(name) {
                     None => Cached::Missing { deleted: false },
@@ -495,6 +537,39 @@ impl Vault {
             .map(|name| match known.get(name.as_str()) {
                 Some(c) => self.serve(name, c.clone()),
                 None => Err(not_found(name)),
+            })
+            .collect())
+    }
+
+    /// A batch whose store read failed because the store is unreachable: names with a
+    /// cache entry are answered from it (marked stale) if `cache.serve_stale_seconds`
+    /// allows; the others fail with UNAVAILABLE in their own slot. With nothing to serve
+    /// the whole batch fails.
+    fn batch_stale(
+        &self,
+        parsed: &[CredentialName],
+        known: std::collections::HashMap<&str, Cached>,
+        unfresh: std::collections::HashMap<&str, Hit>,
+        error: StoreError,
+    ) -> Result<Vec<Result<CredentialValue, VaultError>>, VaultError> {
+        if unfresh.is_empty() || !self.may_serve_stale() {
+            return Err(VaultError::Unavailable(error));
+        }
+        Ok(parsed
+            .iter()
+            .map(|name| {
+                if let Some(c) = known.get(name.as_str()) {
+                    return self.serve(name, c.clone());
+                }
+                match unfresh.get(name.as_str()) {
+                    Some(h) => {
+                        self.inner.cache.count_stale_serve();
+                        let mut v = self.serve(name, h.value.clone())?;
+                        v.stale = Some(h.age);
+                        Ok(v)
+                    }
+                    None => Err(VaultError::Unavailable(StoreError::Down)),
+                }
             })
             .collect())
     }
@@ -786,6 +861,7 @@ fn credential_value(name: &CredentialName, info: &VersionInfo, value: Zeroizing<
         created_at: info.created_at,
         expires_at: info.expires_at,
         value,
+        stale: None,
     }
 }
 

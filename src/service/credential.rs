@@ -40,6 +40,19 @@ impl CredentialApi {
     }
 }
 
+/// Response metadata on reads answered from the cache while the store was unreachable:
+/// whole seconds since the daemon last knew the version to be current.
+pub const STALE_HEADER: &str = "credvault-stale";
+
+/// A response, marked stale if any value in it was served stale.
+fn marked<T>(message: T, stale: Option<std::time::Duration>) -> Response<T> {
+    let mut response = Response::new(message);
+    if let Some(age) = stale {
+        response.metadata_mut().insert(STALE_HEADER, tonic::metadata::MetadataValue::from(age.as_secs()));
+    }
+    response
+}
+
 /// How often an open watch stream re-checks its token (revocation, expiry).
 const WATCH_TOKEN_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -108,7 +121,8 @@ impl CredentialService for CredentialApi {
         if let Some(ctx) = ctx {
             ctx.set_version(v.version);
         }
-        Ok(Response::new(value_response(v)))
+        let stale = v.stale;
+        Ok(marked(value_response(v), stale))
     }
 
     async fn batch_get_credentials(
@@ -124,7 +138,9 @@ impl CredentialService for CredentialApi {
             crate::names::CredentialName::parse(n, usize::MAX).is_err() || c.policy.allows(Capability::Read, n)
         };
         let allowed: Vec<String> = names.iter().filter(|n| may_read(n)).cloned().collect();
-        let mut outcomes = self.vault.batch_get(&allowed).await?.into_iter();
+        let outcomes = self.vault.batch_get(&allowed).await?;
+        let stale = outcomes.iter().filter_map(|o| o.as_ref().ok().and_then(|v| v.stale)).max();
+        let mut outcomes = outcomes.into_iter();
         let error = |status: Status| {
             proto::batch_get_result::Result::Error(proto::BatchGetError {
                 code: status.code() as i32,
@@ -146,7 +162,7 @@ impl CredentialService for CredentialApi {
                 proto::BatchGetResult { name, result: Some(result) }
             })
             .collect();
-        Ok(Response::new(proto::BatchGetCredentialsResponse { results }))
+        Ok(marked(proto::BatchGetCredentialsResponse { results }, stale))
     }
 
     async fn get_credential_metadata(

@@ -9,7 +9,7 @@ mod admin;
 mod credential;
 
 pub use admin::AdminApi;
-pub use credential::CredentialApi;
+pub use credential::{CredentialApi, STALE_HEADER};
 
 use tonic::{Request, Status};
 

@@ -1,6 +1,7 @@
 //! A [`Store`] wrapper that times every call (`credvault_store_query_duration_seconds`)
-//! and counts them, so tests can prove that cache hits make no query at all, and bounds
-//! each call with a timeout ([`StoreError::Timeout`]).
+//! and counts them, so tests can prove that cache hits make no query at all, bounds
+//! each call with a timeout ([`StoreError::Timeout`]), and puts every call behind the
+//! [`Breaker`], so a store known to be down costs a call nothing.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -8,9 +9,10 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 
+use super::breaker::Permit;
 use super::{
-    AuditRow, Backend, ChangeSink, CredentialRow, JobRow, KekRow, KeyringRow, ListQuery, Micros, NewVersion, PoolStats,
-    RewrapBatch, RewrapRow, RotationPolicyRow, Store, StoreError, TokenRow, VersionInfo, VersionRow,
+    AuditRow, Backend, Breaker, ChangeSink, CredentialRow, JobRow, KekRow, KeyringRow, ListQuery, Micros, NewVersion,
+    PoolStats, RewrapBatch, RewrapRow, RotationPolicyRow, Store, StoreError, TokenRow, VersionInfo, VersionRow,
 };
 use crate::metrics::names::STORE_QUERY_DURATION;
 
@@ -27,13 +29,20 @@ const BACKGROUND_OPS: &[&str] = &[
     "rewrap_candidates",
     "commit_rewrap",
     "finish_job",
+    // A resync revalidates the whole cache after the change feed or the store returns.
+    "resync",
 ];
 
 pub struct Instrumented {
     inner: Arc<dyn Store>,
     queries: AtomicU64,
     timeout: std::time::Duration,
+    breaker: Breaker,
 }
+
+/// The longest a probe waits: a store that takes longer to answer `SELECT 1` is treated
+/// as down until a later probe gets through.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl std::fmt::Debug for Instrumented {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -43,7 +52,31 @@ impl std::fmt::Debug for Instrumented {
 
 impl Instrumented {
     pub fn new(inner: Arc<dyn Store>, timeout: std::time::Duration) -> Self {
-        Instrumented { inner, queries: AtomicU64::new(0), timeout }
+        Instrumented { inner, queries: AtomicU64::new(0), timeout, breaker: Breaker::new() }
+    }
+
+    pub fn breaker(&self) -> &Breaker {
+        &self.breaker
+    }
+
+    /// Current versions of cached names, for a resync: [`Store::get_current_many`], timed
+    /// and guarded like any call but not counted as a request query.
+    pub async fn current_for_resync(&self, names: &[String]) -> Result<Vec<(CredentialRow, VersionRow)>, StoreError> {
+        self.timed("resync", self.inner.get_current_many(names)).await
+    }
+
+    /// Tests the store with a ping, if the breaker admits a probe now (`None`: another
+    /// probe runs, or the backoff has not passed). A failed probe opens the breaker; a
+    /// successful one closes it. Probes are not counted as request queries.
+    pub async fn probe(&self) -> Option<Result<(), StoreError>> {
+        let permit = self.breaker.admit_probe()?;
+        let limit = self.timeout.min(PROBE_TIMEOUT);
+        let start = Instant::now();
+        let out =
+            tokio::time::timeout(limit, self.inner.ping()).await.unwrap_or(Err(StoreError::Timeout("probe", limit)));
+        metrics::histogram!(STORE_QUERY_DURATION, "op" => "probe").record(start.elapsed().as_secs_f64());
+        self.breaker.record_probe(&permit, &out);
+        Some(out)
     }
 
     /// Store calls made so far on behalf of requests (each one round trip, or one
@@ -57,6 +90,8 @@ impl Instrumented {
         op: &'static str,
         f: impl std::future::Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
+        // Refused at once while the store is known to be down; nothing reaches it.
+        let permit: Permit<'_> = self.breaker.admit()?;
         // The count is of request-path calls: audit batches, the rotation scheduler and
         // re-wrap jobs run in the background.
         if !BACKGROUND_OPS.contains(&op) {
@@ -66,6 +101,7 @@ impl Instrumented {
         // On timeout the call's future is dropped: an open transaction rolls back.
         let out = tokio::time::timeout(self.timeout, f).await.unwrap_or(Err(StoreError::Timeout(op, self.timeout)));
         metrics::histogram!(STORE_QUERY_DURATION, "op" => op).record(start.elapsed().as_secs_f64());
+        self.breaker.record(&permit, &out);
         out
     }
 }

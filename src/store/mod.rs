@@ -5,6 +5,7 @@
 //! compare-and-set on `credentials.current_version`, so concurrent writers serialize on
 //! the row and a loser changes nothing.
 
+mod breaker;
 mod instrumented;
 mod pg_tls;
 mod postgres;
@@ -17,6 +18,7 @@ use async_trait::async_trait;
 
 use crate::crypto::{KdfParams, Sealed};
 
+pub use breaker::Breaker;
 pub use instrumented::Instrumented;
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
@@ -54,6 +56,48 @@ pub enum StoreError {
     /// A KEK rotation job is already running.
     #[error("rotation job {0} is still running")]
     JobRunning(i64),
+    /// Refused without trying: the store is known to be down (the breaker is open).
+    #[error("storage is down; calls are refused until a probe reaches it")]
+    Down,
+}
+
+/// How an error bears on the store's health (see [`Breaker`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outage {
+    /// The database cannot be reached or is shutting down: the store is down.
+    Down,
+    /// A timeout or one killed connection: down only if it keeps happening.
+    Flaky,
+}
+
+impl StoreError {
+    /// `None` when the database answered (even with an error) or was not asked.
+    pub fn outage(&self) -> Option<Outage> {
+        match self {
+            StoreError::Timeout(..) => Some(Outage::Flaky),
+            StoreError::Unavailable(sqlx::Error::Database(e)) => Some(match e.code().as_deref() {
+                Some(code) if sqlstate_means_down(code) => Outage::Down,
+                _ => Outage::Flaky,
+            }),
+            StoreError::Unavailable(_) => Some(Outage::Down),
+            _ => None,
+        }
+    }
+}
+
+/// SQLSTATE classes 08 (connection exception) and 57 (operator intervention: the server
+/// shutting down, a backend terminated, a query cancelled) mean the database is going
+/// away or dropping connections, not that the request was wrong.
+pub(crate) fn sqlstate_is_unavailable(code: &str) -> bool {
+    code.starts_with("08") || code.starts_with("57")
+}
+
+/// The SQLSTATEs that say the whole server is unreachable, not just one connection:
+/// connection exceptions, crash shutdown, and "cannot connect now" (starting up or
+/// shutting down). A backend killed by `pg_terminate_backend` (57P01) or a cancelled
+/// query (57014) is one connection's fate and counts as flaky.
+fn sqlstate_means_down(code: &str) -> bool {
+    code.starts_with("08") || code == "57P02" || code == "57P03"
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -64,6 +108,9 @@ impl From<sqlx::Error> for StoreError {
             | sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
             | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e),
+            sqlx::Error::Database(ref d) if d.code().is_some_and(|c| sqlstate_is_unavailable(&c)) => {
+                StoreError::Unavailable(e)
+            }
             other => StoreError::Query(other),
         }
     }
@@ -576,6 +623,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn shutdown_and_connection_sqlstates_are_unavailable() {
+        for code in ["08006", "08001", "57P01", "57P02", "57P03", "57014"] {
+            assert!(sqlstate_is_unavailable(code), "{code}");
+        }
+        for code in ["23505", "40001", "42P01", "53300", "XX000"] {
+            assert!(!sqlstate_is_unavailable(code), "{code}");
+        }
+        assert!(sqlstate_means_down("08006") && sqlstate_means_down("57P03"));
+        assert!(!sqlstate_means_down("57P01"), "one terminated backend is not an outage by itself");
+        assert_eq!(StoreError::Unavailable(sqlx::Error::PoolTimedOut).outage(), Some(Outage::Down));
+        assert_eq!(StoreError::Timeout("x", std::time::Duration::ZERO).outage(), Some(Outage::Flaky));
+        assert_eq!(StoreError::Conflict.outage(), None);
+        assert_eq!(StoreError::Down.outage(), None, "a refused call tells nothing new");
+    }
+
+    #[test]
     fn change_messages_round_trip() {
         let e = ChangeEvent { name: "a/b\tc".into(), kind: ChangeKind::Rotate, version: 7, at: 42 };
         assert_eq!(decode_change(&encode_change(&e)), Some(Change::Credential(e)));
@@ -645,8 +708,12 @@ pub enum Change {
     Tokens,
     /// Another daemon changed the KEKs or the master key's wrapping of them.
     Keys,
-    /// Notifications may have been missed (the feed's connection dropped and was
-    /// re-established): everything cached may be stale.
+    /// The feed's connection dropped: from now on notifications may be missed, so what
+    /// is cached can no longer be trusted (but may still be served within
+    /// `cache.serve_stale_seconds` while the store is down).
+    Lost,
+    /// The feed is subscribed (again): notifications sent while it was away are gone, so
+    /// everything cached must be revalidated before it is trusted.
     Resync,
 }
 

@@ -197,10 +197,13 @@ impl PgStore {
     }
 
     /// LISTENs for other daemons' writes. On any loss of the listening connection it
-    /// re-subscribes and then reports [`Change::Resync`]: notifications sent while it was
-    /// away are gone, so whatever was cached before may be stale.
+    /// reports [`Change::Lost`] (once per loss), re-subscribes with backoff, and then
+    /// reports [`Change::Resync`]: notifications sent while it was away are gone, so
+    /// whatever was cached before must be revalidated.
     async fn watch(&self, sink: ChangeSink, mut shutdown: watch::Receiver<bool>) -> Result<(), StoreError> {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = FEED_FIRST_BACKOFF;
+        // Lost is reported once per loss, not once per failed attempt.
+        let mut lost_reported = false;
         while !*shutdown.borrow() {
             let subscribed = async {
                 let mut l = PgListener::connect_with(&self.pool).await?;
@@ -213,17 +216,20 @@ impl PgStore {
                     Ok(l) => l,
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot subscribe to change notifications; retrying");
-                        sink(Change::Resync);
+                        if !lost_reported {
+                            sink(Change::Lost);
+                            lost_reported = true;
+                        }
                         tokio::select! {
                             _ = shutdown.changed() => return Ok(()),
                             _ = tokio::time::sleep(backoff) => {}
                         }
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        backoff = (backoff * 2).min(FEED_MAX_BACKOFF);
                         continue;
                     }
                 },
             };
-            backoff = Duration::from_millis(100);
+            backoff = FEED_FIRST_BACKOFF;
             sink(Change::Resync);
             loop {
                 tokio::select! {
@@ -240,8 +246,9 @@ impl PgStore {
                             }
                         }
                         Ok(None) | Err(_) => {
-                            tracing::warn!("change notification connection lost; resubscribing and clearing the cache");
-                            sink(Change::Resync);
+                            tracing::warn!("change notification connection lost; the cache is unverified until it resyncs");
+                            sink(Change::Lost);
+                            lost_reported = true;
                             break;
                         }
                     }
@@ -251,6 +258,12 @@ impl PgStore {
         Ok(())
     }
 }
+
+/// The feed's first wait before re-subscribing; it doubles per failed attempt.
+const FEED_FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// Short, so the cache is trusted again soon after the store returns (each attempt
+/// also waits for the pool to connect).
+const FEED_MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 type Tx<'a> = Transaction<'a, Postgres>;
 

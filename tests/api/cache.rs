@@ -329,7 +329,7 @@ async fn two_daemons_on_one_postgres_invalidate_each_other() {
     env.cleanup().await;
 }
 
-async fn scrape(d: &TestDaemon) -> String {
+pub async fn scrape(d: &TestDaemon) -> String {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut s = tokio::net::TcpStream::connect(d.metrics_addr).await.unwrap();
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await.unwrap();
