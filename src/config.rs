@@ -154,6 +154,9 @@ pub struct Settings {
     /// Tokio worker threads; unset: one per core.
     pub worker_threads: Option<usize>,
     pub log_format: LogFormat,
+    /// On SIGTERM/SIGINT, how long in-flight unary requests may run before they are
+    /// cancelled (streams end at once with UNAVAILABLE).
+    pub shutdown_grace_seconds: u64,
     pub limits: Limits,
     pub cache: CacheSettings,
     pub audit: AuditSettings,
@@ -177,6 +180,7 @@ impl Default for Settings {
             kdf: KdfSettings::default(),
             worker_threads: None,
             log_format: LogFormat::Text,
+            shutdown_grace_seconds: 10,
             limits: Limits::default(),
             cache: CacheSettings::default(),
             audit: AuditSettings::default(),
@@ -233,6 +237,9 @@ pub struct ServeArgs {
     pub worker_threads: Option<usize>,
     #[arg(long, env = "CREDVAULT_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Seconds in-flight requests may finish after SIGTERM/SIGINT [default: 10].
+    #[arg(long, env = "CREDVAULT_SHUTDOWN_GRACE_SECONDS")]
+    pub shutdown_grace_seconds: Option<u64>,
     /// PEM certificate chain for the gRPC listener (enables TLS; needs --tls-key).
     #[arg(long, env = "CREDVAULT_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -276,7 +283,7 @@ impl Settings {
         macro_rules! take {
             ($($field:ident),*) => {$( if let Some(v) = args.$field.clone() { s.$field = v.into(); } )*};
         }
-        take!(listen, metrics_listen, data_dir, db_max_connections, log_format);
+        take!(listen, metrics_listen, data_dir, db_max_connections, log_format, shutdown_grace_seconds);
         if let Some(url) = &args.database_url {
             s.database_url = Some(DatabaseUrl::new(url.clone()));
         }
@@ -378,6 +385,9 @@ impl Settings {
         self.rotation.validate().map_err(ConfigError::Invalid)?;
         if self.worker_threads == Some(0) {
             return bad("worker_threads must be at least 1");
+        }
+        if self.shutdown_grace_seconds > 3600 {
+            return bad("shutdown_grace_seconds must be at most 3600 (an hour)");
         }
         let k = self.kdf;
         KdfParams { m_cost: k.memory_kib, t_cost: k.iterations, p_cost: k.parallelism }

@@ -80,8 +80,21 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Completes on Ctrl-C or SIGTERM.
+/// Completes on the first Ctrl-C or SIGTERM. A second one exits at once (code 130),
+/// for an operator who will not wait for the drain.
 async fn shutdown_signal() {
+    signal().await;
+    tracing::info!("shutdown requested; finishing in-flight requests");
+    tokio::spawn(async {
+        signal().await;
+        tracing::warn!("second shutdown signal: exiting at once");
+        eprintln!("second shutdown signal: exiting at once");
+        std::process::exit(130);
+    });
+}
+
+/// Completes on Ctrl-C (SIGINT) or SIGTERM.
+async fn signal() {
     let ctrl_c = async {
         if let Err(e) = tokio::signal::ctrl_c().await {
             tracing::error!("cannot listen for Ctrl-C: {e}");
@@ -106,7 +119,6 @@ async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term => {},
     }
-    tracing::info!("shutdown requested; finishing in-flight requests");
 }
 
 fn init_tracing(format: LogFormat) {

@@ -250,24 +250,60 @@ impl Daemon {
         let scheduler = tokio::spawn(self.vault.clone().run_scheduler(stop_rx.clone()));
         let keeper = tokio::spawn(self.vault.clone().run_keeper(stop_rx.clone()));
         let jobs = tokio::spawn(self.vault.clone().run_jobs(stop_rx.clone()));
+        let upkeep = tokio::spawn(crate::metrics::run_upkeep(
+            self.metrics.clone(),
+            crate::metrics::UPKEEP_INTERVAL,
+            stop_rx.clone(),
+        ));
         let metrics_server =
             tokio::spawn(crate::metrics::serve(self.metrics_listener, self.metrics, self.store.clone(), stop_rx));
+
+        // Draining: on `shutdown`, tonic stops accepting and sends GOAWAY; the drain layer
+        // ends open streams with UNAVAILABLE; unary requests get the grace period.
+        let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
+        let grace = std::time::Duration::from_secs(self.settings.shutdown_grace_seconds);
+        let drain_signal = {
+            let (drain_tx, health_reporter) = (drain_tx.clone(), health_reporter.clone());
+            async move {
+                shutdown.await;
+                tracing::info!(
+                    grace_seconds = grace.as_secs(),
+                    "draining: streams end now, requests get the grace period"
+                );
+                health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+                let _ = drain_tx.send(true);
+            }
+        };
 
         tracing::info!(%addr, %metrics_addr, backend = self.store.backend().as_str(), "credvault serving gRPC");
         let mut builder = grpc_server();
         if let Some(tls) = &self.settings.tls {
             builder = builder.tls_config(tls_config(tls)?)?;
         }
-        let served = builder
+        let server = builder
             .layer(crate::metrics::RequestMetricsLayer)
             .layer(crate::audit::AuditLayer::new(audit))
+            .layer(crate::service::lifecycle::DeadlineLayer)
+            .layer(crate::service::lifecycle::DrainLayer::new(drain_rx.clone()))
             .layer(crate::limits::ConcurrencyLimitLayer::new(limits.max_concurrent_requests))
             .add_service(health)
             .add_service(reflection)
             .add_service(InterceptedService::new(credentials, interceptor.clone()))
             .add_service(InterceptedService::new(admin, interceptor))
-            .serve_with_incoming_shutdown(incoming(self.listener), shutdown)
-            .await;
+            .serve_with_incoming_shutdown(incoming(self.listener), drain_signal);
+        let mut grace_over = drain_rx;
+        let served = tokio::select! {
+            served = server => served,
+            () = async {
+                // The sender lives until this function returns, so this waits for the drain.
+                let _ = grace_over.wait_for(|d| *d).await;
+                tokio::time::sleep(grace).await;
+            } => {
+                tracing::warn!(grace_seconds = grace.as_secs(), "requests still running after the grace period are cancelled");
+                Ok(())
+            }
+        };
+        drop(drain_tx);
         let _ = stop_tx.send(true);
         let _ = feed.await;
         let _ = scheduler.await;
@@ -275,6 +311,7 @@ impl Daemon {
         store_health.abort();
         let _ = jobs.await;
         let _ = metrics_server.await;
+        let _ = upkeep.await;
         if let Some(t) = audit_task {
             // The writer drains what is queued before it returns.
             let _ = t.await;

@@ -7,6 +7,7 @@
 
 mod admin;
 mod credential;
+pub mod lifecycle;
 
 pub use admin::AdminApi;
 pub use credential::{CredentialApi, STALE_HEADER};

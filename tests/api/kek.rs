@@ -92,13 +92,14 @@ fn slow_rewrap(mut s: Settings) -> Settings {
 
 /// Runs the real binary over `env`'s data with `settings`' rotation options; returns the
 /// child and its gRPC address.
-async fn spawn_binary(env: &TestEnv, settings: &Settings) -> (tokio::process::Child, String) {
+pub(crate) async fn spawn_binary(env: &TestEnv, settings: &Settings) -> (tokio::process::Child, String) {
     let r = &settings.rotation;
     let config = env.data_dir().join("crash.toml");
     std::fs::write(
         &config,
         format!(
-            "[rotation]\nrewrap_batch_size = {}\nrewrap_pause_ms = {}\njob_lease_ms = {}\nscheduler_interval_ms = {}\n",
+            "shutdown_grace_seconds = {}\n[rotation]\nrewrap_batch_size = {}\nrewrap_pause_ms = {}\njob_lease_ms = {}\nscheduler_interval_ms = {}\n",
+            settings.shutdown_grace_seconds,
             r.rewrap_batch_size, r.rewrap_pause_ms, r.job_lease_ms, r.scheduler_interval_ms
         ),
     )

@@ -10,6 +10,7 @@ mod cache;
 mod cli;
 mod concurrency;
 mod conformance;
+mod drain;
 mod e2e;
 mod fuzz;
 mod hygiene;

@@ -323,13 +323,66 @@ async fn request_deadlines_are_honoured() {
     req.set_timeout(Duration::from_millis(300));
     let waited = tokio::time::timeout(Duration::from_secs(20), c.get_credential(req)).await;
     let status = waited.expect("the deadline ended the call, not the store timeout").expect_err("an error");
-    // tonic's server ends an expired request with CANCELLED "Timeout expired" (gRPC
-    // clients enforce their own deadline too and report DEADLINE_EXCEEDED locally).
+    // A tonic client enforces the same deadline itself, a moment before the server's
+    // answer arrives, and reports CANCELLED "Timeout expired" locally. What the server
+    // answers is shown by `expired_deadlines_are_answered_deadline_exceeded`.
     assert_eq!((status.code(), status.message()), (Code::Cancelled, "Timeout expired"));
 
     lock.rollback().await.unwrap();
     raw.close().await;
     assert_eq!(get(&mut c, "deadline/x", None).await.unwrap().1, b"v", "serving again once storage answers");
+    d.stop().await;
+    env.cleanup().await;
+}
+
+/// The server's own answer to an expired `grpc-timeout`, seen through a raw HTTP/2
+/// client that does not enforce the deadline itself: DEADLINE_EXCEEDED, the gRPC
+/// convention (not CANCELLED).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_deadlines_are_answered_deadline_exceeded() {
+    use prost::Message as _;
+    let env = TestEnv::new(Backend::Postgres).await;
+    let mut settings = env.settings();
+    settings.limits.store_timeout_ms = 30_000;
+    let d = TestDaemon::start(settings, None).await;
+    let mut c = d.client().await;
+    put(&mut c, "deadline/raw", b"v", None).await.unwrap();
+    d.vault.cache().clear();
+    let raw = sqlx::PgPool::connect(&env.database_url()).await.unwrap();
+    let mut lock = raw.begin().await.unwrap();
+    sqlx::query("LOCK TABLE credentials IN ACCESS EXCLUSIVE MODE").execute(&mut *lock).await.unwrap();
+
+    let tcp = tokio::net::TcpStream::connect(d.addr).await.unwrap();
+    let (h2, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut h2 = h2.ready().await.unwrap();
+    let message = credvault::proto::GetCredentialRequest { name: "deadline/raw".into(), version: None }.encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+    frame.extend_from_slice(&message);
+    let request = http::Request::post(format!("http://{}/credvault.v1.CredentialService/GetCredential", d.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("authorization", format!("Bearer {}", d.token))
+        .header("grpc-timeout", "300m")
+        .body(())
+        .unwrap();
+    let (response, mut body) = h2.send_request(request, false).unwrap();
+    body.send_data(frame.into(), true).unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(20), response).await.expect("answered").unwrap();
+    let headers = response.headers().clone();
+    let mut body = response.into_body();
+    let trailers = body.trailers().await.unwrap().unwrap_or_default();
+    let field = |k: &str| headers.get(k).or_else(|| trailers.get(k)).map(|v| v.to_str().unwrap().to_owned());
+    assert_eq!(field("grpc-status").as_deref(), Some("4"), "DEADLINE_EXCEEDED");
+    assert_eq!(
+        field("grpc-message").as_deref(),
+        Some("deadline%20of%20300%20ms%20expired%20before%20the%20request%20completed")
+    );
+
+    lock.rollback().await.unwrap();
+    raw.close().await;
+    assert_eq!(get(&mut c, "deadline/raw", None).await.unwrap().1, b"v");
     d.stop().await;
     env.cleanup().await;
 }

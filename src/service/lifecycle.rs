@@ -1,0 +1,274 @@
+//! Request lifecycle at the HTTP/2 edge: a caller's deadline and the daemon's drain.
+//!
+//! - [`DeadlineLayer`] answers a request whose `grpc-timeout` expires with
+//!   `DEADLINE_EXCEEDED`, the gRPC convention. tonic's own timeout (which runs outside
+//!   every layer) would answer `CANCELLED "Timeout expired"`. This layer's timer is created
+//!   in `call`, which tonic's timeout service runs *before* it starts its own timer, and
+//!   the inner future is polled first, so this answer always wins the race.
+//! - [`DrainLayer`] ends server-streaming responses (watches, the rotation-job stream,
+//!   health watches, reflection) with `UNAVAILABLE "shutting down"` once the daemon starts
+//!   to drain, so their clients reconnect elsewhere and the connection can close. Unary
+//!   responses are left alone: they finish within the shutdown grace period.
+//!
+//! **Invariant:** neither layer reads or changes a message body; they add trailers or
+//! answer with a trailers-only status.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http_body::Frame;
+use hyper::body::Bytes;
+use tokio::sync::watch;
+use tonic::body::Body;
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// The `grpc-timeout` header's duration: 1 to 8 digits and a unit (`H`, `M`, `S`, `m`,
+/// `u`, `n`). Anything else is no deadline, as tonic treats it.
+pub fn parse_grpc_timeout(value: &[u8]) -> Option<Duration> {
+    let (&unit, digits) = value.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(match unit {
+        b'H' => Duration::from_secs(n * 3600),
+        b'M' => Duration::from_secs(n * 60),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Answers `DEADLINE_EXCEEDED` when a request's `grpc-timeout` expires.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DeadlineLayer;
+
+impl<S> tower::Layer<S> for DeadlineLayer {
+    type Service = Deadline<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Deadline { inner }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Deadline<S> {
+    inner: S,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for Deadline<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<Body>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let timeout = req.headers().get("grpc-timeout").and_then(|v| parse_grpc_timeout(v.as_bytes()));
+        let fut = self.inner.call(req);
+        let Some(timeout) = timeout else {
+            return Box::pin(fut);
+        };
+        // Created now, before tonic's own timer starts (see the module doc).
+        let expiry = tokio::time::sleep(timeout);
+        Box::pin(async move {
+            tokio::select! {
+                biased;
+                res = fut => res,
+                () = expiry => Ok(tonic::Status::deadline_exceeded(format!(
+                    "deadline of {} ms expired before the request completed",
+                    timeout.as_millis()
+                ))
+                .into_http()),
+            }
+        })
+    }
+}
+
+/// Paths whose responses are streams that only the server can end.
+fn is_stream(path: &str) -> bool {
+    matches!(
+        path,
+        "/credvault.v1.CredentialService/WatchCredentials"
+            | "/credvault.v1.AdminService/WatchRotationJob"
+            | "/grpc.health.v1.Health/Watch"
+    ) || path.ends_with("/ServerReflectionInfo")
+}
+
+/// Ends streaming responses with `UNAVAILABLE "shutting down"` once `draining` is true.
+#[derive(Debug, Clone)]
+pub struct DrainLayer {
+    draining: watch::Receiver<bool>,
+}
+
+impl DrainLayer {
+    pub fn new(draining: watch::Receiver<bool>) -> Self {
+        DrainLayer { draining }
+    }
+}
+
+impl<S> tower::Layer<S> for DrainLayer {
+    type Service = Drain<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Drain { inner, draining: self.draining.clone() }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Drain<S> {
+    inner: S,
+    draining: watch::Receiver<bool>,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for Drain<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<Body>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let stream = is_stream(req.uri().path());
+        let fut = self.inner.call(req);
+        if !stream {
+            return Box::pin(fut);
+        }
+        let mut draining = self.draining.clone();
+        Box::pin(async move {
+            let res = fut.await?;
+            // A trailers-only answer (an error status) has nothing left to end.
+            if res.headers().contains_key("grpc-status") {
+                return Ok(res);
+            }
+            let drained: BoxFuture<()> = Box::pin(async move {
+                // A dropped sender means the daemon is gone: end the stream as well.
+                let _ = draining.wait_for(|d| *d).await;
+            });
+            Ok(res.map(|body| Body::new(DrainBody { inner: body, drained: Some(drained), done: false })))
+        })
+    }
+}
+
+/// A response body that gives way to a `shutting down` status when the daemon drains.
+struct DrainBody {
+    inner: Body,
+    drained: Option<BoxFuture<()>>,
+    done: bool,
+}
+
+fn shutting_down() -> http::HeaderMap {
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from_static("14"));
+    trailers.insert("grpc-message", http::HeaderValue::from_static("shutting down"));
+    trailers
+}
+
+impl http_body::Body for DrainBody {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
+        if let Some(drained) = this.drained.as_mut() {
+            if drained.as_mut().poll(cx).is_ready() {
+                this.done = true;
+                return Poll::Ready(Some(Ok(Frame::trailers(shutting_down()))));
+            }
+        }
+        let frame = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &frame {
+            if f.is_trailers() {
+                // The stream ended by itself: nothing to add.
+                this.drained = None;
+                this.done = true;
+            }
+        }
+        if let Poll::Ready(None) = &frame {
+            this.done = true;
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_as_the_protocol_defines() {
+        assert_eq!(parse_grpc_timeout(b"300m"), Some(Duration::from_millis(300)));
+        assert_eq!(parse_grpc_timeout(b"2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout(b"1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout(b"5M"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_grpc_timeout(b"99999999u"), Some(Duration::from_micros(99_999_999)));
+        assert_eq!(parse_grpc_timeout(b"10n"), Some(Duration::from_nanos(10)));
+        for bad in [&b""[..], b"m", b"123456789m", b"12x", b"-1S", b"1.5S", b" 1S", b"\x001S"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn only_server_streams_are_drained() {
+        assert!(is_stream("/credvault.v1.CredentialService/WatchCredentials"));
+        assert!(is_stream("/grpc.health.v1.Health/Watch"));
+        assert!(is_stream("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"));
+        assert!(!is_stream("/credvault.v1.CredentialService/GetCredential"));
+        assert!(!is_stream("/grpc.health.v1.Health/Check"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_draining_daemon_ends_an_open_stream_with_unavailable() {
+        use http_body_util::BodyExt as _;
+        let (tx, rx) = watch::channel(false);
+        // A stream that never yields by itself.
+        let never = http_body_util::StreamBody::new(futures_never());
+        let mut body = DrainBody {
+            inner: Body::new(never),
+            drained: Some(Box::pin(async move {
+                let mut rx = rx;
+                let _ = rx.wait_for(|d| *d).await;
+            })),
+            done: false,
+        };
+        let pending = tokio::time::timeout(Duration::from_secs(5), body.frame()).await;
+        assert!(pending.is_err(), "no frame before the drain");
+        tx.send_replace(true);
+        let frame = body.frame().await.expect("a frame").expect("no error");
+        let trailers = frame.into_trailers().expect("trailers");
+        assert_eq!(trailers.get("grpc-status").unwrap(), "14");
+        assert_eq!(trailers.get("grpc-message").unwrap(), "shutting down");
+        assert!(body.frame().await.is_none(), "then the stream ends");
+    }
+
+    fn futures_never(
+    ) -> impl tokio_stream::Stream<Item = Result<Frame<Bytes>, std::convert::Infallible>> + Send + 'static {
+        tokio_stream::pending()
+    }
+}

@@ -1,0 +1,148 @@
+//! Graceful drain of the real binary: SIGTERM under load with open streams.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tonic::Code;
+
+use credvault::proto::{self, WatchCredentialsRequest};
+
+use crate::e2e::{get, put};
+use crate::helpers::{Backend, Bearer, Raw, TestDaemon, TestEnv};
+use crate::kek::spawn_binary;
+
+fn sigterm(child: &tokio::process::Child) {
+    let pid = child.id().expect("running").to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+}
+
+/// Eight busy callers, three credential watches and a health watch; SIGTERM. The daemon
+/// ends the streams with UNAVAILABLE "shutting down", lets requests finish, exits 0 within
+/// the grace period; callers saw only OK or UNAVAILABLE; every acknowledged write and the
+/// audit event of each of them are in the store afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_streams_and_requests_then_exits_zero() {
+    let env = TestEnv::new(Backend::Postgres).await;
+    let mut settings = env.settings();
+    settings.shutdown_grace_seconds = 5;
+    let d = TestDaemon::start(settings.clone(), None).await;
+    let token = d.token.clone();
+    d.stop().await;
+
+    let (mut child, addr) = spawn_binary(&env, &settings).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let bearer = Bearer(format!("Bearer {token}").parse().unwrap());
+    let client = proto::credential_service_client::CredentialServiceClient::with_interceptor(channel.clone(), bearer);
+
+    let mut watches = Vec::new();
+    for _ in 0..3 {
+        let mut c = client.clone();
+        let stream =
+            c.watch_credentials(WatchCredentialsRequest { prefix: "drain/".into() }).await.unwrap().into_inner();
+        watches.push(stream);
+    }
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone())
+        .watch(tonic_health::pb::HealthCheckRequest { service: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        health.message().await.unwrap().unwrap().status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
+    // Writers record each acknowledged version; everyone records every status code.
+    let acked: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    let codes: Arc<Mutex<Vec<(Code, String)>>> = Arc::default();
+    let mut callers = tokio::task::JoinSet::new();
+    for i in 0..8 {
+        let (mut c, acked, codes) = (client.clone(), acked.clone(), codes.clone());
+        callers.spawn(async move {
+            let name = format!("drain/w{i}");
+            for n in 0u64.. {
+                let r = if i % 2 == 0 || n == 0 {
+                    put(&mut c, &name, format!("v{n}").as_bytes(), None).await.map(|v| {
+                        acked.lock().unwrap().insert(name.clone(), v);
+                    })
+                } else {
+                    get(&mut c, &format!("drain/w{}", i - 1), None).await.map(|_| ()).or_else(|s| {
+                        if s.code() == Code::NotFound {
+                            Ok(())
+                        } else {
+                            Err(s)
+                        }
+                    })
+                };
+                if let Err(s) = r {
+                    codes.lock().unwrap().push((s.code(), s.message().to_owned()));
+                    break;
+                }
+            }
+        });
+    }
+    crate::cache::eventually("every writer to be acknowledged", Duration::from_secs(30), async || {
+        acked.lock().unwrap().len() >= 4
+    })
+    .await;
+
+    let signalled = Instant::now();
+    sigterm(&child);
+    for w in &mut watches {
+        let end = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match w.message().await {
+                    Ok(Some(_)) => continue,
+                    other => return other,
+                }
+            }
+        })
+        .await
+        .expect("the watch stream ends promptly");
+        let status = end.expect_err("the stream ends with a status");
+        assert_eq!((status.code(), status.message()), (Code::Unavailable, "shutting down"));
+    }
+    let health_end = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match health.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the health watch ends promptly");
+    assert_eq!(health_end.expect_err("a status").code(), Code::Unavailable);
+
+    let exit = tokio::time::timeout(Duration::from_secs(8), child.wait()).await.expect("exits").unwrap();
+    let took = signalled.elapsed();
+    assert!(exit.success(), "exit status {exit}");
+    assert!(took < Duration::from_secs(5) + Duration::from_secs(2), "drained in {took:?}, grace 5 s");
+    while callers.join_next().await.is_some() {}
+    let codes = codes.lock().unwrap().clone();
+    assert_eq!(codes.len(), 8, "every caller stopped on an error once the daemon went away");
+    for (code, message) in &codes {
+        // The daemon answers only OK or UNAVAILABLE (REFUSED_STREAM after GOAWAY, then a
+        // refused connection). A tonic client reports a request its own connection task
+        // dropped while the connection closed as CANCELLED "operation was canceled": that
+        // request never reached the daemon.
+        let client_side = *code == Code::Cancelled && message == "operation was canceled";
+        assert!(*code == Code::Unavailable || client_side, "callers see only OK or UNAVAILABLE: {code:?} {message}");
+    }
+
+    let store = env.store().await;
+    let acked = acked.lock().unwrap().clone();
+    let Raw::Pg(pool) = env.raw().await else { unreachable!() };
+    for (name, version) in &acked {
+        let head = store.get_credential(name).await.unwrap().expect("an acknowledged write is stored");
+        assert!(head.current_version >= *version, "{name}: stored {} < acknowledged {version}", head.current_version);
+    }
+    let audited: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE rpc = 'PutCredential' AND code = 'OK'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let acked_puts: u64 = acked.values().sum();
+    assert!(audited as u64 >= acked_puts, "{audited} audited puts, {acked_puts} acknowledged");
+    pool.close().await;
+    env.cleanup().await;
+}
