@@ -282,8 +282,8 @@ impl Daemon {
         }
         let server = builder
             .layer(crate::metrics::RequestMetricsLayer)
-            .layer(crate::audit::AuditLayer::new(audit))
             .layer(crate::service::lifecycle::DeadlineLayer)
+            .layer(crate::audit::AuditLayer::new(audit))
             .layer(crate::service::lifecycle::DrainLayer::new(drain_rx.clone()))
             .layer(crate::limits::ConcurrencyLimitLayer::new(limits.max_concurrent_requests))
             .add_service(health)

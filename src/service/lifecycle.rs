@@ -1,10 +1,17 @@
-//! Request lifecycle at the HTTP/2 edge: a caller's deadline and the daemon's drain.
+//! Request lifecycle at the HTTP/2 edge: a caller's deadline, writes that finish once
+//! begun, and the daemon's drain.
 //!
 //! - [`DeadlineLayer`] answers a request whose `grpc-timeout` expires with
 //!   `DEADLINE_EXCEEDED`, the gRPC convention. tonic's own timeout (which runs outside
-//!   every layer) would answer `CANCELLED "Timeout expired"`. This layer's timer is created
-//!   in `call`, which tonic's timeout service runs *before* it starts its own timer, and
-//!   the inner future is polled first, so this answer always wins the race.
+//!   every layer) would answer `CANCELLED "Timeout expired"`, and so would a tonic
+//!   client's timer, which started before the request was sent: the layer answers a
+//!   little early ([`ahead`]) so its answer reaches the caller first.
+//! - A request is never cut off halfway. When the deadline overtakes it, its handler runs
+//!   to the end in the background (bounded by the store timeout, and still holding its
+//!   concurrency permit); a write (any RPC that is not a read, see [`is_read`]) runs as its
+//!   own task from the start, so a client that resets its stream cannot cut it off either.
+//!   A write is therefore either committed, audited with its real outcome and reflected in
+//!   this daemon's cache, or not made at all.
 //! - [`DrainLayer`] ends server-streaming responses (watches, the rotation-job stream,
 //!   health watches, reflection) with `UNAVAILABLE "shutting down"` once the daemon starts
 //!   to drain, so their clients reconnect elsewhere and the connection can close. Unary
@@ -77,24 +84,69 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let timeout = req.headers().get("grpc-timeout").and_then(|v| parse_grpc_timeout(v.as_bytes()));
+        let read = is_read(req.uri().path());
         let fut = self.inner.call(req);
-        let Some(timeout) = timeout else {
+        if read && timeout.is_none() {
             return Box::pin(fut);
+        }
+        // A write runs as its own task, so neither the deadline nor a client reset can
+        // drop it between its commit and its cache update and audit event.
+        let mut fut: BoxFuture<Option<Result<S::Response, S::Error>>> = if read {
+            Box::pin(async move { Some(fut.await) })
+        } else {
+            let task = tokio::spawn(fut);
+            Box::pin(async move { task.await.ok() })
         };
-        // Created now, before tonic's own timer starts (see the module doc).
-        let expiry = tokio::time::sleep(timeout);
         Box::pin(async move {
+            let Some(timeout) = timeout else {
+                return fut.await.unwrap_or_else(|| Ok(tonic::Status::internal("internal error").into_http()));
+            };
             tokio::select! {
                 biased;
-                res = fut => res,
-                () = expiry => Ok(tonic::Status::deadline_exceeded(format!(
-                    "deadline of {} ms expired before the request completed",
-                    timeout.as_millis()
-                ))
-                .into_http()),
+                res = &mut fut => res.unwrap_or_else(|| Ok(tonic::Status::internal("internal error").into_http())),
+                () = tokio::time::sleep(timeout.saturating_sub(ahead(timeout))) => {
+                    // Let the handler finish (see the module doc), then answer.
+                    tokio::spawn(async move {
+                        let _ = fut.await;
+                    });
+                    Ok(tonic::Status::deadline_exceeded(format!(
+                        "deadline of {} ms expired before the request completed",
+                        timeout.as_millis()
+                    ))
+                    .into_http())
+                }
             }
         })
     }
+}
+
+/// How much before the deadline the daemon answers: a twentieth of it, between 1 and
+/// 20 ms, so the answer reaches the caller while the caller's own timer still runs.
+fn ahead(timeout: Duration) -> Duration {
+    (timeout / 20).clamp(Duration::from_millis(1), Duration::from_millis(20))
+}
+
+/// RPCs without side effects: a deadline or reset may simply drop them.
+fn is_read(path: &str) -> bool {
+    matches!(
+        path.rsplit('/').next(),
+        Some(
+            "GetCredential"
+                | "BatchGetCredentials"
+                | "GetCredentialMetadata"
+                | "ListCredentials"
+                | "WatchCredentials"
+                | "GetRotationJob"
+                | "WatchRotationJob"
+                | "GetRotationPolicy"
+                | "ListTokens"
+                | "ListAuditEvents"
+                | "GetStatus"
+                | "Check"
+                | "Watch"
+                | "ServerReflectionInfo"
+        )
+    )
 }
 
 /// Paths whose responses are streams that only the server can end.
@@ -231,6 +283,22 @@ mod tests {
         assert_eq!(parse_grpc_timeout(b"10n"), Some(Duration::from_nanos(10)));
         for bad in [&b""[..], b"m", b"123456789m", b"12x", b"-1S", b"1.5S", b" 1S", b"\x001S"] {
             assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_answer_comes_a_little_early() {
+        assert_eq!(ahead(Duration::from_millis(300)), Duration::from_millis(15));
+        assert_eq!(ahead(Duration::from_micros(5)), Duration::from_millis(1));
+        assert_eq!(ahead(Duration::from_secs(60)), Duration::from_millis(20));
+    }
+
+    #[test]
+    fn every_rpc_is_a_read_or_a_write_on_purpose() {
+        assert!(is_read("/credvault.v1.CredentialService/GetCredential"));
+        assert!(is_read("/grpc.health.v1.Health/Check"));
+        for write in ["PutCredential", "DeleteCredential", "RotateCredential", "DestroyVersion", "CreateToken"] {
+            assert!(!is_read(&format!("/credvault.v1.Service/{write}")), "{write}");
         }
     }
 

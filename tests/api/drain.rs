@@ -146,3 +146,48 @@ async fn sigterm_drains_streams_and_requests_then_exits_zero() {
     pool.close().await;
     env.cleanup().await;
 }
+
+/// A put whose deadline passes while its table is locked: the caller is told
+/// DEADLINE_EXCEEDED; the write finishes in the background, so the store, the audit trail
+/// (with the write's real outcome) and this daemon's cache all end up with version 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_overtaken_by_its_deadline_is_committed_whole() {
+    let env = TestEnv::new(Backend::Postgres).await;
+    let mut settings = env.settings();
+    settings.limits.store_timeout_ms = 30_000;
+    let d = TestDaemon::start(settings, None).await;
+    let mut c = d.client().await;
+    put(&mut c, "dl/x", b"old", None).await.unwrap();
+    assert_eq!(get(&mut c, "dl/x", None).await.unwrap().1, b"old", "cached now");
+
+    let Raw::Pg(raw) = env.raw().await else { unreachable!() };
+    let mut lock = raw.begin().await.unwrap();
+    sqlx::query("LOCK TABLE credentials IN ACCESS EXCLUSIVE MODE").execute(&mut *lock).await.unwrap();
+    let mut req = tonic::Request::new(proto::PutCredentialRequest {
+        name: "dl/x".into(),
+        value: b"new".to_vec(),
+        expected_version: None,
+        metadata: None,
+    });
+    req.set_timeout(Duration::from_millis(300));
+    let status = c.put_credential(req).await.expect_err("the deadline passes while the table is locked");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    lock.rollback().await.unwrap();
+
+    let store = env.store().await;
+    crate::cache::eventually("the write to complete and be audited", Duration::from_secs(10), async || {
+        let audited: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM audit_log WHERE rpc = 'PutCredential' AND version = 2 AND code = 'OK'",
+        )
+        .fetch_one(&raw)
+        .await
+        .unwrap();
+        let head = store.get_credential("dl/x").await.unwrap().map(|h| h.current_version);
+        audited == 1 && head == Some(2)
+    })
+    .await;
+    assert_eq!(get(&mut c, "dl/x", None).await.unwrap(), (2, b"new".to_vec()), "the cache agrees with the store");
+    raw.close().await;
+    d.stop().await;
+    env.cleanup().await;
+}
