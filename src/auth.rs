@@ -57,6 +57,11 @@ pub struct Auth {
     tokens: Arc<RwLock<HashMap<[u8; 32], Entry>>>,
     /// Rate limit for tokens that do not set their own (0: none).
     default_rate: u32,
+    /// Held while a reload reads and swaps the table and while a local create or revoke
+    /// applies itself, so a reload never overwrites a newer change with an older list.
+    reload_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Wakes the reload task ([`Auth::run_reloads`]); several requests coalesce.
+    reload_requested: Arc<tokio::sync::Notify>,
 }
 
 impl fmt::Debug for Auth {
@@ -85,17 +90,67 @@ impl Auth {
         Ok(auth)
     }
 
+    /// Replaces the table with the store's live tokens. Tokens already known keep their
+    /// entry (a token's policy never changes after creation), so their rate-limit state
+    /// survives the reload.
     pub async fn reload(&self, store: &dyn Store) -> Result<(), StoreError> {
+        let _serial = self.reload_lock.lock().await;
         let rows = store.list_tokens().await?;
+        let old = self.tokens.read().unwrap_or_else(|p| p.into_inner()).clone();
         let mut map = HashMap::with_capacity(rows.len());
         for row in rows.iter().filter(|r| r.revoked_at.is_none()) {
-            let mut hash = [0u8; 32];
-            hex::decode_to_slice(&row.token_hash, &mut hash)
-                .map_err(|_| StoreError::Corrupt("token hash is not 64 hex characters".into()))?;
-            map.insert(hash, entry(row, self.default_rate)?);
+            let hash = parse_hash(&row.token_hash)?;
+            let e = match old.get(&hash) {
+                Some(e) if e.expires_at == row.expires_at => e.clone(),
+                _ => entry(row, self.default_rate)?,
+            };
+            map.insert(hash, e);
         }
         *self.tokens.write().unwrap_or_else(|p| p.into_inner()) = map;
         Ok(())
+    }
+
+    /// Asks the reload task for a full reload (another daemon changed the token table,
+    /// or notifications may have been missed).
+    pub fn request_reload(&self) {
+        self.reload_requested.notify_one();
+    }
+
+    /// The one task that reloads the table: on request and every `period` as a backstop
+    /// to lost notifications; a failed reload is retried with backoff (100 ms doubling
+    /// to 5 s). Runs until `shutdown` turns true.
+    pub async fn run_reloads(
+        self,
+        store: Arc<dyn Store>,
+        period: std::time::Duration,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                () = self.reload_requested.notified() => {}
+                () = tokio::time::sleep(period) => {}
+            }
+            let mut backoff = std::time::Duration::from_millis(100);
+            while let Err(e) = self.reload(store.as_ref()).await {
+                tracing::warn!(error = %e, retry_ms = backoff.as_millis() as u64, "cannot reload tokens; retrying");
+                tokio::select! {
+                    _ = shutdown.changed() => return,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+            }
+        }
+    }
+
+    /// Applies one local change to the table without reading the others back.
+    async fn apply_local(&self, hash: [u8; 32], e: Option<Entry>) {
+        let _serial = self.reload_lock.lock().await;
+        let mut tokens = self.tokens.write().unwrap_or_else(|p| p.into_inner());
+        match e {
+            Some(e) => tokens.insert(hash, e),
+            None => tokens.remove(&hash),
+        };
     }
 
     /// Checks an `authorization` header value against the in-memory table.
@@ -134,6 +189,13 @@ impl Auth {
         self.reload(store).await?;
         Ok(Some(token))
     }
+}
+
+fn parse_hash(hex_hash: &str) -> Result<[u8; 32], StoreError> {
+    let mut hash = [0u8; 32];
+    hex::decode_to_slice(hex_hash, &mut hash)
+        .map_err(|_| StoreError::Corrupt("token hash is not 64 hex characters".into()))?;
+    Ok(hash)
 }
 
 fn entry(row: &TokenRow, default_rate: u32) -> Result<Entry, StoreError> {
@@ -215,7 +277,9 @@ impl Auth {
             revoked_at: None,
         };
         store.insert_token(&row).await?;
-        self.reload(store).await?;
+        // This one token, not the whole table: creating stays flat however many exist.
+        let e = entry(&row, self.default_rate)?;
+        self.apply_local(hash_token(token.expose_secret()), Some(e)).await;
         Ok(NewToken { token, row })
     }
 
@@ -241,7 +305,7 @@ impl Auth {
         if !store.revoke_token(&row.token_hash, now).await? {
             return Err(TokenError::NotFound(id));
         }
-        self.reload(store).await?;
+        self.apply_local(parse_hash(&row.token_hash)?, None).await;
         Ok(TokenRow { revoked_at: Some(now), ..row })
     }
 }

@@ -157,6 +157,10 @@ pub struct Settings {
     /// On SIGTERM/SIGINT, how long in-flight unary requests may run before they are
     /// cancelled (streams end at once with UNAVAILABLE).
     pub shutdown_grace_seconds: u64,
+    /// Every so often each daemon reloads the whole token table, a backstop to change
+    /// notifications: a token revoked elsewhere stops working here within this period
+    /// even if the notification was lost.
+    pub token_resync_seconds: u64,
     pub limits: Limits,
     pub cache: CacheSettings,
     pub audit: AuditSettings,
@@ -181,6 +185,7 @@ impl Default for Settings {
             worker_threads: None,
             log_format: LogFormat::Text,
             shutdown_grace_seconds: 10,
+            token_resync_seconds: 30,
             limits: Limits::default(),
             cache: CacheSettings::default(),
             audit: AuditSettings::default(),
@@ -388,6 +393,9 @@ impl Settings {
         }
         if self.shutdown_grace_seconds > 3600 {
             return bad("shutdown_grace_seconds must be at most 3600 (an hour)");
+        }
+        if self.token_resync_seconds == 0 || self.token_resync_seconds > 86_400 {
+            return bad("token_resync_seconds must be between 1 and 86400 (1 day)");
         }
         let k = self.kdf;
         KdfParams { m_cost: k.memory_kib, t_cost: k.iterations, p_cost: k.parallelism }

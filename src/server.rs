@@ -215,13 +215,9 @@ impl Daemon {
                 });
             }
             if matches!(change, Change::Tokens | Change::Resync) {
-                // Revocations by other daemons (or missed while deaf) take effect here.
-                let (auth, store) = (auth.clone(), vault.store());
-                tokio::spawn(async move {
-                    if let Err(e) = auth.reload(store.as_ref()).await {
-                        tracing::error!(error = %e, "cannot reload tokens");
-                    }
-                });
+                // Revocations by other daemons (or missed while deaf) take effect here,
+                // through the one reload task (serialized, retried, coalesced).
+                auth.request_reload();
             }
             if change == Change::Resync {
                 if let Some(tx) = subscribed_tx.lock().ok().and_then(|mut t| t.take()) {
@@ -247,6 +243,11 @@ impl Daemon {
         let audit_task = audit_writer.map(|w| tokio::spawn(w.run(stop_rx.clone())));
         let metrics_addr = self.metrics_addr();
         let addr = self.local_addr();
+        let token_reloads = tokio::spawn(self.auth.clone().run_reloads(
+            self.store.clone(),
+            std::time::Duration::from_secs(self.settings.token_resync_seconds),
+            stop_rx.clone(),
+        ));
         let scheduler = tokio::spawn(self.vault.clone().run_scheduler(stop_rx.clone()));
         let keeper = tokio::spawn(self.vault.clone().run_keeper(stop_rx.clone()));
         let jobs = tokio::spawn(self.vault.clone().run_jobs(stop_rx.clone()));
@@ -312,6 +313,7 @@ impl Daemon {
         let _ = jobs.await;
         let _ = metrics_server.await;
         let _ = upkeep.await;
+        let _ = token_reloads.await;
         if let Some(t) = audit_task {
             // The writer drains what is queued before it returns.
             let _ = t.await;

@@ -191,3 +191,66 @@ async fn a_write_overtaken_by_its_deadline_is_committed_whole() {
     d.stop().await;
     env.cleanup().await;
 }
+
+/// SQLite has no change feed, so a second daemon over the same file hears of nothing:
+/// only the periodic reload makes a token revoked on A stop working on B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_token_stops_working_on_another_daemon_through_the_backstop() {
+    let env = TestEnv::new(Backend::Sqlite).await;
+    let settings = credvault::config::Settings { token_resync_seconds: 1, ..env.settings() };
+    let a = TestDaemon::start(settings.clone(), None).await;
+    let b = TestDaemon::start(settings, Some(&a.token)).await;
+    let created = a
+        .admin()
+        .await
+        .create_token(proto::CreateTokenRequest {
+            display_name: "worker".into(),
+            rules: vec![proto::PolicyRule {
+                pattern: "w/*".into(),
+                capabilities: vec![credvault::proto::Capability::Read as i32],
+                deny: false,
+            }],
+            ttl: None,
+            rate_limit_per_second: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let bearer = Bearer(format!("Bearer {}", created.token).parse::<tonic::metadata::MetadataValue<_>>().unwrap());
+    let mut on_a = credvault::proto::credential_service_client::CredentialServiceClient::with_interceptor(
+        a.channel().await,
+        bearer.clone(),
+    );
+    let mut on_b = credvault::proto::credential_service_client::CredentialServiceClient::with_interceptor(
+        b.channel().await,
+        bearer,
+    );
+    let get = || proto::GetCredentialRequest { name: "w/missing".into(), version: None };
+    // Known on A at once (applied locally), on B after its next reload.
+    assert_eq!(on_a.get_credential(get()).await.unwrap_err().code(), tonic::Code::NotFound);
+    let code_on_b = |want: tonic::Code| {
+        let mut on_b = on_b.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                let code = on_b.get_credential(get()).await.unwrap_err().code();
+                if code == want {
+                    return Instant::now();
+                }
+                assert!(Instant::now() < deadline, "B still answers {code:?}, want {want:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    code_on_b(tonic::Code::NotFound).await;
+
+    a.admin().await.revoke_token(proto::RevokeTokenRequest { id: created.info.unwrap().id }).await.unwrap();
+    let revoked = Instant::now();
+    assert_eq!(on_a.get_credential(get()).await.unwrap_err().code(), tonic::Code::Unauthenticated, "at once on A");
+    let refused = code_on_b(tonic::Code::Unauthenticated).await;
+    assert!(refused - revoked < Duration::from_millis(2500), "B refused after {:?}", refused - revoked);
+    assert_eq!(on_b.get_credential(get()).await.unwrap_err().code(), tonic::Code::Unauthenticated);
+    a.stop().await;
+    b.stop().await;
+    env.cleanup().await;
+}
