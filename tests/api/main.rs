@@ -18,3 +18,4 @@ mod rotation;
 mod security;
 mod tamper;
 mod tls;
+mod transport;
