@@ -189,6 +189,8 @@ async fn watch_streams_are_capped_globally_and_per_token() {
         stream.is_some()
     })
     .await;
+    // Open streams would hold the graceful shutdown.
+    drop((stream, _a2, _root, admin));
     d.stop().await;
     env.cleanup().await;
 }
@@ -225,6 +227,7 @@ async fn unauthenticated_streams_are_capped() {
         refl.server_reflection_info(tokio_stream::iter([list()])).await.is_ok()
     })
     .await;
+    drop((w2, health, refl));
     d.stop().await;
     env.cleanup().await;
 }
