@@ -189,15 +189,12 @@ impl Daemon {
         let credentials = CredentialServiceServer::new(
             CredentialApi::new(self.vault.clone(), self.auth.clone()).with_stream_limits(watch_streams.clone()),
         )
-            .max_decoding_message_size(max_request)
-            .max_encoding_message_size(limits.max_batch_size * (limits.max_value_bytes + 4096) + 4096);
-        let admin = AdminServiceServer::new(AdminApi::new(
-            self.vault.clone(),
-            self.auth.clone(),
-            &self.settings.master_key_spec(),
-            self.started_at,
+        .max_decoding_message_size(max_request)
+        .max_encoding_message_size(limits.max_batch_size * (limits.max_value_bytes + 4096) + 4096);
+        let admin = AdminServiceServer::new(
+            AdminApi::new(self.vault.clone(), self.auth.clone(), &self.settings.master_key_spec(), self.started_at)
+                .with_stream_limits(watch_streams),
         )
-        .with_stream_limits(watch_streams))
         .max_decoding_message_size(max_request);
 
         let (health_reporter, health) = tonic_health::server::health_reporter();

@@ -38,14 +38,7 @@ impl AdminApi {
             MasterKeySpec::Passphrase { params, .. } => ("passphrase", *params),
             MasterKeySpec::KeyFile { .. } => ("key-file", KdfParams::DEFAULT),
         };
-        AdminApi {
-            vault,
-            auth,
-            master_key_source,
-            kdf,
-            started_at,
-            streams: crate::limits::StreamLimiter::default(),
-        }
+        AdminApi { vault, auth, master_key_source, kdf, started_at, streams: crate::limits::StreamLimiter::default() }
     }
 
     pub fn with_stream_limits(mut self, streams: crate::limits::StreamLimiter) -> Self {

@@ -13,7 +13,8 @@ use crate::e2e::{get, put};
 use crate::helpers::{assert_status, Backend, Bearer, Client, TestDaemon, TestEnv};
 
 async fn token(d: &TestDaemon, name: &str, pattern: &str, caps: &[Capability]) -> String {
-    let rule = PolicyRule { pattern: pattern.into(), capabilities: caps.iter().map(|c| *c as i32).collect(), deny: false };
+    let rule =
+        PolicyRule { pattern: pattern.into(), capabilities: caps.iter().map(|c| *c as i32).collect(), deny: false };
     d.admin()
         .await
         .create_token(CreateTokenRequest {
@@ -198,7 +199,9 @@ async fn watch_streams_are_capped_globally_and_per_token() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unauthenticated_streams_are_capped() {
     use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
-    use tonic_reflection::pb::v1::{server_reflection_client::ServerReflectionClient, server_reflection_request, ServerReflectionRequest};
+    use tonic_reflection::pb::v1::{
+        server_reflection_client::ServerReflectionClient, server_reflection_request, ServerReflectionRequest,
+    };
     let env = TestEnv::new(Backend::Sqlite).await;
     let mut settings = env.settings();
     settings.transport.max_unauthenticated_streams = 2;
@@ -294,7 +297,7 @@ async fn http2_limits_keepalive_and_connection_cap() {
     let mut raw = tokio::net::TcpStream::connect(d.addr).await.unwrap();
     let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     out.extend_from_slice(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0]); // empty SETTINGS
-    out.extend_from_slice(&[0, 0, 1, 0x1, 0x4 & 0, 0, 0, 0, 1, 0x83]); // HEADERS, stream 1, no END_HEADERS
+    out.extend_from_slice(&[0, 0, 1, 0x1, 0, 0, 0, 0, 1, 0x83]); // HEADERS (flags 0: no END_HEADERS), stream 1
     raw.write_all(&out).await.unwrap();
     let started = Instant::now();
     let mut buf = [0u8; 1024];
@@ -325,8 +328,7 @@ async fn http2_limits_keepalive_and_connection_cap() {
     crate::cache::eventually("a closed connection frees its place", Duration::from_secs(3), async || {
         match tonic::transport::Channel::from_shared(format!("http://{}", d.addr)).unwrap().connect().await {
             Ok(ch) => {
-                let mut c =
-                    proto::credential_service_client::CredentialServiceClient::with_interceptor(ch, d.bearer());
+                let mut c = proto::credential_service_client::CredentialServiceClient::with_interceptor(ch, d.bearer());
                 matches!(get(&mut c, "none/x", None).await, Err(s) if s.code() == Code::NotFound)
             }
             Err(_) => false,
