@@ -384,8 +384,9 @@ where
                 let bytes = match tokio::time::timeout(layer.body_timeout, read_body(body, layer.max_body)).await {
                     Ok(Ok(b)) => b,
                     Ok(Err(BodyError::TooLarge)) => {
-                        return Ok(tonic::Status::resource_exhausted(format!(
-                            "request body larger than {} bytes",
+                        // The code tonic's decoder gives an oversized message.
+                        return Ok(tonic::Status::out_of_range(format!(
+                            "request body larger than {} bytes (the message limit plus its frame header)",
                             layer.max_body
                         ))
                         .into_http());
