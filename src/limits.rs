@@ -104,6 +104,15 @@ pub mod names {
     pub const STREAMS_REFUSED: &str = "credvault_streams_refused_total";
 }
 
+/// HELP text for the metrics above (called where the recorder is installed).
+pub fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge};
+    describe_gauge!(names::CONNECTIONS_OPEN, "Open client connections (transport.max_connections bounds them).");
+    describe_counter!(names::CONNECTIONS_REFUSED, "Connections closed at accept: transport.max_connections reached.");
+    describe_counter!(names::BODY_TIMEOUTS, "Requests whose body did not arrive within request_body_timeout_ms.");
+    describe_counter!(names::STREAMS_REFUSED, "Streams refused by a stream cap, by kind.");
+}
+
 /// Counts per key (a token id), each bounded by `max`. Entries at zero are removed, so
 /// the map holds only keys with something in flight.
 #[derive(Debug)]

@@ -89,6 +89,7 @@ fn describe() {
     describe_gauge!(REWRAP_TOTAL, "Versions the KEK rotation job this daemon works on started with.");
     describe_gauge!(WATCHERS, "Open WatchCredentials streams.");
     describe_counter!(WATCH_DROPPED, "WatchCredentials streams ended because the client fell behind.");
+    crate::limits::describe_metrics();
     describe_gauge!(crate::audit::names::QUEUE_DEPTH, "Audit events waiting to be written.");
     describe_counter!(crate::audit::names::WRITTEN, "Audit events written to the sink.");
     describe_counter!(
