@@ -167,6 +167,8 @@ pub struct Settings {
     /// Unset: plaintext gRPC (fine on loopback; use TLS anywhere else).
     pub tls: Option<TlsSettings>,
     pub rotation: RotationSettings,
+    /// Connections, HTTP/2, body time limit, per-token and stream caps.
+    pub transport: crate::limits::TransportSettings,
 }
 
 impl Default for Settings {
@@ -191,6 +193,7 @@ impl Default for Settings {
             audit: AuditSettings::default(),
             tls: None,
             rotation: RotationSettings::default(),
+            transport: crate::limits::TransportSettings::default(),
         }
     }
 }
@@ -267,6 +270,9 @@ pub struct ServeArgs {
     /// unreachable; 0 fails closed [default: 300].
     #[arg(long, env = "CREDVAULT_CACHE_SERVE_STALE_SECONDS")]
     pub cache_serve_stale_seconds: Option<u64>,
+    /// Open client connections at most [default: 1024].
+    #[arg(long, env = "CREDVAULT_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
 }
 
 fn parse_plaintext(s: &str) -> Result<PlaintextPolicy, String> {
@@ -338,6 +344,9 @@ impl Settings {
         if let Some(v) = args.cache_serve_stale_seconds {
             s.cache.serve_stale_seconds = v;
         }
+        if let Some(v) = args.max_connections {
+            s.transport.max_connections = v;
+        }
         s.passphrase = match (std::env::var("CREDVAULT_PASSPHRASE").ok(), &s.passphrase_file) {
             (Some(p), _) => Some(SecretString::from(p)),
             (None, Some(path)) => Some(read_passphrase(path, s.allow_insecure_key_permissions)?),
@@ -388,6 +397,7 @@ impl Settings {
             return bad("db_max_connections must be at least 1");
         }
         self.rotation.validate().map_err(ConfigError::Invalid)?;
+        self.transport.validate().map_err(ConfigError::Invalid)?;
         if self.worker_threads == Some(0) {
             return bad("worker_threads must be at least 1");
         }
@@ -538,6 +548,19 @@ mod tests {
         let mut s = Settings::default();
         s.limits.max_concurrent_requests = 0;
         assert!(matches!(s.validate(), Err(ConfigError::Invalid(m)) if m.contains("max_concurrent_requests")));
+    }
+
+    #[test]
+    fn transport_section_parses_and_zero_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[transport]\nmax_connections = 7\nkeepalive_timeout_ms = 0\n").unwrap();
+        let s = Settings::from_file(&path).unwrap();
+        assert_eq!(s.transport.max_connections, 7);
+        assert!(matches!(s.validate(), Err(ConfigError::Invalid(m)) if m.contains("transport.keepalive_timeout_ms")));
+        let args = ServeArgs { config: Some(path.clone()), max_connections: Some(0), ..Default::default() };
+        std::fs::write(&path, "[transport]\nmax_concurrent_streams = 10\n").unwrap();
+        assert!(matches!(Settings::load(&args), Err(ConfigError::Invalid(m)) if m.contains("max_connections")));
     }
 
     #[test]

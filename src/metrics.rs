@@ -113,6 +113,7 @@ fn describe() {
         "Reads answered from unverified or expired cache entries while the store was down."
     );
     describe_counter!(CACHE_RESYNCS, "Cache resyncs completed (every cached entry revalidated against the store).");
+    crate::limits::describe_metrics();
     describe_gauge!(crate::audit::names::QUEUE_DEPTH, "Audit events waiting to be written.");
     describe_counter!(crate::audit::names::WRITTEN, "Audit events written to the sink.");
     describe_counter!(

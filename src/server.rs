@@ -102,6 +102,17 @@ pub fn incoming(listener: TcpListener) -> TcpIncoming {
     TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
+/// HTTP/2 settings from `[transport]`: streams per connection and keepalive pings. A
+/// header block that stops mid-way blocks its whole connection, so the unanswered ping
+/// closes it: the keepalive interval plus timeout bounds the time to receive headers.
+fn transport_settings(server: Server, t: &crate::limits::TransportSettings) -> Server {
+    use std::time::Duration;
+    server
+        .max_concurrent_streams(t.max_concurrent_streams)
+        .http2_keepalive_interval(Some(Duration::from_millis(t.keepalive_interval_ms)))
+        .http2_keepalive_timeout(Some(Duration::from_millis(t.keepalive_timeout_ms)))
+}
+
 impl Daemon {
     pub async fn build(settings: Settings) -> Result<Daemon, ServerError> {
         settings.validate()?;
@@ -172,15 +183,18 @@ impl Daemon {
         // for those, and no more.
         let max_request = limits.max_value_bytes + 64 * 1024;
         let interceptor = AuthInterceptor::new(self.auth.clone());
-        let credentials = CredentialServiceServer::new(CredentialApi::new(self.vault.clone(), self.auth.clone()))
-            .max_decoding_message_size(max_request)
-            .max_encoding_message_size(limits.max_batch_size * (limits.max_value_bytes + 4096) + 4096);
-        let admin = AdminServiceServer::new(AdminApi::new(
-            self.vault.clone(),
-            self.auth.clone(),
-            &self.settings.master_key_spec(),
-            self.started_at,
-        ))
+        let transport = &self.settings.transport;
+        // One cap for WatchCredentials and WatchRotationJob streams together.
+        let watch_streams = crate::limits::StreamLimiter::from_settings(transport);
+        let credentials = CredentialServiceServer::new(
+            CredentialApi::new(self.vault.clone(), self.auth.clone()).with_stream_limits(watch_streams.clone()),
+        )
+        .max_decoding_message_size(max_request)
+        .max_encoding_message_size(limits.max_batch_size * (limits.max_value_bytes + 4096) + 4096);
+        let admin = AdminServiceServer::new(
+            AdminApi::new(self.vault.clone(), self.auth.clone(), &self.settings.master_key_spec(), self.started_at)
+                .with_stream_limits(watch_streams),
+        )
         .max_decoding_message_size(max_request);
 
         let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -193,6 +207,12 @@ impl Daemon {
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
+            .map_err(|e| ServerError::Reflection(e.to_string()))?;
+        // Older tools (grpcurl before 1.8.8, many language plugins) speak only v1alpha.
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
             .map_err(|e| ServerError::Reflection(e.to_string()))?;
 
         // Background tasks stop when this flips to true.
@@ -277,7 +297,7 @@ impl Daemon {
         };
 
         tracing::info!(%addr, %metrics_addr, backend = self.store.backend().as_str(), "credvault serving gRPC");
-        let mut builder = grpc_server();
+        let mut builder = transport_settings(grpc_server(), transport);
         if let Some(tls) = &self.settings.tls {
             builder = builder.tls_config(tls_config(tls)?)?;
         }
@@ -286,12 +306,21 @@ impl Daemon {
             .layer(crate::service::lifecycle::DeadlineLayer)
             .layer(crate::audit::AuditLayer::new(audit))
             .layer(crate::service::lifecycle::DrainLayer::new(drain_rx.clone()))
-            .layer(crate::limits::ConcurrencyLimitLayer::new(limits.max_concurrent_requests))
+            .layer(crate::limits::AdmissionLayer::new(
+                limits.max_concurrent_requests,
+                transport,
+                // The largest message either service decodes, plus its 5-byte frame header.
+                max_request + 5,
+            ))
             .add_service(health)
             .add_service(reflection)
+            .add_service(reflection_v1alpha)
             .add_service(InterceptedService::new(credentials, interceptor.clone()))
             .add_service(InterceptedService::new(admin, interceptor))
-            .serve_with_incoming_shutdown(incoming(self.listener), drain_signal);
+            .serve_with_incoming_shutdown(
+                crate::limits::limited_incoming(incoming(self.listener), transport.max_connections),
+                drain_signal,
+            );
         let mut grace_over = drain_rx;
         let served = tokio::select! {
             served = server => served,

@@ -29,6 +29,8 @@ pub struct AdminApi {
     /// Argon2id cost for a new passphrase (`RekeyMaster`).
     kdf: KdfParams,
     started_at: Micros,
+    /// Caps open `WatchRotationJob` streams (shared with the watch streams).
+    streams: crate::limits::StreamLimiter,
 }
 
 impl AdminApi {
@@ -37,7 +39,12 @@ impl AdminApi {
             MasterKeySpec::Passphrase { params, .. } => ("passphrase", *params),
             MasterKeySpec::KeyFile { .. } => ("key-file", KdfParams::DEFAULT),
         };
-        AdminApi { vault, auth, master_key_source, kdf, started_at }
+        AdminApi { vault, auth, master_key_source, kdf, started_at, streams: crate::limits::StreamLimiter::default() }
+    }
+
+    pub fn with_stream_limits(mut self, streams: crate::limits::StreamLimiter) -> Self {
+        self.streams = streams;
+        self
     }
 }
 
@@ -316,13 +323,15 @@ impl AdminService for AdminApi {
         &self,
         req: Request<proto::GetRotationJobRequest>,
     ) -> Result<Response<Self::WatchRotationJobStream>, Status> {
-        authorize_everywhere(&req, Capability::Admin)?;
+        let caller = authorize_everywhere(&req, Capability::Admin)?;
+        let permit = self.streams.try_acquire(&caller.token_id).map_err(|e| super::admission_status(&caller, e))?;
         // Resolve "the newest job" once, so the stream follows one job to its end.
         let first = self.vault.rotation_job(job_id(req.get_ref().job_id)?).await?;
         let id = first.job.id;
         let vault = self.vault.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
+            let _permit = permit;
             let mut last = None;
             let mut current = Ok(first);
             loop {

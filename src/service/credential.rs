@@ -32,11 +32,19 @@ pub struct CredentialApi {
     vault: Vault,
     /// Long-lived streams re-check their token with it.
     auth: Auth,
+    /// Caps open watch streams, globally and per token.
+    streams: crate::limits::StreamLimiter,
 }
 
 impl CredentialApi {
     pub fn new(vault: Vault, auth: Auth) -> Self {
-        CredentialApi { vault, auth }
+        CredentialApi { vault, auth, streams: crate::limits::StreamLimiter::default() }
+    }
+
+    /// Shares `streams` (e.g. with the admin service's job watches).
+    pub fn with_stream_limits(mut self, streams: crate::limits::StreamLimiter) -> Self {
+        self.streams = streams;
+        self
     }
 }
 
@@ -235,6 +243,7 @@ impl CredentialService for CredentialApi {
         req: Request<proto::WatchCredentialsRequest>,
     ) -> Result<Response<Self::WatchCredentialsStream>, Status> {
         let caller = caller(&req)?;
+        let permit = self.streams.try_acquire(&caller.token_id).map_err(|e| super::admission_status(&caller, e))?;
         // The stream outlives the request: keep the header to re-check the token, so a
         // revoked or expired token stops receiving events.
         let header = zeroize::Zeroizing::new(
@@ -297,6 +306,7 @@ impl CredentialService for CredentialApi {
                 }
             }
             watchers.decrement(1.0);
+            drop(permit);
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }

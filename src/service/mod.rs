@@ -82,9 +82,17 @@ impl tonic::service::Interceptor for AuthInterceptor {
         if let Some(ctx) = crate::audit::context(&req) {
             ctx.set_caller(caller.clone());
         }
+        if let Some(slot) = crate::limits::request_slot(req.extensions()) {
+            slot.admit(&caller.token_id).map_err(|e| admission_status(&caller, e))?;
+        }
         req.extensions_mut().insert(caller);
         Ok(req)
     }
+}
+
+/// `RESOURCE_EXHAUSTED` for a refused request or stream, naming the token.
+pub(crate) fn admission_status(c: &Caller, e: crate::limits::AdmissionError) -> Status {
+    Status::resource_exhausted(format!("token {:?}: {e}", c.display_name))
 }
 
 /// The authenticated caller of a request (set by the interceptor).

@@ -26,4 +26,5 @@ mod secrets;
 mod security;
 mod tamper;
 mod tls;
+mod transport;
 mod versions;
