@@ -185,7 +185,11 @@ impl Auth {
             expires_at: None,
             revoked_at: None,
         };
-        store.insert_token(&row).await?;
+        // Atomic: of two daemons starting together on an empty database, one creates it.
+        if !store.insert_first_token(&row).await? {
+            tracing::info!("another daemon created the root token first; not creating one");
+            return Ok(None);
+        }
         self.reload(store).await?;
         Ok(Some(token))
     }

@@ -168,6 +168,10 @@ impl Store for Instrumented {
         self.timed("insert_token", self.inner.insert_token(token)).await
     }
 
+    async fn insert_first_token(&self, token: &TokenRow) -> Result<bool, StoreError> {
+        self.timed("insert_first_token", self.inner.insert_first_token(token)).await
+    }
+
     async fn list_tokens(&self) -> Result<Vec<TokenRow>, StoreError> {
         self.timed("list_tokens", self.inner.list_tokens()).await
     }

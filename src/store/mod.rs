@@ -516,6 +516,10 @@ pub trait Store: Send + Sync + 'static {
 
     async fn insert_token(&self, token: &TokenRow) -> Result<(), StoreError>;
 
+    /// Inserts `token` only if the table holds no token at all, atomically (two daemons
+    /// starting on an empty database create one root token). `false`: a token existed.
+    async fn insert_first_token(&self, token: &TokenRow) -> Result<bool, StoreError>;
+
     async fn list_tokens(&self) -> Result<Vec<TokenRow>, StoreError>;
 
     /// Wipes one version's sealed bytes irreversibly. `None`: no such version; `Some(false)`:

@@ -48,6 +48,9 @@ impl fmt::Debug for PgStore {
 impl PgStore {
     /// Reads the state of the KEK a write sealed under (see `put_version`).
     const ACTIVE_KEK_CHECK: &'static str = "SELECT state FROM keks WHERE id = $1 FOR SHARE";
+    /// Serializes first-token inserts: this mode conflicts with itself, so of two daemons
+    /// starting on an empty database the second sees the first's root token.
+    const FIRST_TOKEN_LOCK: Option<&'static str> = Some("LOCK TABLE tokens IN SHARE ROW EXCLUSIVE MODE");
     /// Takes the active KEK's row for a KEK rotation (and the write lock, on SQLite).
     const LOCK_ACTIVE_KEK: &'static str = "SELECT id FROM keks WHERE state = 'active' FOR UPDATE";
     const BACKEND: Backend = Backend::Postgres;

@@ -543,6 +543,35 @@ macro_rules! impl_sql_store {
                 Ok(())
             }
 
+            async fn insert_first_token(&self, t: &TokenRow) -> Result<bool, StoreError> {
+                let mut tx = self.pool.begin().await?;
+                if let Some(lock) = Self::FIRST_TOKEN_LOCK {
+                    sqlx::query(lock).execute(&mut *tx).await?;
+                }
+                let inserted = sqlx::query(
+                    "INSERT INTO tokens (token_hash, display_name, policies, created_at, expires_at, revoked_at) \
+                     SELECT CAST($1 AS TEXT), CAST($2 AS TEXT), CAST($3 AS TEXT), CAST($4 AS BIGINT), \
+                     CAST($5 AS BIGINT), CAST($6 AS BIGINT) WHERE NOT EXISTS (SELECT 1 FROM tokens)",
+                )
+                .bind(&t.token_hash)
+                .bind(&t.display_name)
+                .bind(&t.policies)
+                .bind(t.created_at)
+                .bind(t.expires_at)
+                .bind(t.revoked_at)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
+                    == 1;
+                if !inserted {
+                    tx.rollback().await?;
+                    return Ok(false);
+                }
+                self.notify_change(&mut tx, &$crate::store::encode_table_change($crate::store::TOKENS_CHANGED)).await?;
+                tx.commit().await?;
+                Ok(true)
+            }
+
             async fn destroy_version(&self, name: &str, version: u64) -> Result<Option<bool>, StoreError> {
                 let mut tx = self.pool.begin().await?;
                 let n = sqlx::query(

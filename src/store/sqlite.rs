@@ -27,6 +27,8 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// Reads the state of the KEK a write sealed under (see `put_version`).
     const ACTIVE_KEK_CHECK: &'static str = "SELECT state FROM keks WHERE id = $1";
+    /// SQLite runs one write statement at a time: the insert's own check is enough.
+    const FIRST_TOKEN_LOCK: Option<&'static str> = None;
     /// Takes the active KEK's row for a KEK rotation (and the write lock, on SQLite).
     const LOCK_ACTIVE_KEK: &'static str = "UPDATE keks SET state = state WHERE state = 'active' RETURNING id";
     const BACKEND: Backend = Backend::Sqlite;

@@ -147,6 +147,9 @@ impl Store for PausingStore {
     async fn insert_token(&self, t: &TokenRow) -> Result<(), StoreError> {
         self.inner.insert_token(t).await
     }
+    async fn insert_first_token(&self, t: &TokenRow) -> Result<bool, StoreError> {
+        self.inner.insert_first_token(t).await
+    }
     async fn list_tokens(&self) -> Result<Vec<TokenRow>, StoreError> {
         self.inner.list_tokens().await
     }

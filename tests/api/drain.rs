@@ -254,3 +254,28 @@ async fn a_revoked_token_stops_working_on_another_daemon_through_the_backstop() 
     b.stop().await;
     env.cleanup().await;
 }
+
+/// Two daemons starting together on an empty database create one root token between
+/// them: the insert is atomic (a table lock on PostgreSQL, one write statement on SQLite).
+async fn two_daemons_on_an_empty_database_create_one_root_token(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let (a, b) = (env.store().await, env.store().await);
+    let raw = env.raw().await;
+    for round in 0..10 {
+        let (auth_a, auth_b) = (
+            credvault::auth::Auth::load(a.as_ref(), 0).await.unwrap(),
+            credvault::auth::Auth::load(b.as_ref(), 0).await.unwrap(),
+        );
+        let (ra, rb) = tokio::join!(auth_a.ensure_root_token(a.as_ref()), auth_b.ensure_root_token(b.as_ref()));
+        let created = [ra.unwrap(), rb.unwrap()].into_iter().flatten().count();
+        assert_eq!(created, 1, "round {round}: one root token");
+        assert_eq!(a.list_tokens().await.unwrap().len(), 1, "round {round}");
+        match &raw {
+            Raw::Pg(p) => sqlx::query("DELETE FROM tokens").execute(p).await.map(|_| ()).unwrap(),
+            Raw::Sqlite(p) => sqlx::query("DELETE FROM tokens").execute(p).await.map(|_| ()).unwrap(),
+        }
+    }
+    env.cleanup().await;
+}
+
+crate::both_backends!(two_daemons_on_an_empty_database_create_one_root_token);
