@@ -116,6 +116,9 @@ impl CredentialService for CredentialApi {
         req: Request<proto::BatchGetCredentialsRequest>,
     ) -> Result<Response<proto::BatchGetCredentialsResponse>, Status> {
         let c = caller(&req)?;
+        if let Some(ctx) = crate::audit::context(&req) {
+            ctx.set_credentials(&req.get_ref().names);
+        }
         let names = req.into_inner().names;
         // Names the caller may not read get PERMISSION_DENIED in their own slot; the rest
         // are read together.
@@ -200,6 +203,9 @@ impl CredentialService for CredentialApi {
         req: Request<proto::ListCredentialsRequest>,
     ) -> Result<Response<proto::ListCredentialsResponse>, Status> {
         let c = caller(&req)?;
+        if let Some(ctx) = crate::audit::context(&req) {
+            ctx.set_credential(&req.get_ref().prefix);
+        }
         let r = req.into_inner();
         let page = self.vault.list(&r.prefix, r.page_size, &r.page_token, r.include_deleted).await?;
         // Only names the caller may list. The cursor still follows the unfiltered page, so
@@ -228,6 +234,9 @@ impl CredentialService for CredentialApi {
             req.metadata().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned(),
         );
         let auth = self.auth.clone();
+        if let Some(ctx) = crate::audit::context(&req) {
+            ctx.set_credential(&req.get_ref().prefix);
+        }
         let prefix = req.into_inner().prefix;
         self.vault.check_prefix(&prefix)?;
         // Subscribe before answering, so nothing that happens after the call returns is missed.
