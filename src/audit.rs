@@ -38,10 +38,11 @@ pub mod names {
     pub const PRUNED: &str = "credvault_audit_rows_pruned_total";
 }
 
-/// Bytes of one recorded name or prefix at most (the truncation marker comes on top).
-pub const FIELD_LIMIT: usize = 256;
+/// Bytes of one recorded name or prefix at most (the truncation marker comes on top):
+/// the largest `limits.max_name_bytes` allowed, so a valid name is always kept whole.
+pub const FIELD_LIMIT: usize = 1024;
 /// Bytes of a batch read's joined names at most (the "more" marker comes on top).
-pub const NAMES_LIMIT: usize = 1024;
+pub const NAMES_LIMIT: usize = 4096;
 
 fn plain_name_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/')
@@ -339,7 +340,8 @@ impl AuditWriter {
     /// Writes batches until `shutdown`, then drains what is queued. Also prunes rows past
     /// `retention_days` when the store is a sink.
     pub async fn run(self, shutdown: watch::Receiver<bool>) {
-        let prune = matches!(self.settings.sink, AuditSink::Store | AuditSink::Both) && self.settings.retention_days > 0;
+        let prune =
+            matches!(self.settings.sink, AuditSink::Store | AuditSink::Both) && self.settings.retention_days > 0;
         let pruner = prune.then(|| prune_loop(self.store.clone(), self.settings.retention_days, shutdown.clone()));
         let writer = self.write_loop(shutdown);
         match pruner {
@@ -388,7 +390,12 @@ impl AuditWriter {
     /// quarantined form is refused, the fault is the sink's (a missing table, say), not
     /// the event's: the remaining parts are retried with capped backoff, marked
     /// unhealthy meanwhile. Parts already written are never written again.
-    async fn flush(&self, batch: Vec<AuditRow>, file: &mut Option<std::fs::File>, shutdown: &mut watch::Receiver<bool>) {
+    async fn flush(
+        &self,
+        batch: Vec<AuditRow>,
+        file: &mut Option<std::fs::File>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) {
         let mut parts = std::collections::VecDeque::from([batch]);
         let mut backoff = BACKOFF_START;
         while let Some(part) = parts.front() {
@@ -453,8 +460,10 @@ impl AuditWriter {
         }
         if matches!(s.sink, AuditSink::File | AuditSink::Both) {
             let transient = SinkError::Transient;
-            let path =
-                s.file.as_ref().ok_or_else(|| transient("audit.sink includes a file but audit.file is not set".into()))?;
+            let path = s
+                .file
+                .as_ref()
+                .ok_or_else(|| transient("audit.sink includes a file but audit.file is not set".into()))?;
             if file.is_none() {
                 *file = Some(open_audit_file(path).map_err(|e| transient(format!("{}: {e}", path.display())))?);
             }
