@@ -743,7 +743,7 @@ mod tests {
         let c = cache(|_| {});
         for i in 0..10_000 {
             let name = format!("cancel/{i}");
-            poll_once_and_drop(c.load_coalesced(&name, || std::future::pending::<Result<Cached, ()>>()));
+            poll_once_and_drop(c.load_coalesced(&name, std::future::pending::<Result<Cached, ()>>));
         }
         assert_eq!(c.inflight_len(), 0, "every cancelled miss released its entry");
         assert_eq!(c.len(), 0);

@@ -265,3 +265,102 @@ crate::both_backends!(
     required_mode_recovers_with_the_sink,
     batch_list_and_watch_are_attributable,
 );
+
+/// Requests that end without a response are audited (CANCELLED, DEADLINE_EXCEEDED) and
+/// leave nothing in the coalescing map, even while the store still hangs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_and_timed_out_requests_are_audited_and_released() {
+    let env = TestEnv::new(Backend::Postgres).await;
+    let d = TestDaemon::start(env.settings(), None).await;
+    let c = d.client().await;
+    // A store that hangs: every credential read waits for this lock.
+    let pool = sqlx::PgPool::connect(&env.database_url()).await.unwrap();
+    let mut lock = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE credentials IN ACCESS EXCLUSIVE MODE").execute(&mut *lock).await.unwrap();
+
+    const N: usize = 20;
+    let mut calls = Vec::new();
+    for i in 0..N {
+        let mut cd = c.clone();
+        calls.push(tokio::spawn(async move {
+            // The caller's deadline runs out on the server.
+            let mut req =
+                tonic::Request::new(proto::GetCredentialRequest { name: format!("slow/d{i}"), version: None });
+            req.set_timeout(Duration::from_millis(300));
+            cd.get_credential(req).await.map(|_| ()).map_err(|s| s.code())
+        }));
+        let mut c = c.clone();
+        calls.push(tokio::spawn(async move {
+            // The caller gives up and resets the stream.
+            let name = format!("slow/c{i}");
+            let call = get(&mut c, &name, None);
+            match tokio::time::timeout(Duration::from_millis(300), call).await {
+                Ok(r) => r.map(|_| ()).map_err(|s| s.code()),
+                Err(_) => Err(Code::Cancelled),
+            }
+        }));
+    }
+    for call in calls {
+        let code = call.await.unwrap().unwrap_err();
+        assert!(matches!(code, Code::DeadlineExceeded | Code::Cancelled), "{code:?}");
+    }
+    eventually("the coalescing map is empty while the store still hangs", Duration::from_secs(5), async || {
+        d.vault.cache().inflight_len() == 0
+    })
+    .await;
+    // The store is back (its pool was held by the hung reads until now).
+    lock.rollback().await.unwrap();
+    pool.close().await;
+    let seen = audited(&d, "every abandoned request is audited", |e| {
+        let n = |p: &str, code: &str| e.iter().filter(|e| e.credential.starts_with(p) && e.code == code).count();
+        n("slow/d", "DEADLINE_EXCEEDED") == N && n("slow/c", "CANCELLED") == N
+    })
+    .await;
+    let one = seen.iter().find(|e| e.credential == "slow/d0").unwrap();
+    assert!((200_000..5_000_000).contains(&one.latency_us), "{}", one.latency_us);
+    assert_eq!(one.token_name, "root");
+    // The store is back: reads work again.
+    let mut c = c.clone();
+    assert_status(get(&mut c, "slow/after", None).await, Code::NotFound, "");
+    d.stop().await;
+    env.cleanup().await;
+}
+
+/// The JSON-lines file is created 0600; old `audit_log` rows are pruned, newer kept.
+async fn file_mode_and_retention(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let d = TestDaemon::start(env.settings(), None).await; // runs the migrations
+    let token = d.token.clone();
+    d.stop().await;
+    let raw = env.raw().await;
+    let day = 86_400_000_000i64;
+    let now = credvault::store::now_micros();
+    for (i, at) in [now - 10 * day, now - 3 * day, now - 2 * day, now - day / 2].iter().enumerate() {
+        let q = format!(
+            "INSERT INTO audit_log (at, request_id, token_id, token_name, rpc, credential, version, code, latency_us, peer) \
+             VALUES ({at}, 'old{i}', 't', 'n', 'GetCredential', 'ret/{i}', NULL, 'OK', 1, '')"
+        );
+        exec(&raw, &q).await;
+    }
+    let mut settings = env.settings();
+    settings.audit.sink = AuditSink::Both;
+    settings.audit.file = Some(env.data_dir().join("audit.jsonl"));
+    settings.audit.retention_days = 1;
+    let d = TestDaemon::start(settings, Some(&token)).await;
+    let mut c = d.client().await;
+    assert_status(get(&mut c, "ret/new", None).await, Code::NotFound, "");
+    let seen = audited(&d, "rows older than a day are pruned", |e| {
+        !e.iter().any(|e| e.request_id.starts_with("old") && e.request_id != "old3")
+            && e.iter().any(|e| e.credential == "ret/new")
+    })
+    .await;
+    assert!(seen.iter().any(|e| e.request_id == "old3"), "a row inside the window is kept");
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(env.data_dir().join("audit.jsonl")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    raw.close().await;
+    d.stop().await;
+    env.cleanup().await;
+}
+
+crate::both_backends!(file_mode_and_retention);
