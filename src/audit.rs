@@ -24,13 +24,92 @@ use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
 
 use crate::auth::Caller;
-use crate::store::{now_micros, AuditRow, Store};
+use crate::store::{now_micros, AuditRow, Store, StoreError};
 
 pub mod names {
     pub const QUEUE_DEPTH: &str = "credvault_audit_queue_depth";
     pub const WRITTEN: &str = "credvault_audit_events_written_total";
     pub const DROPPED: &str = "credvault_audit_events_dropped_total";
     pub const WRITE_FAILURES: &str = "credvault_audit_write_failures_total";
+    /// Events a sink rejected on their own (found by splitting the batch); each was
+    /// written again in its quarantined form (`reason="quarantined"`) or lost
+    /// (`reason="dropped"`, only when even that form was refused at shutdown).
+    pub const REJECTED: &str = "credvault_audit_events_rejected_total";
+    pub const PRUNED: &str = "credvault_audit_rows_pruned_total";
+}
+
+/// Bytes of one recorded name or prefix at most (the truncation marker comes on top):
+/// the largest `limits.max_name_bytes` allowed, so a valid name is always kept whole.
+pub const FIELD_LIMIT: usize = 1024;
+/// Bytes of a batch read's joined names at most (the "more" marker comes on top).
+pub const NAMES_LIMIT: usize = 4096;
+
+fn plain_name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/')
+}
+
+/// A caller-supplied string as the audit trail records it: bounded and safe for every
+/// sink (PostgreSQL text, SQLite, JSON lines, a terminal).
+///
+/// A string of at most [`FIELD_LIMIT`] bytes from the name charset
+/// (`[A-Za-z0-9._-/]`) is kept as it is. Anything else is *flagged*: a leading `!`
+/// (never part of a name), then the string with printable ASCII kept except `\` and `,`,
+/// which become `\\` and `\x2c`; other ASCII bytes become `\xNN` (NUL is `\x00`) and
+/// non-ASCII characters `\u{N}`, so the result is printable ASCII only. A flagged string
+/// whose escaped form would pass [`FIELD_LIMIT`] bytes is cut there and ends with
+/// `…[truncated N bytes]`, N counting the original bytes left out.
+pub fn sink_safe(s: &str) -> String {
+    if s.len() <= FIELD_LIMIT && s.bytes().all(plain_name_byte) {
+        return s.to_owned();
+    }
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(FIELD_LIMIT.min(s.len() * 4) + 32);
+    out.push('!');
+    let mut piece = String::with_capacity(12);
+    let mut kept = 0;
+    for (i, c) in s.char_indices() {
+        piece.clear();
+        match c {
+            '\\' => piece.push_str("\\\\"),
+            ',' => piece.push_str("\\x2c"),
+            ' '..='~' => piece.push(c),
+            c if c.is_ascii() => {
+                let _ = write!(piece, "\\x{:02x}", c as u32);
+            }
+            c => {
+                let _ = write!(piece, "\\u{{{:x}}}", c as u32);
+            }
+        }
+        if out.len() - 1 + piece.len() > FIELD_LIMIT {
+            break;
+        }
+        out.push_str(&piece);
+        kept = i + c.len_utf8();
+    }
+    if kept < s.len() {
+        let _ = write!(out, "…[truncated {} bytes]", s.len() - kept);
+    }
+    out
+}
+
+/// The names of a batch read as one field: each made [`sink_safe`], joined with `,`
+/// (in no name and escaped in flagged ones), at most [`NAMES_LIMIT`] bytes; names that
+/// do not fit are counted in a trailing `…[+N more]`.
+pub fn sink_safe_names<S: AsRef<str>>(names: &[S]) -> String {
+    let mut out = String::new();
+    for (i, n) in names.iter().enumerate() {
+        let n = sink_safe(n.as_ref());
+        let sep = usize::from(i > 0);
+        if out.len() + sep + n.len() > NAMES_LIMIT {
+            out.push_str(&format!("…[+{} more]", names.len() - i));
+            break;
+        }
+        if sep == 1 {
+            out.push(',');
+        }
+        out.push_str(&n);
+    }
+    out
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -57,6 +136,9 @@ pub struct AuditSettings {
     /// How long the writer lets a batch fill once it holds an event. Longer: fewer, larger
     /// writes and fewer wake-ups competing with requests; events reach the sink later.
     pub flush_interval_ms: u64,
+    /// Rows of `audit_log` older than this many days are deleted in the background;
+    /// 0 keeps them forever.
+    pub retention_days: u32,
 }
 
 impl Default for AuditSettings {
@@ -68,6 +150,7 @@ impl Default for AuditSettings {
             queue_capacity: 10_000,
             batch_size: 500,
             flush_interval_ms: 20,
+            retention_days: 400,
         }
     }
 }
@@ -86,8 +169,15 @@ impl AuditContext {
         let _ = self.caller.set(c);
     }
 
+    /// Records the credential (or, for List and Watch, the prefix) a request names,
+    /// made [`sink_safe`]: whatever a caller sends, the event stays small and writable.
     pub fn set_credential(&self, name: &str) {
-        let _ = self.credential.set(name.to_owned());
+        let _ = self.credential.set(sink_safe(name));
+    }
+
+    /// Records every name a batch read touches, in request order ([`sink_safe_names`]).
+    pub fn set_credentials<S: AsRef<str>>(&self, names: &[S]) {
+        let _ = self.credential.set(sink_safe_names(names));
     }
 
     pub fn set_version(&self, v: u64) {
@@ -138,7 +228,7 @@ impl Event {
             at: self.at,
             request_id: self.request_id.to_string(),
             token_id: self.caller.as_ref().map(|c| c.token_id.clone()).unwrap_or_default(),
-            token_name: self.caller.as_ref().map(|c| c.display_name.clone()).unwrap_or_default(),
+            token_name: self.caller.as_ref().map(|c| sink_safe(&c.display_name)).unwrap_or_default(),
             rpc: self.rpc.to_owned(),
             credential: self.credential,
             version: self.version,
@@ -200,12 +290,71 @@ impl Audit {
     }
 }
 
+/// Why a write failed: decides between splitting the batch and retrying it.
+#[derive(Debug)]
+enum SinkError {
+    /// The sink is unreachable (connection, pool, timeout, file I/O): retry it whole.
+    Transient(String),
+    /// The sink answered and refused the batch: some event in it, or the sink's schema,
+    /// is at fault. Split the batch to find out.
+    Rejected(String),
+}
+
+impl std::fmt::Display for SinkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SinkError::Transient(e) | SinkError::Rejected(e) => f.write_str(e),
+        }
+    }
+}
+
+/// The form an event the sink refused on its own is recorded in: only what the daemon
+/// itself produced, reduced to `[A-Za-z0-9._:/-]`, and the credential replaced by a
+/// fixed marker, so nothing the caller sent is left to refuse.
+fn quarantined(row: &AuditRow) -> AuditRow {
+    let strict = |s: &str| -> String {
+        s.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '/' | '-')).take(64).collect()
+    };
+    AuditRow {
+        at: row.at,
+        request_id: strict(&row.request_id),
+        token_id: strict(&row.token_id),
+        token_name: strict(&row.token_name),
+        rpc: strict(&row.rpc),
+        credential: Some("!rejected-by-sink".to_owned()),
+        version: row.version,
+        code: strict(&row.code),
+        latency_us: row.latency_us,
+        peer: strict(&row.peer),
+    }
+}
+
+const BACKOFF_START: Duration = Duration::from_millis(50);
+const BACKOFF_CAP: Duration = Duration::from_secs(2);
+/// Rows one prune statement deletes at most, so it never holds locks for long.
+const PRUNE_BATCH: u32 = 1_000;
+/// How often the pruner looks for expired rows when it found none (or a partial batch).
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
 impl AuditWriter {
-    /// Writes batches until `shutdown`, then drains what is queued.
-    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+    /// Writes batches until `shutdown`, then drains what is queued. Also prunes rows past
+    /// `retention_days` when the store is a sink.
+    pub async fn run(self, shutdown: watch::Receiver<bool>) {
+        let prune =
+            matches!(self.settings.sink, AuditSink::Store | AuditSink::Both) && self.settings.retention_days > 0;
+        let pruner = prune.then(|| prune_loop(self.store.clone(), self.settings.retention_days, shutdown.clone()));
+        let writer = self.write_loop(shutdown);
+        match pruner {
+            Some(p) => {
+                tokio::join!(writer, p);
+            }
+            None => writer.await,
+        }
+    }
+
+    async fn write_loop(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut file = None;
         let batch_size = self.settings.batch_size.max(1);
-        let mut batch: Vec<AuditRow> = Vec::with_capacity(batch_size);
         loop {
             let first = tokio::select! {
                 e = self.rx.recv() => e,
@@ -215,6 +364,7 @@ impl AuditWriter {
                 }
             };
             let Some(first) = first else { break };
+            let mut batch: Vec<AuditRow> = Vec::with_capacity(batch_size);
             batch.push(first.into_row());
             if self.rx.len() + 1 < batch_size {
                 // Let a batch build up: under load this makes one store write every few
@@ -228,67 +378,153 @@ impl AuditWriter {
                     Err(_) => break,
                 }
             }
-            let mut backoff = Duration::from_millis(50);
-            loop {
-                match self.write(&batch, &mut file).await {
-                    Ok(()) => {
-                        self.healthy.store(true, Ordering::Relaxed);
-                        metrics::counter!(names::WRITTEN).increment(batch.len() as u64);
-                        batch.clear();
-                        break;
-                    }
-                    Err(e) => {
-                        if self.healthy.swap(false, Ordering::Relaxed) {
-                            tracing::error!(error = %e, "audit sink failed; retrying");
-                        }
-                        metrics::counter!(names::WRITE_FAILURES).increment(1);
-                        if *shutdown.borrow() {
-                            metrics::counter!(names::DROPPED).increment(batch.len() as u64);
-                            tracing::error!(events = batch.len(), "audit events lost at shutdown: sink still failing");
-                            batch.clear();
-                            break;
-                        }
-                        tokio::select! {
-                            _ = tokio::time::sleep(backoff) => {}
-                            _ = shutdown.changed() => {}
-                        }
-                        backoff = (backoff * 2).min(Duration::from_secs(2));
-                    }
-                }
-            }
+            self.flush(batch, &mut file, &mut shutdown).await;
             metrics::gauge!(names::QUEUE_DEPTH).set(self.rx.len() as f64);
         }
     }
 
-    async fn write(&self, batch: &[AuditRow], file: &mut Option<std::fs::File>) -> Result<(), String> {
+    /// Writes one batch, however long the sink takes to accept it.
+    ///
+    /// A batch the sink refuses is split in halves until the refused event stands alone;
+    /// that event is written in its [`quarantined`] form and counted. If even the
+    /// quarantined form is refused, the fault is the sink's (a missing table, say), not
+    /// the event's: the remaining parts are retried with capped backoff, marked
+    /// unhealthy meanwhile. Parts already written are never written again.
+    async fn flush(
+        &self,
+        batch: Vec<AuditRow>,
+        file: &mut Option<std::fs::File>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) {
+        let mut parts = std::collections::VecDeque::from([batch]);
+        let mut backoff = BACKOFF_START;
+        while let Some(part) = parts.front() {
+            let error = match self.write(part, file).await {
+                Ok(()) => {
+                    self.healthy.store(true, Ordering::Relaxed);
+                    metrics::counter!(names::WRITTEN).increment(part.len() as u64);
+                    parts.pop_front();
+                    backoff = BACKOFF_START;
+                    continue;
+                }
+                Err(SinkError::Rejected(_)) if part.len() > 1 => {
+                    if let Some(mut first) = parts.pop_front() {
+                        let second = first.split_off(first.len() / 2);
+                        parts.push_front(second);
+                        parts.push_front(first);
+                    }
+                    continue;
+                }
+                Err(SinkError::Rejected(e)) => {
+                    let safe: Vec<AuditRow> = part.iter().map(quarantined).collect();
+                    match self.write(&safe, file).await {
+                        Ok(()) => {
+                            tracing::warn!(error = %e, request_id = %safe[0].request_id,
+                                "audit sink refused an event; recorded it in quarantined form");
+                            metrics::counter!(names::REJECTED, "reason" => "quarantined").increment(1);
+                            metrics::counter!(names::WRITTEN).increment(1);
+                            self.healthy.store(true, Ordering::Relaxed);
+                            parts.pop_front();
+                            continue;
+                        }
+                        Err(_) => SinkError::Rejected(e),
+                    }
+                }
+                Err(e) => e,
+            };
+            if self.healthy.swap(false, Ordering::Relaxed) {
+                tracing::error!(error = %error, "audit sink failed; retrying");
+            }
+            metrics::counter!(names::WRITE_FAILURES).increment(1);
+            if *shutdown.borrow() {
+                let lost: usize = parts.iter().map(Vec::len).sum();
+                metrics::counter!(names::DROPPED).increment(lost as u64);
+                tracing::error!(events = lost, "audit events lost at shutdown: sink still failing");
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = shutdown.changed() => {}
+            }
+            backoff = (backoff * 2).min(BACKOFF_CAP);
+        }
+    }
+
+    async fn write(&self, batch: &[AuditRow], file: &mut Option<std::fs::File>) -> Result<(), SinkError> {
         let s = &self.settings;
         if matches!(s.sink, AuditSink::Store | AuditSink::Both) {
-            self.store.insert_audit(batch).await.map_err(|e| e.to_string())?;
+            self.store.insert_audit(batch).await.map_err(|e| match e {
+                StoreError::Unavailable(_) | StoreError::Timeout(..) => SinkError::Transient(e.to_string()),
+                e => SinkError::Rejected(e.to_string()),
+            })?;
         }
         if matches!(s.sink, AuditSink::File | AuditSink::Both) {
-            let path = s.file.as_ref().ok_or("audit.sink includes a file but audit.file is not set")?;
+            let transient = SinkError::Transient;
+            let path = s
+                .file
+                .as_ref()
+                .ok_or_else(|| transient("audit.sink includes a file but audit.file is not set".into()))?;
             if file.is_none() {
-                *file = Some(
-                    std::fs::OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(path)
-                        .map_err(|e| format!("{}: {e}", path.display()))?,
-                );
+                *file = Some(open_audit_file(path).map_err(|e| transient(format!("{}: {e}", path.display())))?);
             }
             let mut text = Vec::with_capacity(batch.len() * 256);
             for e in batch {
-                serde_json::to_writer(&mut text, e).map_err(|e| e.to_string())?;
+                serde_json::to_writer(&mut text, e).map_err(|e| SinkError::Rejected(e.to_string()))?;
                 text.push(b'\n');
             }
-            let f = file.as_mut().ok_or("audit file not open")?;
+            let f = file.as_mut().ok_or_else(|| transient("audit file not open".into()))?;
             if let Err(e) = f.write_all(&text).and_then(|_| f.flush()) {
                 // Reopen next time: the file may have been rotated away.
                 *file = None;
-                return Err(format!("{}: {e}", path.display()));
+                return Err(transient(format!("{}: {e}", path.display())));
             }
         }
         Ok(())
+    }
+}
+
+/// Opens (or creates) the JSON-lines file for appending. A new file is created 0600,
+/// whatever the umask: the trail says who read what.
+fn open_audit_file(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true).append(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)
+}
+
+/// Deletes `audit_log` rows older than `days`, [`PRUNE_BATCH`] rows per statement,
+/// until `shutdown`. A full batch is followed at once by the next; otherwise it waits
+/// [`PRUNE_EVERY`].
+async fn prune_loop(store: Arc<dyn Store>, days: u32, mut shutdown: watch::Receiver<bool>) {
+    let pruned = metrics::counter!(names::PRUNED);
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let before = now_micros().saturating_sub(i64::from(days) * 86_400 * 1_000_000);
+        let wait = match store.prune_audit(before, PRUNE_BATCH).await {
+            Ok(n) => {
+                pruned.increment(n);
+                if n >= u64::from(PRUNE_BATCH) {
+                    Duration::ZERO
+                } else {
+                    PRUNE_EVERY
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "pruning old audit rows failed; will retry");
+                PRUNE_EVERY
+            }
+        };
+        if !wait.is_zero() {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => return,
+            }
+        } else {
+            tokio::task::yield_now().await;
+        }
     }
 }
 
@@ -364,40 +600,33 @@ where
             _ => None,
         };
 
+        let deadline = req.headers().get("grpc-timeout").and_then(|v| parse_grpc_timeout(v.as_bytes()));
         let ctx = Arc::new(AuditContext { request_id, ..AuditContext::default() });
         req.extensions_mut().insert(ctx.clone());
         let span = tracing::info_span!("request", id = %request_id, rpc);
         let start = Instant::now();
+        let mut pending = Pending {
+            audit,
+            permit,
+            ctx: Some(ctx),
+            request_id,
+            rpc,
+            peer,
+            start,
+            deadline: deadline.and_then(|d| start.checked_add(d.saturating_sub(deadline_slack(d)))),
+            done: false,
+        };
         let fut = self.inner.call(req);
         Box::pin(tracing::Instrument::instrument(
             async move {
+                // If this future is dropped before the response (client cancel, reset,
+                // deadline), `pending` emits the event from its Drop.
                 let mut res = fut.await;
                 let code = match &res {
                     Ok(r) => r.headers().get("grpc-status").map(|v| v.as_bytes()).unwrap_or(b"0"),
                     Err(_) => b"13",
                 };
-                let code = crate::metrics::code_label(code);
-                let latency_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
-                // The handler has dropped its request (and its reference) by now: take the
-                // context's parts instead of copying them.
-                let (caller, credential, version) = match Arc::try_unwrap(ctx) {
-                    Ok(c) => (c.caller.into_inner(), c.credential.into_inner(), c.version.into_inner()),
-                    Err(c) => (c.caller.get().cloned(), c.credential.get().cloned(), c.version.get().copied()),
-                };
-                let event =
-                    Event { at: now_micros(), request_id, caller, rpc, credential, version, code, latency_us, peer };
-                match (permit, &audit.tx) {
-                    (Some(p), _) => {
-                        p.send(event);
-                    }
-                    (None, Some(tx)) => {
-                        if tx.try_send(event).is_err() {
-                            audit.dropped.increment(1);
-                        }
-                    }
-                    (None, None) => {}
-                }
-                audit.depth_gauge.set(audit.depth() as f64);
+                pending.emit(crate::metrics::code_label(code));
                 if let Ok(r) = &mut res {
                     r.headers_mut().insert("x-request-id", request_id.header_value());
                 }
@@ -406,6 +635,95 @@ where
             span,
         ))
     }
+}
+
+/// A request's event until it is emitted: by the layer when the response is ready, or by
+/// `Drop` when the request ends without one.
+struct Pending {
+    audit: Audit,
+    permit: Option<mpsc::OwnedPermit<Event>>,
+    ctx: Option<Arc<AuditContext>>,
+    request_id: RequestId,
+    rpc: &'static str,
+    peer: Option<std::net::SocketAddr>,
+    start: Instant,
+    /// When the caller's `grpc-timeout` has (all but) run out ([`deadline_slack`]).
+    deadline: Option<Instant>,
+    done: bool,
+}
+
+impl Pending {
+    fn emit(&mut self, code: &'static str) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        let latency_us = u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX);
+        // The handler has normally dropped its request (and its reference) by now: take
+        // the context's parts instead of copying them.
+        let (caller, credential, version) = match self.ctx.take().map(Arc::try_unwrap) {
+            Some(Ok(c)) => (c.caller.into_inner(), c.credential.into_inner(), c.version.into_inner()),
+            Some(Err(c)) => (c.caller.get().cloned(), c.credential.get().cloned(), c.version.get().copied()),
+            None => (None, None, None),
+        };
+        let event = Event {
+            at: now_micros(),
+            request_id: self.request_id,
+            caller,
+            rpc: self.rpc,
+            credential,
+            version,
+            code,
+            latency_us,
+            peer: self.peer,
+        };
+        match (self.permit.take(), &self.audit.tx) {
+            (Some(p), _) => {
+                p.send(event);
+            }
+            (None, Some(tx)) => {
+                if tx.try_send(event).is_err() {
+                    self.audit.dropped.increment(1);
+                }
+            }
+            (None, None) => {}
+        }
+        self.audit.depth_gauge.set(self.audit.depth() as f64);
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if !self.done {
+            let expired = self.deadline.is_some_and(|d| Instant::now() >= d);
+            self.emit(if expired { "DEADLINE_EXCEEDED" } else { "CANCELLED" });
+        }
+    }
+}
+
+/// How close to its deadline an abandoned request counts as DEADLINE_EXCEEDED: the
+/// caller's clock started before the request reached this layer, and a caller whose own
+/// timer fires first resets the stream a little before ours would run out (measured up to
+/// ~30 ms on a loaded machine). So: within a tenth of the timeout, at least 50 ms.
+fn deadline_slack(timeout: Duration) -> Duration {
+    (timeout / 10).max(Duration::from_millis(50))
+}
+
+/// The `grpc-timeout` header: up to 8 digits and a unit (`H`, `M`, `S`, `m`, `u`, `n`).
+fn parse_grpc_timeout(v: &[u8]) -> Option<Duration> {
+    let (unit, digits) = v.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(match unit {
+        b'H' => Duration::from_secs(n * 3600),
+        b'M' => Duration::from_secs(n * 60),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 fn refuse<E: Send + 'static>(
@@ -418,4 +736,51 @@ fn refuse<E: Send + 'static>(
 /// The audit context of a request, if the layer set one.
 pub fn context<T>(req: &tonic::Request<T>) -> Option<&Arc<AuditContext>> {
     req.extensions().get::<Arc<AuditContext>>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_names_are_kept_and_others_flagged_escaped_and_bounded() {
+        assert_eq!(sink_safe("team-a/db.password_1"), "team-a/db.password_1");
+        assert_eq!(sink_safe("a\0b"), "!a\\x00b");
+        assert_eq!(sink_safe("x\n\x1b[31m\u{7f}"), "!x\\x0a\\x1b[31m\\x7f");
+        assert_eq!(sink_safe("lit\\u{0},é"), "!lit\\\\u{0}\\x2c\\u{e9}");
+        assert_eq!(sink_safe(""), "", "an empty list prefix stays empty");
+        let at_limit = "a".repeat(FIELD_LIMIT);
+        assert_eq!(sink_safe(&at_limit), at_limit);
+        let over = "a".repeat(FIELD_LIMIT + 1000);
+        assert_eq!(sink_safe(&over), format!("!{}…[truncated 1000 bytes]", "a".repeat(FIELD_LIMIT)));
+        // Escapes count against the limit; a NUL-filled 128 KiB name stays small.
+        let nuls = "\0".repeat(128 * 1024);
+        let safe = sink_safe(&nuls);
+        assert!(safe.len() <= FIELD_LIMIT + 40 && !safe.contains('\0'), "{} bytes", safe.len());
+        assert!(safe.ends_with(&format!("…[truncated {} bytes]", 128 * 1024 - FIELD_LIMIT / 4)), "{safe}");
+        for s in [&nuls, "\u{202e}evil", "a\u{0}\u{85}"] {
+            let safe = sink_safe(s);
+            assert!(safe.chars().all(|c| c.is_ascii_graphic() || c == ' ' || c == '…'), "{safe}");
+        }
+    }
+
+    #[test]
+    fn batch_names_are_joined_and_bounded() {
+        assert_eq!(sink_safe_names(&["a/b", "c\0"]), "a/b,!c\\x00");
+        let many: Vec<String> = (0..1000).map(|i| format!("n/{i:04}")).collect();
+        let joined = sink_safe_names(&many);
+        assert!(joined.len() <= NAMES_LIMIT + 20, "{}", joined.len());
+        let kept = joined.split(',').count();
+        assert!(joined.ends_with(&format!("…[+{} more]", 1000 - kept)), "{joined}");
+        assert!(joined.starts_with("n/0000,n/0001,"));
+    }
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        assert_eq!(parse_grpc_timeout(b"200m"), Some(Duration::from_millis(200)));
+        assert_eq!(parse_grpc_timeout(b"3S"), Some(Duration::from_secs(3)));
+        assert_eq!(parse_grpc_timeout(b"123456789m"), None);
+        assert_eq!(parse_grpc_timeout(b"m"), None);
+        assert_eq!(parse_grpc_timeout(b"5x"), None);
+    }
 }

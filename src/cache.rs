@@ -274,7 +274,7 @@ pub struct Cache {
     entries: AtomicI64,
     bytes: AtomicI64,
     counters: Counters,
-    inflight: Mutex<HashMap<String, Arc<OnceCell<Cached>>>>,
+    inflight: Mutex<HashMap<String, Inflight>>,
     /// In sync with the store: the change feed is live and no outage since the last resync.
     live: AtomicBool,
     /// The current trust generation; entries of another one are unverified.
@@ -670,32 +670,69 @@ impl Cache {
     {
         let cell = {
             let mut inflight = lock(&self.inflight);
-            match inflight.get(name) {
-                Some(c) => {
+            match inflight.get_mut(name) {
+                Some(entry) => {
                     self.counters.coalesced.increment(1);
-                    c.clone()
+                    entry.holders += 1;
+                    entry.cell.clone()
                 }
                 None => {
                     let c = Arc::new(OnceCell::new());
-                    inflight.insert(name.to_owned(), c.clone());
+                    inflight.insert(name.to_owned(), Inflight { cell: c.clone(), holders: 1 });
                     c
                 }
             }
         };
-        let result = cell
-            .get_or_try_init(|| async {
-                let ticket = self.ticket(name);
-                let value = load().await?;
-                self.fill(name, ticket, value.clone());
-                Ok(value)
-            })
-            .await
-            .cloned();
-        let mut inflight = lock(&self.inflight);
-        if inflight.get(name).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
-            inflight.remove(name);
+        // The last caller holding the entry removes it when it is done, and also when its
+        // future is dropped mid-load (a cancelled or timed-out request): no caller leaves an
+        // entry behind, and a cancelled waiter does not end the load others wait for.
+        let _entry = InflightEntry { cache: self, name, cell: &cell };
+        cell.get_or_try_init(|| async {
+            let ticket = self.ticket(name);
+            let value = load().await?;
+            self.fill(name, ticket, value.clone());
+            Ok(value)
+        })
+        .await
+        .cloned()
+    }
+
+    /// Loads in flight (entries of the coalescing map), for tests and diagnostics.
+    pub fn inflight_len(&self) -> usize {
+        lock(&self.inflight).len()
+    }
+}
+
+/// One load in flight: the cell its callers share, and how many callers hold it.
+#[derive(Debug)]
+struct Inflight {
+    cell: Arc<OnceCell<Cached>>,
+    holders: usize,
+}
+
+/// A caller's hold on a coalescing-map entry, released when the caller is done or its
+/// future is dropped; the last holder removes the entry (unless another load has
+/// replaced it since), and so does the caller whose load filled it.
+struct InflightEntry<'a> {
+    cache: &'a Cache,
+    name: &'a str,
+    cell: &'a Arc<OnceCell<Cached>>,
+}
+
+impl Drop for InflightEntry<'_> {
+    fn drop(&mut self) {
+        let mut inflight = lock(&self.cache.inflight);
+        if let Some(entry) = inflight.get_mut(self.name) {
+            if Arc::ptr_eq(&entry.cell, self.cell) {
+                entry.holders = entry.holders.saturating_sub(1);
+                // A loaded entry goes at once, as it did before holders were counted: a
+                // caller arriving later must not take a value an invalidation may have
+                // overtaken since.
+                if entry.holders == 0 || entry.cell.initialized() {
+                    inflight.remove(self.name);
+                }
+            }
         }
-        result
     }
 }
 
@@ -979,5 +1016,47 @@ mod tests {
         }
         assert_eq!(loads.load(Ordering::SeqCst), 1);
         assert_eq!(found_version(c.get("a")), Some(7));
+    }
+
+    /// Polls a future once and drops it: a request cancelled while its load is pending.
+    fn poll_once_and_drop<F: Future>(f: F) {
+        let mut f = std::pin::pin!(f);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(f.as_mut().poll(&mut cx).is_pending(), "the load never finishes");
+    }
+
+    #[tokio::test]
+    async fn cancelled_misses_leave_no_coalescing_entry() {
+        let c = cache(|_| {});
+        for i in 0..10_000 {
+            let name = format!("cancel/{i}");
+            poll_once_and_drop(c.load_coalesced(&name, std::future::pending::<Result<Cached, ()>>));
+        }
+        assert_eq!(c.inflight_len(), 0, "every cancelled miss released its entry");
+        assert_eq!(c.len(), 0);
+
+        // A cancelled waiter does not end the load another caller still waits for.
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let loads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let c = Arc::new(c);
+        let first = {
+            let (c, gate, loads) = (c.clone(), gate.clone(), loads.clone());
+            tokio::spawn(async move {
+                c.load_coalesced("shared", || async move {
+                    loads.fetch_add(1, Ordering::SeqCst);
+                    gate.notified().await;
+                    Ok::<_, ()>(Cached::Found(version(2, 10)))
+                })
+                .await
+            })
+        };
+        while c.inflight_len() == 0 {
+            tokio::task::yield_now().await;
+        }
+        poll_once_and_drop(c.load_coalesced("shared", || async { Err::<Cached, ()>(()) }));
+        assert_eq!(c.inflight_len(), 1, "the loader still holds the entry");
+        gate.notify_one();
+        assert_eq!(found_version(first.await.unwrap().ok()), Some(2));
+        assert_eq!((c.inflight_len(), loads.load(Ordering::SeqCst)), (0, 1));
     }
 }

@@ -121,6 +121,11 @@ fn describe() {
         "Audit events dropped (queue full), or requests refused for lack of a slot in required mode."
     );
     describe_counter!(crate::audit::names::WRITE_FAILURES, "Failed attempts to write an audit batch.");
+    describe_counter!(
+        crate::audit::names::REJECTED,
+        "Audit events a sink refused on their own (found by splitting the batch), by what became of them."
+    );
+    describe_counter!(crate::audit::names::PRUNED, "audit_log rows deleted by audit.retention_days.");
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }
 

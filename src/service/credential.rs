@@ -138,6 +138,9 @@ impl CredentialService for CredentialApi {
         req: Request<proto::BatchGetCredentialsRequest>,
     ) -> Result<Response<proto::BatchGetCredentialsResponse>, Status> {
         let c = caller(&req)?;
+        if let Some(ctx) = crate::audit::context(&req) {
+            ctx.set_credentials(&req.get_ref().names);
+        }
         let names = req.into_inner().names;
         // Names the caller may not read get PERMISSION_DENIED in their own slot; the rest
         // are read together.
@@ -227,6 +230,9 @@ impl CredentialService for CredentialApi {
         req: Request<proto::ListCredentialsRequest>,
     ) -> Result<Response<proto::ListCredentialsResponse>, Status> {
         let c = caller(&req)?;
+        if let Some(ctx) = crate::audit::context(&req) {
+            ctx.set_credential(&req.get_ref().prefix);
+        }
         let r = req.into_inner();
         // The vault scans only what this caller may list, and seals the cursor to it.
         let page = self.vault.list(&c, &r.prefix, r.page_size, &r.page_token, r.include_deleted).await?;
@@ -250,6 +256,9 @@ impl CredentialService for CredentialApi {
             req.metadata().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned(),
         );
         let auth = self.auth.clone();
+        if let Some(ctx) = crate::audit::context(&req) {
+            ctx.set_credential(&req.get_ref().prefix);
+        }
         let prefix = req.into_inner().prefix;
         self.vault.check_prefix(&prefix)?;
         // Subscribe before answering, so nothing that happens after the call returns is missed.

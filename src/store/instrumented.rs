@@ -18,6 +18,7 @@ use crate::metrics::names::STORE_QUERY_DURATION;
 
 const BACKGROUND_OPS: &[&str] = &[
     "insert_audit",
+    "prune_audit",
     // Key reloads follow change notifications (another daemon rotated the KEK, or the
     // feed reconnected); a read that meets an unknown KEK also reloads, rarely.
     "list_keks",
@@ -264,6 +265,10 @@ impl Store for Instrumented {
 
     async fn recent_audit(&self, limit: u32) -> Result<Vec<AuditRow>, StoreError> {
         self.timed("recent_audit", self.inner.recent_audit(limit)).await
+    }
+
+    async fn prune_audit(&self, before: Micros, limit: u32) -> Result<u64, StoreError> {
+        self.timed("prune_audit", self.inner.prune_audit(before, limit)).await
     }
 
     async fn revoke_token(&self, token_hash: &str, now: Micros) -> Result<bool, StoreError> {

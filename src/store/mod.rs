@@ -607,6 +607,10 @@ pub trait Store: Send + Sync + 'static {
     /// The newest `limit` audit events, newest first.
     async fn recent_audit(&self, limit: u32) -> Result<Vec<AuditRow>, StoreError>;
 
+    /// Deletes at most `limit` audit events older than `before` (oldest first); returns
+    /// how many went.
+    async fn prune_audit(&self, before: Micros, limit: u32) -> Result<u64, StoreError>;
+
     /// Marks a live token revoked. `false`: no live token has this hash.
     async fn revoke_token(&self, token_hash: &str, now: Micros) -> Result<bool, StoreError>;
 

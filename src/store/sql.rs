@@ -963,6 +963,19 @@ macro_rules! impl_sql_store {
                 rows.iter().map(sql::audit).collect()
             }
 
+            async fn prune_audit(&self, before: Micros, limit: u32) -> Result<u64, StoreError> {
+                let n = sqlx::query(
+                    "DELETE FROM audit_log WHERE id IN \
+                     (SELECT id FROM audit_log WHERE at < $1 ORDER BY id LIMIT $2)",
+                )
+                .bind(before)
+                .bind(i64::from(limit))
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+                Ok(n)
+            }
+
             async fn revoke_token(&self, token_hash: &str, now: Micros) -> Result<bool, StoreError> {
                 let mut tx = self.pool.begin().await?;
                 let n = sqlx::query("UPDATE tokens SET revoked_at = $2 WHERE token_hash = $1 AND revoked_at IS NULL")

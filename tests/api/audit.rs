@@ -5,11 +5,14 @@ use std::time::Duration;
 use tonic::Code;
 
 use credvault::audit::AuditSink;
-use credvault::proto::{self, AuditEvent, ListAuditEventsRequest};
+use credvault::proto::{
+    self, AuditEvent, BatchGetCredentialsRequest, ListAuditEventsRequest, ListCredentialsRequest,
+    WatchCredentialsRequest,
+};
 
 use crate::cache::eventually;
 use crate::e2e::{get, put};
-use crate::helpers::{assert_status, Backend, TestDaemon, TestEnv};
+use crate::helpers::{assert_status, Backend, Raw, TestDaemon, TestEnv};
 
 const MARKER: &str = "audit-marker-51f0-secret-value";
 
@@ -71,33 +74,293 @@ async fn successes_and_failures_are_audited_without_values() {
     env.cleanup().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn required_audit_refuses_requests_when_the_sink_fails() {
-    let env = TestEnv::new(Backend::Postgres).await;
+/// Runs one statement on the test database beside the daemon.
+async fn exec(raw: &Raw, sql: &str) {
+    match raw {
+        Raw::Pg(p) => sqlx::query(sql).execute(p).await.map(|_| ()),
+        Raw::Sqlite(p) => sqlx::query(sql).execute(p).await.map(|_| ()),
+    }
+    .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+async fn audited(d: &TestDaemon, what: &str, check: impl Fn(&[AuditEvent]) -> bool) -> Vec<AuditEvent> {
+    let mut seen = Vec::new();
+    eventually(what, Duration::from_secs(10), async || {
+        seen = events(d).await;
+        check(&seen)
+    })
+    .await;
+    seen
+}
+
+/// The reported bug: a NUL in a name made PostgreSQL refuse the batch, the writer retried
+/// it forever, and `required` mode refused everything after it.
+async fn hostile_names_cannot_wedge_the_sink(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let mut settings = env.settings();
+    settings.audit.required = true;
+    let d = TestDaemon::start(settings, None).await;
+    let mut c = d.client().await;
+    put(&mut c, "ok/x", b"v", None).await.unwrap();
+    let at_limit = format!("ok/{}", "a".repeat(253));
+    let huge_nul = format!("ok/{}", "\0".repeat(100 * 1024));
+    let long = "b".repeat(100 * 1024);
+    let hostile: Vec<(&str, Code, String)> = vec![
+        ("ok/a\0b", Code::InvalidArgument, "!ok/a\\x00b".into()),
+        ("ok/\u{1}\u{1b}[2J\r\n", Code::InvalidArgument, "!ok/\\x01\\x1b[2J\\x0d\\x0a".into()),
+        ("ok/\\u{0}\\xff", Code::InvalidArgument, "!ok/\\\\u{0}\\\\xff".into()),
+        ("ok/\u{202e}é", Code::InvalidArgument, "!ok/\\u{202e}\\u{e9}".into()),
+        (&at_limit, Code::NotFound, at_limit.clone()),
+        (
+            &huge_nul,
+            Code::InvalidArgument,
+            format!("!ok/{}…[truncated {} bytes]", "\\x00".repeat(255), 100 * 1024 - 255),
+        ),
+        (&long, Code::InvalidArgument, format!("!{}…[truncated {} bytes]", "b".repeat(1024), 100 * 1024 - 1024)),
+    ];
+    for (name, code, _) in &hostile {
+        let r = get(&mut c, name, None).await;
+        assert_eq!(r.as_ref().map_err(|s| s.code()).err(), Some(*code), "{r:?}");
+    }
+    for _ in 0..10 {
+        assert_eq!(get(&mut c, "ok/x", None).await.unwrap().1, b"v", "required mode keeps serving");
+    }
+    let seen = audited(&d, "the good reads are audited", |e| {
+        e.iter().filter(|e| e.rpc == "GetCredential" && e.credential == "ok/x" && e.code == "OK").count() == 10
+    })
+    .await;
+    for (_, code, recorded) in &hostile {
+        let code = format!("{code:?}");
+        let found = seen.iter().find(|e| &e.credential == recorded);
+        let found = found.unwrap_or_else(|| panic!("no event recording {recorded:?}"));
+        assert_eq!(found.code.replace('_', "").to_lowercase(), code.to_lowercase());
+        assert!(found.credential.len() <= 1024 + 40);
+    }
+    d.stop().await;
+    env.cleanup().await;
+}
+
+/// A batch with one event the sink refuses is split: the others are written, the offender
+/// is recorded in its quarantined form, and nothing is retried forever.
+async fn a_refused_event_is_isolated_and_the_rest_written(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let mut settings = env.settings();
+    settings.audit.required = true;
+    settings.audit.flush_interval_ms = 300; // one batch for all of them
+    let d = TestDaemon::start(settings, None).await;
+    let raw = env.raw().await;
+    // A sink that refuses one particular event, as a constraint or trigger would.
+    exec(
+        &raw,
+        match backend {
+            Backend::Postgres => {
+                "ALTER TABLE audit_log ADD CONSTRAINT no_poison CHECK (credential IS NULL OR credential NOT LIKE '%poison%')"
+            }
+            Backend::Sqlite => {
+                "CREATE TRIGGER no_poison BEFORE INSERT ON audit_log WHEN NEW.credential LIKE '%poison%' \
+                 BEGIN SELECT RAISE(ABORT, 'poisoned'); END"
+            }
+        },
+    )
+    .await;
+    let c = d.client().await;
+    let mut calls = Vec::new();
+    for i in 0..20 {
+        let mut c = c.clone();
+        let name = if i == 7 { "x/poison".to_owned() } else { format!("x/n{i}") };
+        calls.push(tokio::spawn(async move { get(&mut c, &name, None).await }));
+    }
+    for call in calls {
+        assert_status(call.await.unwrap(), Code::NotFound, "");
+    }
+    let seen = audited(&d, "the other 19 and the quarantined one are written", |e| {
+        e.iter().filter(|e| e.credential.starts_with("x/n")).count() == 19
+            && e.iter().any(|e| e.credential == "!rejected-by-sink")
+    })
+    .await;
+    let q = seen.iter().find(|e| e.credential == "!rejected-by-sink").unwrap();
+    assert_eq!((q.rpc.as_str(), q.code.as_str(), q.token_name.as_str()), ("GetCredential", "NOT_FOUND", "root"));
+    assert!(!seen.iter().any(|e| e.credential.contains("poison")));
+    // The writer moved on: later requests are served and audited.
+    assert_status(get(&mut c.clone(), "x/after", None).await, Code::NotFound, "");
+    audited(&d, "later events are written", |e| e.iter().any(|e| e.credential == "x/after")).await;
+    raw.close().await;
+    d.stop().await;
+    env.cleanup().await;
+}
+
+/// `required` refuses only while the sink fails, and serves again once it recovers.
+async fn required_mode_recovers_with_the_sink(backend: Backend) {
+    let env = TestEnv::new(backend).await;
     let mut settings = env.settings();
     settings.audit.required = true;
     let d = TestDaemon::start(settings, None).await;
     let mut c = d.client().await;
     put(&mut c, "req/x", b"v", None).await.unwrap();
-    eventually("the put is audited", Duration::from_secs(3), async || {
-        events(&d).await.iter().any(|e| e.rpc == "PutCredential")
-    })
-    .await;
+    audited(&d, "the put is audited", |e| e.iter().any(|e| e.rpc == "PutCredential")).await;
 
-    // Break the sink under the daemon.
-    let raw = sqlx::PgPool::connect(&env.database_url()).await.unwrap();
-    sqlx::query("ALTER TABLE audit_log RENAME TO audit_log_away").execute(&raw).await.unwrap();
+    let raw = env.raw().await;
+    exec(&raw, "ALTER TABLE audit_log RENAME TO audit_log_away").await;
     let _ = get(&mut c, "req/x", None).await; // its event cannot be written
-    eventually("requests are refused while auditing fails", Duration::from_secs(3), async || {
+    eventually("requests are refused while auditing fails", Duration::from_secs(5), async || {
         get(&mut c, "req/x", None).await.is_err_and(|s| s.code() == Code::Unavailable && s.message().contains("audit"))
     })
     .await;
-
-    // Repair it: the writer retries, catches up, and requests flow again.
-    sqlx::query("ALTER TABLE audit_log_away RENAME TO audit_log").execute(&raw).await.unwrap();
+    exec(&raw, "ALTER TABLE audit_log_away RENAME TO audit_log").await;
     eventually("requests are served again", Duration::from_secs(5), async || get(&mut c, "req/x", None).await.is_ok())
         .await;
+    // The event held while the sink was down was written, not lost.
+    audited(&d, "reads are audited again", |e| {
+        e.iter().filter(|e| e.rpc == "GetCredential" && e.code == "OK").count() >= 2
+    })
+    .await;
     raw.close().await;
     d.stop().await;
     env.cleanup().await;
 }
+
+/// A batch read names every credential it touches; List and Watch record their prefix.
+async fn batch_list_and_watch_are_attributable(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let d = TestDaemon::start(env.settings(), None).await;
+    let mut c = d.client().await;
+    put(&mut c, "att/a", b"v", None).await.unwrap();
+    let names = vec!["att/a".to_owned(), "att/missing".to_owned()];
+    c.batch_get_credentials(BatchGetCredentialsRequest { names }).await.unwrap();
+    let names = vec!["att/a".to_owned(), "att/\0".to_owned()];
+    let r = c.batch_get_credentials(BatchGetCredentialsRequest { names }).await;
+    assert_status(r, Code::InvalidArgument, "contains byte 0x00");
+    c.list_credentials(ListCredentialsRequest {
+        prefix: "att/".into(),
+        page_size: 10,
+        page_token: String::new(),
+        include_deleted: false,
+    })
+    .await
+    .unwrap();
+    let stream = c.watch_credentials(WatchCredentialsRequest { prefix: "att/w".into() }).await.unwrap();
+    let seen = audited(&d, "batch, list and watch are audited", |e| {
+        e.iter().filter(|e| e.rpc == "BatchGetCredentials").count() == 2
+            && ["ListCredentials", "WatchCredentials"].iter().all(|rpc| e.iter().any(|e| e.rpc == *rpc))
+    })
+    .await;
+    let by = |rpc: &str| seen.iter().find(|e| e.rpc == rpc).unwrap().credential.clone();
+    let batches: Vec<(&str, &str)> = seen
+        .iter()
+        .filter(|e| e.rpc == "BatchGetCredentials")
+        .map(|e| (e.credential.as_str(), e.code.as_str()))
+        .collect();
+    assert!(batches.contains(&("att/a,att/missing", "OK")), "{batches:?}");
+    assert!(batches.contains(&("att/a,!att/\\x00", "INVALID_ARGUMENT")), "{batches:?}");
+    assert_eq!(by("ListCredentials"), "att/");
+    assert_eq!(by("WatchCredentials"), "att/w");
+    drop(stream);
+    d.stop().await;
+    env.cleanup().await;
+}
+
+crate::both_backends!(
+    hostile_names_cannot_wedge_the_sink,
+    a_refused_event_is_isolated_and_the_rest_written,
+    required_mode_recovers_with_the_sink,
+    batch_list_and_watch_are_attributable,
+);
+
+/// Requests that end without a response are audited (CANCELLED, DEADLINE_EXCEEDED) and
+/// leave nothing in the coalescing map, even while the store still hangs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_and_timed_out_requests_are_audited_and_released() {
+    let env = TestEnv::new(Backend::Postgres).await;
+    let d = TestDaemon::start(env.settings(), None).await;
+    let c = d.client().await;
+    // A store that hangs: every credential read waits for this lock.
+    let pool = sqlx::PgPool::connect(&env.database_url()).await.unwrap();
+    let mut lock = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE credentials IN ACCESS EXCLUSIVE MODE").execute(&mut *lock).await.unwrap();
+
+    const N: usize = 20;
+    let mut calls = Vec::new();
+    for i in 0..N {
+        let mut cd = c.clone();
+        calls.push(tokio::spawn(async move {
+            // The caller's deadline runs out on the server.
+            let mut req =
+                tonic::Request::new(proto::GetCredentialRequest { name: format!("slow/d{i}"), version: None });
+            req.set_timeout(Duration::from_millis(300));
+            cd.get_credential(req).await.map(|_| ()).map_err(|s| s.code())
+        }));
+        let mut c = c.clone();
+        calls.push(tokio::spawn(async move {
+            // The caller gives up and resets the stream.
+            let name = format!("slow/c{i}");
+            let call = get(&mut c, &name, None);
+            match tokio::time::timeout(Duration::from_millis(300), call).await {
+                Ok(r) => r.map(|_| ()).map_err(|s| s.code()),
+                Err(_) => Err(Code::Cancelled),
+            }
+        }));
+    }
+    for call in calls {
+        let code = call.await.unwrap().unwrap_err();
+        assert!(matches!(code, Code::DeadlineExceeded | Code::Cancelled), "{code:?}");
+    }
+    eventually("the coalescing map is empty while the store still hangs", Duration::from_secs(5), async || {
+        d.vault.cache().inflight_len() == 0
+    })
+    .await;
+    // The store is back (its pool was held by the hung reads until now).
+    lock.rollback().await.unwrap();
+    pool.close().await;
+    let seen = audited(&d, "every abandoned request is audited", |e| {
+        let n = |p: &str, code: &str| e.iter().filter(|e| e.credential.starts_with(p) && e.code == code).count();
+        n("slow/d", "DEADLINE_EXCEEDED") == N && n("slow/c", "CANCELLED") == N
+    })
+    .await;
+    let one = seen.iter().find(|e| e.credential == "slow/d0").unwrap();
+    assert!((200_000..5_000_000).contains(&one.latency_us), "{}", one.latency_us);
+    assert_eq!(one.token_name, "root");
+    // The store is back: reads work again.
+    let mut c = c.clone();
+    assert_status(get(&mut c, "slow/after", None).await, Code::NotFound, "");
+    d.stop().await;
+    env.cleanup().await;
+}
+
+/// The JSON-lines file is created 0600; old `audit_log` rows are pruned, newer kept.
+async fn file_mode_and_retention(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let d = TestDaemon::start(env.settings(), None).await; // runs the migrations
+    let token = d.token.clone();
+    d.stop().await;
+    let raw = env.raw().await;
+    let day = 86_400_000_000i64;
+    let now = credvault::store::now_micros();
+    for (i, at) in [now - 10 * day, now - 3 * day, now - 2 * day, now - day / 2].iter().enumerate() {
+        let q = format!(
+            "INSERT INTO audit_log (at, request_id, token_id, token_name, rpc, credential, version, code, latency_us, peer) \
+             VALUES ({at}, 'old{i}', 't', 'n', 'GetCredential', 'ret/{i}', NULL, 'OK', 1, '')"
+        );
+        exec(&raw, &q).await;
+    }
+    let mut settings = env.settings();
+    settings.audit.sink = AuditSink::Both;
+    settings.audit.file = Some(env.data_dir().join("audit.jsonl"));
+    settings.audit.retention_days = 1;
+    let d = TestDaemon::start(settings, Some(&token)).await;
+    let mut c = d.client().await;
+    assert_status(get(&mut c, "ret/new", None).await, Code::NotFound, "");
+    let seen = audited(&d, "rows older than a day are pruned", |e| {
+        !e.iter().any(|e| e.request_id.starts_with("old") && e.request_id != "old3")
+            && e.iter().any(|e| e.credential == "ret/new")
+    })
+    .await;
+    assert!(seen.iter().any(|e| e.request_id == "old3"), "a row inside the window is kept");
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(env.data_dir().join("audit.jsonl")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    raw.close().await;
+    d.stop().await;
+    env.cleanup().await;
+}
+
+crate::both_backends!(file_mode_and_retention);

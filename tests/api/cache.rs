@@ -209,6 +209,9 @@ impl Store for PausingStore {
     async fn recent_audit(&self, n: u32) -> Result<Vec<credvault::store::AuditRow>, StoreError> {
         self.inner.recent_audit(n).await
     }
+    async fn prune_audit(&self, before: Micros, limit: u32) -> Result<u64, StoreError> {
+        self.inner.prune_audit(before, limit).await
+    }
     async fn revoke_token(&self, h: &str, now: Micros) -> Result<bool, StoreError> {
         self.inner.revoke_token(h, now).await
     }
