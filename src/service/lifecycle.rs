@@ -6,12 +6,13 @@
 //!   every layer) would answer `CANCELLED "Timeout expired"`, and so would a tonic
 //!   client's timer, which started before the request was sent: the layer answers a
 //!   little early ([`ahead`]) so its answer reaches the caller first.
-//! - A request is never cut off halfway. When the deadline overtakes it, its handler runs
-//!   to the end in the background (bounded by the store timeout, and still holding its
-//!   concurrency permit); a write (any RPC that is not a read, see [`is_read`]) runs as its
-//!   own task from the start, so a client that resets its stream cannot cut it off either.
-//!   A write is therefore either committed, audited with its real outcome and reflected in
-//!   this daemon's cache, or not made at all.
+//! - A write is never cut off halfway: a write (any RPC that is not a read, see
+//!   [`is_read`]) runs as its own task from the start, so neither the deadline nor a client
+//!   that resets its stream can drop it between its commit and its cache update and audit
+//!   event. A write is therefore either committed, audited with its real outcome and
+//!   reflected in this daemon's cache, or not made at all. A read overtaken by its deadline
+//!   has no effects to finish: it is dropped, audited as `DEADLINE_EXCEEDED`, and its
+//!   in-flight state (a coalesced miss) released at once.
 //! - [`DrainLayer`] ends server-streaming responses (watches, the rotation-job stream,
 //!   health watches, reflection) with `UNAVAILABLE "shutting down"` once the daemon starts
 //!   to drain, so their clients reconnect elsewhere and the connection can close. Unary
@@ -105,10 +106,9 @@ where
                 biased;
                 res = &mut fut => res.unwrap_or_else(|| Ok(tonic::Status::internal("internal error").into_http())),
                 () = tokio::time::sleep(timeout.saturating_sub(ahead(timeout))) => {
-                    // Let the handler finish (see the module doc), then answer.
-                    tokio::spawn(async move {
-                        let _ = fut.await;
-                    });
+                    // A read is dropped here (audited as DEADLINE_EXCEEDED, its in-flight
+                    // state released); a write's task goes on to its end.
+                    drop(fut);
                     Ok(tonic::Status::deadline_exceeded(format!(
                         "deadline of {} ms expired before the request completed",
                         timeout.as_millis()
