@@ -241,7 +241,7 @@ mod tests {
     use super::*;
 
     fn down() -> Result<(), StoreError> {
-        Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut))
+        Err(StoreError::Unavailable(sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused))))
     }
 
     fn timeout() -> Result<(), StoreError> {

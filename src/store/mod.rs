@@ -79,6 +79,9 @@ impl StoreError {
                 Some(code) if sqlstate_means_down(code) => Outage::Down,
                 _ => Outage::Flaky,
             }),
+            // A pool that timed out handing out a connection may be busy, not cut off:
+            // only timeouts in a row say the store is gone (refused connects are `Io`).
+            StoreError::Unavailable(sqlx::Error::PoolTimedOut) => Some(Outage::Flaky),
             StoreError::Unavailable(_) => Some(Outage::Down),
             _ => None,
         }
@@ -640,7 +643,8 @@ mod tests {
         }
         assert!(sqlstate_means_down("08006") && sqlstate_means_down("57P03"));
         assert!(!sqlstate_means_down("57P01"), "one terminated backend is not an outage by itself");
-        assert_eq!(StoreError::Unavailable(sqlx::Error::PoolTimedOut).outage(), Some(Outage::Down));
+        assert_eq!(StoreError::Unavailable(sqlx::Error::PoolTimedOut).outage(), Some(Outage::Flaky), "a busy pool");
+        assert_eq!(StoreError::Unavailable(sqlx::Error::PoolClosed).outage(), Some(Outage::Down));
         assert_eq!(StoreError::Timeout("x", std::time::Duration::ZERO).outage(), Some(Outage::Flaky));
         assert_eq!(StoreError::Conflict.outage(), None);
         assert_eq!(StoreError::Down.outage(), None, "a refused call tells nothing new");
