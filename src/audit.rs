@@ -139,6 +139,11 @@ pub struct AuditSettings {
     /// Rows of `audit_log` older than this many days are deleted in the background;
     /// 0 keeps them forever.
     pub retention_days: u32,
+    /// Identical successful reads (same token, RPC, credential, version) within this many
+    /// seconds of the first become one event with a count and first/last time; writes,
+    /// admin calls, denials and errors always stay events of their own. 0: one event per
+    /// read.
+    pub fold_reads_seconds: u64,
 }
 
 impl Default for AuditSettings {
@@ -151,6 +156,7 @@ impl Default for AuditSettings {
             batch_size: 500,
             flush_interval_ms: 20,
             retention_days: 400,
+            fold_reads_seconds: 10,
         }
     }
 }
@@ -235,6 +241,8 @@ impl Event {
             code: self.code.to_owned(),
             latency_us: self.latency_us,
             peer: self.peer.map(|p| p.to_string()).unwrap_or_default(),
+            count: 1,
+            last_at: None,
         }
     }
 }
@@ -326,7 +334,71 @@ fn quarantined(row: &AuditRow) -> AuditRow {
         code: strict(&row.code),
         latency_us: row.latency_us,
         peer: strict(&row.peer),
+        count: row.count,
+        last_at: row.last_at,
     }
+}
+
+/// Successful reads that fold into one event each: same token, RPC, credential, version.
+const FOLDABLE_RPCS: &[&str] = &["GetCredential", "GetCredentialMetadata", "BatchGetCredentials"];
+
+/// The writer's folded reads, each held until its window since the first read ends.
+struct Folds {
+    window_us: i64,
+    open: std::collections::HashMap<(String, String, Option<String>, Option<u64>), AuditRow>,
+}
+
+impl Folds {
+    fn new(window_seconds: u64) -> Self {
+        let window_us = i64::try_from(window_seconds.saturating_mul(1_000_000)).unwrap_or(i64::MAX);
+        Folds { window_us, open: std::collections::HashMap::new() }
+    }
+
+    /// Folds `row` into an open event, opens one, or (not a foldable read) passes it on.
+    fn add(&mut self, row: AuditRow, out: &mut Vec<AuditRow>) {
+        if self.window_us == 0 || row.code != "OK" || !FOLDABLE_RPCS.contains(&row.rpc.as_str()) {
+            out.push(row);
+            return;
+        }
+        let key = (row.token_id.clone(), row.rpc.clone(), row.credential.clone(), row.version);
+        match self.open.get_mut(&key) {
+            Some(open) => {
+                open.count = open.count.saturating_add(row.count);
+                open.last_at = Some(row.last_at.unwrap_or(row.at).max(open.last_at.unwrap_or(open.at)));
+                open.latency_us = open.latency_us.max(row.latency_us);
+            }
+            None => {
+                self.open.insert(key, row);
+            }
+        }
+    }
+
+    /// When the oldest open event's window ends.
+    fn next_due(&self) -> Option<i64> {
+        self.open.values().map(|r| r.at.saturating_add(self.window_us)).min()
+    }
+
+    /// Moves the events whose window has ended by `now` to `out`.
+    fn take_due(&mut self, now: i64, out: &mut Vec<AuditRow>) {
+        let window = self.window_us;
+        let due: Vec<_> =
+            self.open.iter().filter(|(_, r)| r.at.saturating_add(window) <= now).map(|(k, _)| k.clone()).collect();
+        for k in due {
+            if let Some(r) = self.open.remove(&k) {
+                out.push(r);
+            }
+        }
+    }
+
+    fn take_all(&mut self) -> Vec<AuditRow> {
+        self.open.drain().map(|(_, r)| r).collect()
+    }
+}
+
+/// Sleeps until the wall-clock time `at` (microseconds since the epoch).
+async fn sleep_until_micros(at: i64) {
+    let wait = u64::try_from(at.saturating_sub(now_micros())).unwrap_or(0);
+    tokio::time::sleep(Duration::from_micros(wait)).await;
 }
 
 const BACKOFF_START: Duration = Duration::from_millis(50);
@@ -355,31 +427,44 @@ impl AuditWriter {
     async fn write_loop(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut file = None;
         let batch_size = self.settings.batch_size.max(1);
+        let mut folds = Folds::new(self.settings.fold_reads_seconds);
         loop {
+            let due = folds.next_due();
             let first = tokio::select! {
-                e = self.rx.recv() => e,
+                e = self.rx.recv() => e.map(Some),
                 _ = shutdown.changed() => {
                     self.rx.close();
-                    self.rx.recv().await
+                    self.rx.recv().await.map(Some)
                 }
+                () = sleep_until_micros(due.unwrap_or(i64::MAX)), if due.is_some() => Some(None),
             };
             let Some(first) = first else { break };
             let mut batch: Vec<AuditRow> = Vec::with_capacity(batch_size);
-            batch.push(first.into_row());
-            if self.rx.len() + 1 < batch_size {
-                // Let a batch build up: under load this makes one store write every few
-                // milliseconds instead of one per handful of events (each a transaction,
-                // and a wake-up of this task per request). No request waits for it.
-                tokio::time::sleep(Duration::from_millis(self.settings.flush_interval_ms)).await;
-            }
-            while batch.len() < batch_size {
-                match self.rx.try_recv() {
-                    Ok(e) => batch.push(e.into_row()),
-                    Err(_) => break,
+            if let Some(first) = first {
+                folds.add(first.into_row(), &mut batch);
+                if self.rx.len() + 1 < batch_size {
+                    // Let a batch build up: under load this makes one store write every few
+                    // milliseconds instead of one per handful of events (each a transaction,
+                    // and a wake-up of this task per request). No request waits for it.
+                    tokio::time::sleep(Duration::from_millis(self.settings.flush_interval_ms)).await;
+                }
+                while batch.len() < batch_size {
+                    match self.rx.try_recv() {
+                        Ok(e) => folds.add(e.into_row(), &mut batch),
+                        Err(_) => break,
+                    }
                 }
             }
-            self.flush(batch, &mut file, &mut shutdown).await;
+            folds.take_due(now_micros(), &mut batch);
+            if !batch.is_empty() {
+                self.flush(batch, &mut file, &mut shutdown).await;
+            }
             metrics::gauge!(names::QUEUE_DEPTH).set(self.rx.len() as f64);
+        }
+        // Shutting down: folded reads are written now, not lost.
+        let rest = folds.take_all();
+        if !rest.is_empty() {
+            self.flush(rest, &mut file, &mut shutdown).await;
         }
     }
 

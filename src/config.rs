@@ -390,6 +390,9 @@ impl Settings {
         if self.audit.queue_capacity == 0 || self.audit.batch_size == 0 {
             return bad("audit.queue_capacity and audit.batch_size must be at least 1");
         }
+        if self.audit.fold_reads_seconds > 3600 {
+            return bad("audit.fold_reads_seconds must be at most 3600 (an hour)");
+        }
         if self.audit.flush_interval_ms > 10_000 {
             return bad("audit.flush_interval_ms must be at most 10000 (10 s)");
         }

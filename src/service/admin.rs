@@ -504,6 +504,8 @@ impl AdminService for AdminApi {
                 code: e.code,
                 latency_us: e.latency_us,
                 peer: e.peer,
+                count: e.count,
+                last_at: e.last_at.map(timestamp),
             })
             .collect();
         Ok(Response::new(proto::ListAuditEventsResponse { events }))

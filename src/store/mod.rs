@@ -334,6 +334,10 @@ pub struct AuditRow {
     pub code: String,
     pub latency_us: u64,
     pub peer: String,
+    /// Identical successful reads this row stands for (1 unless folded).
+    pub count: u64,
+    /// The last of the folded reads (`None` for a single event).
+    pub last_at: Option<Micros>,
 }
 
 /// When a credential's rotation policy makes the scheduler rotate it.

@@ -19,6 +19,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "init", include_str!("../../migrations/postgres/0001_init.sql")),
     (2, "audit", include_str!("../../migrations/postgres/0002_audit.sql")),
     (3, "rotation", include_str!("../../migrations/postgres/0003_rotation.sql")),
+    (4, "audit fold", include_str!("../../migrations/postgres/0004_audit_fold.sql")),
 ];
 
 /// The NOTIFY channel every write announces itself on.
@@ -170,7 +171,7 @@ impl PgStore {
         let latency: Vec<i64> = events.iter().map(|e| sql::to_db(e.latency_us)).collect();
         let q = format!(
             "INSERT INTO audit_log ({}) SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], \
-             $5::text[], $6::text[], $7::bigint[], $8::text[], $9::bigint[], $10::text[])",
+             $5::text[], $6::text[], $7::bigint[], $8::text[], $9::bigint[], $10::text[], $11::bigint[], $12::bigint[])",
             sql::AUDIT_COLS
         );
         sqlx::query(&q)
@@ -184,6 +185,8 @@ impl PgStore {
             .bind(col(|e| e.code.clone()))
             .bind(latency)
             .bind(col(|e| e.peer.clone()))
+            .bind(events.iter().map(|e| sql::to_db(e.count)).collect::<Vec<i64>>())
+            .bind(events.iter().map(|e| e.last_at).collect::<Vec<Option<i64>>>())
             .execute(&self.pool)
             .await?;
         Ok(())

@@ -146,6 +146,8 @@ decoders! {
             code: get(row, "code")?,
             latency_us: from_db(get(row, "latency_us")?, "latency")?,
             peer: get(row, "peer")?,
+            count: from_db(get(row, "count")?, "count")?,
+            last_at: get(row, "last_at")?,
         })
     }
 
@@ -215,7 +217,7 @@ decoders! {
 
 /// The columns an audit insert fills, in the order both backends' statements list them.
 pub(crate) const AUDIT_COLS: &str =
-    "at, request_id, token_id, token_name, rpc, credential, version, code, latency_us, peer";
+    "at, request_id, token_id, token_name, rpc, credential, version, code, latency_us, peer, count, last_at";
 
 /// Expands `#[async_trait] impl Store for $store` over a `pool: sqlx::Pool<_>` field.
 /// The backend type supplies `BACKEND`; `current_many_query()` for the one statement

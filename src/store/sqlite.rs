@@ -17,6 +17,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "init", include_str!("../../migrations/sqlite/0001_init.sql")),
     (2, "audit", include_str!("../../migrations/sqlite/0002_audit.sql")),
     (3, "rotation", include_str!("../../migrations/sqlite/0003_rotation.sql")),
+    (4, "audit fold", include_str!("../../migrations/sqlite/0004_audit_fold.sql")),
 ];
 
 #[derive(Debug, Clone)]
@@ -136,6 +137,8 @@ impl SqliteStore {
                     &e.code,
                     sql::to_db(e.latency_us),
                     &e.peer,
+                    sql::to_db(e.count),
+                    e.last_at,
                 )
             })
             .collect();
@@ -143,7 +146,7 @@ impl SqliteStore {
         let q = format!(
             "INSERT INTO audit_log ({}) SELECT {} FROM json_each($1)",
             sql::AUDIT_COLS,
-            (0..10).map(|i| format!("value ->> {i}")).collect::<Vec<_>>().join(", ")
+            (0..12).map(|i| format!("value ->> {i}")).collect::<Vec<_>>().join(", ")
         );
         sqlx::query(&q).bind(json).execute(&self.pool).await?;
         Ok(())

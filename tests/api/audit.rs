@@ -364,3 +364,68 @@ async fn file_mode_and_retention(backend: Backend) {
 }
 
 crate::both_backends!(file_mode_and_retention);
+
+/// Repeated identical successful reads fold into one event whose count adds up exactly to
+/// the reads made; other versions, other names, denials and writes stay events of their
+/// own. The window is long, so only the flush at shutdown writes the folded events.
+async fn reads_fold_into_counted_events(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let mut settings = env.settings();
+    settings.audit.fold_reads_seconds = 3600;
+    let d = TestDaemon::start(settings.clone(), None).await;
+    let token = d.token.clone();
+    let mut c = d.client().await;
+    put(&mut c, "fold/a", b"v1", None).await.unwrap();
+    put(&mut c, "fold/a", b"v2", None).await.unwrap();
+    put(&mut c, "fold/b", b"v1", None).await.unwrap();
+    for _ in 0..57 {
+        get(&mut c, "fold/a", None).await.unwrap();
+    }
+    for _ in 0..5 {
+        get(&mut c, "fold/a", Some(1)).await.unwrap();
+    }
+    for _ in 0..3 {
+        get(&mut c, "fold/b", None).await.unwrap();
+        assert_status(get(&mut c, "fold/missing", None).await, Code::NotFound, "");
+    }
+    d.stop().await;
+
+    let raw = env.raw().await;
+    let rows: Vec<(String, Option<i64>, String, i64, bool)> = {
+        let q = "SELECT credential, version, code, count, last_at IS NOT NULL FROM audit_log \
+                 WHERE rpc = 'GetCredential' ORDER BY credential, version, code";
+        match &raw {
+            Raw::Pg(p) => sqlx::query_as(q).fetch_all(p).await.unwrap(),
+            Raw::Sqlite(p) => sqlx::query_as(q).fetch_all(p).await.unwrap(),
+        }
+    };
+    let sum = |name: &str, version: Option<i64>, code: &str| -> (usize, i64) {
+        let r: Vec<_> = rows.iter().filter(|r| r.0 == name && r.1 == version && r.2 == code).collect();
+        (r.len(), r.iter().map(|r| r.3).sum())
+    };
+    assert_eq!(sum("fold/a", Some(2), "OK"), (1, 57), "57 reads of the current version are one event of 57");
+    assert_eq!(sum("fold/a", Some(1), "OK"), (1, 5), "another version folds on its own");
+    assert_eq!(sum("fold/b", Some(1), "OK"), (1, 3));
+    assert_eq!(sum("fold/missing", None, "NOT_FOUND"), (3, 3), "errors are never folded");
+    assert!(rows.iter().filter(|r| r.3 > 1).all(|r| r.4), "a folded event has its last time");
+    let puts: i64 = {
+        let q = "SELECT COUNT(*) FROM audit_log WHERE rpc = 'PutCredential'";
+        match &raw {
+            Raw::Pg(p) => sqlx::query_scalar(q).fetch_one(p).await.unwrap(),
+            Raw::Sqlite(p) => sqlx::query_scalar(q).fetch_one(p).await.unwrap(),
+        }
+    };
+    assert_eq!(puts, 3, "writes are events of their own");
+
+    // The API shows the count and the last time.
+    let d = TestDaemon::start(settings, Some(&token)).await;
+    let folded = audited(&d, "the folded event is listed", |e| {
+        e.iter().any(|e| e.credential == "fold/a" && e.version == 2 && e.count == 57 && e.last_at.is_some())
+    })
+    .await;
+    assert!(folded.iter().filter(|e| e.rpc == "PutCredential").all(|e| e.count == 1 && e.last_at.is_none()));
+    d.stop().await;
+    env.cleanup().await;
+}
+
+crate::both_backends!(reads_fold_into_counted_events);

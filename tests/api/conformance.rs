@@ -259,6 +259,8 @@ async fn audit_batches_round_trip(backend: Backend) {
         code: "OK".into(),
         latency_us: if i == 2 { i64::MAX as u64 } else { i * 7 },
         peer: "[::1]:50051".into(),
+        count: if i == 3 { i64::MAX as u64 } else { 1 + i % 4 },
+        last_at: (i % 4 != 0).then_some(1_700_000_000_000_000 + 2 * i as i64),
     };
     let mut written = Vec::new();
     for size in [1u64, 2, 63, 500] {
