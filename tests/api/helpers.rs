@@ -112,9 +112,8 @@ impl TestEnv {
 
     /// Settings for a daemon on port 0 over this environment, unlocked by a key file.
     pub fn settings(&self) -> Settings {
-        let mut audit = credvault::audit::AuditSettings::default();
         // Tests count individual events; `audit::reads_fold_into_counted_events` covers folding.
-        audit.fold_reads_seconds = 0;
+        let audit = credvault::audit::AuditSettings { fold_reads_seconds: 0, ..Default::default() };
         Settings {
             audit,
             listen: "127.0.0.1:0".parse().expect("addr"),
