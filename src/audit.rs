@@ -794,7 +794,7 @@ fn deadline_slack(timeout: Duration) -> Duration {
 }
 
 /// The `grpc-timeout` header: up to 8 digits and a unit (`H`, `M`, `S`, `m`, `u`, `n`).
-fn parse_grpc_timeout(v: &[u8]) -> Option<Duration> {
+pub fn parse_grpc_timeout(v: &[u8]) -> Option<Duration> {
     let (unit, digits) = v.split_last()?;
     if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
         return None;

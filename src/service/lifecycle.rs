@@ -31,26 +31,9 @@ use hyper::body::Bytes;
 use tokio::sync::watch;
 use tonic::body::Body;
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+use crate::audit::parse_grpc_timeout;
 
-/// The `grpc-timeout` header's duration: 1 to 8 digits and a unit (`H`, `M`, `S`, `m`,
-/// `u`, `n`). Anything else is no deadline, as tonic treats it.
-pub fn parse_grpc_timeout(value: &[u8]) -> Option<Duration> {
-    let (&unit, digits) = value.split_last()?;
-    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
-    Some(match unit {
-        b'H' => Duration::from_secs(n * 3600),
-        b'M' => Duration::from_secs(n * 60),
-        b'S' => Duration::from_secs(n),
-        b'm' => Duration::from_millis(n),
-        b'u' => Duration::from_micros(n),
-        b'n' => Duration::from_nanos(n),
-        _ => return None,
-    })
-}
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// Answers `DEADLINE_EXCEEDED` when a request's `grpc-timeout` expires.
 #[derive(Debug, Clone, Copy, Default)]
