@@ -83,11 +83,11 @@ where
         };
         Box::pin(async move {
             let Some(timeout) = timeout else {
-                return fut.await.unwrap_or_else(|| Ok(tonic::Status::internal("internal error").into_http()));
+                return fut.await.unwrap_or_else(task_failed);
             };
             tokio::select! {
                 biased;
-                res = &mut fut => res.unwrap_or_else(|| Ok(tonic::Status::internal("internal error").into_http())),
+                res = &mut fut => res.unwrap_or_else(task_failed),
                 () = tokio::time::sleep(timeout.saturating_sub(ahead(timeout))) => {
                     // A read is dropped here (audited as DEADLINE_EXCEEDED, its in-flight
                     // state released); a write's task goes on to its end.
@@ -101,6 +101,11 @@ where
             }
         })
     }
+}
+
+/// The answer for a write whose task panicked (its detail is in the panic's log line).
+fn task_failed<E>() -> Result<http::Response<Body>, E> {
+    Ok(tonic::Status::internal("internal error").into_http())
 }
 
 /// How much before the deadline the daemon answers: a twentieth of it, between 1 and
