@@ -23,6 +23,7 @@ mod feed;
 mod keys;
 mod listing;
 mod rotation;
+mod write_queue;
 
 pub use keys::JobProgress;
 pub use listing::{open_page_token, page_key, seal_page_token, PageBinding, PageTokenError, PAGE_TOKEN_TTL};
@@ -213,6 +214,8 @@ struct Inner {
     reload: tokio::sync::Mutex<()>,
     /// The change feed's state and the keeper's wake-ups (see `vault/feed.rs`).
     feed: feed::FeedState,
+    /// Writes to one name from this daemon take turns (see `vault/write_queue.rs`).
+    writes: write_queue::WriteQueue,
 }
 
 impl fmt::Debug for Vault {
@@ -223,6 +226,14 @@ impl fmt::Debug for Vault {
 
 /// Unconditional writes retry their internal compare-and-set this many times.
 const MAX_WRITE_ATTEMPTS: usize = 64;
+
+/// Before retrying a write that lost its compare-and-set to another daemon: a random
+/// wait below 1, 2, 4, … 32 ms, so daemons that collided do not collide again in step.
+async fn conflict_backoff(attempt: usize) {
+    let cap_ms = 1u64 << attempt.min(5);
+    let wait = rand::random_range(0..cap_ms * 1000);
+    tokio::time::sleep(std::time::Duration::from_micros(wait)).await;
+}
 
 /// The highest version a credential can reach: both backends store versions as signed
 /// 64-bit integers.
@@ -267,6 +278,7 @@ impl Vault {
                 job_wake: tokio::sync::Notify::new(),
                 reload: tokio::sync::Mutex::new(()),
                 feed: feed::FeedState::default(),
+                writes: write_queue::WriteQueue::default(),
             }),
         }
     }
@@ -606,6 +618,9 @@ impl Vault {
             self.check_metadata(m)?;
         }
         let store = &self.inner.store;
+        // From here on this daemon's other writes to the name wait their turn, so the
+        // compare-and-set below can only lose to another daemon.
+        let _turn = self.inner.writes.turn(name.as_str()).await;
         let mut base = match expected {
             Some(0) => WriteBase::Create,
             Some(n) => WriteBase::Update(n),
@@ -617,7 +632,10 @@ impl Vault {
             _ => Ok(base),
         };
         base = live(base)?;
-        for _ in 0..MAX_WRITE_ATTEMPTS {
+        for attempt in 0..MAX_WRITE_ATTEMPTS {
+            if attempt > 0 {
+                conflict_backoff(attempt).await;
+            }
             let version = base.next_version();
             if version > MAX_VERSION {
                 return Err(VaultError::FailedPrecondition(format!(
@@ -695,10 +713,10 @@ impl Vault {
                 }
             };
         }
-        Err(VaultError::Unavailable(StoreError::Corrupt(format!(
-            "gave up writing {:?} after {MAX_WRITE_ATTEMPTS} conflicting attempts",
+        Err(VaultError::Aborted(format!(
+            "gave up writing {:?} after {MAX_WRITE_ATTEMPTS} attempts lost to concurrent writers; retry",
             name.as_str()
-        ))))
+        )))
     }
 
     fn check_value(&self, value: &[u8]) -> Result<(), VaultError> {
