@@ -62,7 +62,27 @@ pub struct Auth {
     reload_lock: Arc<tokio::sync::Mutex<()>>,
     /// Wakes the reload task ([`Auth::run_reloads`]); several requests coalesce.
     reload_requested: Arc<tokio::sync::Notify>,
+    /// What the reload task has been asked to do.
+    pending: Arc<std::sync::Mutex<Pending>>,
+    updates: Arc<Updates>,
 }
+
+/// How often the table was updated from the store, by kind.
+#[derive(Debug, Default)]
+struct Updates {
+    full: std::sync::atomic::AtomicU64,
+    one: std::sync::atomic::AtomicU64,
+}
+
+/// Work queued for the reload task: single tokens to refresh, or the whole table.
+#[derive(Debug, Default)]
+struct Pending {
+    full: bool,
+    tokens: std::collections::HashSet<[u8; 32]>,
+}
+
+/// More single-token refreshes than this queued at once turn into one full reload.
+const MAX_PENDING_TOKENS: usize = 1024;
 
 impl fmt::Debug for Auth {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -106,19 +126,104 @@ impl Auth {
             };
             map.insert(hash, e);
         }
+        let live = map.len();
         *self.tokens.write().unwrap_or_else(|p| p.into_inner()) = map;
+        self.updated(&self.updates.full, "full", live);
         Ok(())
     }
 
-    /// Asks the reload task for a full reload (another daemon changed the token table,
-    /// or notifications may have been missed).
+    fn updated(&self, counter: &std::sync::atomic::AtomicU64, kind: &'static str, live: usize) {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        metrics::counter!(crate::metrics::names::TOKEN_UPDATES, "kind" => kind).increment(1);
+        metrics::gauge!(crate::metrics::names::TOKENS).set(live as f64);
+    }
+
+    /// Full reloads and single-token refreshes done so far.
+    pub fn update_counts(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.updates.full.load(Relaxed), self.updates.one.load(Relaxed))
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Asks the reload task for a full reload (notifications may have been missed, or
+    /// an older daemon reported a change without naming the token).
     pub fn request_reload(&self) {
+        let mut p = self.pending();
+        p.full = true;
+        p.tokens.clear();
+        drop(p);
         self.reload_requested.notify_one();
     }
 
-    /// The one task that reloads the table: on request and every `period` as a backstop
-    /// to lost notifications; a failed reload is retried with backoff (100 ms doubling
-    /// to 5 s). Runs until `shutdown` turns true.
+    /// Asks the reload task to refresh one token (another daemon created or revoked it;
+    /// `token_hash` is its hex hash from the change feed).
+    pub fn request_token(&self, token_hash: &str) {
+        let Ok(hash) = parse_hash(token_hash) else { return self.request_reload() };
+        let mut p = self.pending();
+        if !p.full {
+            p.tokens.insert(hash);
+            if p.tokens.len() > MAX_PENDING_TOKENS {
+                p.full = true;
+                p.tokens.clear();
+            }
+        }
+        drop(p);
+        self.reload_requested.notify_one();
+    }
+
+    /// Re-reads one token and applies what the store says: a live token is added (or
+    /// kept, with its rate-limit state), a revoked or missing one removed.
+    pub async fn refresh_token(&self, store: &dyn Store, hash: [u8; 32]) -> Result<(), StoreError> {
+        let _serial = self.reload_lock.lock().await;
+        let row = store.get_token(&hex::encode(hash)).await?.filter(|r| r.revoked_at.is_none());
+        let known = self.tokens.read().unwrap_or_else(|p| p.into_inner()).get(&hash).cloned();
+        let e = match (row, known) {
+            (None, _) => None,
+            (Some(row), Some(e)) if e.expires_at == row.expires_at => Some(e),
+            (Some(row), _) => Some(entry(&row, self.default_rate)?),
+        };
+        let mut tokens = self.tokens.write().unwrap_or_else(|p| p.into_inner());
+        match e {
+            Some(e) => tokens.insert(hash, e),
+            None => tokens.remove(&hash),
+        };
+        let live = tokens.len();
+        drop(tokens);
+        self.updated(&self.updates.one, "one", live);
+        Ok(())
+    }
+
+    /// Runs what is pending; on failure puts it back (as a full reload: what failed may
+    /// have been part of it) for the caller to retry.
+    async fn run_pending(&self, store: &dyn Store) -> Result<(), StoreError> {
+        let work = std::mem::take(&mut *self.pending());
+        let out = if work.full {
+            self.reload(store).await
+        } else {
+            let mut out = Ok(());
+            for hash in &work.tokens {
+                out = self.refresh_token(store, *hash).await;
+                if out.is_err() {
+                    break;
+                }
+            }
+            out
+        };
+        if out.is_err() {
+            let mut p = self.pending();
+            p.full = true;
+            p.tokens.clear();
+        }
+        out
+    }
+
+    /// The one task that updates the table from the store: single tokens and full
+    /// reloads on request, and a full reload every `period` as a backstop to lost
+    /// notifications; a failure is retried with backoff (100 ms doubling to 5 s). Runs
+    /// until `shutdown` turns true.
     pub async fn run_reloads(
         self,
         store: Arc<dyn Store>,
@@ -129,10 +234,10 @@ impl Auth {
             tokio::select! {
                 _ = shutdown.changed() => return,
                 () = self.reload_requested.notified() => {}
-                () = tokio::time::sleep(period) => {}
+                () = tokio::time::sleep(period) => self.pending().full = true,
             }
             let mut backoff = std::time::Duration::from_millis(100);
-            while let Err(e) = self.reload(store.as_ref()).await {
+            while let Err(e) = self.run_pending(store.as_ref()).await {
                 tracing::warn!(error = %e, retry_ms = backoff.as_millis() as u64, "cannot reload tokens; retrying");
                 tokio::select! {
                     _ = shutdown.changed() => return,
@@ -151,6 +256,7 @@ impl Auth {
             Some(e) => tokens.insert(hash, e),
             None => tokens.remove(&hash),
         };
+        metrics::gauge!(crate::metrics::names::TOKENS).set(tokens.len() as f64);
     }
 
     /// Checks an `authorization` header value against the in-memory table.
@@ -294,12 +400,8 @@ impl Auth {
         if id.len() < 8 || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(TokenError::Invalid("token id must be 8-64 hex characters".into()));
         }
-        let live: Vec<TokenRow> = store
-            .list_tokens()
-            .await?
-            .into_iter()
-            .filter(|t| t.revoked_at.is_none() && t.token_hash.starts_with(&id))
-            .collect();
+        // Two are enough to tell a unique prefix from an ambiguous one.
+        let live = store.find_live_tokens(&id, 2).await?;
         let row = match live.as_slice() {
             [] => return Err(TokenError::NotFound(id)),
             [one] => one.clone(),

@@ -135,6 +135,10 @@ pub struct Settings {
     /// `postgres://...` for PostgreSQL, `sqlite://PATH` for another SQLite file; unset:
     /// SQLite in `data_dir`.
     pub database_url: Option<DatabaseUrl>,
+    /// PostgreSQL only: where the change feed LISTENs, on one connection of its own,
+    /// when `database_url` cannot hold a LISTEN (a transaction-mode PgBouncer). The same
+    /// database, reached directly. Unset: the feed uses a connection of the main pool.
+    pub database_listen_url: Option<DatabaseUrl>,
     /// Database pool size; unset: 16 on PostgreSQL, 4 on SQLite (see
     /// [`Settings::pool_size`]).
     pub db_max_connections: Option<u32>,
@@ -178,6 +182,7 @@ impl Default for Settings {
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 7421)),
             data_dir: PathBuf::from("./credvault-data"),
             database_url: None,
+            database_listen_url: None,
             db_max_connections: None,
             master_key_file: None,
             passphrase_file: None,
@@ -223,6 +228,10 @@ pub struct ServeArgs {
     /// postgres://user@host/db, or sqlite://path [default: SQLite in the data directory].
     #[arg(long, env = "CREDVAULT_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
+    /// postgres://user@host/db for the change feed's LISTEN connection, when the main URL
+    /// goes through a pooler that cannot hold one [default: the main pool].
+    #[arg(long, env = "CREDVAULT_DATABASE_LISTEN_URL", hide_env_values = true)]
+    pub database_listen_url: Option<String>,
     #[arg(long, env = "CREDVAULT_DB_MAX_CONNECTIONS")]
     pub db_max_connections: Option<u32>,
     /// Master key file (32 raw bytes or 64 hex characters).
@@ -298,11 +307,16 @@ impl Settings {
         if let Some(url) = &args.database_url {
             s.database_url = Some(DatabaseUrl::new(url.clone()));
         }
+        if let Some(url) = &args.database_listen_url {
+            s.database_listen_url = Some(DatabaseUrl::new(url.clone()));
+        }
         // `serve` removes PGPASSWORD from the environment before the driver would read it
         // (see `unlock::scrub_environment`), so it travels inside the URL instead.
-        if let (Some(url), Ok(password)) = (&s.database_url, std::env::var("PGPASSWORD")) {
+        if let Ok(password) = std::env::var("PGPASSWORD") {
             let password = zeroize::Zeroizing::new(password);
-            s.database_url = Some(url.with_default_password(&password));
+            for url in [&mut s.database_url, &mut s.database_listen_url].into_iter().flatten() {
+                *url = url.with_default_password(&password);
+            }
         }
         if args.master_key_file.is_some() {
             s.master_key_file = args.master_key_file.clone();
@@ -414,7 +428,21 @@ impl Settings {
         KdfParams { m_cost: k.memory_kib, t_cost: k.iterations, p_cost: k.parallelism }
             .check()
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
-        self.storage()?;
+        let storage = self.storage()?;
+        if let Some(listen) = &self.database_listen_url {
+            let u = listen.expose();
+            if !matches!(storage, StorageTarget::Postgres(_)) {
+                return Err(ConfigError::Invalid(
+                    "database_listen_url is for PostgreSQL: set database_url to postgres://... too".into(),
+                ));
+            }
+            if !(u.starts_with("postgres://") || u.starts_with("postgresql://")) {
+                return Err(ConfigError::Invalid(format!(
+                    "database_listen_url {} must start with postgres:// or postgresql://",
+                    listen.redacted()
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -576,6 +604,23 @@ mod tests {
         assert!(matches!(s.validate(), Err(ConfigError::Invalid(m)) if m.contains("flush_interval_ms")));
         s.audit.flush_interval_ms = 0;
         assert!(s.validate().is_ok());
+    }
+
+    #[test]
+    fn a_listen_url_needs_postgres_on_both_sides() {
+        let listen = Some(DatabaseUrl::new("postgres://app:pw@db-direct:5432/vault"));
+        let sqlite = Settings { database_listen_url: listen.clone(), ..Settings::default() };
+        assert!(matches!(sqlite.validate(), Err(ConfigError::Invalid(m)) if m.contains("is for PostgreSQL")));
+        let pg = Some(DatabaseUrl::new("postgres://app:pw@pgbouncer:6432/vault"));
+        let ok = Settings { database_url: pg.clone(), database_listen_url: listen, ..Settings::default() };
+        assert!(ok.validate().is_ok());
+        let bad = Settings {
+            database_url: pg,
+            database_listen_url: Some(DatabaseUrl::new("mysql://app:secretpw@db/vault")),
+            ..Settings::default()
+        };
+        let Err(ConfigError::Invalid(m)) = bad.validate() else { panic!("accepted a mysql listen URL") };
+        assert!(m.contains("database_listen_url") && !m.contains("secretpw"), "{m}");
     }
 
     #[test]

@@ -47,6 +47,8 @@ pub mod names {
     pub const STORE_UNREACHABLE_SECONDS: &str = "credvault_store_unreachable_seconds";
     pub const CACHE_STALE_SERVES: &str = "credvault_cache_stale_serves_total";
     pub const CACHE_RESYNCS: &str = "credvault_cache_resyncs_total";
+    pub const TOKEN_UPDATES: &str = "credvault_token_updates_total";
+    pub const TOKENS: &str = "credvault_tokens";
 }
 
 /// Buckets from 50 us to 1 s (a cache hit to a slow database write).
@@ -113,6 +115,11 @@ fn describe() {
         "Reads answered from unverified or expired cache entries while the store was down."
     );
     describe_counter!(CACHE_RESYNCS, "Cache resyncs completed (every cached entry revalidated against the store).");
+    describe_counter!(
+        TOKEN_UPDATES,
+        "Updates of the in-memory token table from the store, by kind (one: a named token; full: the whole table)."
+    );
+    describe_gauge!(TOKENS, "Live tokens this daemon accepts.");
     crate::limits::describe_metrics();
     describe_gauge!(crate::audit::names::QUEUE_DEPTH, "Audit events waiting to be written.");
     describe_counter!(crate::audit::names::WRITTEN, "Audit events written to the sink.");

@@ -13,7 +13,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
 use crate::auth::Auth;
-use crate::config::{ConfigError, Settings, StorageTarget};
+use crate::config::{ConfigError, DatabaseUrl, Settings, StorageTarget};
 use crate::proto::admin_service_server::AdminServiceServer;
 use crate::proto::credential_service_server::CredentialServiceServer;
 use crate::service::{AdminApi, AuthInterceptor, CredentialApi};
@@ -65,9 +65,14 @@ impl std::fmt::Debug for Daemon {
 /// Opens the configured store and applies its migrations.
 pub async fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, ServerError> {
     Ok(match settings.storage()? {
-        StorageTarget::Postgres(url) => {
-            Arc::new(PgStore::connect(&url, settings.db_max_connections.unwrap_or(PgStore::DEFAULT_POOL)).await?)
-        }
+        StorageTarget::Postgres(url) => Arc::new(
+            PgStore::connect_with_listener(
+                &url,
+                settings.database_listen_url.as_ref().map(DatabaseUrl::expose),
+                settings.db_max_connections.unwrap_or(PgStore::DEFAULT_POOL),
+            )
+            .await?,
+        ),
         StorageTarget::Sqlite(path) => {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 crate::unlock::create_private_dir(dir)
@@ -176,6 +181,11 @@ impl Daemon {
         &self.vault
     }
 
+    /// The token table requests are authenticated against.
+    pub fn auth(&self) -> &Auth {
+        &self.auth
+    }
+
     /// Serves until `shutdown` completes, then lets in-flight requests finish.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
         let limits = &self.settings.limits;
@@ -234,10 +244,14 @@ impl Daemon {
                     }
                 });
             }
-            if matches!(change, Change::Tokens | Change::Resync) {
-                // Revocations by other daemons (or missed while deaf) take effect here,
-                // through the one reload task (serialized, retried, coalesced).
-                auth.request_reload();
+            // Tokens created or revoked by other daemons take effect here through the
+            // one reload task (serialized, retried, coalesced): one entry per named
+            // token, the whole table after a resync (changes missed while deaf) or a
+            // change from an older daemon that did not name its token.
+            match &change {
+                Change::Token(hash) => auth.request_token(hash),
+                Change::Tokens | Change::Resync => auth.request_reload(),
+                _ => {}
             }
             if change == Change::Resync {
                 if let Some(tx) = subscribed_tx.lock().ok().and_then(|mut t| t.take()) {

@@ -304,7 +304,7 @@ impl Vault {
             }
             Change::Lost => self.feed_lost(),
             Change::Resync => self.feed_subscribed(),
-            Change::Tokens | Change::Keys => {}
+            Change::Tokens | Change::Token(_) | Change::Keys => {}
         }
     }
 

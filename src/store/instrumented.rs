@@ -32,6 +32,9 @@ const BACKGROUND_OPS: &[&str] = &[
     "finish_job",
     // A resync revalidates the whole cache after the change feed or the store returns.
     "resync",
+    // The token table follows the change feed and a periodic backstop.
+    "list_tokens",
+    "get_token",
 ];
 
 pub struct Instrumented {
@@ -175,6 +178,14 @@ impl Store for Instrumented {
 
     async fn list_tokens(&self) -> Result<Vec<TokenRow>, StoreError> {
         self.timed("list_tokens", self.inner.list_tokens()).await
+    }
+
+    async fn get_token(&self, token_hash: &str) -> Result<Option<TokenRow>, StoreError> {
+        self.timed("get_token", self.inner.get_token(token_hash)).await
+    }
+
+    async fn find_live_tokens(&self, prefix: &str, limit: u32) -> Result<Vec<TokenRow>, StoreError> {
+        self.timed("find_live_tokens", self.inner.find_live_tokens(prefix, limit)).await
     }
 
     async fn destroy_version(&self, name: &str, version: u64) -> Result<Option<bool>, StoreError> {

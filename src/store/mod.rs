@@ -529,6 +529,13 @@ pub trait Store: Send + Sync + 'static {
 
     async fn list_tokens(&self) -> Result<Vec<TokenRow>, StoreError>;
 
+    /// The token with this hash, live or revoked.
+    async fn get_token(&self, token_hash: &str) -> Result<Option<TokenRow>, StoreError>;
+
+    /// Up to `limit` live tokens whose hash starts with `prefix` (lowercase hex), by
+    /// index: finding a token to revoke costs the same however many tokens exist.
+    async fn find_live_tokens(&self, prefix: &str, limit: u32) -> Result<Vec<TokenRow>, StoreError>;
+
     /// Wipes one version's sealed bytes irreversibly. `None`: no such version; `Some(false)`:
     /// it was already destroyed.
     async fn destroy_version(&self, name: &str, version: u64) -> Result<Option<bool>, StoreError>;
@@ -659,6 +666,10 @@ mod tests {
         let e = ChangeEvent { name: "a/b\tc".into(), kind: ChangeKind::Rotate, version: 7, at: 42 };
         assert_eq!(decode_change(&encode_change(&e)), Some(Change::Credential(e)));
         assert_eq!(decode_change(&encode_table_change(TOKENS_CHANGED)), Some(Change::Tokens));
+        let hash = "0123456789abcdef".repeat(4);
+        assert_eq!(decode_change(&encode_token_change(&hash)), Some(Change::Token(hash.clone())));
+        assert_eq!(decode_change(&encode_token_change("abc")), None, "not a hash");
+        assert_eq!(decode_change(&encode_token_change(&hash.to_uppercase())), None, "not lowercase");
         assert_eq!(decode_change(&encode_table_change(KEYS_CHANGED)), Some(Change::Keys));
         assert_eq!(decode_change("bogus\t1\t2\tname"), None);
         assert_eq!(decode_change("put\tx\t2\tname"), None);
@@ -720,8 +731,10 @@ pub struct ChangeEvent {
 pub enum Change {
     /// Another daemon changed this credential.
     Credential(ChangeEvent),
-    /// Another daemon created or revoked a token.
+    /// The token table changed in ways not named one by one: reload all of it.
     Tokens,
+    /// A token was created or revoked (its hash): refresh that one entry.
+    Token(String),
     /// Another daemon changed the KEKs or the master key's wrapping of them.
     Keys,
     /// The feed's connection dropped: from now on notifications may be missed, so what
@@ -749,10 +762,21 @@ pub(crate) fn encode_table_change(table: &str) -> String {
     format!("table\t0\t0\t{table}")
 }
 
-/// Reads a message made by [`encode_change`] or [`encode_table_change`].
+/// The change feed's message for one token created or revoked: names it by hash, so
+/// other daemons refresh one entry instead of reloading every token.
+pub(crate) fn encode_token_change(token_hash: &str) -> String {
+    format!("token\t0\t0\t{token_hash}")
+}
+
+/// Reads a message made by [`encode_change`], [`encode_table_change`] or
+/// [`encode_token_change`].
 pub(crate) fn decode_change(payload: &str) -> Option<Change> {
     let mut parts = payload.splitn(4, '\t');
     let (kind, version, at, name) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    if kind == "token" {
+        let hex = name.len() == 64 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        return hex.then(|| Change::Token(name.to_owned()));
+    }
     if kind == "table" {
         return match name {
             TOKENS_CHANGED => Some(Change::Tokens),

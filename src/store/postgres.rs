@@ -20,6 +20,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (2, "audit", include_str!("../../migrations/postgres/0002_audit.sql")),
     (3, "rotation", include_str!("../../migrations/postgres/0003_rotation.sql")),
     (4, "audit fold", include_str!("../../migrations/postgres/0004_audit_fold.sql")),
+    (5, "token prefix", include_str!("../../migrations/postgres/0005_token_prefix.sql")),
 ];
 
 /// The NOTIFY channel every write announces itself on.
@@ -32,6 +33,10 @@ pub struct PgStore {
     instance: String,
     /// TLS done by the daemon itself (see `pg_tls`); the pool connects through it.
     _bridge: Option<std::sync::Arc<super::pg_tls::Bridge>>,
+    /// Where the change feed LISTENs, when not over the main pool (`database_listen_url`:
+    /// e.g. the main URL goes through a transaction-mode PgBouncer, which cannot hold a
+    /// LISTEN). One connection at most.
+    listen: Option<(PgPool, Option<std::sync::Arc<super::pg_tls::Bridge>>)>,
 }
 
 impl fmt::Debug for PgStore {
@@ -54,6 +59,9 @@ impl PgStore {
     const FIRST_TOKEN_LOCK: Option<&'static str> = Some("LOCK TABLE tokens IN SHARE ROW EXCLUSIVE MODE");
     /// Takes the active KEK's row for a KEK rotation (and the write lock, on SQLite).
     const LOCK_ACTIVE_KEK: &'static str = "SELECT id FROM keks WHERE state = 'active' FOR UPDATE";
+    /// Live tokens whose hash lies in `[$1, $2)`, byte order (the index of migration 0005).
+    const LIVE_TOKEN_RANGE: &'static str = "SELECT * FROM tokens WHERE token_hash COLLATE \"C\" >= $1 \
+         AND token_hash COLLATE \"C\" < $2 AND revoked_at IS NULL ORDER BY token_hash COLLATE \"C\" LIMIT $3";
     const BACKEND: Backend = Backend::Postgres;
     /// Pool size unless configured: enough for puts and misses from many callers to
     /// overlap their round trips.
@@ -62,6 +70,30 @@ impl PgStore {
     /// Connects and applies migrations (under sqlx's advisory lock, so daemons starting
     /// together migrate once).
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        Self::connect_with_listener(url, None, max_connections).await
+    }
+
+    /// Like [`PgStore::connect`], with the change feed on its own connection to
+    /// `listen_url` (the same database reached another way).
+    pub async fn connect_with_listener(
+        url: &str,
+        listen_url: Option<&str>,
+        max_connections: u32,
+    ) -> Result<Self, StoreError> {
+        let (pool, bridge) = Self::open_pool(url, max_connections, "credvault").await?;
+        let listen = match listen_url {
+            Some(u) => Some(Self::open_pool(u, 1, "credvault-listener").await?),
+            None => None,
+        };
+        sql::migrator(MIGRATIONS).run(&pool).await?;
+        Ok(PgStore { pool, instance: format!("{:016x}", rand::random::<u64>()), _bridge: bridge, listen })
+    }
+
+    async fn open_pool(
+        url: &str,
+        max_connections: u32,
+        application_name: &str,
+    ) -> Result<(PgPool, Option<std::sync::Arc<super::pg_tls::Bridge>>), StoreError> {
         let (options, bridge_spec) = connect_options(url)?;
         let (host, port, mode) = (options.get_host().to_owned(), options.get_port(), options.get_ssl_mode());
         let tls_error = |e: &dyn fmt::Display| {
@@ -83,7 +115,7 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
-            .connect_with(options.application_name("credvault"))
+            .connect_with(options.application_name(application_name))
             .await
             .map_err(|e| {
                 // A handshake failure (the driver reports a refused certificate as invalid
@@ -103,10 +135,9 @@ impl PgStore {
         if !verified && !loopback && !host.starts_with('/') {
             tracing::warn!(%host, port, sslmode = mode_name(mode), "the PostgreSQL server's certificate is not verified; use sslmode=verify-full with sslrootcert=<CA file> outside a trusted network");
         } else {
-            tracing::info!(%host, port, sslmode = mode_name(mode), "connected to PostgreSQL");
+            tracing::info!(%host, port, sslmode = mode_name(mode), application_name, "connected to PostgreSQL");
         }
-        sql::migrator(MIGRATIONS).run(&pool).await?;
-        Ok(PgStore { pool, instance: format!("{:016x}", rand::random::<u64>()), _bridge: bridge })
+        Ok((pool, bridge))
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -212,7 +243,8 @@ impl PgStore {
         let mut lost_reported = false;
         while !*shutdown.borrow() {
             let subscribed = async {
-                let mut l = PgListener::connect_with(&self.pool).await?;
+                let pool = self.listen.as_ref().map_or(&self.pool, |(p, _)| p);
+                let mut l = PgListener::connect_with(pool).await?;
                 l.listen(CHANNEL).await?;
                 Ok::<_, sqlx::Error>(l)
             };

@@ -540,7 +540,7 @@ macro_rules! impl_sql_store {
                 .bind(t.revoked_at)
                 .execute(&mut *tx)
                 .await?;
-                self.notify_change(&mut tx, &$crate::store::encode_table_change($crate::store::TOKENS_CHANGED)).await?;
+                self.notify_change(&mut tx, &$crate::store::encode_token_change(&t.token_hash)).await?;
                 tx.commit().await?;
                 Ok(())
             }
@@ -569,7 +569,7 @@ macro_rules! impl_sql_store {
                     tx.rollback().await?;
                     return Ok(false);
                 }
-                self.notify_change(&mut tx, &$crate::store::encode_table_change($crate::store::TOKENS_CHANGED)).await?;
+                self.notify_change(&mut tx, &$crate::store::encode_token_change(&t.token_hash)).await?;
                 tx.commit().await?;
                 Ok(true)
             }
@@ -987,7 +987,7 @@ macro_rules! impl_sql_store {
                     .await?
                     .rows_affected();
                 if n > 0 {
-                    self.notify_change(&mut tx, &$crate::store::encode_table_change($crate::store::TOKENS_CHANGED)).await?;
+                    self.notify_change(&mut tx, &$crate::store::encode_token_change(token_hash)).await?;
                 }
                 tx.commit().await?;
                 Ok(n > 0)
@@ -1007,6 +1007,29 @@ macro_rules! impl_sql_store {
 
             async fn list_tokens(&self) -> Result<Vec<TokenRow>, StoreError> {
                 let rows = sqlx::query("SELECT * FROM tokens ORDER BY created_at").fetch_all(&self.pool).await?;
+                rows.iter().map(sql::token).collect()
+            }
+
+            async fn get_token(&self, token_hash: &str) -> Result<Option<TokenRow>, StoreError> {
+                let row = sqlx::query("SELECT * FROM tokens WHERE token_hash = $1")
+                    .bind(token_hash)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                row.as_ref().map(sql::token).transpose()
+            }
+
+            async fn find_live_tokens(&self, prefix: &str, limit: u32) -> Result<Vec<TokenRow>, StoreError> {
+                if prefix.is_empty() || !prefix.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+                    return Err(StoreError::Corrupt("a token hash prefix is lowercase hex".into()));
+                }
+                // Every hash starting with `prefix` sorts in [prefix, prefix + "g"): 'g'
+                // follows every hex digit in byte order.
+                let rows = sqlx::query(Self::LIVE_TOKEN_RANGE)
+                    .bind(prefix)
+                    .bind(format!("{prefix}g"))
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool)
+                    .await?;
                 rows.iter().map(sql::token).collect()
             }
         }

@@ -18,6 +18,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (2, "audit", include_str!("../../migrations/sqlite/0002_audit.sql")),
     (3, "rotation", include_str!("../../migrations/sqlite/0003_rotation.sql")),
     (4, "audit fold", include_str!("../../migrations/sqlite/0004_audit_fold.sql")),
+    (5, "token prefix", include_str!("../../migrations/sqlite/0005_token_prefix.sql")),
 ];
 
 #[derive(Debug, Clone)]
@@ -32,6 +33,9 @@ impl SqliteStore {
     const FIRST_TOKEN_LOCK: Option<&'static str> = None;
     /// Takes the active KEK's row for a KEK rotation (and the write lock, on SQLite).
     const LOCK_ACTIVE_KEK: &'static str = "UPDATE keks SET state = state WHERE state = 'active' RETURNING id";
+    /// Live tokens whose hash lies in `[$1, $2)` (SQLite compares text bytewise).
+    const LIVE_TOKEN_RANGE: &'static str = "SELECT * FROM tokens WHERE token_hash >= $1 AND token_hash < $2 \
+         AND revoked_at IS NULL ORDER BY token_hash LIMIT $3";
     const BACKEND: Backend = Backend::Sqlite;
     /// Pool size unless configured. SQLite runs one writer at a time and a read past the
     /// daemon's cache takes tens of microseconds, while every connection is a thread with

@@ -147,6 +147,12 @@ impl Store for PausingStore {
     async fn insert_token(&self, t: &TokenRow) -> Result<(), StoreError> {
         self.inner.insert_token(t).await
     }
+    async fn get_token(&self, hash: &str) -> Result<Option<TokenRow>, StoreError> {
+        self.inner.get_token(hash).await
+    }
+    async fn find_live_tokens(&self, prefix: &str, limit: u32) -> Result<Vec<TokenRow>, StoreError> {
+        self.inner.find_live_tokens(prefix, limit).await
+    }
     async fn insert_first_token(&self, t: &TokenRow) -> Result<bool, StoreError> {
         self.inner.insert_first_token(t).await
     }

@@ -204,6 +204,8 @@ pub struct TestDaemon {
     pub metrics_addr: std::net::SocketAddr,
     /// The daemon's core, for counting its store queries.
     pub vault: credvault::vault::Vault,
+    /// The daemon's token table, for counting how it was updated.
+    pub auth: credvault::auth::Auth,
     pub token: String,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), ServerError>>>,
@@ -222,11 +224,12 @@ impl TestDaemon {
         let addr = daemon.local_addr();
         let metrics_addr = daemon.metrics_addr();
         let vault = daemon.vault().clone();
+        let auth = daemon.auth().clone();
         let (tx, rx) = oneshot::channel();
         let task = tokio::spawn(daemon.run_until(async {
             let _ = rx.await;
         }));
-        TestDaemon { addr, metrics_addr, vault, token, stop: Some(tx), task: Some(task) }
+        TestDaemon { addr, metrics_addr, vault, auth, token, stop: Some(tx), task: Some(task) }
     }
 
     pub async fn channel(&self) -> Channel {

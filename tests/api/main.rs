@@ -26,5 +26,6 @@ mod secrets;
 mod security;
 mod tamper;
 mod tls;
+mod tokens;
 mod transport;
 mod versions;
