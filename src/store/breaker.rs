@@ -29,6 +29,8 @@ use crate::metrics::names;
 pub const FLAKY_IN_A_ROW: u32 = 3;
 /// The first probe's delay after the breaker opens; it doubles per failed probe.
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+/// Slow calls ask for a probe at most this often.
+pub const SUSPICION_INTERVAL: Duration = Duration::from_secs(1);
 /// The longest wait between probes: also the longest the daemon keeps refusing calls
 /// after the store is back.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(1);
@@ -73,6 +75,10 @@ pub struct Breaker {
     troubled: AtomicBool,
     /// `true` while the store is taken to be reachable (the breaker is closed).
     reachable: watch::Sender<bool>,
+    /// Wakes the keeper for a probe while the breaker is closed ([`Breaker::suspect`]).
+    suspicion: tokio::sync::Notify,
+    /// When the last suspicion was passed on, to pass on at most one a second.
+    last_suspicion: Mutex<Option<Instant>>,
     gauges: Gauges,
 }
 
@@ -110,6 +116,8 @@ impl Breaker {
             flaky: AtomicU32::new(0),
             troubled: AtomicBool::new(false),
             reachable: watch::channel(true).0,
+            suspicion: tokio::sync::Notify::new(),
+            last_suspicion: Mutex::new(None),
             gauges,
         }
     }
@@ -138,6 +146,26 @@ impl Breaker {
     pub fn next_probe(&self) -> Option<Instant> {
         let s = self.lock();
         s.open.then_some(s.next_probe)
+    }
+
+    /// A call is taking long: asks whoever waits in [`Breaker::suspicions`] (the keeper)
+    /// to probe, at most once per [`SUSPICION_INTERVAL`] and only while closed.
+    pub fn suspect(&self) {
+        if self.is_open() {
+            return;
+        }
+        let now = Instant::now();
+        let mut last = self.last_suspicion.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|t| now.saturating_duration_since(t) < SUSPICION_INTERVAL) {
+            return;
+        }
+        *last = Some(now);
+        self.suspicion.notify_one();
+    }
+
+    /// Completes when a call has asked for a probe ([`Breaker::suspect`]).
+    pub async fn suspicions(&self) {
+        self.suspicion.notified().await
     }
 
     /// Admits an ordinary call, or refuses it at once while the breaker is open.

@@ -44,6 +44,11 @@ pub struct Instrumented {
     breaker: Breaker,
 }
 
+/// A call running this long makes the keeper probe the store (at most once a second):
+/// with the database gone, a pool waits out its whole acquire timeout (5 s) retrying
+/// refused connects, and the probe finds out in a fraction of that.
+const SUSPECT_AFTER: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// The longest a probe waits: a store that takes longer to answer `SELECT 1` is treated
 /// as down until a later probe gets through.
 const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
@@ -77,7 +82,7 @@ impl Instrumented {
         let limit = self.timeout.min(PROBE_TIMEOUT);
         let start = Instant::now();
         let out =
-            tokio::time::timeout(limit, self.inner.ping()).await.unwrap_or(Err(StoreError::Timeout("probe", limit)));
+            tokio::time::timeout(limit, self.inner.reach()).await.unwrap_or(Err(StoreError::Timeout("probe", limit)));
         metrics::histogram!(STORE_QUERY_DURATION, "op" => "probe").record(start.elapsed().as_secs_f64());
         self.breaker.record_probe(&permit, &out);
         Some(out)
@@ -103,7 +108,30 @@ impl Instrumented {
         }
         let start = Instant::now();
         // On timeout the call's future is dropped: an open transaction rolls back.
-        let out = tokio::time::timeout(self.timeout, f).await.unwrap_or(Err(StoreError::Timeout(op, self.timeout)));
+        let call = tokio::time::timeout(self.timeout, f);
+        tokio::pin!(call);
+        let mut reachable = self.breaker.subscribe();
+        let suspect = tokio::time::sleep(SUSPECT_AFTER);
+        tokio::pin!(suspect);
+        let mut suspected = false;
+        let out = loop {
+            tokio::select! {
+                out = &mut call => break out.unwrap_or(Err(StoreError::Timeout(op, self.timeout))),
+                // A call still waiting when the breaker opens (the store was found down
+                // meanwhile) fails now rather than at its timeout. Whatever it had begun
+                // rolls back with its dropped connection, as on a timeout.
+                _ = reachable.wait_for(|up| !*up) => {
+                    metrics::histogram!(STORE_QUERY_DURATION, "op" => op).record(start.elapsed().as_secs_f64());
+                    return Err(StoreError::Down);
+                }
+                // Slow enough to wonder whether the store is there at all: ask the keeper
+                // for a probe (on its own connection, so a busy pool does not fail it).
+                () = &mut suspect, if !suspected => {
+                    suspected = true;
+                    self.breaker.suspect();
+                }
+            }
+        };
         metrics::histogram!(STORE_QUERY_DURATION, "op" => op).record(start.elapsed().as_secs_f64());
         self.breaker.record(&permit, &out);
         out

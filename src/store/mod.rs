@@ -90,9 +90,11 @@ impl StoreError {
 
 /// SQLSTATE classes 08 (connection exception) and 57 (operator intervention: the server
 /// shutting down, a backend terminated, a query cancelled) mean the database is going
-/// away or dropping connections, not that the request was wrong.
+/// away or dropping connections, not that the request was wrong. 25006 (read-only
+/// transaction) is a write that reached a standby: a primary that was demoted, or a URL
+/// that does not yet follow a failover; the write can succeed once it does.
 pub(crate) fn sqlstate_is_unavailable(code: &str) -> bool {
-    code.starts_with("08") || code.starts_with("57")
+    code.starts_with("08") || code.starts_with("57") || code == "25006"
 }
 
 /// The SQLSTATEs that say the whole server is unreachable, not just one connection:
@@ -484,6 +486,13 @@ pub trait Store: Send + Sync + 'static {
 
     async fn ping(&self) -> Result<(), StoreError>;
 
+    /// Whether the database can be reached at all, apart from the pool: a busy pool
+    /// must not look like a dead database. PostgreSQL opens a fresh connection; the
+    /// default pings through the pool (SQLite's file is always "reachable").
+    async fn reach(&self) -> Result<(), StoreError> {
+        self.ping().await
+    }
+
     async fn load_keyring(&self) -> Result<Option<KeyringRow>, StoreError>;
 
     /// Stores the keyring and the first KEK in one transaction, unless a keyring exists.
@@ -646,7 +655,7 @@ mod tests {
 
     #[test]
     fn shutdown_and_connection_sqlstates_are_unavailable() {
-        for code in ["08006", "08001", "57P01", "57P02", "57P03", "57014"] {
+        for code in ["08006", "08001", "57P01", "57P02", "57P03", "57014", "25006"] {
             assert!(sqlstate_is_unavailable(code), "{code}");
         }
         for code in ["23505", "40001", "42P01", "53300", "XX000"] {

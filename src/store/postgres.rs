@@ -33,10 +33,11 @@ pub struct PgStore {
     instance: String,
     /// TLS done by the daemon itself (see `pg_tls`); the pool connects through it.
     _bridge: Option<std::sync::Arc<super::pg_tls::Bridge>>,
-    /// Where the change feed LISTENs, when not over the main pool (`database_listen_url`:
-    /// e.g. the main URL goes through a transaction-mode PgBouncer, which cannot hold a
-    /// LISTEN). One connection at most.
-    listen: Option<(PgPool, Option<std::sync::Arc<super::pg_tls::Bridge>>)>,
+    /// Where the change feed LISTENs: one connection of its own, beside the query pool,
+    /// so queries never wait behind it and it never waits behind them. To the main URL,
+    /// or to `database_listen_url` (e.g. the main URL goes through a transaction-mode
+    /// PgBouncer, which cannot hold a LISTEN).
+    listen: (PgPool, Option<std::sync::Arc<super::pg_tls::Bridge>>),
 }
 
 impl fmt::Debug for PgStore {
@@ -73,18 +74,15 @@ impl PgStore {
         Self::connect_with_listener(url, None, max_connections).await
     }
 
-    /// Like [`PgStore::connect`], with the change feed on its own connection to
-    /// `listen_url` (the same database reached another way).
+    /// Like [`PgStore::connect`], with the change feed's connection made to `listen_url`
+    /// (the same database reached another way) instead of `url`.
     pub async fn connect_with_listener(
         url: &str,
         listen_url: Option<&str>,
         max_connections: u32,
     ) -> Result<Self, StoreError> {
         let (pool, bridge) = Self::open_pool(url, max_connections, "credvault").await?;
-        let listen = match listen_url {
-            Some(u) => Some(Self::open_pool(u, 1, "credvault-listener").await?),
-            None => None,
-        };
+        let listen = Self::open_pool(listen_url.unwrap_or(url), 1, "credvault-listener").await?;
         sql::migrator(MIGRATIONS).run(&pool).await?;
         Ok(PgStore { pool, instance: format!("{:016x}", rand::random::<u64>()), _bridge: bridge, listen })
     }
@@ -223,6 +221,16 @@ impl PgStore {
         Ok(())
     }
 
+    /// A fresh connection (not one of the pool's) and `SELECT 1`: tells a database that
+    /// cannot be reached from a pool whose connections are all busy.
+    async fn reach_db(&self) -> Result<(), StoreError> {
+        use sqlx::Connection as _;
+        let mut conn = sqlx::PgConnection::connect_with(&self.pool.connect_options()).await?;
+        sqlx::query("SELECT 1").execute(&mut conn).await?;
+        conn.close().await?;
+        Ok(())
+    }
+
     /// Runs inside each write transaction; PostgreSQL delivers it on commit only.
     async fn notify_change(&self, tx: &mut Transaction<'_, Postgres>, message: &str) -> Result<(), StoreError> {
         sqlx::query("SELECT pg_notify($1, $2)")
@@ -243,8 +251,7 @@ impl PgStore {
         let mut lost_reported = false;
         while !*shutdown.borrow() {
             let subscribed = async {
-                let pool = self.listen.as_ref().map_or(&self.pool, |(p, _)| p);
-                let mut l = PgListener::connect_with(pool).await?;
+                let mut l = PgListener::connect_with(&self.listen.0).await?;
                 l.listen(CHANNEL).await?;
                 Ok::<_, sqlx::Error>(l)
             };

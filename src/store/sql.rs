@@ -220,7 +220,7 @@ pub(crate) const AUDIT_COLS: &str =
     "at, request_id, token_id, token_name, rpc, credential, version, code, latency_us, peer, count, last_at";
 
 /// Expands `#[async_trait] impl Store for $store` over a `pool: sqlx::Pool<_>` field.
-/// The backend type supplies `BACKEND`; `current_many_query()` for the one statement
+/// The backend type supplies `BACKEND`; `reach_db()` (is the database there at all); `current_many_query()` for the one statement
 /// whose dialects differ (binding a list of names); `insert_audit_batch()` (binding a
 /// batch of audit rows as one parameter set); `notify_change()`, called inside each
 /// write transaction; and `watch()`, the cross-daemon change feed.
@@ -249,6 +249,10 @@ macro_rules! impl_sql_store {
             async fn ping(&self) -> Result<(), StoreError> {
                 sqlx::query("SELECT 1").execute(&self.pool).await?;
                 Ok(())
+            }
+
+            async fn reach(&self) -> Result<(), StoreError> {
+                self.reach_db().await
             }
 
             async fn load_keyring(&self) -> Result<Option<KeyringRow>, StoreError> {

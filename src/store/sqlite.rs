@@ -156,6 +156,12 @@ impl SqliteStore {
         Ok(())
     }
 
+    /// The file is local: reaching it is a query through the pool.
+    async fn reach_db(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
     /// One process owns an SQLite file, so there is nobody to notify.
     async fn notify_change(&self, _tx: &mut Transaction<'_, Sqlite>, _message: &str) -> Result<(), StoreError> {
         Ok(())

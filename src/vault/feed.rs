@@ -114,6 +114,9 @@ impl Vault {
                 _ = self.inner.feed.probe.notified() => {
                     let _ = self.inner.store.probe().await;
                 }
+                () = breaker.suspicions() => {
+                    let _ = self.inner.store.probe().await;
+                }
                 _ = sleep_until(next_probe) => {
                     let _ = self.inner.store.probe().await;
                 }

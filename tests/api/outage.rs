@@ -178,6 +178,47 @@ async fn fail_closed_answers_unavailable_fast_and_recovers_without_restart() {
     env.cleanup().await;
 }
 
+/// The calls already on their way when the database vanishes do not wait out the pool's
+/// 5 s acquire timeout: the probe (its own connection, refused at once) opens the
+/// breaker, and every waiting call ends with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_in_flight_when_the_store_vanishes_fail_fast() {
+    let env = TestEnv::new(Backend::Postgres).await;
+    let mut proxy = PgProxy::start().await;
+    let d = TestDaemon::start(behind(&env, &proxy, 300), None).await;
+    let mut c = d.client().await;
+    put(&mut c, "gone/x", b"v1", None).await.unwrap();
+    proxy.cut().await;
+    let start = Instant::now();
+    let mut calls = Vec::new();
+    for i in 0..10 {
+        let mut c = d.client().await;
+        calls.push(tokio::spawn(async move {
+            let t = Instant::now();
+            let r = if i % 2 == 0 {
+                get(&mut c, &format!("gone/absent-{i}"), None).await.map(|_| ())
+            } else {
+                put(&mut c, "gone/x", b"v2", None).await.map(|_| ())
+            };
+            (t.elapsed(), r)
+        }));
+    }
+    let mut slowest = Duration::ZERO;
+    for call in calls {
+        let (took, r) = call.await.unwrap();
+        slowest = slowest.max(took);
+        assert_status(r, Code::Unavailable, "storage is unavailable");
+    }
+    println!("first calls after the cut: slowest {slowest:?}, all within {:?}", start.elapsed());
+    // Five seconds is what they waited before; allow a noisy machine most of the rest.
+    assert!(slowest < Duration::from_secs(3), "waited {slowest:?}");
+    proxy.restore().await;
+    eventually("writes work again", Duration::from_secs(10), async || put(&mut c, "gone/x", b"v3", None).await.is_ok())
+        .await;
+    d.stop().await;
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_superseded_version_is_served_after_the_resync() {
     let env = TestEnv::new(Backend::Postgres).await;
@@ -296,6 +337,53 @@ async fn a_terminated_backend_is_unavailable_not_internal() {
     })
     .await;
     assert_eq!(read(&mut c, "kill/x").await.unwrap().1, b"v3");
+    raw.close().await;
+    d.stop().await;
+    env.cleanup().await;
+}
+
+/// A failover that leaves the URL on a read-only server (a demoted primary, a standby):
+/// writes answer UNAVAILABLE (SQLSTATE 25006, retry later), not INTERNAL; cached reads
+/// keep working; once the server takes writes again, so does the daemon.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_to_a_read_only_server_are_unavailable_until_it_takes_writes() {
+    let env = TestEnv::new(Backend::Postgres).await;
+    let d = TestDaemon::start(env.settings(), None).await;
+    let mut c = d.client().await;
+    put(&mut c, "ro/x", b"v1", None).await.unwrap();
+    let raw = sqlx::PgPool::connect(&env.database_url()).await.unwrap();
+    let database: String = sqlx::query_scalar("SELECT current_database()").fetch_one(&raw).await.unwrap();
+    // New sessions are read-only; the daemon's current ones are ended, as a failover would.
+    let read_only = async |on: bool| {
+        let set = if on { "SET default_transaction_read_only = on" } else { "RESET default_transaction_read_only" };
+        sqlx::query(&format!("ALTER DATABASE \"{database}\" {set}")).execute(&raw).await.unwrap();
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() \
+             AND application_name = 'credvault'",
+        )
+        .execute(&raw)
+        .await
+        .unwrap();
+    };
+    read_only(true).await;
+    // The first of these reaches the read-only server (the breaker is closed then); later
+    // ones may be refused by the breaker once three failed in a row. Never INTERNAL.
+    for _ in 0..5 {
+        assert_status(put(&mut c, "ro/x", b"v2", None).await, Code::Unavailable, "storage is unavailable");
+    }
+    assert_eq!(read(&mut c, "ro/x").await.unwrap().1, b"v1", "cached reads still served");
+    read_only(false).await;
+    eventually("writes work again", Duration::from_secs(10), async || match put(&mut c, "ro/x", b"v3", None).await {
+        Ok(_) => true,
+        Err(s) => {
+            assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+            false
+        }
+    })
+    .await;
+    assert_eq!(read(&mut c, "ro/x").await.unwrap().1, b"v3");
+    let head = env.store().await.get_credential("ro/x").await.unwrap().unwrap();
+    assert_eq!(head.current_version, 2, "the refused writes left nothing behind");
     raw.close().await;
     d.stop().await;
     env.cleanup().await;

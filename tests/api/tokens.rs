@@ -1,6 +1,8 @@
 //! Token changes between daemons: a created or revoked token is named on the change
 //! feed, so other daemons refresh that one entry; a lost notification is made good by
-//! the periodic full reload. Also the separate LISTEN connection (`database_listen_url`).
+//! the periodic full reload. Also what running behind a transaction-mode pooler needs:
+//! the separate LISTEN connection (`database_listen_url`) and the driver's statement
+//! cache turned off.
 
 use std::time::Duration;
 
@@ -142,6 +144,30 @@ async fn the_listen_url_carries_the_feed_and_the_backstop_covers_its_loss() {
     proxy.restore().await;
     eventually("B's feed is back", Duration::from_secs(15), async || listeners().await == 1).await;
     raw.close().await;
+    a.stop().await;
+    b.stop().await;
+    env.cleanup().await;
+}
+
+/// `statement-cache-capacity=0` (for a pooler without prepared-statement support): every
+/// statement runs unnamed, and everything still works, writes and the feed included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_statement_cache_can_be_turned_off() {
+    let env = TestEnv::new(Backend::Postgres).await;
+    let mut settings = env.settings();
+    let url = env.database_url();
+    let sep = if url.contains('?') { '&' } else { '?' };
+    settings.database_url = Some(DatabaseUrl::new(format!("{url}{sep}statement-cache-capacity=0")));
+    let a = TestDaemon::start(settings.clone(), None).await;
+    let b = TestDaemon::start(settings, Some(&a.token)).await;
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    for v in 1..=3u64 {
+        assert_eq!(put(&mut ca, "t/nocache", format!("v{v}").as_bytes(), None).await.unwrap(), v);
+        eventually("B sees the write", Duration::from_secs(10), async || {
+            crate::e2e::get(&mut cb, "t/nocache", None).await.unwrap().0 == v
+        })
+        .await;
+    }
     a.stop().await;
     b.stop().await;
     env.cleanup().await;
