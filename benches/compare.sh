@@ -32,7 +32,7 @@ PG_HOST=${PG_HOST:-127.0.0.1}
 PG_USER=${PG_USER:-postgres}
 REDIS_HOST=${REDIS_HOST:-127.0.0.1}
 REDIS_PORT=${REDIS_PORT:-6379}
-BIN=${BIN:-target/release/credvault}
+BIN=${BIN:-target/dist/credvault}
 DB=cv_bench_$$
 PGBENCH_DB=cv_bench_pgbench_$$
 
@@ -57,8 +57,8 @@ log() { printf '\n== %s\n' "$*" >&2; }
 wanted() { [[ "$1" =~ $ONLY ]]; }
 
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
-    log "cargo build --release"
-    cargo build --release --quiet
+    log "cargo build --profile dist"
+    cargo build --profile dist --quiet
 fi
 
 free_port() {

@@ -169,7 +169,7 @@ fi
 section "Daemon accepts the configuration files"
 bin="${CREDVAULT_BIN:-}"
 if [ -z "$bin" ]; then
-  for candidate in "$repo/target/release/credvault" "$repo/target/debug/credvault" "$(command -v credvault 2>/dev/null)"; do
+  for candidate in "$repo/target/dist/credvault" "$repo/target/release/credvault" "$repo/target/debug/credvault" "$(command -v credvault 2>/dev/null)"; do
     if [ -n "$candidate" ] && [ -x "$candidate" ]; then bin="$candidate"; break; fi
   done
 fi
