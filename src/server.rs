@@ -93,17 +93,11 @@ fn tls_config(tls: &crate::config::TlsSettings) -> Result<tonic::transport::Serv
     Ok(config)
 }
 
-/// The gRPC server with the daemon's transport settings, shared with the bench's
-/// baseline server so the two differ only in what they do per request.
-pub fn grpc_server() -> Server {
-    Server::builder()
-}
-
 /// Accepted connections with `TCP_NODELAY` set. `Server::tcp_nodelay` applies only to
 /// listeners tonic binds itself; without this, Nagle's algorithm holds back the part of
 /// a response written after the first (the trailers) until the client's delayed ACK,
-/// about 40 ms on Linux, on every request.
-pub fn incoming(listener: TcpListener) -> TcpIncoming {
+/// about 40 ms on Linux, on every request. (The bench's baseline server does the same.)
+fn incoming(listener: TcpListener) -> TcpIncoming {
     TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
@@ -311,7 +305,7 @@ impl Daemon {
         };
 
         tracing::info!(%addr, %metrics_addr, backend = self.store.backend().as_str(), "credvault serving gRPC");
-        let mut builder = transport_settings(grpc_server(), transport);
+        let mut builder = transport_settings(Server::builder(), transport);
         if let Some(tls) = &self.settings.tls {
             builder = builder.tls_config(tls_config(tls)?)?;
         }

@@ -3,6 +3,7 @@
 
 pub mod bench;
 mod client;
+mod conn;
 mod rotate;
 
 use std::path::PathBuf;
@@ -11,7 +12,8 @@ use clap::{Parser, Subcommand};
 
 use crate::config::ServeArgs;
 
-pub use client::{run_client, ClientError};
+pub use client::run_client;
+pub use conn::ClientError;
 
 #[derive(Debug, Parser)]
 #[command(name = "credvault", version, about = "A credential vault daemon and its client")]

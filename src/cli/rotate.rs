@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::Subcommand;
 use tokio_stream::StreamExt as _;
 
-use super::client::{connect, read_value, ts, ClientError};
+use super::conn::{connect, read_value, ts, ClientError};
 use super::Connection;
 use crate::proto::{self, rotate_credential_request::Source, rotation_policy::Generator};
 
@@ -304,7 +304,7 @@ pub async fn run(cmd: RotationCommand, out: &mut impl std::io::Write) -> Result<
 
 /// Follows a job's progress stream with a progress bar until it ends.
 async fn follow(
-    a: &mut proto::admin_service_client::AdminServiceClient<super::client::Authed>,
+    a: &mut proto::admin_service_client::AdminServiceClient<super::conn::Authed>,
     job_id: u64,
     total: u64,
     out: &mut impl std::io::Write,

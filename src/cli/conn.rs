@@ -1,0 +1,171 @@
+//! Reaching the daemon, shared by every client subcommand: the connection (TLS,
+//! bearer token), the error type with its exit codes, and reading values and timestamps.
+//! Errors carry an exit code a shell script can branch on: 1 other, 3 not found, 4
+//! conflict or precondition, 5 authentication or permission, 6 daemon unreachable or
+//! unavailable, 7 invalid argument.
+
+use std::io::{IsTerminal as _, Read as _};
+
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Status};
+
+use super::Connection;
+use crate::proto::admin_service_client::AdminServiceClient;
+use crate::proto::credential_service_client::CredentialServiceClient;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot reach the daemon at {addr}: {reason}")]
+    Connect { addr: String, reason: String },
+    #[error("{} ({:?})", .0.message(), .0.code())]
+    Rpc(Status),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// A rotation job ended without completing.
+    #[error("the rotation job did not complete: {0}")]
+    Job(String),
+}
+
+impl ClientError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ClientError::Usage(_) => 7,
+            ClientError::Connect { .. } => 6,
+            ClientError::Io(_) => 1,
+            ClientError::Job(_) => 4,
+            ClientError::Rpc(s) => match s.code() {
+                Code::NotFound => 3,
+                Code::Aborted | Code::AlreadyExists | Code::FailedPrecondition => 4,
+                Code::Unauthenticated | Code::PermissionDenied => 5,
+                Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted => 6,
+                Code::InvalidArgument | Code::OutOfRange => 7,
+                _ => 1,
+            },
+        }
+    }
+}
+
+impl From<Status> for ClientError {
+    fn from(s: Status) -> Self {
+        ClientError::Rpc(s)
+    }
+}
+
+pub(super) type Authed = InterceptedService<Channel, BearerToken>;
+
+#[derive(Clone)]
+pub struct BearerToken(MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+pub(super) async fn connect(
+    conn: &Connection,
+) -> Result<(CredentialServiceClient<Authed>, AdminServiceClient<Authed>), ClientError> {
+    let token = conn.token.as_deref().filter(|t| !t.is_empty()).ok_or_else(|| {
+        ClientError::Usage(
+            "no token: set CREDVAULT_TOKEN or pass --token (the root token is printed when the daemon first starts)"
+                .into(),
+        )
+    })?;
+    let auth = bearer(token)?;
+    let endpoint = endpoint(conn)?;
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| ClientError::Connect { addr: endpoint.uri().to_string(), reason: e.to_string() })?;
+    Ok((
+        CredentialServiceClient::with_interceptor(channel.clone(), auth.clone()),
+        AdminServiceClient::with_interceptor(channel, auth),
+    ))
+}
+
+/// The `authorization` header for a bearer token, marked sensitive so it is never logged.
+pub(super) fn bearer(token: &str) -> Result<BearerToken, ClientError> {
+    let mut header: MetadataValue<_> = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| ClientError::Usage("the token contains characters not allowed in a header".into()))?;
+    header.set_sensitive(true);
+    Ok(BearerToken(header))
+}
+
+/// Where `conn` points: `https` when any TLS option is given (an `http://` address is
+/// upgraded), plaintext otherwise.
+pub(super) fn endpoint(conn: &Connection) -> Result<Endpoint, ClientError> {
+    let tls = conn.tls_ca.is_some() || conn.tls_client_cert.is_some() || conn.addr.starts_with("https://");
+    let addr = match (conn.addr.split_once("://"), tls) {
+        (Some(("http", rest)), true) => format!("https://{rest}"),
+        (Some(_), _) => conn.addr.clone(),
+        (None, true) => format!("https://{}", conn.addr),
+        (None, false) => format!("http://{}", conn.addr),
+    };
+    let err = |reason: String| ClientError::Connect { addr: addr.clone(), reason };
+    let mut endpoint = Endpoint::from_shared(addr.clone())
+        .map_err(|e| err(e.to_string()))?
+        .tcp_nodelay(true)
+        .connect_timeout(std::time::Duration::from_secs(5));
+    if tls {
+        endpoint = endpoint.tls_config(client_tls(conn)?).map_err(|e| err(e.to_string()))?;
+    }
+    Ok(endpoint)
+}
+
+fn client_tls(conn: &Connection) -> Result<tonic::transport::ClientTlsConfig, ClientError> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| ClientError::Usage(format!("cannot read {}: {e}", p.display())))
+    };
+    let mut config = ClientTlsConfig::new();
+    if let Some(ca) = &conn.tls_ca {
+        config = config.ca_certificate(Certificate::from_pem(read(ca)?));
+    }
+    if let (Some(cert), Some(key)) = (&conn.tls_client_cert, &conn.tls_client_key) {
+        config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
+    }
+    if let Some(domain) = &conn.tls_domain {
+        config = config.domain_name(domain.clone());
+    }
+    Ok(config)
+}
+
+pub(super) fn ts(t: &Option<prost_types::Timestamp>) -> String {
+    t.as_ref().map(|t| t.to_string()).unwrap_or_else(|| "-".into())
+}
+
+/// A value from a file (byte for byte) or from stdin (a trailing newline stripped
+/// unless `keep_newline`). Never from an argument, where it would show in `ps`.
+pub(super) fn read_value(
+    file: Option<&std::path::Path>,
+    keep_newline: bool,
+) -> Result<zeroize::Zeroizing<Vec<u8>>, ClientError> {
+    Ok(zeroize::Zeroizing::new(match file {
+        Some(path) => {
+            std::fs::read(path).map_err(|e| ClientError::Usage(format!("cannot read {}: {e}", path.display())))?
+        }
+        None => {
+            if std::io::stdin().is_terminal() {
+                return Err(ClientError::Usage(
+                    "give the value with --value-file FILE or on stdin (values are never taken as arguments)".into(),
+                ));
+            }
+            let mut buf = Vec::new();
+            std::io::stdin().read_to_end(&mut buf)?;
+            if !keep_newline {
+                if buf.ends_with(b"\r\n") {
+                    buf.truncate(buf.len() - 2);
+                } else if buf.ends_with(b"\n") {
+                    buf.truncate(buf.len() - 1);
+                }
+            }
+            buf
+        }
+    }))
+}
