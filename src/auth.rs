@@ -134,8 +134,8 @@ impl Auth {
 
     fn updated(&self, counter: &std::sync::atomic::AtomicU64, kind: &'static str, live: usize) {
         counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        metrics::counter!(crate::metrics::names::TOKEN_UPDATES, "kind" => kind).increment(1);
-        metrics::gauge!(crate::metrics::names::TOKENS).set(live as f64);
+        metrics::counter!(crate::telemetry::names::TOKEN_UPDATES, "kind" => kind).increment(1);
+        metrics::gauge!(crate::telemetry::names::TOKENS).set(live as f64);
     }
 
     /// Full reloads and single-token refreshes done so far.
@@ -256,7 +256,7 @@ impl Auth {
             Some(e) => tokens.insert(hash, e),
             None => tokens.remove(&hash),
         };
-        metrics::gauge!(crate::metrics::names::TOKENS).set(tokens.len() as f64);
+        metrics::gauge!(crate::telemetry::names::TOKENS).set(tokens.len() as f64);
     }
 
     /// Checks an `authorization` header value against the in-memory table.

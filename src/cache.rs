@@ -46,8 +46,8 @@ use tokio::time::{Duration, Instant};
 use zeroize::Zeroizing;
 
 use crate::crypto::Sealed;
-use crate::metrics::names;
 use crate::store::{VersionInfo, VersionRow};
+use crate::telemetry::names;
 
 /// What happens to plaintext after a cached value is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]

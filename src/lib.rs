@@ -6,7 +6,8 @@
 //! - [`server`]: builds a daemon from [`config::Settings`] and runs it until shutdown.
 //! - [`vault`]: the core: validation, sealing and opening, compare-and-set writes.
 //! - [`cache`]: the sharded TTL LRU of sealed versions with lazy decryption.
-//! - [`metrics`]: metric names, the Prometheus recorder and `/metrics` listener.
+//! - [`telemetry`]: metric names, the Prometheus recorder, the `/metrics` listener and
+//!   its upkeep (the request series are recorded by `service::layers::metrics`).
 //! - [`auth`]: bearer tokens, checked in memory.
 //! - [`policy`]: token policies: capabilities, the pattern language, listing ranges.
 //! - [`audit`]: the audit layer, queue and batch writer.
@@ -23,12 +24,12 @@ pub mod config;
 pub mod crypto;
 pub mod generate;
 pub mod limits;
-pub mod metrics;
 pub mod names;
 pub mod policy;
 pub mod proto;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod telemetry;
 pub mod unlock;
 pub mod vault;

@@ -125,7 +125,7 @@ impl Daemon {
             }
         }
         // Before anything creates metric handles, so they record into it.
-        let metrics = crate::metrics::install().ok_or(ServerError::Metrics)?;
+        let metrics = crate::telemetry::install().ok_or(ServerError::Metrics)?;
         let store = open_store(&settings).await?;
         let keys = unlock(store.as_ref(), &settings.master_key_spec()).await?;
         let auth = Auth::load(store.as_ref(), settings.limits.default_token_rate_per_second).await?;
@@ -140,7 +140,7 @@ impl Daemon {
         let listener = TcpListener::bind(settings.listen)
             .await
             .map_err(|source| ServerError::Bind { addr: settings.listen, source })?;
-        let metrics_listener = crate::metrics::bind(settings.metrics_listen)
+        let metrics_listener = crate::telemetry::bind(settings.metrics_listen)
             .await
             .map_err(|source| ServerError::Bind { addr: settings.metrics_listen, source })?;
         Ok(Daemon {
@@ -279,13 +279,13 @@ impl Daemon {
         let scheduler = tokio::spawn(self.vault.clone().run_scheduler(stop_rx.clone()));
         let keeper = tokio::spawn(self.vault.clone().run_keeper(stop_rx.clone()));
         let jobs = tokio::spawn(self.vault.clone().run_jobs(stop_rx.clone()));
-        let upkeep = tokio::spawn(crate::metrics::run_upkeep(
+        let upkeep = tokio::spawn(crate::telemetry::run_upkeep(
             self.metrics.clone(),
-            crate::metrics::UPKEEP_INTERVAL,
+            crate::telemetry::UPKEEP_INTERVAL,
             stop_rx.clone(),
         ));
         let metrics_server =
-            tokio::spawn(crate::metrics::serve(self.metrics_listener, self.metrics, self.store.clone(), stop_rx));
+            tokio::spawn(crate::telemetry::serve(self.metrics_listener, self.metrics, self.store.clone(), stop_rx));
 
         // Draining: on `shutdown`, tonic stops accepting and sends GOAWAY; the drain layer
         // ends open streams with UNAVAILABLE; unary requests get the grace period.
@@ -310,9 +310,9 @@ impl Daemon {
             builder = builder.tls_config(tls_config(tls)?)?;
         }
         let server = builder
-            .layer(crate::metrics::RequestMetricsLayer)
+            .layer(crate::service::layers::metrics::RequestMetricsLayer)
             .layer(crate::service::lifecycle::DeadlineLayer)
-            .layer(crate::audit::AuditLayer::new(audit))
+            .layer(crate::service::layers::audit::AuditLayer::new(audit))
             .layer(crate::service::lifecycle::DrainLayer::new(drain_rx.clone()))
             .layer(crate::limits::AdmissionLayer::new(
                 limits.max_concurrent_requests,

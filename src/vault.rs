@@ -12,12 +12,12 @@ use zeroize::Zeroizing;
 
 use crate::cache::{Cache, CacheSettings, Cached, CachedVersion, Hit};
 use crate::crypto::{self, CryptoError, KeyRing, Sealed};
-use crate::metrics::names::DECRYPT_DURATION;
 use crate::names::{check_prefix, CredentialName};
 use crate::store::{
     now_micros, Backend, Change, ChangeEvent, ChangeKind, CredentialRow, Instrumented, Metadata, Micros, NewVersion,
     PolicyAdvance, Store, StoreError, VersionInfo, VersionRow, VersionState, WriteBase,
 };
+use crate::telemetry::names::DECRYPT_DURATION;
 
 mod feed;
 mod keys;

@@ -7,10 +7,10 @@ use tonic::{Request, Response, Status};
 
 use super::{audit_version, authorize, caller, denied, from_timestamp, timestamp, version_state};
 use crate::auth::{Auth, Capability};
-use crate::metrics::names;
 use crate::proto::{self, credential_service_server::CredentialService};
 use crate::store::ChangeKind;
 use crate::store::{CredentialRow, Metadata};
+use crate::telemetry::names;
 use crate::vault::{CredentialDetails, CredentialValue, Vault, WatchEvent};
 
 /// Messages queued per watch stream between the event loop and the transport; the
@@ -123,7 +123,7 @@ impl CredentialService for CredentialApi {
         req: Request<proto::GetCredentialRequest>,
     ) -> Result<Response<proto::GetCredentialResponse>, Status> {
         authorize(&req, Capability::Read, &req.get_ref().name)?;
-        let ctx = crate::audit::context(&req).cloned();
+        let ctx = crate::service::layers::audit::context(&req).cloned();
         let r = req.into_inner();
         let v = self.vault.get(&r.name, r.version).await?;
         if let Some(ctx) = ctx {
@@ -138,7 +138,7 @@ impl CredentialService for CredentialApi {
         req: Request<proto::BatchGetCredentialsRequest>,
     ) -> Result<Response<proto::BatchGetCredentialsResponse>, Status> {
         let c = caller(&req)?;
-        if let Some(ctx) = crate::audit::context(&req) {
+        if let Some(ctx) = crate::service::layers::audit::context(&req) {
             ctx.set_credentials(&req.get_ref().names);
         }
         let names = req.into_inner().names;
@@ -194,7 +194,7 @@ impl CredentialService for CredentialApi {
         let mut req = req;
         let value = zeroize::Zeroizing::new(std::mem::take(&mut req.get_mut().value));
         authorize(&req, Capability::Write, &req.get_ref().name)?;
-        let ctx = crate::audit::context(&req).cloned();
+        let ctx = crate::service::layers::audit::context(&req).cloned();
         let r = req.into_inner();
         let metadata = r.metadata.map(metadata_from).transpose()?;
         let out = self.vault.put(&r.name, &value, r.expected_version, metadata.as_ref()).await?;
@@ -230,7 +230,7 @@ impl CredentialService for CredentialApi {
         req: Request<proto::ListCredentialsRequest>,
     ) -> Result<Response<proto::ListCredentialsResponse>, Status> {
         let c = caller(&req)?;
-        if let Some(ctx) = crate::audit::context(&req) {
+        if let Some(ctx) = crate::service::layers::audit::context(&req) {
             ctx.set_credential(&req.get_ref().prefix);
         }
         let r = req.into_inner();
@@ -256,7 +256,7 @@ impl CredentialService for CredentialApi {
             req.metadata().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned(),
         );
         let auth = self.auth.clone();
-        if let Some(ctx) = crate::audit::context(&req) {
+        if let Some(ctx) = crate::service::layers::audit::context(&req) {
             ctx.set_credential(&req.get_ref().prefix);
         }
         let prefix = req.into_inner().prefix;

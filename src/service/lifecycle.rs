@@ -31,7 +31,7 @@ use hyper::body::Bytes;
 use tokio::sync::watch;
 use tonic::body::Body;
 
-use crate::audit::parse_grpc_timeout;
+use crate::service::layers::audit::parse_grpc_timeout;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 

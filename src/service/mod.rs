@@ -7,6 +7,7 @@
 
 mod admin;
 mod credential;
+pub mod layers;
 pub mod lifecycle;
 
 pub use admin::AdminApi;
@@ -79,7 +80,7 @@ impl tonic::service::Interceptor for AuthInterceptor {
                 return Err(status);
             }
         }
-        if let Some(ctx) = crate::audit::context(&req) {
+        if let Some(ctx) = crate::service::layers::audit::context(&req) {
             ctx.set_caller(caller.clone());
         }
         if let Some(slot) = crate::limits::request_slot(req.extensions()) {
@@ -108,7 +109,7 @@ pub(crate) fn caller<T>(req: &Request<T>) -> Result<std::sync::Arc<Caller>, Stat
 /// reveals nothing.
 pub(crate) fn authorize<T>(req: &Request<T>, cap: Capability, name: &str) -> Result<std::sync::Arc<Caller>, Status> {
     let c = caller(req)?;
-    if let Some(ctx) = crate::audit::context(req) {
+    if let Some(ctx) = crate::service::layers::audit::context(req) {
         ctx.set_credential(name);
     }
     if CredentialName::parse(name, usize::MAX).is_ok() && !c.policy.allows(cap, name) {
@@ -119,7 +120,7 @@ pub(crate) fn authorize<T>(req: &Request<T>, cap: Capability, name: &str) -> Res
 
 /// Records the version a request read or wrote in its audit event.
 pub(crate) fn audit_version<T>(req: &Request<T>, version: u64) {
-    if let Some(ctx) = crate::audit::context(req) {
+    if let Some(ctx) = crate::service::layers::audit::context(req) {
         ctx.set_version(version);
     }
 }

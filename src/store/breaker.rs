@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use tokio::time::{Duration, Instant};
 
 use super::{Outage, StoreError};
-use crate::metrics::names;
+use crate::telemetry::names;
 
 /// Timeouts or killed connections in a row that open the breaker.
 pub const FLAKY_IN_A_ROW: u32 = 3;

@@ -14,7 +14,7 @@ use super::{
     AuditRow, Backend, Breaker, ChangeSink, CredentialRow, JobRow, KekRow, KeyringRow, ListQuery, Micros, NewVersion,
     PoolStats, RewrapBatch, RewrapRow, RotationPolicyRow, Store, StoreError, TokenRow, VersionInfo, VersionRow,
 };
-use crate::metrics::names::STORE_QUERY_DURATION;
+use crate::telemetry::names::STORE_QUERY_DURATION;
 
 const BACKGROUND_OPS: &[&str] = &[
     "insert_audit",

@@ -20,7 +20,7 @@ use tokio::sync::{watch, Notify};
 
 use super::{Vault, WatchEvent};
 use crate::cache::Current;
-use crate::metrics::names;
+use crate::telemetry::names;
 
 /// Names per revalidation query.
 pub const RESYNC_CHUNK: usize = 500;

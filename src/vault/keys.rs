@@ -22,11 +22,11 @@ use secrecy::SecretString;
 
 use super::{micros, Vault, VaultError};
 use crate::crypto::{self, CryptoError, KdfParams, Kek, MasterKey};
-use crate::metrics::names;
 use crate::store::{
     now_micros, JobRow, JobState, KekRow, KekState, KeyringRow, MasterKeySource, RewrapBatch, Rewrapped, Store,
     StoreError,
 };
+use crate::telemetry::names;
 use crate::unlock::UnlockError;
 
 /// A job's progress as operators see it.

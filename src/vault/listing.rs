@@ -217,7 +217,7 @@ impl Vault {
                 batch = (batch * 2).min(MAX_BATCH);
             }
         }
-        metrics::counter!(crate::metrics::names::LIST_ROWS_SCANNED).increment(scanned as u64);
+        metrics::counter!(crate::telemetry::names::LIST_ROWS_SCANNED).increment(scanned as u64);
         let next_page_token = match next {
             None => String::new(),
             Some(resume) => {

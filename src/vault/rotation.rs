@@ -13,10 +13,10 @@ use zeroize::Zeroizing;
 
 use super::{micros, not_found, Vault, VaultError, WriteOptions};
 use crate::generate::GeneratorSpec;
-use crate::metrics::names;
 use crate::store::{
     now_micros, ChangeKind, CredentialRow, Micros, PolicyAdvance, PolicyKind, RotationPolicyRow, Store, StoreError,
 };
+use crate::telemetry::names;
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
