@@ -314,7 +314,7 @@ impl Daemon {
             .layer(crate::service::lifecycle::DeadlineLayer)
             .layer(crate::service::layers::audit::AuditLayer::new(audit))
             .layer(crate::service::lifecycle::DrainLayer::new(drain_rx.clone()))
-            .layer(crate::limits::AdmissionLayer::new(
+            .layer(crate::service::layers::admission::AdmissionLayer::new(
                 limits.max_concurrent_requests,
                 transport,
                 // The largest message either service decodes, plus its 5-byte frame header.
@@ -326,7 +326,7 @@ impl Daemon {
             .add_service(InterceptedService::new(credentials, interceptor.clone()))
             .add_service(InterceptedService::new(admin, interceptor))
             .serve_with_incoming_shutdown(
-                crate::limits::limited_incoming(incoming(self.listener), transport.max_connections),
+                crate::service::layers::admission::limited_incoming(incoming(self.listener), transport.max_connections),
                 drain_signal,
             );
         let mut grace_over = drain_rx;

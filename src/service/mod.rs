@@ -83,7 +83,7 @@ impl tonic::service::Interceptor for AuthInterceptor {
         if let Some(ctx) = crate::service::layers::audit::context(&req) {
             ctx.set_caller(caller.clone());
         }
-        if let Some(slot) = crate::limits::request_slot(req.extensions()) {
+        if let Some(slot) = crate::service::layers::admission::request_slot(req.extensions()) {
             slot.admit(&caller.token_id).map_err(|e| admission_status(&caller, e))?;
         }
         req.extensions_mut().insert(caller);

@@ -3,5 +3,6 @@
 //! (`crate::audit`), the drain layer (`service::lifecycle`), then admission
 //! (`crate::limits`).
 
+pub mod admission;
 pub mod audit;
 pub mod metrics;
