@@ -10,9 +10,7 @@ use credvault::proto::{
     WatchCredentialsRequest,
 };
 
-use crate::cache::eventually;
-use crate::e2e::{get, put};
-use crate::helpers::{assert_status, Backend, Raw, TestDaemon, TestEnv};
+use crate::helpers::{assert_status, eventually, get, put, Backend, Raw, TestDaemon, TestEnv};
 
 const MARKER: &str = "audit-marker-51f0-secret-value";
 

@@ -9,8 +9,7 @@ use credvault::proto::{
 };
 
 use crate::both_backends;
-use crate::e2e::{get, put};
-use crate::helpers::{assert_status, Backend, Client, TestDaemon, TestEnv};
+use crate::helpers::{assert_status, get, put, Backend, Client, TestDaemon, TestEnv};
 
 both_backends!(bad_input_is_rejected_precisely);
 

@@ -3,8 +3,7 @@
 use tonic::Code;
 
 use crate::both_backends;
-use crate::e2e::{get, put};
-use crate::helpers::{Backend, TestDaemon, TestEnv};
+use crate::helpers::{get, put, Backend, TestDaemon, TestEnv};
 
 both_backends!(concurrent_compare_and_set_loses_nothing, concurrent_unconditional_puts_all_land);
 

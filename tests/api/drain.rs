@@ -8,8 +8,7 @@ use tonic::Code;
 
 use credvault::proto::{self, WatchCredentialsRequest};
 
-use crate::e2e::{get, put};
-use crate::helpers::{Backend, Bearer, Raw, TestDaemon, TestEnv};
+use crate::helpers::{eventually, get, put, Backend, Bearer, Raw, TestDaemon, TestEnv};
 use crate::kek::spawn_binary;
 
 fn sigterm(child: &tokio::process::Child) {
@@ -81,10 +80,8 @@ async fn sigterm_drains_streams_and_requests_then_exits_zero() {
             }
         });
     }
-    crate::cache::eventually("every writer to be acknowledged", Duration::from_secs(30), async || {
-        acked.lock().unwrap().len() >= 4
-    })
-    .await;
+    eventually("every writer to be acknowledged", Duration::from_secs(30), async || acked.lock().unwrap().len() >= 4)
+        .await;
 
     let signalled = Instant::now();
     sigterm(&child);
@@ -175,7 +172,7 @@ async fn a_write_overtaken_by_its_deadline_is_committed_whole() {
     lock.rollback().await.unwrap();
 
     let store = env.store().await;
-    crate::cache::eventually("the write to complete and be audited", Duration::from_secs(10), async || {
+    eventually("the write to complete and be audited", Duration::from_secs(10), async || {
         let audited: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM audit_log WHERE rpc = 'PutCredential' AND version = 2 AND code = 'OK'",
         )

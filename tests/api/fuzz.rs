@@ -21,8 +21,7 @@ use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use crate::e2e::{get, put};
-use crate::helpers::{Backend, Bearer, TestEnv};
+use crate::helpers::{get, put, Backend, Bearer, TestEnv};
 
 /// Sends and receives message bodies as they are, unparsed.
 #[derive(Clone, Copy, Default)]

@@ -9,8 +9,7 @@ use tonic::metadata::MetadataValue;
 
 use credvault::proto::{self, Capability, CreateTokenRequest, PolicyRule, RevokeTokenRequest};
 
-use crate::e2e::{get, put};
-use crate::helpers::{Backend, Bearer, TestEnv};
+use crate::helpers::{get, put, Backend, Bearer, TestEnv};
 
 const MARKER: &str = "hygiene-marker-4be1-do-not-log";
 

@@ -13,9 +13,9 @@ use credvault::proto::{self, GetRotationJobRequest, RekeyMasterRequest, RotateKe
 use credvault::vault::Vault;
 
 use crate::both_backends;
-use crate::cache::eventually;
-use crate::e2e::{get, put};
-use crate::helpers::{assert_status, passphrase_settings, Admin, Backend, Bearer, Raw, TestDaemon, TestEnv};
+use crate::helpers::{
+    assert_status, eventually, get, passphrase_settings, put, Admin, Backend, Bearer, Raw, TestDaemon, TestEnv,
+};
 
 both_backends!(kek_rotation_survives_a_crash, puts_racing_a_rewrap_lose_nothing);
 

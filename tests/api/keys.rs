@@ -3,8 +3,7 @@
 use credvault::server::{Daemon, ServerError};
 use credvault::unlock::UnlockError;
 
-use crate::e2e::{get, put};
-use crate::helpers::{passphrase_settings, Backend, TestDaemon, TestEnv};
+use crate::helpers::{get, passphrase_settings, put, Backend, TestDaemon, TestEnv};
 
 #[tokio::test]
 async fn passphrase_database_restarts_with_the_same_passphrase_only() {

@@ -8,9 +8,7 @@ use tonic::Code;
 use credvault::proto::{Capability, ListCredentialsRequest};
 
 use crate::both_backends;
-use crate::e2e::put;
-use crate::helpers::{assert_status, Backend, Client, Raw, TestDaemon, TestEnv};
-use crate::security::{client_with, create_token, rule};
+use crate::helpers::{assert_status, client_with, create_token, put, rule, Backend, Client, Raw, TestDaemon, TestEnv};
 
 fn req(prefix: &str, page_size: u32, page_token: &str) -> ListCredentialsRequest {
     ListCredentialsRequest { prefix: prefix.into(), page_size, page_token: page_token.into(), include_deleted: false }

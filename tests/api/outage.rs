@@ -12,9 +12,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
-use crate::cache::eventually;
-use crate::e2e::{get, put};
-use crate::helpers::{assert_status, Backend, Client, TestDaemon, TestEnv};
+use crate::helpers::{assert_status, eventually, get, put, scrape, Backend, Client, TestDaemon, TestEnv};
 use crate::proxy::PgProxy;
 
 /// Settings for a daemon whose database connections all go through `proxy`.
@@ -118,7 +116,7 @@ async fn hits_are_served_through_a_ten_second_outage() {
         other => panic!("uncached name: {other:?}"),
     }
 
-    let body = crate::cache::scrape(&d).await;
+    let body = scrape(&d).await;
     for series in ["credvault_store_reachable ", "credvault_store_breaker_open ", "credvault_cache_stale_serves_total "]
     {
         assert!(body.contains(series), "missing {series}");

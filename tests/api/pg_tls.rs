@@ -110,8 +110,7 @@ async fn tls_settings_that_would_be_misread_are_refused() {
 /// included, and the bridge's socket directory is private and removed with the store.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_daemon_over_verify_ca_serves_reads_writes_and_notifications() {
-    use crate::e2e::{get, put};
-    use crate::helpers::TestDaemon;
+    use crate::helpers::{get, put, TestDaemon};
     let env = TestEnv::new(Backend::Postgres).await;
     let mut settings = env.settings();
     let verified = url(&env, "127.0.0.1", &format!("sslmode=verify-ca&sslrootcert={SNAKEOIL}"));
@@ -159,8 +158,7 @@ async fn a_daemon_over_verify_ca_serves_reads_writes_and_notifications() {
 
 #[tokio::test]
 async fn a_daemon_over_tls_serves_and_never_shows_the_password() {
-    use crate::e2e::{get, put};
-    use crate::helpers::TestDaemon;
+    use crate::helpers::{get, put, TestDaemon};
     let env = TestEnv::new(Backend::Postgres).await;
     let mut settings = env.settings();
     settings.database_url = Some(credvault::config::DatabaseUrl::new(url(&env, "127.0.0.1", "sslmode=require")));

@@ -13,9 +13,9 @@ use credvault::proto::{
     RotateCredentialRequest, RotationPolicy, SetRotationPolicyRequest,
 };
 
-use crate::e2e::{get, put};
-use crate::helpers::{assert_status, Admin, Backend, Bearer, TestDaemon, TestEnv};
-use crate::security::{client_with, create_token, rule};
+use crate::helpers::{
+    assert_status, client_with, create_token, eventually, get, put, rule, Admin, Backend, Bearer, TestDaemon, TestEnv,
+};
 
 async fn admin_with(d: &TestDaemon, token: &str) -> Admin {
     let bearer = Bearer(format!("Bearer {token}").parse::<MetadataValue<_>>().unwrap());
@@ -237,11 +237,9 @@ async fn tokens_stored_with_old_patterns_keep_working() {
         .await
         .unwrap();
     let mut old = client_with(&d, token).await;
-    crate::cache::eventually(
-        "the periodic token reload to load the old token",
-        std::time::Duration::from_secs(10),
-        async || get(&mut old.clone(), "team-a/x/y", None).await.is_ok(),
-    )
+    eventually("the periodic token reload to load the old token", std::time::Duration::from_secs(10), async || {
+        get(&mut old.clone(), "team-a/x/y", None).await.is_ok()
+    })
     .await;
     assert_eq!(get(&mut old, "team-a/x/y", None).await.unwrap().1, b"v2", "old `team-a/*` reaches any depth");
     assert_status(get(&mut old, "team-b/x", None).await, Code::PermissionDenied, "may not read \"team-b/x\"");

@@ -15,9 +15,7 @@ use credvault::proto::{
 use credvault::store::{Change, ChangeEvent, ChangeKind};
 
 use crate::both_backends;
-use crate::cache::eventually;
-use crate::e2e::{get, put};
-use crate::helpers::{assert_status, Backend, TestDaemon, TestEnv};
+use crate::helpers::{assert_status, eventually, get, put, Backend, TestDaemon, TestEnv};
 
 both_backends!(rotation_keeps_the_previous_version_for_its_grace, rotation_under_load_never_serves_a_mix);
 both_backends!(destroy_and_undelete, watchers_see_changes_under_their_prefix, periodic_and_scheduled_policies_fire);

@@ -4,8 +4,7 @@
 use tonic::Code;
 
 use crate::both_backends;
-use crate::e2e::{get, put};
-use crate::helpers::{assert_status, Backend, TestDaemon, TestEnv};
+use crate::helpers::{assert_status, get, put, Backend, TestDaemon, TestEnv};
 
 both_backends!(flipped_bytes_are_data_loss, moved_ciphertexts_are_data_loss, no_plaintext_at_rest);
 

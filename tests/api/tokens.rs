@@ -12,9 +12,7 @@ use tonic::Code;
 use credvault::config::DatabaseUrl;
 use credvault::proto::{self, credential_service_client::CredentialServiceClient};
 
-use crate::cache::eventually;
-use crate::e2e::put;
-use crate::helpers::{Backend, Bearer, Raw, TestDaemon, TestEnv};
+use crate::helpers::{eventually, put, Backend, Bearer, Raw, TestDaemon, TestEnv};
 use crate::proxy::PgProxy;
 
 /// A token that may read `t/*`; returns its text and id.
@@ -118,10 +116,10 @@ async fn the_listen_url_carries_the_feed_and_the_backstop_covers_its_loss() {
     let mut ca = a.client().await;
     let mut cb = b.client().await;
     put(&mut ca, "t/x", b"1", None).await.unwrap();
-    assert_eq!(crate::e2e::get(&mut cb, "t/x", None).await.unwrap().0, 1);
+    assert_eq!(crate::helpers::get(&mut cb, "t/x", None).await.unwrap().0, 1);
     put(&mut ca, "t/x", b"2", None).await.unwrap();
     eventually("B sees A's write", Duration::from_secs(10), async || {
-        crate::e2e::get(&mut cb, "t/x", None).await.unwrap().0 == 2
+        crate::helpers::get(&mut cb, "t/x", None).await.unwrap().0 == 2
     })
     .await;
 
@@ -139,7 +137,7 @@ async fn the_listen_url_carries_the_feed_and_the_backstop_covers_its_loss() {
     })
     .await;
     // B's own pool never depended on the feed's connection.
-    assert_eq!(crate::e2e::get(&mut cb, "t/x", None).await.unwrap().0, 2);
+    assert_eq!(crate::helpers::get(&mut cb, "t/x", None).await.unwrap().0, 2);
 
     proxy.restore().await;
     eventually("B's feed is back", Duration::from_secs(15), async || listeners().await == 1).await;
@@ -164,7 +162,7 @@ async fn the_statement_cache_can_be_turned_off() {
     for v in 1..=3u64 {
         assert_eq!(put(&mut ca, "t/nocache", format!("v{v}").as_bytes(), None).await.unwrap(), v);
         eventually("B sees the write", Duration::from_secs(10), async || {
-            crate::e2e::get(&mut cb, "t/nocache", None).await.unwrap().0 == v
+            crate::helpers::get(&mut cb, "t/nocache", None).await.unwrap().0 == v
         })
         .await;
     }

@@ -9,8 +9,7 @@ use credvault::proto::{
 };
 
 use crate::both_backends;
-use crate::e2e::{get, put};
-use crate::helpers::{assert_status, Backend, TestDaemon, TestEnv};
+use crate::helpers::{assert_status, get, put, Backend, TestDaemon, TestEnv};
 
 both_backends!(versions_out_of_range_are_refused);
 
