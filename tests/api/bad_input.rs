@@ -156,5 +156,4 @@ async fn bad_input_is_rejected_precisely(backend: Backend) {
     let names: Vec<String> = all.credentials.into_iter().map(|m| m.name).collect();
     assert_eq!(names, vec!["good/max".to_owned(), "good/one".into(), "n".repeat(256), "pruned".into()]);
     d.stop().await;
-    env.cleanup().await;
 }

@@ -83,7 +83,6 @@ async fn get_against_the_baseline_in_rounds() {
         .into_inner();
     assert_eq!(got.value.len(), 256);
     d.stop().await;
-    env.cleanup().await;
 }
 
 async fn workloads(backend: Backend) {
@@ -122,7 +121,6 @@ async fn workloads(backend: Backend) {
     }
     assert!(total >= 120, "{total} versions written");
     d.stop().await;
-    env.cleanup().await;
 }
 both_backends!(workloads);
 
@@ -138,7 +136,6 @@ async fn puts_with_fewer_keys_than_callers_count_conflicts_not_errors() {
     assert_eq!(r.ok + r.conflicts, 100);
     assert_eq!(r.outcomes.get("CONFLICT").copied().unwrap_or(0), r.conflicts);
     d.stop().await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -153,7 +150,6 @@ async fn fixed_rate_measures_every_scheduled_request() {
     // 200 requests at 1000/s are scheduled over 0.2 s: the run cannot be shorter.
     assert!(out.credvault.expect("daemon").elapsed_s >= 0.19);
     d.stop().await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

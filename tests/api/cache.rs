@@ -38,7 +38,6 @@ async fn hits_make_no_store_queries(backend: Backend) {
     assert_eq!(batch.into_inner().results.len(), 10);
     assert_eq!(d.vault.store_queries(), before, "1,000 hits (authentication included) made store queries");
     d.stop().await;
-    env.cleanup().await;
 }
 
 async fn concurrent_misses_make_one_query(backend: Backend) {
@@ -60,7 +59,6 @@ async fn concurrent_misses_make_one_query(backend: Backend) {
     // the store saw exactly one read.
     assert_eq!(d.vault.store_queries() - before, 1);
     d.stop().await;
-    env.cleanup().await;
 }
 
 async fn not_found_is_cached_until_a_put(backend: Backend) {
@@ -81,7 +79,6 @@ async fn not_found_is_cached_until_a_put(backend: Backend) {
         .unwrap();
     assert_status(get(&mut c, "neg/x", None).await, Code::NotFound, "is deleted");
     d.stop().await;
-    env.cleanup().await;
 }
 
 /// A store whose next current-version read stops until released.
@@ -254,7 +251,6 @@ async fn a_slow_fill_never_overwrites_a_newer_write() {
     let now = vault.get("race/x", None).await.unwrap();
     assert_eq!((now.version, now.value.as_slice()), (2, b"new".as_slice()), "the cache kept the newer version");
     assert_eq!(vault.store_queries(), before, "served from the cache");
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -326,7 +322,6 @@ async fn two_daemons_on_one_postgres_invalidate_each_other() {
     raw.close().await;
     a.stop().await;
     b.stop().await;
-    env.cleanup().await;
 }
 
 /// The value of one series, 0 if absent.
@@ -407,5 +402,4 @@ async fn metrics_count_traffic() {
     }
     assert!(!body.contains(MARKER) && !body.contains(&d.token), "a secret reached /metrics");
     d.stop().await;
-    env.cleanup().await;
 }

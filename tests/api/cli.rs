@@ -83,7 +83,6 @@ async fn cli_round_trip_and_exit_codes() {
     let (code, _, err) = run(None, &["status", "--addr", &format!("http://{free}"), "--token", "cvt_x"], None).await;
     assert_eq!(code, 6, "{err}");
     assert!(err.contains("cannot reach the daemon"), "{err}");
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -165,5 +164,4 @@ async fn cli_rotation_commands() {
     assert_eq!(out.status.code(), Some(4), "a key-file database has no passphrase: {err}");
     assert!(err.contains("key file"), "{err}");
     d.stop().await;
-    env.cleanup().await;
 }

@@ -141,7 +141,6 @@ async fn sigterm_drains_streams_and_requests_then_exits_zero() {
     let acked_puts: u64 = acked.values().sum();
     assert!(audited as u64 >= acked_puts, "{audited} audited puts, {acked_puts} acknowledged");
     pool.close().await;
-    env.cleanup().await;
 }
 
 /// A put whose deadline passes while its table is locked: the caller is told
@@ -186,7 +185,6 @@ async fn a_write_overtaken_by_its_deadline_is_committed_whole() {
     assert_eq!(get(&mut c, "dl/x", None).await.unwrap(), (2, b"new".to_vec()), "the cache agrees with the store");
     raw.close().await;
     d.stop().await;
-    env.cleanup().await;
 }
 
 /// SQLite has no change feed, so a second daemon over the same file hears of nothing:
@@ -249,7 +247,6 @@ async fn a_revoked_token_stops_working_on_another_daemon_through_the_backstop() 
     assert_eq!(on_b.get_credential(get()).await.unwrap_err().code(), tonic::Code::Unauthenticated);
     a.stop().await;
     b.stop().await;
-    env.cleanup().await;
 }
 
 /// Two daemons starting together on an empty database create one root token between
@@ -272,7 +269,6 @@ async fn two_daemons_on_an_empty_database_create_one_root_token(backend: Backend
             Raw::Sqlite(p) => sqlx::query("DELETE FROM tokens").execute(p).await.map(|_| ()).unwrap(),
         }
     }
-    env.cleanup().await;
 }
 
 crate::both_backends!(two_daemons_on_an_empty_database_create_one_root_token);

@@ -100,7 +100,6 @@ async fn crud_over_grpc(backend: Backend) {
     assert_eq!(h.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
 
     d.stop().await;
-    env.cleanup().await;
 }
 
 async fn restart_reads_everything_back(backend: Backend) {
@@ -126,7 +125,6 @@ async fn restart_reads_everything_back(backend: Backend) {
     assert_eq!(get(&mut c, "restart/00", None).await.unwrap(), (2, b"second".to_vec()));
     assert_eq!(get(&mut c, "restart/00", Some(1)).await.unwrap().1, expected[0].1);
     d.stop().await;
-    env.cleanup().await;
 }
 
 async fn list_pages_over_grpc(backend: Backend) {
@@ -168,5 +166,4 @@ async fn list_pages_over_grpc(backend: Backend) {
     assert_eq!(seen, want);
     assert_eq!(pages, 3);
     d.stop().await;
-    env.cleanup().await;
 }

@@ -1,7 +1,7 @@
 //! Test fixtures, and every helper more than one test module uses.
 //!
-//! - `env`: [`TestEnv`], one test's fresh PostgreSQL database or SQLite directory;
-//!   [`Raw`] SQL access to it.
+//! - `env`: [`TestEnv`], one test's fresh PostgreSQL database or SQLite directory, dropped
+//!   with it (also when the test panics); [`Raw`] SQL access to it.
 //! - `daemon`: [`TestDaemon`], a daemon inside the test process on port 0, and the
 //!   authenticated clients ([`Client`], [`Admin`], [`Bearer`]).
 //! - here: [`both_backends!`](crate::both_backends), [`eventually`], the `put`/`get`

@@ -180,7 +180,6 @@ async fn kek_rotation_survives_a_crash(backend: Backend) {
     assert_eq!(versions_under(&raw, 1).await, 0);
     raw.close().await;
     d.stop().await;
-    env.cleanup().await;
 }
 
 /// Writers keep putting (with compare-and-set) while the re-wrap runs: no write is lost,
@@ -235,7 +234,6 @@ async fn puts_racing_a_rewrap_lose_nothing(backend: Backend) {
     assert_eq!(kek_states(&raw).await[0].1, "retired");
     raw.close().await;
     d.stop().await;
-    env.cleanup().await;
 }
 
 /// A KEK rotated through one daemon: the other reads the new data and seals its own
@@ -276,7 +274,6 @@ async fn a_kek_rotation_reaches_every_daemon() {
     assert_eq!(get(&mut cb, "multi/x", None).await.unwrap().1, b"one");
     a.stop().await;
     b.stop().await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -324,8 +321,6 @@ async fn rekey_changes_the_passphrase_and_only_that() {
     let mut admin = d.admin().await;
     assert_status(admin.rekey_master(req(old, new)).await, Code::FailedPrecondition, "key file");
     d.stop().await;
-    env.cleanup().await;
-    env2.cleanup().await;
 }
 
 /// After a rekey through one daemon, another daemon still holding the old master key
@@ -351,5 +346,4 @@ async fn a_daemon_with_an_old_master_key_cannot_rotate_the_kek() {
     let d = TestDaemon::start(passphrase_settings(env.settings(), new), Some(&token)).await;
     assert_eq!(d.vault.status().await.active_kek_id, 2, "the new KEK opens with the new passphrase");
     d.stop().await;
-    env.cleanup().await;
 }

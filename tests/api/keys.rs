@@ -26,7 +26,6 @@ async fn passphrase_database_restarts_with_the_same_passphrase_only() {
     let mut c = d.client().await;
     assert_eq!(get(&mut c, "p/x", None).await.unwrap().1, b"value");
     d.stop().await;
-    env.cleanup().await;
 }
 
 #[tokio::test]
@@ -54,7 +53,6 @@ async fn wrong_key_file_fails_start_up() {
         matches!(err, ServerError::Unlock(UnlockError::WrongKey(_)) | ServerError::Unlock(UnlockError::KeyFile { .. })),
         "{err}"
     );
-    env.cleanup().await;
 }
 
 #[tokio::test]
@@ -79,7 +77,6 @@ async fn the_binary_exits_non_zero_on_a_wrong_passphrase() {
         !stderr.contains("wrong\n") && !String::from_utf8_lossy(&out.stdout).contains("wrong"),
         "passphrase echoed"
     );
-    env.cleanup().await;
 }
 
 #[cfg(unix)]
@@ -95,5 +92,4 @@ async fn a_new_data_directory_is_owner_only() {
     let mode = std::fs::metadata(&settings.data_dir).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o700, "the data directory holds the database and the key file");
     assert!(settings.data_dir.join("credvault.db").is_file());
-    env.cleanup().await;
 }

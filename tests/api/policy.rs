@@ -108,7 +108,6 @@ async fn each_pattern_form_allows_and_denies() {
         }
     }
     d.stop().await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,7 +148,6 @@ async fn misreadable_rules_are_refused_at_creation() {
     let root = tokens.iter().find(|t| t.display_name == "root").unwrap();
     assert!(root.rules[0].capabilities.contains(&(Capability::Destroy as i32)), "the root token may destroy");
     d.stop().await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -208,7 +206,6 @@ async fn destroying_and_cutting_grace_need_destroy() {
     let r = s.destroy_version(DestroyVersionRequest { name: "other/x".into(), version: 1 }).await;
     assert_status(r, Code::PermissionDenied, "may not destroy \"other/x\"");
     d.stop().await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -250,5 +247,4 @@ async fn tokens_stored_with_old_patterns_keep_working() {
     assert_eq!(shown.rules[0].pattern, "team-a/**");
     assert!(shown.rules[0].capabilities.contains(&(Capability::Destroy as i32)));
     d.stop().await;
-    env.cleanup().await;
 }

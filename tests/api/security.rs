@@ -96,7 +96,6 @@ async fn scoped_tokens_see_only_their_names() {
     assert_eq!(tokens.tokens.len(), 2);
     assert!(!format!("{tokens:?}").contains(&token) && !format!("{tokens:?}").contains(&d.token));
     d.stop().await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -140,7 +139,6 @@ async fn bad_token_requests_are_invalid_arguments() {
         "nothing was created"
     );
     d.stop().await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -182,7 +180,6 @@ async fn revocation_reaches_every_daemon() {
     assert!(listed.tokens.iter().any(|t| t.id == id && t.revoked_at.is_some()));
     a.stop().await;
     b.stop().await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -198,7 +195,6 @@ async fn expired_tokens_are_refused() {
     })
     .await;
     d.stop().await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -227,7 +223,6 @@ async fn rate_limits_apply_per_token() {
         get(&mut root, "rl/x", None).await.unwrap();
     }
     d.stop().await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -267,7 +262,6 @@ async fn overload_is_shed_and_slow_storage_is_unavailable() {
     raw.close().await;
     assert_eq!(get(&mut c, "slow/x", None).await.unwrap().1, b"v", "serving again once storage answers");
     d.stop().await;
-    env.cleanup().await;
 }
 
 /// A caller's deadline (`grpc-timeout`) ends the request even while storage is stuck;
@@ -301,7 +295,6 @@ async fn request_deadlines_are_honoured() {
     raw.close().await;
     assert_eq!(get(&mut c, "deadline/x", None).await.unwrap().1, b"v", "serving again once storage answers");
     d.stop().await;
-    env.cleanup().await;
 }
 
 /// The server's own answer to an expired `grpc-timeout`, seen through a raw HTTP/2
@@ -353,5 +346,4 @@ async fn expired_deadlines_are_answered_deadline_exceeded() {
     raw.close().await;
     assert_eq!(get(&mut c, "deadline/raw", None).await.unwrap().1, b"v");
     d.stop().await;
-    env.cleanup().await;
 }

@@ -128,7 +128,6 @@ async fn tls_and_mutual_tls() {
     assert!(status_over(&d, None).await.is_err());
     status_over(&d, Some(client_tls(&pki, Some((&pki.client_cert, &pki.client_key))))).await.unwrap();
     d.stop().await;
-    env.cleanup().await;
 }
 
 #[tokio::test]
@@ -142,5 +141,4 @@ async fn bad_tls_files_fail_start_up() {
     });
     let err = credvault::server::Daemon::build(settings).await.unwrap_err();
     assert!(err.to_string().contains("missing.pem"), "{err}");
-    env.cleanup().await;
 }

@@ -81,7 +81,6 @@ async fn tokens_made_on_one_daemon_are_applied_one_by_one_on_another() {
     assert!(one - one_before >= 25, "one refresh per change: {}", one - one_before);
     a.stop().await;
     b.stop().await;
-    env.cleanup().await;
 }
 
 /// B's change feed goes through its own URL (here a proxy, standing in for a direct
@@ -144,7 +143,6 @@ async fn the_listen_url_carries_the_feed_and_the_backstop_covers_its_loss() {
     raw.close().await;
     a.stop().await;
     b.stop().await;
-    env.cleanup().await;
 }
 
 /// `statement-cache-capacity=0` (for a pooler without prepared-statement support): every
@@ -168,7 +166,6 @@ async fn the_statement_cache_can_be_turned_off() {
     }
     a.stop().await;
     b.stop().await;
-    env.cleanup().await;
 }
 
 /// Revocation looks a token up by a prefix of its hash, through an index: an exact
@@ -208,7 +205,6 @@ async fn revoking_by_id_finds_exactly_one_token(backend: Backend) {
     let not_hex = admin.revoke_token(proto::RevokeTokenRequest { id: "abcdefg12345".into() }).await.unwrap_err();
     assert_eq!(not_hex.code(), Code::InvalidArgument, "{not_hex:?}");
     a.stop().await;
-    env.cleanup().await;
 }
 
 crate::both_backends!(revoking_by_id_finds_exactly_one_token);

@@ -109,7 +109,6 @@ async fn stalled_bodies_from_one_token_do_not_starve_others() {
     let mut a = client_with(&d, &attacker).await;
     assert_status(get(&mut a, "empty/none", None).await, Code::NotFound, "");
     d.stop().await;
-    env.cleanup().await;
 }
 
 /// A token over its in-flight limit is refused; others are not.
@@ -148,7 +147,6 @@ async fn per_token_in_flight_limit() {
     assert_eq!(get(&mut c, "slow/hot", None).await.unwrap().1, b"v", "permits are released");
     raw.close().await;
     d.stop().await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -186,7 +184,6 @@ async fn watch_streams_are_capped_globally_and_per_token() {
     // Open streams would hold the graceful shutdown.
     drop((stream, _a2, _root, admin));
     d.stop().await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -225,7 +222,6 @@ async fn unauthenticated_streams_are_capped() {
     .await;
     drop((w2, health, refl));
     d.stop().await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -263,7 +259,6 @@ async fn reflection_serves_v1_and_v1alpha() {
     };
     assert!(!f.file_descriptor_proto.is_empty());
     d.stop().await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -329,5 +324,4 @@ async fn http2_limits_keepalive_and_connection_cap() {
     })
     .await;
     d.stop().await;
-    env.cleanup().await;
 }

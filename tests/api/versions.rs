@@ -52,5 +52,4 @@ async fn versions_out_of_range_are_refused(backend: Backend) {
     assert_eq!(get(&mut c, "edge/one", None).await.unwrap(), (1, b"v1".to_vec()));
     assert_status(get(&mut c, "edge/absent", None).await, Code::NotFound, "edge/absent");
     d.stop().await;
-    env.cleanup().await;
 }
