@@ -3,8 +3,6 @@
 //! ordered, no errors, the JSON parses). Nothing here asserts a speed: timings on a
 //! shared machine are not a test outcome.
 
-use std::process::Stdio;
-
 use clap::Parser as _;
 
 use credvault::cli::bench::{run_bench, BenchArgs, BenchOutput, Report};
@@ -12,6 +10,7 @@ use credvault::cli::ClientError;
 use credvault::proto;
 
 use crate::both_backends;
+use crate::helpers::spawn::Binary;
 use crate::helpers::{Backend, TestDaemon, TestEnv};
 
 fn args(d: Option<&TestDaemon>, extra: &[&str]) -> BenchArgs {
@@ -169,19 +168,8 @@ async fn bad_arguments_are_usage_errors() {
 }
 
 async fn run_binary(args: &[&str]) -> (i32, String, String) {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_credvault"))
-        .args(args)
-        .env_remove("CREDVAULT_TOKEN")
-        .env_remove("CREDVAULT_ADDR")
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .expect("run credvault");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let out = Binary::new(args).output().await;
+    (out.code(), String::from_utf8_lossy(&out.stdout).into_owned(), out.stderr)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,13 +8,8 @@ use tonic::Code;
 
 use credvault::proto::{self, WatchCredentialsRequest};
 
-use crate::helpers::{eventually, get, put, Backend, Bearer, Raw, TestDaemon, TestEnv};
-use crate::kek::spawn_binary;
-
-fn sigterm(child: &tokio::process::Child) {
-    let pid = child.id().expect("running").to_string();
-    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-}
+use crate::helpers::spawn::Binary;
+use crate::helpers::{client_over, eventually, get, put, Backend, Bearer, Raw, TestDaemon, TestEnv};
 
 /// Eight busy callers, three credential watches and a health watch; SIGTERM. The daemon
 /// ends the streams with UNAVAILABLE "shutting down", lets requests finish, exits 0 within
@@ -29,10 +24,9 @@ async fn sigterm_drains_streams_and_requests_then_exits_zero() {
     let token = d.token.clone();
     d.stop().await;
 
-    let (mut child, addr) = spawn_binary(&env, &settings).await;
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
-    let bearer = Bearer(format!("Bearer {token}").parse().unwrap());
-    let client = proto::credential_service_client::CredentialServiceClient::with_interceptor(channel.clone(), bearer);
+    let mut child = Binary::serve_env(&env, &settings).start().await;
+    let channel = child.channel().await;
+    let client = client_over(channel.clone(), &token);
 
     let mut watches = Vec::new();
     for _ in 0..3 {
@@ -84,7 +78,7 @@ async fn sigterm_drains_streams_and_requests_then_exits_zero() {
         .await;
 
     let signalled = Instant::now();
-    sigterm(&child);
+    child.sigterm();
     for w in &mut watches {
         let end = tokio::time::timeout(Duration::from_secs(5), async {
             loop {
@@ -111,7 +105,7 @@ async fn sigterm_drains_streams_and_requests_then_exits_zero() {
     .expect("the health watch ends promptly");
     assert_eq!(health_end.expect_err("a status").code(), Code::Unavailable);
 
-    let exit = tokio::time::timeout(Duration::from_secs(8), child.wait()).await.expect("exits").unwrap();
+    let exit = tokio::time::timeout(Duration::from_secs(8), child.wait()).await.expect("exits");
     let took = signalled.elapsed();
     assert!(exit.success(), "exit status {exit}");
     assert!(took < Duration::from_secs(5) + Duration::from_secs(2), "drained in {took:?}, grace 5 s");

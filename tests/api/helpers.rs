@@ -4,6 +4,7 @@
 //!   with it (also when the test panics); [`Raw`] SQL access to it.
 //! - `daemon`: [`TestDaemon`], a daemon inside the test process on port 0, and the
 //!   authenticated clients ([`Client`], [`Admin`], [`Bearer`]).
+//! - [`spawn`]: [`spawn::Binary`], the one way to run the real `credvault` binary.
 //! - here: [`both_backends!`](crate::both_backends), [`eventually`], the `put`/`get`
 //!   shorthands, status assertions, tokens and the metrics scrape.
 
@@ -16,8 +17,9 @@ use credvault::proto::{Capability, CreateTokenRequest, GetCredentialRequest, Pol
 
 mod daemon;
 mod env;
+pub mod spawn;
 
-pub use daemon::{client_over, passphrase_settings, Admin, Bearer, Client, TestDaemon};
+pub use daemon::{admin_over, client_over, passphrase_settings, Admin, Bearer, Client, TestDaemon};
 pub use env::{admin_url, Backend, Raw, TestEnv};
 
 /// Runs an async test body once per backend: `both_backends!(name, body_fn)` defines

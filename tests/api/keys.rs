@@ -3,6 +3,7 @@
 use credvault::server::{Daemon, ServerError};
 use credvault::unlock::UnlockError;
 
+use crate::helpers::spawn::Binary;
 use crate::helpers::{get, passphrase_settings, put, Backend, TestDaemon, TestEnv};
 
 #[tokio::test]
@@ -60,18 +61,9 @@ async fn the_binary_exits_non_zero_on_a_wrong_passphrase() {
     let env = TestEnv::new(Backend::Sqlite).await;
     let d = TestDaemon::start(passphrase_settings(env.settings(), "right"), None).await;
     d.stop().await;
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_credvault"))
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .arg("--data-dir")
-        .arg(env.data_dir())
-        .env("CREDVAULT_PASSPHRASE", "wrong")
-        .env_remove("CREDVAULT_DATABASE_URL")
-        .env_remove("CREDVAULT_CONFIG")
-        .output()
-        .await
-        .unwrap();
+    let out = Binary::serve(env.data_dir()).env("CREDVAULT_PASSPHRASE", "wrong").output().await;
     assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = &out.stderr;
     assert!(stderr.contains("wrong master key"), "{stderr}");
     assert!(
         !stderr.contains("wrong\n") && !String::from_utf8_lossy(&out.stdout).contains("wrong"),

@@ -38,6 +38,11 @@ pub fn client_over(channel: Channel, token: &str) -> Client {
     CredentialServiceClient::with_interceptor(channel, Bearer::new(token))
 }
 
+/// An admin client over `channel` that presents `token`.
+pub fn admin_over(channel: Channel, token: &str) -> Admin {
+    AdminServiceClient::with_interceptor(channel, Bearer::new(token))
+}
+
 /// A daemon running inside the test process.
 ///
 /// Dropping it without [`stop`](TestDaemon::stop) tells it to stop (the same graceful
