@@ -10,9 +10,7 @@ use credvault::proto::{
     WatchCredentialsRequest,
 };
 
-use crate::cache::eventually;
-use crate::e2e::{get, put};
-use crate::helpers::{assert_status, Backend, Raw, TestDaemon, TestEnv};
+use crate::helpers::{assert_status, eventually, get, put, Backend, Raw, TestDaemon, TestEnv};
 
 const MARKER: &str = "audit-marker-51f0-secret-value";
 
@@ -71,7 +69,6 @@ async fn successes_and_failures_are_audited_without_values() {
     }
     assert!(!file.contains(MARKER) && !file.contains(&d.token));
     d.stop().await;
-    env.cleanup().await;
 }
 
 /// Runs one statement on the test database beside the daemon.
@@ -137,7 +134,6 @@ async fn hostile_names_cannot_wedge_the_sink(backend: Backend) {
         assert!(found.credential.len() <= 1024 + 40);
     }
     d.stop().await;
-    env.cleanup().await;
 }
 
 /// A batch with one event the sink refuses is split: the others are written, the offender
@@ -186,7 +182,6 @@ async fn a_refused_event_is_isolated_and_the_rest_written(backend: Backend) {
     audited(&d, "later events are written", |e| e.iter().any(|e| e.credential == "x/after")).await;
     raw.close().await;
     d.stop().await;
-    env.cleanup().await;
 }
 
 /// `required` refuses only while the sink fails, and serves again once it recovers.
@@ -216,7 +211,6 @@ async fn required_mode_recovers_with_the_sink(backend: Backend) {
     .await;
     raw.close().await;
     d.stop().await;
-    env.cleanup().await;
 }
 
 /// A batch read names every credential it touches; List and Watch record their prefix.
@@ -256,7 +250,6 @@ async fn batch_list_and_watch_are_attributable(backend: Backend) {
     assert_eq!(by("WatchCredentials"), "att/w");
     drop(stream);
     d.stop().await;
-    env.cleanup().await;
 }
 
 crate::both_backends!(
@@ -323,7 +316,6 @@ async fn cancelled_and_timed_out_requests_are_audited_and_released() {
     let mut c = c.clone();
     assert_status(get(&mut c, "slow/after", None).await, Code::NotFound, "");
     d.stop().await;
-    env.cleanup().await;
 }
 
 /// The JSON-lines file is created 0600; old `audit_log` rows are pruned, newer kept.
@@ -360,7 +352,6 @@ async fn file_mode_and_retention(backend: Backend) {
     assert_eq!(mode & 0o777, 0o600, "{mode:o}");
     raw.close().await;
     d.stop().await;
-    env.cleanup().await;
 }
 
 crate::both_backends!(file_mode_and_retention);
@@ -425,7 +416,6 @@ async fn reads_fold_into_counted_events(backend: Backend) {
     .await;
     assert!(folded.iter().filter(|e| e.rpc == "PutCredential").all(|e| e.count == 1 && e.last_at.is_none()));
     d.stop().await;
-    env.cleanup().await;
 }
 
 crate::both_backends!(reads_fold_into_counted_events);

@@ -9,8 +9,7 @@ use credvault::proto::{
 };
 
 use crate::both_backends;
-use crate::e2e::{get, put};
-use crate::helpers::{assert_status, Backend, Client, TestDaemon, TestEnv};
+use crate::helpers::{assert_status, get, put, Backend, Client, TestDaemon, TestEnv};
 
 both_backends!(bad_input_is_rejected_precisely);
 
@@ -157,5 +156,4 @@ async fn bad_input_is_rejected_precisely(backend: Backend) {
     let names: Vec<String> = all.credentials.into_iter().map(|m| m.name).collect();
     assert_eq!(names, vec!["good/max".to_owned(), "good/one".into(), "n".repeat(256), "pruned".into()]);
     d.stop().await;
-    env.cleanup().await;
 }

@@ -3,8 +3,6 @@
 //! ordered, no errors, the JSON parses). Nothing here asserts a speed: timings on a
 //! shared machine are not a test outcome.
 
-use std::process::Stdio;
-
 use clap::Parser as _;
 
 use credvault::cli::bench::{run_bench, BenchArgs, BenchOutput, Report};
@@ -12,6 +10,7 @@ use credvault::cli::ClientError;
 use credvault::proto;
 
 use crate::both_backends;
+use crate::helpers::spawn::Binary;
 use crate::helpers::{Backend, TestDaemon, TestEnv};
 
 fn args(d: Option<&TestDaemon>, extra: &[&str]) -> BenchArgs {
@@ -83,7 +82,6 @@ async fn get_against_the_baseline_in_rounds() {
         .into_inner();
     assert_eq!(got.value.len(), 256);
     d.stop().await;
-    env.cleanup().await;
 }
 
 async fn workloads(backend: Backend) {
@@ -122,7 +120,6 @@ async fn workloads(backend: Backend) {
     }
     assert!(total >= 120, "{total} versions written");
     d.stop().await;
-    env.cleanup().await;
 }
 both_backends!(workloads);
 
@@ -138,7 +135,6 @@ async fn puts_with_fewer_keys_than_callers_count_conflicts_not_errors() {
     assert_eq!(r.ok + r.conflicts, 100);
     assert_eq!(r.outcomes.get("CONFLICT").copied().unwrap_or(0), r.conflicts);
     d.stop().await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -153,7 +149,6 @@ async fn fixed_rate_measures_every_scheduled_request() {
     // 200 requests at 1000/s are scheduled over 0.2 s: the run cannot be shorter.
     assert!(out.credvault.expect("daemon").elapsed_s >= 0.19);
     d.stop().await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -173,19 +168,8 @@ async fn bad_arguments_are_usage_errors() {
 }
 
 async fn run_binary(args: &[&str]) -> (i32, String, String) {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_credvault"))
-        .args(args)
-        .env_remove("CREDVAULT_TOKEN")
-        .env_remove("CREDVAULT_ADDR")
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .expect("run credvault");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let out = Binary::new(args).output().await;
+    (out.code(), String::from_utf8_lossy(&out.stdout).into_owned(), out.stderr)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,8 +16,7 @@ use credvault::store::{
 use credvault::vault::Vault;
 
 use crate::both_backends;
-use crate::e2e::{get, put};
-use crate::helpers::{assert_status, Backend, TestDaemon, TestEnv};
+use crate::helpers::{assert_status, eventually, get, put, scrape, Backend, TestDaemon, TestEnv};
 
 both_backends!(hits_make_no_store_queries, concurrent_misses_make_one_query, not_found_is_cached_until_a_put);
 
@@ -39,7 +38,6 @@ async fn hits_make_no_store_queries(backend: Backend) {
     assert_eq!(batch.into_inner().results.len(), 10);
     assert_eq!(d.vault.store_queries(), before, "1,000 hits (authentication included) made store queries");
     d.stop().await;
-    env.cleanup().await;
 }
 
 async fn concurrent_misses_make_one_query(backend: Backend) {
@@ -61,7 +59,6 @@ async fn concurrent_misses_make_one_query(backend: Backend) {
     // the store saw exactly one read.
     assert_eq!(d.vault.store_queries() - before, 1);
     d.stop().await;
-    env.cleanup().await;
 }
 
 async fn not_found_is_cached_until_a_put(backend: Backend) {
@@ -82,7 +79,6 @@ async fn not_found_is_cached_until_a_put(backend: Backend) {
         .unwrap();
     assert_status(get(&mut c, "neg/x", None).await, Code::NotFound, "is deleted");
     d.stop().await;
-    env.cleanup().await;
 }
 
 /// A store whose next current-version read stops until released.
@@ -255,18 +251,6 @@ async fn a_slow_fill_never_overwrites_a_newer_write() {
     let now = vault.get("race/x", None).await.unwrap();
     assert_eq!((now.version, now.value.as_slice()), (2, b"new".as_slice()), "the cache kept the newer version");
     assert_eq!(vault.store_queries(), before, "served from the cache");
-    env.cleanup().await;
-}
-
-pub async fn eventually(what: &str, deadline: Duration, mut check: impl AsyncFnMut() -> bool) {
-    let until = tokio::time::Instant::now() + deadline;
-    loop {
-        if check().await {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < until, "{what}: not within {deadline:?}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -338,17 +322,6 @@ async fn two_daemons_on_one_postgres_invalidate_each_other() {
     raw.close().await;
     a.stop().await;
     b.stop().await;
-    env.cleanup().await;
-}
-
-pub async fn scrape(d: &TestDaemon) -> String {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut s = tokio::net::TcpStream::connect(d.metrics_addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    assert!(out.starts_with("HTTP/1.1 200"), "{}", out.lines().next().unwrap_or_default());
-    out.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default()
 }
 
 /// The value of one series, 0 if absent.
@@ -429,5 +402,4 @@ async fn metrics_count_traffic() {
     }
     assert!(!body.contains(MARKER) && !body.contains(&d.token), "a secret reached /metrics");
     d.stop().await;
-    env.cleanup().await;
 }

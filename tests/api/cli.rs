@@ -1,25 +1,16 @@
 //! The command line against a real daemon: values round-trip byte for byte, and
 //! failures exit with codes a shell script can act on.
 
-use std::process::Stdio;
-
-use tokio::io::AsyncWriteExt as _;
-
+use crate::helpers::spawn::Binary;
 use crate::helpers::{Backend, TestDaemon, TestEnv};
 
 async fn run(d: Option<&TestDaemon>, args: &[&str], stdin: Option<&[u8]>) -> (i32, Vec<u8>, String) {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_credvault"));
-    cmd.args(args).env_remove("CREDVAULT_TOKEN").env_remove("CREDVAULT_ADDR");
+    let mut cmd = Binary::new(args).stdin(stdin.unwrap_or_default());
     if let Some(d) = d {
-        cmd.env("CREDVAULT_ADDR", format!("http://{}", d.addr)).env("CREDVAULT_TOKEN", &d.token);
+        cmd = cmd.client_of(d);
     }
-    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn credvault");
-    let mut input = child.stdin.take().expect("stdin");
-    input.write_all(stdin.unwrap_or_default()).await.expect("write stdin");
-    drop(input);
-    let out = child.wait_with_output().await.expect("wait");
-    (out.status.code().unwrap_or(-1), out.stdout, String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = cmd.output().await;
+    (out.code(), out.stdout, out.stderr)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -83,7 +74,6 @@ async fn cli_round_trip_and_exit_codes() {
     let (code, _, err) = run(None, &["status", "--addr", &format!("http://{free}"), "--token", "cvt_x"], None).await;
     assert_eq!(code, 6, "{err}");
     assert!(err.contains("cannot reach the daemon"), "{err}");
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -151,19 +141,14 @@ async fn cli_rotation_commands() {
 
     let (code, _, err) = run(Some(&d), &["rekey"], None).await;
     assert_eq!(code, 7, "no passphrases given: {err}");
-    let mut cmd_env = tokio::process::Command::new(env!("CARGO_BIN_EXE_credvault"));
-    let out = cmd_env
-        .args(["rekey"])
-        .env("CREDVAULT_ADDR", format!("http://{}", d.addr))
-        .env("CREDVAULT_TOKEN", &d.token)
+    let out = Binary::new(["rekey"])
+        .client_of(&d)
         .env("CREDVAULT_OLD_PASSPHRASE", "old passphrase")
         .env("CREDVAULT_NEW_PASSPHRASE", "new passphrase")
         .output()
-        .await
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
+        .await;
+    let err = &out.stderr;
     assert_eq!(out.status.code(), Some(4), "a key-file database has no passphrase: {err}");
     assert!(err.contains("key file"), "{err}");
     d.stop().await;
-    env.cleanup().await;
 }

@@ -3,8 +3,7 @@
 use tonic::Code;
 
 use crate::both_backends;
-use crate::e2e::{get, put};
-use crate::helpers::{Backend, TestDaemon, TestEnv};
+use crate::helpers::{get, put, Backend, TestDaemon, TestEnv};
 
 both_backends!(concurrent_compare_and_set_loses_nothing, concurrent_unconditional_puts_all_land);
 
@@ -37,7 +36,6 @@ async fn unconditional_puts_from_two_daemons_all_land() {
     assert_eq!(all, want, "every unconditional put got its own version");
     a.stop().await;
     b.stop().await;
-    env.cleanup().await;
 }
 
 const WRITERS: u64 = 32;
@@ -85,7 +83,6 @@ async fn concurrent_compare_and_set_loses_nothing(backend: Backend) {
     assert_eq!(value, successes.to_string().into_bytes(), "no increment lost");
     assert!(conflicts > 0, "32 writers on one row should have collided at least once");
     d.stop().await;
-    env.cleanup().await;
 }
 
 async fn concurrent_unconditional_puts_all_land(backend: Backend) {
@@ -111,5 +108,4 @@ async fn concurrent_unconditional_puts_all_land(backend: Backend) {
     let want: Vec<u64> = (1..=WRITERS * 3).collect();
     assert_eq!(all, want, "every unconditional put got its own version");
     d.stop().await;
-    env.cleanup().await;
 }

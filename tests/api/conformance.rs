@@ -57,7 +57,7 @@ async fn put(store: &dyn Store, name: &str, base: WriteBase, tag: u8, max: u64) 
 }
 
 async fn keyring_is_initialised_once(backend: Backend) {
-    let (env, store) = ready(backend).await;
+    let (_env, store) = ready(backend).await;
     let other = KeyringRow { source: MasterKeySource::Passphrase, kdf: None, verifier: vec![7], created_at: 2 };
     let kek = KekRow { id: 2, wrapped_key: vec![1], state: KekState::Active, created_at: 2 };
     assert!(!store.init_keyring(&other, &kek).await.unwrap(), "a second init must not replace the keyring");
@@ -66,11 +66,10 @@ async fn keyring_is_initialised_once(backend: Backend) {
     let keks = store.list_keks().await.unwrap();
     assert_eq!(keks.len(), 1, "the losing init's KEK must not be stored");
     assert_eq!(keks[0].wrapped_key, vec![9; 61]);
-    env.cleanup().await;
 }
 
 async fn create_update_and_read(backend: Backend) {
-    let (env, store) = ready(backend).await;
+    let (_env, store) = ready(backend).await;
     let meta = Metadata {
         labels: [("team".to_owned(), "payments".to_owned())].into(),
         description: "d".into(),
@@ -111,11 +110,10 @@ async fn create_update_and_read(backend: Backend) {
     let versions = store.list_versions("a/b").await.unwrap();
     assert_eq!(versions.iter().map(|v| v.version).collect::<Vec<_>>(), vec![2, 1]);
     assert_eq!(store.count_credentials().await.unwrap(), 1);
-    env.cleanup().await;
 }
 
 async fn compare_and_set_rejects_stale_bases(backend: Backend) {
-    let (env, store) = ready(backend).await;
+    let (_env, store) = ready(backend).await;
     let s = store.as_ref();
     put(s, "x", WriteBase::Create, 1, 10).await.unwrap();
     assert!(matches!(put(s, "x", WriteBase::Create, 9, 10).await, Err(StoreError::Conflict)));
@@ -128,11 +126,10 @@ async fn compare_and_set_rejects_stale_bases(backend: Backend) {
     assert_eq!(head.current_version, 2);
     assert_eq!(row.unwrap().sealed, Some(sealed(2)));
     assert_eq!(s.list_versions("x").await.unwrap().len(), 2);
-    env.cleanup().await;
 }
 
 async fn history_is_pruned_to_max_versions(backend: Backend) {
-    let (env, store) = ready(backend).await;
+    let (_env, store) = ready(backend).await;
     let s = store.as_ref();
     put(s, "h", WriteBase::Create, 1, 3).await.unwrap();
     for v in 1..7u8 {
@@ -143,11 +140,10 @@ async fn history_is_pruned_to_max_versions(backend: Backend) {
     assert_eq!(versions.iter().filter(|v| v.state == VersionState::Current).count(), 1);
     let (_, pruned) = s.get_version("h", Some(4)).await.unwrap().unwrap();
     assert!(pruned.is_none());
-    env.cleanup().await;
 }
 
 async fn soft_delete_and_revive(backend: Backend) {
-    let (env, store) = ready(backend).await;
+    let (_env, store) = ready(backend).await;
     let s = store.as_ref();
     put(s, "d", WriteBase::Create, 1, 10).await.unwrap();
     assert!(!s.delete_credential("d", Some(5), 10).await.unwrap(), "wrong expected version deletes nothing");
@@ -164,11 +160,10 @@ async fn soft_delete_and_revive(backend: Backend) {
     put(s, "d", WriteBase::Revive(1), 2, 10).await.unwrap();
     let head = s.get_credential("d").await.unwrap().unwrap();
     assert_eq!((head.current_version, head.deleted_at), (2, None));
-    env.cleanup().await;
 }
 
 async fn pagination_is_stable_across_inserts(backend: Backend) {
-    let (env, store) = ready(backend).await;
+    let (_env, store) = ready(backend).await;
     let s = store.as_ref();
     for n in ["team-a/1", "team-a/3", "team-a/5", "team-a/7", "team-ab/x", "team-b/1", "team-a"] {
         put(s, n, WriteBase::Create, 1, 10).await.unwrap();
@@ -209,11 +204,10 @@ async fn pagination_is_stable_across_inserts(backend: Backend) {
     let q = ListQuery { start: &exact.start, end: &exact.end, limit: 100, include_deleted: false };
     let one: Vec<String> = s.list_credentials(&q).await.unwrap().into_iter().map(|r| r.name).collect();
     assert_eq!(one, vec!["team-a"]);
-    env.cleanup().await;
 }
 
 async fn batch_reads_current_versions(backend: Backend) {
-    let (env, store) = ready(backend).await;
+    let (_env, store) = ready(backend).await;
     let s = store.as_ref();
     put(s, "b/1", WriteBase::Create, 1, 10).await.unwrap();
     put(s, "b/1", WriteBase::Update(1), 2, 10).await.unwrap();
@@ -225,11 +219,10 @@ async fn batch_reads_current_versions(backend: Backend) {
     assert_eq!((rows[0].1.info.version, rows[0].1.sealed.clone()), (2, Some(sealed(2))));
     assert_eq!((rows[1].1.info.version, rows[1].1.sealed.clone()), (1, Some(sealed(3))));
     assert!(s.get_current_many(&[]).await.unwrap().is_empty());
-    env.cleanup().await;
 }
 
 async fn tokens_round_trip(backend: Backend) {
-    let (env, store) = ready(backend).await;
+    let (_env, store) = ready(backend).await;
     let t = TokenRow {
         token_hash: "ab".repeat(32),
         display_name: "ci".into(),
@@ -241,7 +234,6 @@ async fn tokens_round_trip(backend: Backend) {
     store.insert_token(&t).await.unwrap();
     assert!(store.insert_token(&t).await.is_err(), "token hashes are unique");
     assert_eq!(store.list_tokens().await.unwrap(), vec![t]);
-    env.cleanup().await;
 }
 
 /// Batches of any size, with absent credential and version, Unicode, quotes and the

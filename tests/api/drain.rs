@@ -8,14 +8,8 @@ use tonic::Code;
 
 use credvault::proto::{self, WatchCredentialsRequest};
 
-use crate::e2e::{get, put};
-use crate::helpers::{Backend, Bearer, Raw, TestDaemon, TestEnv};
-use crate::kek::spawn_binary;
-
-fn sigterm(child: &tokio::process::Child) {
-    let pid = child.id().expect("running").to_string();
-    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-}
+use crate::helpers::spawn::Binary;
+use crate::helpers::{client_over, eventually, get, put, Backend, Bearer, Raw, TestDaemon, TestEnv};
 
 /// Eight busy callers, three credential watches and a health watch; SIGTERM. The daemon
 /// ends the streams with UNAVAILABLE "shutting down", lets requests finish, exits 0 within
@@ -30,10 +24,9 @@ async fn sigterm_drains_streams_and_requests_then_exits_zero() {
     let token = d.token.clone();
     d.stop().await;
 
-    let (mut child, addr) = spawn_binary(&env, &settings).await;
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
-    let bearer = Bearer(format!("Bearer {token}").parse().unwrap());
-    let client = proto::credential_service_client::CredentialServiceClient::with_interceptor(channel.clone(), bearer);
+    let mut child = Binary::serve_env(&env, &settings).start().await;
+    let channel = child.channel().await;
+    let client = client_over(channel.clone(), &token);
 
     let mut watches = Vec::new();
     for _ in 0..3 {
@@ -81,13 +74,11 @@ async fn sigterm_drains_streams_and_requests_then_exits_zero() {
             }
         });
     }
-    crate::cache::eventually("every writer to be acknowledged", Duration::from_secs(30), async || {
-        acked.lock().unwrap().len() >= 4
-    })
-    .await;
+    eventually("every writer to be acknowledged", Duration::from_secs(30), async || acked.lock().unwrap().len() >= 4)
+        .await;
 
     let signalled = Instant::now();
-    sigterm(&child);
+    child.sigterm();
     for w in &mut watches {
         let end = tokio::time::timeout(Duration::from_secs(5), async {
             loop {
@@ -114,7 +105,7 @@ async fn sigterm_drains_streams_and_requests_then_exits_zero() {
     .expect("the health watch ends promptly");
     assert_eq!(health_end.expect_err("a status").code(), Code::Unavailable);
 
-    let exit = tokio::time::timeout(Duration::from_secs(8), child.wait()).await.expect("exits").unwrap();
+    let exit = tokio::time::timeout(Duration::from_secs(8), child.wait()).await.expect("exits");
     let took = signalled.elapsed();
     assert!(exit.success(), "exit status {exit}");
     assert!(took < Duration::from_secs(5) + Duration::from_secs(2), "drained in {took:?}, grace 5 s");
@@ -144,7 +135,6 @@ async fn sigterm_drains_streams_and_requests_then_exits_zero() {
     let acked_puts: u64 = acked.values().sum();
     assert!(audited as u64 >= acked_puts, "{audited} audited puts, {acked_puts} acknowledged");
     pool.close().await;
-    env.cleanup().await;
 }
 
 /// A put whose deadline passes while its table is locked: the caller is told
@@ -175,7 +165,7 @@ async fn a_write_overtaken_by_its_deadline_is_committed_whole() {
     lock.rollback().await.unwrap();
 
     let store = env.store().await;
-    crate::cache::eventually("the write to complete and be audited", Duration::from_secs(10), async || {
+    eventually("the write to complete and be audited", Duration::from_secs(10), async || {
         let audited: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM audit_log WHERE rpc = 'PutCredential' AND version = 2 AND code = 'OK'",
         )
@@ -189,7 +179,6 @@ async fn a_write_overtaken_by_its_deadline_is_committed_whole() {
     assert_eq!(get(&mut c, "dl/x", None).await.unwrap(), (2, b"new".to_vec()), "the cache agrees with the store");
     raw.close().await;
     d.stop().await;
-    env.cleanup().await;
 }
 
 /// SQLite has no change feed, so a second daemon over the same file hears of nothing:
@@ -252,7 +241,6 @@ async fn a_revoked_token_stops_working_on_another_daemon_through_the_backstop() 
     assert_eq!(on_b.get_credential(get()).await.unwrap_err().code(), tonic::Code::Unauthenticated);
     a.stop().await;
     b.stop().await;
-    env.cleanup().await;
 }
 
 /// Two daemons starting together on an empty database create one root token between
@@ -275,7 +263,6 @@ async fn two_daemons_on_an_empty_database_create_one_root_token(backend: Backend
             Raw::Sqlite(p) => sqlx::query("DELETE FROM tokens").execute(p).await.map(|_| ()).unwrap(),
         }
     }
-    env.cleanup().await;
 }
 
 crate::both_backends!(two_daemons_on_an_empty_database_create_one_root_token);

@@ -6,30 +6,13 @@ use tonic::Code;
 
 use credvault::proto::{
     self, batch_get_result, BatchGetCredentialsRequest, DeleteCredentialRequest, GetCredentialMetadataRequest,
-    GetCredentialRequest, GetStatusRequest, ListCredentialsRequest, PutCredentialRequest,
+    GetStatusRequest, ListCredentialsRequest, PutCredentialRequest,
 };
 
 use crate::both_backends;
-use crate::helpers::{assert_status, Backend, Client, TestDaemon, TestEnv};
+use crate::helpers::{assert_status, get, put, Backend, TestDaemon, TestEnv};
 
 both_backends!(crud_over_grpc, restart_reads_everything_back, list_pages_over_grpc);
-
-pub async fn put(c: &mut Client, name: &str, value: &[u8], expected: Option<u64>) -> Result<u64, tonic::Status> {
-    let r = c
-        .put_credential(PutCredentialRequest {
-            name: name.into(),
-            value: value.to_vec(),
-            expected_version: expected,
-            metadata: None,
-        })
-        .await?;
-    Ok(r.into_inner().version)
-}
-
-pub async fn get(c: &mut Client, name: &str, version: Option<u64>) -> Result<(u64, Vec<u8>), tonic::Status> {
-    let r = c.get_credential(GetCredentialRequest { name: name.into(), version }).await?.into_inner();
-    Ok((r.version, r.value))
-}
 
 async fn crud_over_grpc(backend: Backend) {
     let env = TestEnv::new(backend).await;
@@ -117,7 +100,6 @@ async fn crud_over_grpc(backend: Backend) {
     assert_eq!(h.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
 
     d.stop().await;
-    env.cleanup().await;
 }
 
 async fn restart_reads_everything_back(backend: Backend) {
@@ -143,7 +125,6 @@ async fn restart_reads_everything_back(backend: Backend) {
     assert_eq!(get(&mut c, "restart/00", None).await.unwrap(), (2, b"second".to_vec()));
     assert_eq!(get(&mut c, "restart/00", Some(1)).await.unwrap().1, expected[0].1);
     d.stop().await;
-    env.cleanup().await;
 }
 
 async fn list_pages_over_grpc(backend: Backend) {
@@ -185,5 +166,4 @@ async fn list_pages_over_grpc(backend: Backend) {
     assert_eq!(seen, want);
     assert_eq!(pages, 3);
     d.stop().await;
-    env.cleanup().await;
 }

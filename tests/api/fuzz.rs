@@ -7,7 +7,6 @@
 //! The default run is a few seconds; `fuzz_every_rpc_long` (ignored) runs many more cases.
 
 use std::collections::{BTreeMap, HashMap};
-use std::process::Stdio;
 use std::time::Duration;
 
 use prost::bytes::{Buf as _, BufMut as _};
@@ -16,13 +15,12 @@ use prost_types::field_descriptor_proto::{Label, Type};
 use prost_types::{DescriptorProto, FileDescriptorSet};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, BufReader};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use crate::e2e::{get, put};
-use crate::helpers::{Backend, Bearer, TestEnv};
+use crate::helpers::spawn::Binary;
+use crate::helpers::{client_over, get, put, Backend, Bearer, TestEnv};
 
 /// Sends and receives message bodies as they are, unparsed.
 #[derive(Clone, Copy, Default)]
@@ -296,48 +294,11 @@ async fn fuzz_every_rpc(cases_per_rpc: usize) {
     assert!(rpcs.len() >= 20, "found only {} RPCs in the descriptor set", rpcs.len());
 
     let env = TestEnv::new(Backend::Sqlite).await;
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_credvault"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--log-format", "json"])
-        .arg("--data-dir")
-        .arg(env.data_dir())
-        .env("RUST_LOG", "info")
-        .env("RUST_BACKTRACE", "1")
-        .env_remove("CREDVAULT_DATABASE_URL")
-        .env_remove("CREDVAULT_CONFIG")
-        .env_remove("CREDVAULT_PASSPHRASE")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel::<String>();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
-    let logs = tokio::spawn(async move {
-        let (mut all, mut addr_tx) = (String::new(), Some(addr_tx));
-        while let Ok(Some(line)) = stderr.next_line().await {
-            if line.contains("serving gRPC") {
-                let v: serde_json::Value = serde_json::from_str(&line).expect("JSON log line");
-                if let (Some(tx), Some(addr)) = (addr_tx.take(), v["fields"]["addr"].as_str()) {
-                    let _ = tx.send(addr.to_owned());
-                }
-            }
-            all.push_str(&line);
-            all.push('\n');
-        }
-        all
-    });
-    let addr = tokio::time::timeout(Duration::from_secs(30), addr_rx).await.expect("daemon starts").unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    let mut banner = vec![0u8; 4096];
-    let n = stdout.read(&mut banner).await.unwrap();
-    let banner = String::from_utf8_lossy(&banner[..n]).into_owned();
-    let root = banner.lines().find_map(|l| l.strip_prefix("export CREDVAULT_TOKEN=")).expect("root token").trim();
-    let bearer = Bearer(format!("Bearer {root}").parse().unwrap());
-    let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.expect("connect");
-    let mut client = credvault::proto::credential_service_client::CredentialServiceClient::with_interceptor(
-        channel.clone(),
-        bearer.clone(),
-    );
+    let mut child = Binary::serve(env.data_dir()).env("RUST_BACKTRACE", "1").start().await;
+    let root = child.root_token().await;
+    let bearer = Bearer::new(&root);
+    let channel = child.channel().await;
+    let mut client = client_over(channel.clone(), &root);
     put(&mut client, "fuzz-canary/ok", b"still here", None).await.expect("canary put");
 
     // Each RPC gets its own task and random stream; they run side by side.
@@ -382,14 +343,12 @@ async fn fuzz_every_rpc(cases_per_rpc: usize) {
     }
 
     // Still serving, with the canary intact.
-    assert!(child.try_wait().unwrap().is_none(), "the daemon exited during the fuzz run");
+    assert!(child.try_wait().is_none(), "the daemon exited during the fuzz run");
     assert_eq!(get(&mut client, "fuzz-canary/ok", None).await.expect("good read"), (1, b"still here".to_vec()));
-    child.start_kill().unwrap();
-    let _ = child.wait().await;
-    let logs = logs.await.unwrap();
+    child.kill().await;
+    let logs = child.log().await;
     assert!(!logs.contains("panicked"), "the daemon panicked:\n{logs}");
     assert!(logs.contains("serving gRPC"), "log not captured");
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,11 +1,9 @@
 //! KEK rotation (background re-wrap, crash-resume, racing writers, several daemons) and
 //! master rekey.
 
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tonic::Code;
 
 use credvault::config::Settings;
@@ -13,9 +11,10 @@ use credvault::proto::{self, GetRotationJobRequest, RekeyMasterRequest, RotateKe
 use credvault::vault::Vault;
 
 use crate::both_backends;
-use crate::cache::eventually;
-use crate::e2e::{get, put};
-use crate::helpers::{assert_status, passphrase_settings, Admin, Backend, Bearer, Raw, TestDaemon, TestEnv};
+use crate::helpers::spawn::Binary;
+use crate::helpers::{
+    admin_over, assert_status, eventually, get, passphrase_settings, put, Admin, Backend, Raw, TestDaemon, TestEnv,
+};
 
 both_backends!(kek_rotation_survives_a_crash, puts_racing_a_rewrap_lose_nothing);
 
@@ -90,51 +89,6 @@ fn slow_rewrap(mut s: Settings) -> Settings {
     s
 }
 
-/// Runs the real binary over `env`'s data with `settings`' rotation options; returns the
-/// child and its gRPC address.
-pub(crate) async fn spawn_binary(env: &TestEnv, settings: &Settings) -> (tokio::process::Child, String) {
-    let r = &settings.rotation;
-    let config = env.data_dir().join("crash.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "shutdown_grace_seconds = {}\n[rotation]\nrewrap_batch_size = {}\nrewrap_pause_ms = {}\njob_lease_ms = {}\nscheduler_interval_ms = {}\n",
-            settings.shutdown_grace_seconds,
-            r.rewrap_batch_size, r.rewrap_pause_ms, r.job_lease_ms, r.scheduler_interval_ms
-        ),
-    )
-    .unwrap();
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_credvault"));
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--log-format", "json"])
-        .arg("--config")
-        .arg(&config)
-        .arg("--data-dir")
-        .arg(env.data_dir())
-        .arg("--database-url")
-        .arg(env.database_url())
-        .env("RUST_LOG", "info")
-        .env_remove("CREDVAULT_PASSPHRASE")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let mut child = cmd.spawn().unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let mut tx = Some(tx);
-        while let Ok(Some(line)) = lines.next_line().await {
-            if line.contains("serving gRPC") {
-                let v: serde_json::Value = serde_json::from_str(&line).expect("JSON log line");
-                if let (Some(tx), Some(addr)) = (tx.take(), v["fields"]["addr"].as_str()) {
-                    let _ = tx.send(addr.to_owned());
-                }
-            }
-        }
-    });
-    let addr = tokio::time::timeout(Duration::from_secs(30), rx).await.expect("daemon starts").unwrap();
-    (child, addr)
-}
-
 /// 5,000 credentials; the daemon re-wrapping them is killed mid-job; a restarted daemon
 /// resumes from the cursor; every credential decrypts and the old KEK is retired.
 async fn kek_rotation_survives_a_crash(backend: Backend) {
@@ -148,16 +102,14 @@ async fn kek_rotation_survives_a_crash(backend: Backend) {
     d.vault.destroy_version(&names[0], 1).await.unwrap();
     d.stop().await;
 
-    let (mut child, addr) = spawn_binary(&env, &settings).await;
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
-    let bearer = Bearer(format!("Bearer {token}").parse().unwrap());
-    let mut admin = proto::admin_service_client::AdminServiceClient::with_interceptor(channel, bearer);
+    let mut child = Binary::serve_env(&env, &settings).start().await;
+    let mut admin = admin_over(child.channel().await, &token);
     let started = admin.rotate_kek(RotateKekRequest {}).await.unwrap().into_inner();
     assert_eq!((started.state, started.new_kek_id, started.total), (proto::JobState::Running as i32, 2, 5001));
     assert_status(admin.rotate_kek(RotateKekRequest {}).await, Code::FailedPrecondition, "still running");
     eventually("the job to make progress", Duration::from_secs(60), async || job(&mut admin, 0).await.done >= 500)
         .await;
-    child.kill().await.expect("kill the daemon mid-job");
+    child.kill().await;
     let store = env.store().await;
     let at_crash = store.get_job(Some(started.job_id as i64)).await.unwrap().expect("the job row");
     assert_eq!(at_crash.state, credvault::store::JobState::Running);
@@ -180,7 +132,6 @@ async fn kek_rotation_survives_a_crash(backend: Backend) {
     assert_eq!(versions_under(&raw, 1).await, 0);
     raw.close().await;
     d.stop().await;
-    env.cleanup().await;
 }
 
 /// Writers keep putting (with compare-and-set) while the re-wrap runs: no write is lost,
@@ -235,7 +186,6 @@ async fn puts_racing_a_rewrap_lose_nothing(backend: Backend) {
     assert_eq!(kek_states(&raw).await[0].1, "retired");
     raw.close().await;
     d.stop().await;
-    env.cleanup().await;
 }
 
 /// A KEK rotated through one daemon: the other reads the new data and seals its own
@@ -276,7 +226,6 @@ async fn a_kek_rotation_reaches_every_daemon() {
     assert_eq!(get(&mut cb, "multi/x", None).await.unwrap().1, b"one");
     a.stop().await;
     b.stop().await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -324,8 +273,6 @@ async fn rekey_changes_the_passphrase_and_only_that() {
     let mut admin = d.admin().await;
     assert_status(admin.rekey_master(req(old, new)).await, Code::FailedPrecondition, "key file");
     d.stop().await;
-    env.cleanup().await;
-    env2.cleanup().await;
 }
 
 /// After a rekey through one daemon, another daemon still holding the old master key
@@ -351,5 +298,4 @@ async fn a_daemon_with_an_old_master_key_cannot_rotate_the_kek() {
     let d = TestDaemon::start(passphrase_settings(env.settings(), new), Some(&token)).await;
     assert_eq!(d.vault.status().await.active_kek_id, 2, "the new KEK opens with the new passphrase");
     d.stop().await;
-    env.cleanup().await;
 }

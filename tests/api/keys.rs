@@ -3,8 +3,8 @@
 use credvault::server::{Daemon, ServerError};
 use credvault::unlock::UnlockError;
 
-use crate::e2e::{get, put};
-use crate::helpers::{passphrase_settings, Backend, TestDaemon, TestEnv};
+use crate::helpers::spawn::Binary;
+use crate::helpers::{get, passphrase_settings, put, Backend, TestDaemon, TestEnv};
 
 #[tokio::test]
 async fn passphrase_database_restarts_with_the_same_passphrase_only() {
@@ -27,7 +27,6 @@ async fn passphrase_database_restarts_with_the_same_passphrase_only() {
     let mut c = d.client().await;
     assert_eq!(get(&mut c, "p/x", None).await.unwrap().1, b"value");
     d.stop().await;
-    env.cleanup().await;
 }
 
 #[tokio::test]
@@ -55,7 +54,6 @@ async fn wrong_key_file_fails_start_up() {
         matches!(err, ServerError::Unlock(UnlockError::WrongKey(_)) | ServerError::Unlock(UnlockError::KeyFile { .. })),
         "{err}"
     );
-    env.cleanup().await;
 }
 
 #[tokio::test]
@@ -63,24 +61,14 @@ async fn the_binary_exits_non_zero_on_a_wrong_passphrase() {
     let env = TestEnv::new(Backend::Sqlite).await;
     let d = TestDaemon::start(passphrase_settings(env.settings(), "right"), None).await;
     d.stop().await;
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_credvault"))
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .arg("--data-dir")
-        .arg(env.data_dir())
-        .env("CREDVAULT_PASSPHRASE", "wrong")
-        .env_remove("CREDVAULT_DATABASE_URL")
-        .env_remove("CREDVAULT_CONFIG")
-        .output()
-        .await
-        .unwrap();
+    let out = Binary::serve(env.data_dir()).env("CREDVAULT_PASSPHRASE", "wrong").output().await;
     assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = &out.stderr;
     assert!(stderr.contains("wrong master key"), "{stderr}");
     assert!(
         !stderr.contains("wrong\n") && !String::from_utf8_lossy(&out.stdout).contains("wrong"),
         "passphrase echoed"
     );
-    env.cleanup().await;
 }
 
 #[cfg(unix)]
@@ -96,5 +84,4 @@ async fn a_new_data_directory_is_owner_only() {
     let mode = std::fs::metadata(&settings.data_dir).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o700, "the data directory holds the database and the key file");
     assert!(settings.data_dir.join("credvault.db").is_file());
-    env.cleanup().await;
 }

@@ -8,9 +8,7 @@ use tonic::Code;
 use credvault::proto::{Capability, ListCredentialsRequest};
 
 use crate::both_backends;
-use crate::e2e::put;
-use crate::helpers::{assert_status, Backend, Client, Raw, TestDaemon, TestEnv};
-use crate::security::{client_with, create_token, rule};
+use crate::helpers::{assert_status, client_with, create_token, put, rule, Backend, Client, Raw, TestDaemon, TestEnv};
 
 fn req(prefix: &str, page_size: u32, page_token: &str) -> ListCredentialsRequest {
     ListCredentialsRequest { prefix: prefix.into(), page_size, page_token: page_token.into(), include_deleted: false }
@@ -110,7 +108,6 @@ async fn page_tokens_reveal_nothing(backend: Backend) {
     let next = a.list_credentials(req("", 1, &a_page.next_page_token)).await.unwrap().into_inner();
     assert_eq!(next.credentials[0].name, "team-a/3");
     d.stop().await;
-    env.cleanup().await;
 }
 
 /// 50,000 names the token may not list, 5 it may: under the prefix its policy scans
@@ -170,5 +167,4 @@ async fn outside_names_cost_few_pages(backend: Backend) {
     let first = root.list_credentials(req("", 1000, "")).await.unwrap().into_inner();
     assert_eq!(first.credentials.len(), 1000);
     d.stop().await;
-    env.cleanup().await;
 }

@@ -12,9 +12,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
-use crate::cache::eventually;
-use crate::e2e::{get, put};
-use crate::helpers::{assert_status, Backend, Client, TestDaemon, TestEnv};
+use crate::helpers::{assert_status, eventually, get, put, scrape, Backend, Client, TestDaemon, TestEnv};
 use crate::proxy::PgProxy;
 
 /// Settings for a daemon whose database connections all go through `proxy`.
@@ -118,7 +116,7 @@ async fn hits_are_served_through_a_ten_second_outage() {
         other => panic!("uncached name: {other:?}"),
     }
 
-    let body = crate::cache::scrape(&d).await;
+    let body = scrape(&d).await;
     for series in ["credvault_store_reachable ", "credvault_store_breaker_open ", "credvault_cache_stale_serves_total "]
     {
         assert!(body.contains(series), "missing {series}");
@@ -140,7 +138,6 @@ async fn hits_are_served_through_a_ten_second_outage() {
     assert_eq!(read(&mut c, &names[0]).await.unwrap(), (2, b"after".to_vec(), None));
     assert_eq!(d.vault.store_queries(), before, "revalidated entries are hits again");
     d.stop().await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -175,7 +172,6 @@ async fn fail_closed_answers_unavailable_fast_and_recovers_without_restart() {
     })
     .await;
     d.stop().await;
-    env.cleanup().await;
 }
 
 /// The calls already on their way when the database vanishes do not wait out the pool's
@@ -216,7 +212,6 @@ async fn calls_in_flight_when_the_store_vanishes_fail_fast() {
     eventually("writes work again", Duration::from_secs(10), async || put(&mut c, "gone/x", b"v3", None).await.is_ok())
         .await;
     d.stop().await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -283,7 +278,6 @@ async fn no_superseded_version_is_served_after_the_resync() {
     .await;
     a.stop().await;
     b.stop().await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -339,7 +333,6 @@ async fn a_terminated_backend_is_unavailable_not_internal() {
     assert_eq!(read(&mut c, "kill/x").await.unwrap().1, b"v3");
     raw.close().await;
     d.stop().await;
-    env.cleanup().await;
 }
 
 /// A failover that leaves the URL on a read-only server (a demoted primary, a standby):
@@ -386,5 +379,4 @@ async fn writes_to_a_read_only_server_are_unavailable_until_it_takes_writes() {
     assert_eq!(head.current_version, 2, "the refused writes left nothing behind");
     raw.close().await;
     d.stop().await;
-    env.cleanup().await;
 }

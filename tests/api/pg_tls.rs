@@ -41,7 +41,6 @@ async fn require_really_uses_tls_and_disable_does_not() {
     let prefer = PgStore::connect(&env.database_url(), 1).await.expect("default connects");
     assert!(connection_is_tls(&prefer).await, "the default sslmode=prefer uses TLS when offered");
     prefer.pool().close().await;
-    env.cleanup().await;
 }
 
 #[tokio::test]
@@ -88,7 +87,6 @@ async fn verify_modes_check_the_ca_and_the_host_name() {
     assert!(err.contains("UnknownIssuer"), "{err:?}");
     let err = connect_err(&url(&env, "localhost", "sslrootcert=system")).await;
     assert!(err.contains("sslmode=verify-full") && err.contains("UnknownIssuer"), "{err:?}");
-    env.cleanup().await;
 }
 
 #[tokio::test]
@@ -103,15 +101,13 @@ async fn tls_settings_that_would_be_misread_are_refused() {
     assert!(err.contains("sslcert and sslkey must be given together"), "{err:?}");
     let err = connect_err(&url(&env, "127.0.0.1", "sslmode=sometimes")).await;
     assert!(err.contains("sometimes"), "{err:?}");
-    env.cleanup().await;
 }
 
 /// Through the daemon's own TLS (verify-ca): a whole daemon works, change notifications
 /// included, and the bridge's socket directory is private and removed with the store.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_daemon_over_verify_ca_serves_reads_writes_and_notifications() {
-    use crate::e2e::{get, put};
-    use crate::helpers::TestDaemon;
+    use crate::helpers::{get, put, TestDaemon};
     let env = TestEnv::new(Backend::Postgres).await;
     let mut settings = env.settings();
     let verified = url(&env, "127.0.0.1", &format!("sslmode=verify-ca&sslrootcert={SNAKEOIL}"));
@@ -154,13 +150,11 @@ async fn a_daemon_over_verify_ca_serves_reads_writes_and_notifications() {
     drop(store);
     let after = dirs();
     assert!(before.iter().any(|d| !after.contains(d)), "the bridge's directory outlived its store");
-    env.cleanup().await;
 }
 
 #[tokio::test]
 async fn a_daemon_over_tls_serves_and_never_shows_the_password() {
-    use crate::e2e::{get, put};
-    use crate::helpers::TestDaemon;
+    use crate::helpers::{get, put, TestDaemon};
     let env = TestEnv::new(Backend::Postgres).await;
     let mut settings = env.settings();
     settings.database_url = Some(credvault::config::DatabaseUrl::new(url(&env, "127.0.0.1", "sslmode=require")));
@@ -183,7 +177,6 @@ async fn a_daemon_over_tls_serves_and_never_shows_the_password() {
         Err(e) => format!("{e:#} {e:?}"),
     };
     assert!(err.contains("not valid for name") && !err.contains(secret), "{err}");
-    env.cleanup().await;
 }
 
 /// A server that is down is a network error, not a certificate problem, even when the
@@ -204,5 +197,4 @@ async fn an_unreachable_server_is_unavailable_not_a_tls_error() {
         Err(e) => panic!("expected an I/O error, got {e:?}"),
         Ok(_) => panic!("nothing listens on port {port}"),
     }
-    env.cleanup().await;
 }

@@ -13,9 +13,9 @@ use credvault::proto::{
     RotateCredentialRequest, RotationPolicy, SetRotationPolicyRequest,
 };
 
-use crate::e2e::{get, put};
-use crate::helpers::{assert_status, Admin, Backend, Bearer, TestDaemon, TestEnv};
-use crate::security::{client_with, create_token, rule};
+use crate::helpers::{
+    assert_status, client_with, create_token, eventually, get, put, rule, Admin, Backend, Bearer, TestDaemon, TestEnv,
+};
 
 async fn admin_with(d: &TestDaemon, token: &str) -> Admin {
     let bearer = Bearer(format!("Bearer {token}").parse::<MetadataValue<_>>().unwrap());
@@ -108,7 +108,6 @@ async fn each_pattern_form_allows_and_denies() {
         }
     }
     d.stop().await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,7 +148,6 @@ async fn misreadable_rules_are_refused_at_creation() {
     let root = tokens.iter().find(|t| t.display_name == "root").unwrap();
     assert!(root.rules[0].capabilities.contains(&(Capability::Destroy as i32)), "the root token may destroy");
     d.stop().await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -208,7 +206,6 @@ async fn destroying_and_cutting_grace_need_destroy() {
     let r = s.destroy_version(DestroyVersionRequest { name: "other/x".into(), version: 1 }).await;
     assert_status(r, Code::PermissionDenied, "may not destroy \"other/x\"");
     d.stop().await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -237,11 +234,9 @@ async fn tokens_stored_with_old_patterns_keep_working() {
         .await
         .unwrap();
     let mut old = client_with(&d, token).await;
-    crate::cache::eventually(
-        "the periodic token reload to load the old token",
-        std::time::Duration::from_secs(10),
-        async || get(&mut old.clone(), "team-a/x/y", None).await.is_ok(),
-    )
+    eventually("the periodic token reload to load the old token", std::time::Duration::from_secs(10), async || {
+        get(&mut old.clone(), "team-a/x/y", None).await.is_ok()
+    })
     .await;
     assert_eq!(get(&mut old, "team-a/x/y", None).await.unwrap().1, b"v2", "old `team-a/*` reaches any depth");
     assert_status(get(&mut old, "team-b/x", None).await, Code::PermissionDenied, "may not read \"team-b/x\"");
@@ -252,5 +247,4 @@ async fn tokens_stored_with_old_patterns_keep_working() {
     assert_eq!(shown.rules[0].pattern, "team-a/**");
     assert!(shown.rules[0].capabilities.contains(&(Capability::Destroy as i32)));
     d.stop().await;
-    env.cleanup().await;
 }

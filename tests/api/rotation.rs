@@ -15,9 +15,7 @@ use credvault::proto::{
 use credvault::store::{Change, ChangeEvent, ChangeKind};
 
 use crate::both_backends;
-use crate::cache::eventually;
-use crate::e2e::{get, put};
-use crate::helpers::{assert_status, Backend, TestDaemon, TestEnv};
+use crate::helpers::{assert_status, eventually, get, put, Backend, TestDaemon, TestEnv};
 
 both_backends!(rotation_keeps_the_previous_version_for_its_grace, rotation_under_load_never_serves_a_mix);
 both_backends!(destroy_and_undelete, watchers_see_changes_under_their_prefix, periodic_and_scheduled_policies_fire);
@@ -128,7 +126,6 @@ async fn rotation_keeps_the_previous_version_for_its_grace(backend: Backend) {
         .unwrap();
     assert_status(admin.rotate_credential(rotate_req("rot/db", value(b"x"), None)).await, Code::NotFound, "deleted");
     d.stop().await;
-    env.cleanup().await;
 }
 
 /// Readers hammer one name while it is rotated 50 times: every read is a whole, valid
@@ -168,7 +165,6 @@ async fn rotation_under_load_never_serves_a_mix(backend: Backend) {
     assert!(total > 0);
     assert_eq!(get(&mut c, "load/key", None).await.unwrap(), (51, value_of(51)));
     d.stop().await;
-    env.cleanup().await;
 }
 
 async fn destroy_and_undelete(backend: Backend) {
@@ -218,7 +214,6 @@ async fn destroy_and_undelete(backend: Backend) {
     assert_eq!((m.current_version, m.deleted_at), (3, None));
     assert_eq!(get(&mut c, "dd/x", None).await.unwrap(), (3, b"three".to_vec()));
     d.stop().await;
-    env.cleanup().await;
 }
 
 async fn next_event(s: &mut tonic::Streaming<proto::CredentialEvent>) -> proto::CredentialEvent {
@@ -288,7 +283,6 @@ async fn watchers_see_changes_under_their_prefix(backend: Backend) {
     // The daemon keeps serving.
     assert_eq!(get(&mut c, "team/a", None).await.unwrap().0, 2);
     d.stop().await;
-    env.cleanup().await;
 }
 
 fn policy(name: &str, kind: proto::PolicyKind) -> RotationPolicy {
@@ -426,7 +420,6 @@ async fn periodic_and_scheduled_policies_fire(backend: Backend) {
         "no rotation policy",
     );
     d.stop().await;
-    env.cleanup().await;
 }
 
 /// Two daemons on one PostgreSQL database both run the scheduler; each slot is rotated
@@ -466,5 +459,4 @@ async fn two_daemons_never_rotate_the_same_slot() {
     let slots = elapsed.as_secs() + 1;
     assert!(rotations <= slots, "{rotations} rotations in {elapsed:?}: a slot was rotated twice");
     d.stop().await;
-    env.cleanup().await;
 }

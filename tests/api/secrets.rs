@@ -2,15 +2,11 @@
 //! environment after start-up; key and passphrase files open to group or others are
 //! refused unless explicitly allowed.
 
-use std::process::Stdio;
-use std::time::Duration;
-
-use tokio::io::{AsyncBufReadExt as _, BufReader};
-
 use credvault::config::{ConfigError, ServeArgs, Settings};
 use credvault::server::{Daemon, ServerError};
 use credvault::unlock::UnlockError;
 
+use crate::helpers::spawn::Binary;
 use crate::helpers::{Backend, TestEnv};
 
 /// The real binary, passphrase from the environment, database URL (with a password) from
@@ -21,45 +17,20 @@ use crate::helpers::{Backend, TestEnv};
 async fn secret_variables_leave_the_daemons_environment() {
     let env = TestEnv::new(Backend::Postgres).await;
     let config = env.data_dir().join("kdf.toml");
-    std::fs::write(&config, "[kdf]\nmemory_kib = 19456\niterations = 2\nparallelism = 1\n").unwrap();
     let passphrase = "passphrase-marker-7d1f";
     let db_password = "dbpassword-marker-91aa";
     let token = "token-marker-c3e0";
     // Trust authentication ignores the password; it is there to be scrubbed.
     let url = env.database_url().replacen("postgres@", &format!("postgres:{db_password}@"), 1);
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_credvault"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--log-format", "json"])
-        .arg("--config")
-        .arg(&config)
-        .arg("--data-dir")
-        .arg(env.data_dir())
-        .env("RUST_LOG", "info")
+    let mut child = Binary::serve(env.data_dir())
+        .config(&config, "[kdf]\nmemory_kib = 19456\niterations = 2\nparallelism = 1\n")
         .env("CREDVAULT_PASSPHRASE", passphrase)
         .env("CREDVAULT_DATABASE_URL", &url)
         .env("CREDVAULT_TOKEN", token)
         .env("CREDVAULT_UNRELATED", "stays-here")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let pid = child.id().expect("pid");
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let logs = tokio::spawn(async move {
-        let (mut tx, mut all) = (Some(tx), String::new());
-        while let Ok(Some(line)) = lines.next_line().await {
-            if line.contains("serving gRPC") {
-                if let Some(tx) = tx.take() {
-                    let _ = tx.send(());
-                }
-            }
-            all.push_str(&line);
-            all.push('\n');
-        }
-        all
-    });
-    tokio::time::timeout(Duration::from_secs(30), rx).await.expect("daemon serves").unwrap();
+        .start()
+        .await;
+    let pid = child.pid();
     let environ = std::fs::read(format!("/proc/{pid}/environ")).expect("read environ");
     let text = String::from_utf8_lossy(&environ);
     assert!(text.contains("CREDVAULT_UNRELATED=stays-here"), "reading the wrong environment? {text:?}");
@@ -72,14 +43,12 @@ async fn secret_variables_leave_the_daemons_environment() {
             "{name} still has a value"
         );
     }
-    child.start_kill().unwrap();
-    let _ = child.wait().await;
-    let logs = logs.await.unwrap();
+    child.kill().await;
+    let logs = child.log().await;
     assert!(logs.contains("removed secret variables from the process environment"), "{logs}");
     for secret in [passphrase, db_password, token] {
         assert!(!logs.contains(secret), "{secret} was logged");
     }
-    env.cleanup().await;
 }
 
 #[cfg(unix)]
@@ -120,7 +89,6 @@ async fn a_key_file_open_to_others_is_refused_unless_allowed() {
     // Owner-only again (read-only too): it starts without the flag.
     chmod(&key, 0o400);
     drop(Daemon::build(env.settings()).await.expect("0400 key file is fine"));
-    env.cleanup().await;
 }
 
 #[cfg(unix)]
@@ -148,21 +116,9 @@ async fn a_passphrase_file_open_to_others_is_refused_unless_allowed() {
 
     // The real binary: exit status 2 and a message naming the file and its mode.
     chmod(&file, 0o640);
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_credvault"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
-        .arg("--data-dir")
-        .arg(dir.path())
-        .arg("--passphrase-file")
-        .arg(&file)
-        .env_remove("CREDVAULT_PASSPHRASE")
-        .env_remove("CREDVAULT_DATABASE_URL")
-        .env_remove("CREDVAULT_CONFIG")
-        .env_remove("CREDVAULT_ALLOW_INSECURE_KEY_PERMISSIONS")
-        .output()
-        .await
-        .unwrap();
+    let out = Binary::serve(dir.path()).arg("--passphrase-file").arg(&file).output().await;
     assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = &out.stderr;
     assert!(
         stderr.contains(&format!("passphrase file {} is accessible by group or others (mode 0640)", file.display())),
         "{stderr}"

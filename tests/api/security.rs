@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use tokio_stream::StreamExt as _;
-use tonic::metadata::MetadataValue;
 use tonic::Code;
 
 use credvault::proto::{
@@ -11,39 +10,9 @@ use credvault::proto::{
     ListTokensRequest, PolicyRule, RevokeTokenRequest,
 };
 
-use crate::e2e::{get, put};
-use crate::helpers::{assert_status, Backend, Bearer, Client, TestDaemon, TestEnv};
-
-pub(crate) fn rule(pattern: &str, caps: &[Capability], deny: bool) -> PolicyRule {
-    PolicyRule { pattern: pattern.into(), capabilities: caps.iter().map(|c| *c as i32).collect(), deny }
-}
-
-pub(crate) async fn create_token(
-    d: &TestDaemon,
-    name: &str,
-    rules: Vec<PolicyRule>,
-    rate: u32,
-    ttl: Option<u64>,
-) -> (String, String) {
-    let r = d
-        .admin()
-        .await
-        .create_token(CreateTokenRequest {
-            display_name: name.into(),
-            rules,
-            ttl: ttl.map(|s| prost_types::Duration { seconds: s as i64, nanos: 0 }),
-            rate_limit_per_second: rate,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    (r.token, r.info.unwrap().id)
-}
-
-pub(crate) async fn client_with(d: &TestDaemon, token: &str) -> Client {
-    let bearer = Bearer(format!("Bearer {token}").parse::<MetadataValue<_>>().unwrap());
-    proto::credential_service_client::CredentialServiceClient::with_interceptor(d.channel().await, bearer)
-}
+use crate::helpers::{
+    assert_status, client_with, create_token, eventually, get, put, rule, Backend, Bearer, TestDaemon, TestEnv,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scoped_tokens_see_only_their_names() {
@@ -127,7 +96,6 @@ async fn scoped_tokens_see_only_their_names() {
     assert_eq!(tokens.tokens.len(), 2);
     assert!(!format!("{tokens:?}").contains(&token) && !format!("{tokens:?}").contains(&d.token));
     d.stop().await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -171,7 +139,6 @@ async fn bad_token_requests_are_invalid_arguments() {
         "nothing was created"
     );
     d.stop().await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -184,10 +151,8 @@ async fn revocation_reaches_every_daemon() {
     let mut on_a = client_with(&a, &token).await;
     let mut on_b = client_with(&b, &token).await;
     assert!(get(&mut on_a, "r/x", None).await.is_ok());
-    crate::cache::eventually("B learns of the new token", Duration::from_secs(1), async || {
-        get(&mut on_b, "r/x", None).await.is_ok()
-    })
-    .await;
+    eventually("B learns of the new token", Duration::from_secs(1), async || get(&mut on_b, "r/x", None).await.is_ok())
+        .await;
 
     // Watch streams on both daemons: they carry only names the token may read.
     let watch = credvault::proto::WatchCredentialsRequest { prefix: String::new() };
@@ -207,7 +172,7 @@ async fn revocation_reaches_every_daemon() {
         assert_eq!(status.code(), Code::Unauthenticated, "{}", status.message());
     }
     assert_status(get(&mut on_a, "r/x", None).await, Code::Unauthenticated, "invalid or expired token");
-    crate::cache::eventually("B refuses the revoked token", Duration::from_secs(1), async || {
+    eventually("B refuses the revoked token", Duration::from_secs(1), async || {
         get(&mut on_b, "r/x", None).await.is_err_and(|s| s.code() == Code::Unauthenticated)
     })
     .await;
@@ -215,7 +180,6 @@ async fn revocation_reaches_every_daemon() {
     assert!(listed.tokens.iter().any(|t| t.id == id && t.revoked_at.is_some()));
     a.stop().await;
     b.stop().await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -226,12 +190,11 @@ async fn expired_tokens_are_refused() {
     let (token, _) = create_token(&d, "short", vec![rule("*", &[Capability::Read], false)], 0, Some(1)).await;
     let mut c = client_with(&d, &token).await;
     assert!(get(&mut c, "e/x", None).await.is_ok());
-    crate::cache::eventually("the token expires", Duration::from_secs(3), async || {
+    eventually("the token expires", Duration::from_secs(3), async || {
         get(&mut c, "e/x", None).await.is_err_and(|s| s.code() == Code::Unauthenticated)
     })
     .await;
     d.stop().await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -260,7 +223,6 @@ async fn rate_limits_apply_per_token() {
         get(&mut root, "rl/x", None).await.unwrap();
     }
     d.stop().await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -284,7 +246,7 @@ async fn overload_is_shed_and_slow_storage_is_unavailable() {
         let mut c = d.client().await;
         tokio::spawn(async move { get(&mut c, "slow/x", None).await })
     };
-    crate::cache::eventually("the first request reaches the store", Duration::from_secs(2), async || {
+    eventually("the first request reaches the store", Duration::from_secs(2), async || {
         d.vault.store_queries() > before
     })
     .await;
@@ -300,7 +262,6 @@ async fn overload_is_shed_and_slow_storage_is_unavailable() {
     raw.close().await;
     assert_eq!(get(&mut c, "slow/x", None).await.unwrap().1, b"v", "serving again once storage answers");
     d.stop().await;
-    env.cleanup().await;
 }
 
 /// A caller's deadline (`grpc-timeout`) ends the request even while storage is stuck;
@@ -334,7 +295,6 @@ async fn request_deadlines_are_honoured() {
     raw.close().await;
     assert_eq!(get(&mut c, "deadline/x", None).await.unwrap().1, b"v", "serving again once storage answers");
     d.stop().await;
-    env.cleanup().await;
 }
 
 /// The server's own answer to an expired `grpc-timeout`, seen through a raw HTTP/2
@@ -386,5 +346,4 @@ async fn expired_deadlines_are_answered_deadline_exceeded() {
     raw.close().await;
     assert_eq!(get(&mut c, "deadline/raw", None).await.unwrap().1, b"v");
     d.stop().await;
-    env.cleanup().await;
 }

@@ -4,8 +4,7 @@
 use tonic::Code;
 
 use crate::both_backends;
-use crate::e2e::{get, put};
-use crate::helpers::{assert_status, Backend, TestDaemon, TestEnv};
+use crate::helpers::{assert_status, get, put, Backend, TestDaemon, TestEnv};
 
 both_backends!(flipped_bytes_are_data_loss, moved_ciphertexts_are_data_loss, no_plaintext_at_rest);
 
@@ -44,7 +43,6 @@ async fn flipped_bytes_are_data_loss(backend: Backend) {
     assert_eq!(get(&mut c, "t/b", None).await.unwrap().1, b"bravo-secret");
     raw.close().await;
     d.stop().await;
-    env.cleanup().await;
 }
 
 async fn moved_ciphertexts_are_data_loss(backend: Backend) {
@@ -76,7 +74,6 @@ async fn moved_ciphertexts_are_data_loss(backend: Backend) {
     assert_eq!(get(&mut c, "m/a", Some(1)).await.unwrap().1, b"alpha-secret", "the source row still reads");
     raw.close().await;
     d.stop().await;
-    env.cleanup().await;
 }
 
 async fn no_plaintext_at_rest(backend: Backend) {
@@ -116,5 +113,4 @@ async fn no_plaintext_at_rest(backend: Backend) {
     assert!(contains(b"rest/n1"), "the dump does not hold the data at all");
     assert!(!contains(MARKER.as_bytes()), "plaintext value found at rest");
     assert!(!contains(hex::encode(MARKER).as_bytes()), "hex-encoded plaintext found at rest");
-    env.cleanup().await;
 }

@@ -9,6 +9,7 @@ use credvault::config::TlsSettings;
 use credvault::proto::admin_service_client::AdminServiceClient;
 use credvault::proto::GetStatusRequest;
 
+use crate::helpers::spawn::Binary;
 use crate::helpers::{Backend, TestDaemon, TestEnv};
 
 struct Pki {
@@ -104,15 +105,13 @@ async fn tls_and_mutual_tls() {
     status_over(&d, Some(client_tls(&pki, None))).await.unwrap();
 
     // The CLI speaks TLS too.
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_credvault"))
-        .args(["status", "--addr", &format!("127.0.0.1:{}", d.addr.port()), "--tls-domain", "localhost"])
+    let out = Binary::new(["status", "--addr", &format!("127.0.0.1:{}", d.addr.port()), "--tls-domain", "localhost"])
         .arg("--tls-ca")
         .arg(&pki.ca)
         .env("CREDVAULT_TOKEN", &d.token)
         .output()
-        .await
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        .await;
+    assert!(out.status.success(), "{}", out.stderr);
     let token = d.token.clone();
     d.stop().await;
 
@@ -128,7 +127,6 @@ async fn tls_and_mutual_tls() {
     assert!(status_over(&d, None).await.is_err());
     status_over(&d, Some(client_tls(&pki, Some((&pki.client_cert, &pki.client_key))))).await.unwrap();
     d.stop().await;
-    env.cleanup().await;
 }
 
 #[tokio::test]
@@ -142,5 +140,4 @@ async fn bad_tls_files_fail_start_up() {
     });
     let err = credvault::server::Daemon::build(settings).await.unwrap_err();
     assert!(err.to_string().contains("missing.pem"), "{err}");
-    env.cleanup().await;
 }

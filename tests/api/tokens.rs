@@ -12,9 +12,7 @@ use tonic::Code;
 use credvault::config::DatabaseUrl;
 use credvault::proto::{self, credential_service_client::CredentialServiceClient};
 
-use crate::cache::eventually;
-use crate::e2e::put;
-use crate::helpers::{Backend, Bearer, Raw, TestDaemon, TestEnv};
+use crate::helpers::{eventually, put, Backend, Bearer, Raw, TestDaemon, TestEnv};
 use crate::proxy::PgProxy;
 
 /// A token that may read `t/*`; returns its text and id.
@@ -83,7 +81,6 @@ async fn tokens_made_on_one_daemon_are_applied_one_by_one_on_another() {
     assert!(one - one_before >= 25, "one refresh per change: {}", one - one_before);
     a.stop().await;
     b.stop().await;
-    env.cleanup().await;
 }
 
 /// B's change feed goes through its own URL (here a proxy, standing in for a direct
@@ -119,10 +116,10 @@ async fn the_listen_url_carries_the_feed_and_the_backstop_covers_its_loss() {
     let mut ca = a.client().await;
     let mut cb = b.client().await;
     put(&mut ca, "t/x", b"1", None).await.unwrap();
-    assert_eq!(crate::e2e::get(&mut cb, "t/x", None).await.unwrap().0, 1);
+    assert_eq!(crate::helpers::get(&mut cb, "t/x", None).await.unwrap().0, 1);
     put(&mut ca, "t/x", b"2", None).await.unwrap();
     eventually("B sees A's write", Duration::from_secs(10), async || {
-        crate::e2e::get(&mut cb, "t/x", None).await.unwrap().0 == 2
+        crate::helpers::get(&mut cb, "t/x", None).await.unwrap().0 == 2
     })
     .await;
 
@@ -140,14 +137,13 @@ async fn the_listen_url_carries_the_feed_and_the_backstop_covers_its_loss() {
     })
     .await;
     // B's own pool never depended on the feed's connection.
-    assert_eq!(crate::e2e::get(&mut cb, "t/x", None).await.unwrap().0, 2);
+    assert_eq!(crate::helpers::get(&mut cb, "t/x", None).await.unwrap().0, 2);
 
     proxy.restore().await;
     eventually("B's feed is back", Duration::from_secs(15), async || listeners().await == 2).await;
     raw.close().await;
     a.stop().await;
     b.stop().await;
-    env.cleanup().await;
 }
 
 /// `statement-cache-capacity=0` (for a pooler without prepared-statement support): every
@@ -165,13 +161,12 @@ async fn the_statement_cache_can_be_turned_off() {
     for v in 1..=3u64 {
         assert_eq!(put(&mut ca, "t/nocache", format!("v{v}").as_bytes(), None).await.unwrap(), v);
         eventually("B sees the write", Duration::from_secs(10), async || {
-            crate::e2e::get(&mut cb, "t/nocache", None).await.unwrap().0 == v
+            crate::helpers::get(&mut cb, "t/nocache", None).await.unwrap().0 == v
         })
         .await;
     }
     a.stop().await;
     b.stop().await;
-    env.cleanup().await;
 }
 
 /// Revocation looks a token up by a prefix of its hash, through an index: an exact
@@ -211,7 +206,6 @@ async fn revoking_by_id_finds_exactly_one_token(backend: Backend) {
     let not_hex = admin.revoke_token(proto::RevokeTokenRequest { id: "abcdefg12345".into() }).await.unwrap_err();
     assert_eq!(not_hex.code(), Code::InvalidArgument, "{not_hex:?}");
     a.stop().await;
-    env.cleanup().await;
 }
 
 crate::both_backends!(revoking_by_id_finds_exactly_one_token);

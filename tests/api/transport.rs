@@ -4,13 +4,11 @@
 use std::time::{Duration, Instant};
 
 use tokio_stream::StreamExt as _;
-use tonic::metadata::MetadataValue;
 use tonic::Code;
 
 use credvault::proto::{self, Capability, CreateTokenRequest, PolicyRule, WatchCredentialsRequest};
 
-use crate::e2e::{get, put};
-use crate::helpers::{assert_status, Backend, Bearer, Client, TestDaemon, TestEnv};
+use crate::helpers::{assert_status, client_with, eventually, get, put, Backend, Client, TestDaemon, TestEnv};
 
 async fn token(d: &TestDaemon, name: &str, pattern: &str, caps: &[Capability]) -> String {
     let rule =
@@ -27,11 +25,6 @@ async fn token(d: &TestDaemon, name: &str, pattern: &str, caps: &[Capability]) -
         .unwrap()
         .into_inner()
         .token
-}
-
-async fn client_with(d: &TestDaemon, token: &str) -> Client {
-    let bearer = Bearer(format!("Bearer {token}").parse::<MetadataValue<_>>().unwrap());
-    proto::credential_service_client::CredentialServiceClient::with_interceptor(d.channel().await, bearer)
 }
 
 /// Opens `n` `PutCredential` streams on one HTTP/2 connection, each sending its headers
@@ -116,7 +109,6 @@ async fn stalled_bodies_from_one_token_do_not_starve_others() {
     let mut a = client_with(&d, &attacker).await;
     assert_status(get(&mut a, "empty/none", None).await, Code::NotFound, "");
     d.stop().await;
-    env.cleanup().await;
 }
 
 /// A token over its in-flight limit is refused; others are not.
@@ -141,7 +133,7 @@ async fn per_token_in_flight_limit() {
         stuck.push(tokio::spawn(async move { get(&mut c, &format!("slow/miss-{i}"), None).await }));
     }
     let mut c = client_with(&d, &t).await;
-    crate::cache::eventually("the token's third request is refused", Duration::from_secs(3), async || {
+    eventually("the token's third request is refused", Duration::from_secs(3), async || {
         matches!(get(&mut c, "slow/hot", None).await, Err(s) if s.code() == Code::ResourceExhausted
             && s.message().contains("2 requests in flight"))
     })
@@ -155,7 +147,6 @@ async fn per_token_in_flight_limit() {
     assert_eq!(get(&mut c, "slow/hot", None).await.unwrap().1, b"v", "permits are released");
     raw.close().await;
     d.stop().await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -185,7 +176,7 @@ async fn watch_streams_are_capped_globally_and_per_token() {
     );
     drop(a1);
     let mut stream = None;
-    crate::cache::eventually("a closed stream frees its place", Duration::from_secs(3), async || {
+    eventually("a closed stream frees its place", Duration::from_secs(3), async || {
         stream = watch(client_with(&d, &b).await).await.ok();
         stream.is_some()
     })
@@ -193,7 +184,6 @@ async fn watch_streams_are_capped_globally_and_per_token() {
     // Open streams would hold the graceful shutdown.
     drop((stream, _a2, _root, admin));
     d.stop().await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -226,13 +216,12 @@ async fn unauthenticated_streams_are_capped() {
     // Unary health checks are not streams.
     health.check(req()).await.unwrap();
     drop(w1);
-    crate::cache::eventually("a closed health watch frees its place", Duration::from_secs(3), async || {
+    eventually("a closed health watch frees its place", Duration::from_secs(3), async || {
         refl.server_reflection_info(tokio_stream::iter([list()])).await.is_ok()
     })
     .await;
     drop((w2, health, refl));
     d.stop().await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -270,7 +259,6 @@ async fn reflection_serves_v1_and_v1alpha() {
     };
     assert!(!f.file_descriptor_proto.is_empty());
     d.stop().await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -325,7 +313,7 @@ async fn http2_limits_keepalive_and_connection_cap() {
     let r = tokio::time::timeout(Duration::from_secs(2), extra.read(&mut buf)).await.expect("closed at once");
     assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
     held.pop();
-    crate::cache::eventually("a closed connection frees its place", Duration::from_secs(3), async || {
+    eventually("a closed connection frees its place", Duration::from_secs(3), async || {
         match tonic::transport::Channel::from_shared(format!("http://{}", d.addr)).unwrap().connect().await {
             Ok(ch) => {
                 let mut c = proto::credential_service_client::CredentialServiceClient::with_interceptor(ch, d.bearer());
@@ -336,5 +324,4 @@ async fn http2_limits_keepalive_and_connection_cap() {
     })
     .await;
     d.stop().await;
-    env.cleanup().await;
 }

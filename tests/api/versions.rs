@@ -9,8 +9,7 @@ use credvault::proto::{
 };
 
 use crate::both_backends;
-use crate::e2e::{get, put};
-use crate::helpers::{assert_status, Backend, TestDaemon, TestEnv};
+use crate::helpers::{assert_status, get, put, Backend, TestDaemon, TestEnv};
 
 both_backends!(versions_out_of_range_are_refused);
 
@@ -53,5 +52,4 @@ async fn versions_out_of_range_are_refused(backend: Backend) {
     assert_eq!(get(&mut c, "edge/one", None).await.unwrap(), (1, b"v1".to_vec()));
     assert_status(get(&mut c, "edge/absent", None).await, Code::NotFound, "edge/absent");
     d.stop().await;
-    env.cleanup().await;
 }
