@@ -15,8 +15,8 @@ use crate::crypto::{self, CryptoError, KeyRing, Sealed};
 use crate::metrics::names::DECRYPT_DURATION;
 use crate::names::{check_prefix, CredentialName};
 use crate::store::{
-    now_micros, Backend, Change, ChangeEvent, ChangeKind, CredentialRow, Instrumented, Metadata, Micros, NewVersion,
-    PolicyAdvance, Store, StoreError, VersionInfo, VersionRow, VersionState, WriteBase,
+    now_micros, Backend, Change, ChangeEvent, ChangeKind, CredentialRow, CredentialStore, Instrumented, Metadata,
+    Micros, NewVersion, PolicyAdvance, Store, StoreError, VersionInfo, VersionRow, VersionState, WriteBase,
 };
 
 mod feed;

@@ -11,8 +11,9 @@ use async_trait::async_trait;
 
 use super::breaker::Permit;
 use super::{
-    AuditRow, Backend, Breaker, ChangeSink, CredentialRow, JobRow, KekRow, KeyringRow, ListQuery, Micros, NewVersion,
-    PoolStats, RewrapBatch, RewrapRow, RotationPolicyRow, Store, StoreError, TokenRow, VersionInfo, VersionRow,
+    AuditRow, AuditStore, Backend, Breaker, ChangeSink, CredentialRow, CredentialStore, JobRow, JobStore, KekRow,
+    KeyStore, KeyringRow, ListQuery, Micros, NewVersion, PolicyStore, PoolStats, RewrapBatch, RewrapRow,
+    RotationPolicyRow, Store, StoreError, TokenRow, TokenStore, VersionInfo, VersionRow,
 };
 use crate::metrics::names::STORE_QUERY_DURATION;
 
@@ -141,7 +142,7 @@ impl Instrumented {
         &self.breaker
     }
 
-    /// Current versions of cached names, for a resync: [`Store::get_current_many`], timed
+    /// Current versions of cached names, for a resync: [`CredentialStore::get_current_many`], timed
     /// and guarded like any call but not counted as a request query.
     pub async fn current_for_resync(&self, names: &[String]) -> Result<Vec<(CredentialRow, VersionRow)>, StoreError> {
         self.timed(Op::Resync, self.inner.get_current_many(names)).await
@@ -215,27 +216,7 @@ impl Instrumented {
 }
 
 #[async_trait]
-impl Store for Instrumented {
-    fn backend(&self) -> Backend {
-        self.inner.backend()
-    }
-
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.timed(Op::Ping, self.inner.ping()).await
-    }
-
-    async fn load_keyring(&self) -> Result<Option<KeyringRow>, StoreError> {
-        self.timed(Op::LoadKeyring, self.inner.load_keyring()).await
-    }
-
-    async fn init_keyring(&self, keyring: &KeyringRow, kek: &KekRow) -> Result<bool, StoreError> {
-        self.timed(Op::InitKeyring, self.inner.init_keyring(keyring, kek)).await
-    }
-
-    async fn list_keks(&self) -> Result<Vec<KekRow>, StoreError> {
-        self.timed(Op::ListKeks, self.inner.list_keks()).await
-    }
-
+impl CredentialStore for Instrumented {
     async fn get_credential(&self, name: &str) -> Result<Option<CredentialRow>, StoreError> {
         self.timed(Op::GetCredential, self.inner.get_credential(name)).await
     }
@@ -272,26 +253,6 @@ impl Store for Instrumented {
         self.timed(Op::CountCredentials, self.inner.count_credentials()).await
     }
 
-    async fn insert_token(&self, token: &TokenRow) -> Result<(), StoreError> {
-        self.timed(Op::InsertToken, self.inner.insert_token(token)).await
-    }
-
-    async fn insert_first_token(&self, token: &TokenRow) -> Result<bool, StoreError> {
-        self.timed(Op::InsertFirstToken, self.inner.insert_first_token(token)).await
-    }
-
-    async fn list_tokens(&self) -> Result<Vec<TokenRow>, StoreError> {
-        self.timed(Op::ListTokens, self.inner.list_tokens()).await
-    }
-
-    async fn get_token(&self, token_hash: &str) -> Result<Option<TokenRow>, StoreError> {
-        self.timed(Op::GetToken, self.inner.get_token(token_hash)).await
-    }
-
-    async fn find_live_tokens(&self, prefix: &str, limit: u32) -> Result<Vec<TokenRow>, StoreError> {
-        self.timed(Op::FindLiveTokens, self.inner.find_live_tokens(prefix, limit)).await
-    }
-
     async fn destroy_version(&self, name: &str, version: u64) -> Result<Option<bool>, StoreError> {
         self.timed(Op::DestroyVersion, self.inner.destroy_version(name, version)).await
     }
@@ -300,36 +261,37 @@ impl Store for Instrumented {
         self.timed(Op::UndeleteCredential, self.inner.undelete_credential(name, now)).await
     }
 
-    async fn put_rotation_policy(&self, p: &RotationPolicyRow) -> Result<bool, StoreError> {
-        self.timed(Op::PutRotationPolicy, self.inner.put_rotation_policy(p)).await
-    }
-
-    async fn get_rotation_policy(&self, name: &str) -> Result<Option<RotationPolicyRow>, StoreError> {
-        self.timed(Op::GetRotationPolicy, self.inner.get_rotation_policy(name)).await
-    }
-
-    async fn delete_rotation_policy(&self, name: &str) -> Result<bool, StoreError> {
-        self.timed(Op::DeleteRotationPolicy, self.inner.delete_rotation_policy(name)).await
-    }
-
-    async fn due_rotations(&self, now: Micros, limit: u32) -> Result<Vec<RotationPolicyRow>, StoreError> {
-        self.timed(Op::DueRotations, self.inner.due_rotations(now, limit)).await
-    }
-
-    async fn defer_rotation(
-        &self,
-        name: &str,
-        claim: Micros,
-        retry_at: Micros,
-        error: &str,
-    ) -> Result<bool, StoreError> {
-        self.timed(Op::DeferRotation, self.inner.defer_rotation(name, claim, retry_at, error)).await
-    }
-
     async fn deprecate_expired(&self, now: Micros) -> Result<u64, StoreError> {
         self.timed(Op::DeprecateExpired, self.inner.deprecate_expired(now)).await
     }
+}
 
+#[async_trait]
+impl KeyStore for Instrumented {
+    async fn load_keyring(&self) -> Result<Option<KeyringRow>, StoreError> {
+        self.timed(Op::LoadKeyring, self.inner.load_keyring()).await
+    }
+
+    async fn init_keyring(&self, keyring: &KeyringRow, kek: &KekRow) -> Result<bool, StoreError> {
+        self.timed(Op::InitKeyring, self.inner.init_keyring(keyring, kek)).await
+    }
+
+    async fn list_keks(&self) -> Result<Vec<KekRow>, StoreError> {
+        self.timed(Op::ListKeks, self.inner.list_keks()).await
+    }
+
+    async fn rekey(
+        &self,
+        keyring: &KeyringRow,
+        old_verifier: &[u8],
+        keks: &[(i64, Vec<u8>)],
+    ) -> Result<bool, StoreError> {
+        self.timed(Op::Rekey, self.inner.rekey(keyring, old_verifier, keks)).await
+    }
+}
+
+#[async_trait]
+impl JobStore for Instrumented {
     async fn start_kek_rotation(&self, kek: &KekRow, verifier: &[u8], now: Micros) -> Result<JobRow, StoreError> {
         self.timed(Op::StartKekRotation, self.inner.start_kek_rotation(kek, verifier, now)).await
     }
@@ -364,16 +326,66 @@ impl Store for Instrumented {
     ) -> Result<Option<JobRow>, StoreError> {
         self.timed(Op::FinishJob, self.inner.finish_job(id, owner, now, error)).await
     }
+}
 
-    async fn rekey(
-        &self,
-        keyring: &KeyringRow,
-        old_verifier: &[u8],
-        keks: &[(i64, Vec<u8>)],
-    ) -> Result<bool, StoreError> {
-        self.timed(Op::Rekey, self.inner.rekey(keyring, old_verifier, keks)).await
+#[async_trait]
+impl PolicyStore for Instrumented {
+    async fn put_rotation_policy(&self, p: &RotationPolicyRow) -> Result<bool, StoreError> {
+        self.timed(Op::PutRotationPolicy, self.inner.put_rotation_policy(p)).await
     }
 
+    async fn get_rotation_policy(&self, name: &str) -> Result<Option<RotationPolicyRow>, StoreError> {
+        self.timed(Op::GetRotationPolicy, self.inner.get_rotation_policy(name)).await
+    }
+
+    async fn delete_rotation_policy(&self, name: &str) -> Result<bool, StoreError> {
+        self.timed(Op::DeleteRotationPolicy, self.inner.delete_rotation_policy(name)).await
+    }
+
+    async fn due_rotations(&self, now: Micros, limit: u32) -> Result<Vec<RotationPolicyRow>, StoreError> {
+        self.timed(Op::DueRotations, self.inner.due_rotations(now, limit)).await
+    }
+
+    async fn defer_rotation(
+        &self,
+        name: &str,
+        claim: Micros,
+        retry_at: Micros,
+        error: &str,
+    ) -> Result<bool, StoreError> {
+        self.timed(Op::DeferRotation, self.inner.defer_rotation(name, claim, retry_at, error)).await
+    }
+}
+
+#[async_trait]
+impl TokenStore for Instrumented {
+    async fn insert_token(&self, token: &TokenRow) -> Result<(), StoreError> {
+        self.timed(Op::InsertToken, self.inner.insert_token(token)).await
+    }
+
+    async fn insert_first_token(&self, token: &TokenRow) -> Result<bool, StoreError> {
+        self.timed(Op::InsertFirstToken, self.inner.insert_first_token(token)).await
+    }
+
+    async fn list_tokens(&self) -> Result<Vec<TokenRow>, StoreError> {
+        self.timed(Op::ListTokens, self.inner.list_tokens()).await
+    }
+
+    async fn get_token(&self, token_hash: &str) -> Result<Option<TokenRow>, StoreError> {
+        self.timed(Op::GetToken, self.inner.get_token(token_hash)).await
+    }
+
+    async fn find_live_tokens(&self, prefix: &str, limit: u32) -> Result<Vec<TokenRow>, StoreError> {
+        self.timed(Op::FindLiveTokens, self.inner.find_live_tokens(prefix, limit)).await
+    }
+
+    async fn revoke_token(&self, token_hash: &str, now: Micros) -> Result<bool, StoreError> {
+        self.timed(Op::RevokeToken, self.inner.revoke_token(token_hash, now)).await
+    }
+}
+
+#[async_trait]
+impl AuditStore for Instrumented {
     async fn insert_audit(&self, events: &[AuditRow]) -> Result<(), StoreError> {
         self.timed(Op::InsertAudit, self.inner.insert_audit(events)).await
     }
@@ -385,9 +397,16 @@ impl Store for Instrumented {
     async fn prune_audit(&self, before: Micros, limit: u32) -> Result<u64, StoreError> {
         self.timed(Op::PruneAudit, self.inner.prune_audit(before, limit)).await
     }
+}
 
-    async fn revoke_token(&self, token_hash: &str, now: Micros) -> Result<bool, StoreError> {
-        self.timed(Op::RevokeToken, self.inner.revoke_token(token_hash, now)).await
+#[async_trait]
+impl Store for Instrumented {
+    fn backend(&self) -> Backend {
+        self.inner.backend()
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.timed(Op::Ping, self.inner.ping()).await
     }
 
     fn pool_stats(&self) -> PoolStats {

@@ -1,8 +1,14 @@
-//! Storage: one trait, [`Store`], with a PostgreSQL and an SQLite implementation.
+//! Storage: one trait per aggregate (credentials, keys, jobs, policies, tokens, audit),
+//! [`Store`] over all of them, and a PostgreSQL and an SQLite implementation.
 //!
 //! - `error.rs`: [`StoreError`] and how an error bears on the store's health ([`Outage`]).
-//! - `rows.rs`: the rows the trait takes and returns. `feed.rs`: the change feed's types
+//! - `rows.rs`: the rows the traits take and return. `feed.rs`: the change feed's types
 //!   and the text of its notifications.
+//! - `sql/`: the SQL both backends share, one file per aggregate, written once as
+//!   generic implementations over any `sql::SqlBackend`. `postgres.rs` and
+//!   `sqlite.rs` supply what differs.
+//! - `instrumented.rs`: the wrapper every caller goes through (timing, timeout, the
+//!   request query count, the [`Breaker`] of `breaker.rs`).
 //!
 //! **Invariant:** the store never sees plaintext or unwrapped keys; it moves sealed
 //! bytes. Every write of a new version is one transaction whose first statement is the
@@ -65,27 +71,10 @@ pub struct PoolStats {
     pub idle: usize,
 }
 
+/// Credentials and their versions: the read path, the compare-and-set write, listing,
+/// soft delete, destroy, and the scheduler's sweep of ended grace periods.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
-    fn backend(&self) -> Backend;
-
-    async fn ping(&self) -> Result<(), StoreError>;
-
-    /// Whether the database can be reached at all, apart from the pool: a busy pool
-    /// must not look like a dead database. PostgreSQL opens a fresh connection; the
-    /// default pings through the pool (SQLite's file is always "reachable").
-    async fn reach(&self) -> Result<(), StoreError> {
-        self.ping().await
-    }
-
-    async fn load_keyring(&self) -> Result<Option<KeyringRow>, StoreError>;
-
-    /// Stores the keyring and the first KEK in one transaction, unless a keyring exists.
-    /// Returns `false` when one did (another daemon initialised the database first).
-    async fn init_keyring(&self, keyring: &KeyringRow, kek: &KekRow) -> Result<bool, StoreError>;
-
-    async fn list_keks(&self) -> Result<Vec<KekRow>, StoreError>;
-
+pub trait CredentialStore: Send + Sync {
     async fn get_credential(&self, name: &str) -> Result<Option<CredentialRow>, StoreError>;
 
     /// The head of `name` and its version `version` (the current one if `None`), in one
@@ -115,21 +104,6 @@ pub trait Store: Send + Sync + 'static {
     /// Live (not deleted) credentials.
     async fn count_credentials(&self) -> Result<u64, StoreError>;
 
-    async fn insert_token(&self, token: &TokenRow) -> Result<(), StoreError>;
-
-    /// Inserts `token` only if the table holds no token at all, atomically (two daemons
-    /// starting on an empty database create one root token). `false`: a token existed.
-    async fn insert_first_token(&self, token: &TokenRow) -> Result<bool, StoreError>;
-
-    async fn list_tokens(&self) -> Result<Vec<TokenRow>, StoreError>;
-
-    /// The token with this hash, live or revoked.
-    async fn get_token(&self, token_hash: &str) -> Result<Option<TokenRow>, StoreError>;
-
-    /// Up to `limit` live tokens whose hash starts with `prefix` (lowercase hex), by
-    /// index: finding a token to revoke costs the same however many tokens exist.
-    async fn find_live_tokens(&self, prefix: &str, limit: u32) -> Result<Vec<TokenRow>, StoreError>;
-
     /// Wipes one version's sealed bytes irreversibly. `None`: no such version; `Some(false)`:
     /// it was already destroyed.
     async fn destroy_version(&self, name: &str, version: u64) -> Result<Option<bool>, StoreError>;
@@ -137,31 +111,35 @@ pub trait Store: Send + Sync + 'static {
     /// Clears `deleted_at`. `false`: no deleted credential by that name.
     async fn undelete_credential(&self, name: &str, now: Micros) -> Result<bool, StoreError>;
 
-    /// Creates or replaces the rotation policy of a live credential. `false`: no live
-    /// credential by that name.
-    async fn put_rotation_policy(&self, policy: &RotationPolicyRow) -> Result<bool, StoreError>;
-
-    async fn get_rotation_policy(&self, name: &str) -> Result<Option<RotationPolicyRow>, StoreError>;
-
-    /// `false`: there was none.
-    async fn delete_rotation_policy(&self, name: &str) -> Result<bool, StoreError>;
-
-    /// Policies of live credentials whose `next_run_at` is at or before `now`, oldest first.
-    async fn due_rotations(&self, now: Micros, limit: u32) -> Result<Vec<RotationPolicyRow>, StoreError>;
-
-    /// Records a failed scheduled rotation and when to try again, if the slot is still
-    /// `claim` (another daemon may have rotated meanwhile).
-    async fn defer_rotation(
-        &self,
-        name: &str,
-        claim: Micros,
-        retry_at: Micros,
-        error: &str,
-    ) -> Result<bool, StoreError>;
-
     /// Marks `previous` versions whose grace period has ended `deprecated`; returns how many.
     async fn deprecate_expired(&self, now: Micros) -> Result<u64, StoreError>;
+}
 
+/// The keyring row (how the master key is made and checked) and the KEKs it wraps.
+#[async_trait]
+pub trait KeyStore: Send + Sync {
+    async fn load_keyring(&self) -> Result<Option<KeyringRow>, StoreError>;
+
+    /// Stores the keyring and the first KEK in one transaction, unless a keyring exists.
+    /// Returns `false` when one did (another daemon initialised the database first).
+    async fn init_keyring(&self, keyring: &KeyringRow, kek: &KekRow) -> Result<bool, StoreError>;
+
+    async fn list_keks(&self) -> Result<Vec<KekRow>, StoreError>;
+
+    /// Replaces the keyring's KDF salt, parameters and verifier and every KEK's wrapping,
+    /// atomically, if the stored verifier is still `old_verifier` and the KEKs are exactly
+    /// those given. `false`: something changed meanwhile; nothing was written.
+    async fn rekey(
+        &self,
+        keyring: &KeyringRow,
+        old_verifier: &[u8],
+        keks: &[(i64, Vec<u8>)],
+    ) -> Result<bool, StoreError>;
+}
+
+/// The KEK rotation job: its start (with the new KEK), its lease, and its batches.
+#[async_trait]
+pub trait JobStore: Send + Sync {
     /// In one transaction: the active KEK becomes `retiring`, `kek` becomes active, and a
     /// re-wrap job is created. [`StoreError::JobRunning`] if one already runs;
     /// [`StoreError::Conflict`] if another daemon took the KEK id first, or the keyring's
@@ -198,17 +176,59 @@ pub trait Store: Send + Sync + 'static {
         now: Micros,
         error: Option<&str>,
     ) -> Result<Option<JobRow>, StoreError>;
+}
 
-    /// Replaces the keyring's KDF salt, parameters and verifier and every KEK's wrapping,
-    /// atomically, if the stored verifier is still `old_verifier` and the KEKs are exactly
-    /// those given. `false`: something changed meanwhile; nothing was written.
-    async fn rekey(
+/// Rotation policies, one per credential, and the scheduler's view of them.
+#[async_trait]
+pub trait PolicyStore: Send + Sync {
+    /// Creates or replaces the rotation policy of a live credential. `false`: no live
+    /// credential by that name.
+    async fn put_rotation_policy(&self, policy: &RotationPolicyRow) -> Result<bool, StoreError>;
+
+    async fn get_rotation_policy(&self, name: &str) -> Result<Option<RotationPolicyRow>, StoreError>;
+
+    /// `false`: there was none.
+    async fn delete_rotation_policy(&self, name: &str) -> Result<bool, StoreError>;
+
+    /// Policies of live credentials whose `next_run_at` is at or before `now`, oldest first.
+    async fn due_rotations(&self, now: Micros, limit: u32) -> Result<Vec<RotationPolicyRow>, StoreError>;
+
+    /// Records a failed scheduled rotation and when to try again, if the slot is still
+    /// `claim` (another daemon may have rotated meanwhile).
+    async fn defer_rotation(
         &self,
-        keyring: &KeyringRow,
-        old_verifier: &[u8],
-        keks: &[(i64, Vec<u8>)],
+        name: &str,
+        claim: Micros,
+        retry_at: Micros,
+        error: &str,
     ) -> Result<bool, StoreError>;
+}
 
+/// API tokens, stored by the SHA-256 of the token.
+#[async_trait]
+pub trait TokenStore: Send + Sync {
+    async fn insert_token(&self, token: &TokenRow) -> Result<(), StoreError>;
+
+    /// Inserts `token` only if the table holds no token at all, atomically (two daemons
+    /// starting on an empty database create one root token). `false`: a token existed.
+    async fn insert_first_token(&self, token: &TokenRow) -> Result<bool, StoreError>;
+
+    async fn list_tokens(&self) -> Result<Vec<TokenRow>, StoreError>;
+
+    /// The token with this hash, live or revoked.
+    async fn get_token(&self, token_hash: &str) -> Result<Option<TokenRow>, StoreError>;
+
+    /// Up to `limit` live tokens whose hash starts with `prefix` (lowercase hex), by
+    /// index: finding a token to revoke costs the same however many tokens exist.
+    async fn find_live_tokens(&self, prefix: &str, limit: u32) -> Result<Vec<TokenRow>, StoreError>;
+
+    /// Marks a live token revoked. `false`: no live token has this hash.
+    async fn revoke_token(&self, token_hash: &str, now: Micros) -> Result<bool, StoreError>;
+}
+
+/// The audit log.
+#[async_trait]
+pub trait AuditStore: Send + Sync {
     /// Appends audit events in one transaction.
     async fn insert_audit(&self, events: &[AuditRow]) -> Result<(), StoreError>;
 
@@ -218,9 +238,24 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes at most `limit` audit events older than `before` (oldest first); returns
     /// how many went.
     async fn prune_audit(&self, before: Micros, limit: u32) -> Result<u64, StoreError>;
+}
 
-    /// Marks a live token revoked. `false`: no live token has this hash.
-    async fn revoke_token(&self, token_hash: &str, now: Micros) -> Result<bool, StoreError>;
+/// A whole store: every aggregate, plus the connection itself and the change feed.
+/// Callers hold an `Arc<dyn Store>` and call any aggregate's methods on it.
+#[async_trait]
+pub trait Store:
+    CredentialStore + KeyStore + JobStore + PolicyStore + TokenStore + AuditStore + Send + Sync + 'static
+{
+    fn backend(&self) -> Backend;
+
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Whether the database can be reached at all, apart from the pool: a busy pool
+    /// must not look like a dead database. PostgreSQL opens a fresh connection; the
+    /// default pings through the pool (SQLite's file is always "reachable").
+    async fn reach(&self) -> Result<(), StoreError> {
+        self.ping().await
+    }
 
     /// Connections in the pool, for metrics.
     fn pool_stats(&self) -> PoolStats;

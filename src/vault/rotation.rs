@@ -15,7 +15,8 @@ use super::{micros, not_found, Vault, VaultError, WriteOptions};
 use crate::generate::GeneratorSpec;
 use crate::metrics::names;
 use crate::store::{
-    now_micros, ChangeKind, CredentialRow, Micros, PolicyAdvance, PolicyKind, RotationPolicyRow, Store, StoreError,
+    now_micros, ChangeKind, CredentialRow, CredentialStore, Micros, PolicyAdvance, PolicyKind, PolicyStore,
+    RotationPolicyRow, StoreError,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
