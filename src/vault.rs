@@ -14,8 +14,8 @@ use crate::cache::{Cache, CacheSettings, Cached, CachedVersion, Hit};
 use crate::crypto::{self, CryptoError, KeyRing, Sealed};
 use crate::names::{check_prefix, CredentialName};
 use crate::store::{
-    now_micros, Backend, Change, ChangeEvent, ChangeKind, CredentialRow, Instrumented, Metadata, Micros, NewVersion,
-    PolicyAdvance, Store, StoreError, VersionInfo, VersionRow, VersionState, WriteBase,
+    now_micros, Backend, Change, ChangeEvent, ChangeKind, CredentialRow, CredentialStore, Instrumented, Metadata,
+    Micros, NewVersion, PolicyAdvance, Store, StoreError, VersionInfo, VersionRow, VersionState, WriteBase,
 };
 use crate::telemetry::names::DECRYPT_DURATION;
 

@@ -4,44 +4,112 @@
 //! [`Breaker`], so a store known to be down costs a call nothing.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use async_trait::async_trait;
 
 use super::breaker::Permit;
 use super::{
-    AuditRow, Backend, Breaker, ChangeSink, CredentialRow, JobRow, KekRow, KeyringRow, ListQuery, Micros, NewVersion,
-    PoolStats, RewrapBatch, RewrapRow, RotationPolicyRow, Store, StoreError, TokenRow, VersionInfo, VersionRow,
+    AuditRow, AuditStore, Backend, Breaker, ChangeSink, CredentialRow, CredentialStore, JobRow, JobStore, KekRow,
+    KeyStore, KeyringRow, ListQuery, Micros, NewVersion, PolicyStore, PoolStats, RewrapBatch, RewrapRow,
+    RotationPolicyRow, Store, StoreError, TokenRow, TokenStore, VersionInfo, VersionRow,
 };
 use crate::telemetry::names::STORE_QUERY_DURATION;
 
-const BACKGROUND_OPS: &[&str] = &[
-    "insert_audit",
-    "prune_audit",
+/// Declares [`Op`] from one table, so an operation's label and whom it serves are written
+/// once, beside each other, and the handle table is as long as the list.
+macro_rules! ops {
+    ($($op:ident => $label:literal, $caller:ident;)+) => {
+        /// A timed store operation.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        enum Op {
+            $($op),+
+        }
+
+        impl Op {
+            /// Every operation, in declaration order: `op as usize` indexes it.
+            const ALL: &[Op] = &[$(Op::$op),+];
+            const COUNT: usize = Op::ALL.len();
+
+            /// The `op` label of `credvault_store_query_duration_seconds`.
+            fn label(self) -> &'static str {
+                match self {
+                    $(Op::$op => $label),+
+                }
+            }
+
+            fn caller(self) -> Caller {
+                match self {
+                    $(Op::$op => Caller::$caller),+
+                }
+            }
+        }
+    };
+}
+
+/// Whom a store call serves. Only request-path calls are counted ([`Instrumented::queries`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Caller {
+    Request,
+    /// Audit batches, the rotation scheduler, re-wrap jobs, key and token reloads,
+    /// resyncs and probes.
+    Background,
+}
+
+ops! {
+    Ping => "ping", Request;
+    LoadKeyring => "load_keyring", Request;
+    InitKeyring => "init_keyring", Request;
     // Key reloads follow change notifications (another daemon rotated the KEK, or the
     // feed reconnected); a read that meets an unknown KEK also reloads, rarely.
-    "list_keks",
-    "due_rotations",
-    "defer_rotation",
-    "deprecate_expired",
-    "get_job",
-    "claim_job",
-    "rewrap_candidates",
-    "commit_rewrap",
-    "finish_job",
-    // A resync revalidates the whole cache after the change feed or the store returns.
-    "resync",
+    ListKeks => "list_keks", Background;
+    Rekey => "rekey", Request;
+    GetCredential => "get_credential", Request;
+    GetVersion => "get_version", Request;
+    GetCurrentMany => "get_current_many", Request;
+    ListVersions => "list_versions", Request;
+    PutVersion => "put_version", Request;
+    DeleteCredential => "delete_credential", Request;
+    ListCredentials => "list_credentials", Request;
+    CountCredentials => "count_credentials", Request;
+    DestroyVersion => "destroy_version", Request;
+    UndeleteCredential => "undelete_credential", Request;
+    DeprecateExpired => "deprecate_expired", Background;
+    PutRotationPolicy => "put_rotation_policy", Request;
+    GetRotationPolicy => "get_rotation_policy", Request;
+    DeleteRotationPolicy => "delete_rotation_policy", Request;
+    DueRotations => "due_rotations", Background;
+    DeferRotation => "defer_rotation", Background;
+    StartKekRotation => "start_kek_rotation", Request;
+    GetJob => "get_job", Background;
+    ClaimJob => "claim_job", Background;
+    RewrapCandidates => "rewrap_candidates", Background;
+    CommitRewrap => "commit_rewrap", Background;
+    FinishJob => "finish_job", Background;
+    InsertToken => "insert_token", Request;
+    InsertFirstToken => "insert_first_token", Request;
     // The token table follows the change feed and a periodic backstop.
-    "list_tokens",
-    "get_token",
-];
+    ListTokens => "list_tokens", Background;
+    GetToken => "get_token", Background;
+    FindLiveTokens => "find_live_tokens", Request;
+    RevokeToken => "revoke_token", Request;
+    InsertAudit => "insert_audit", Background;
+    RecentAudit => "recent_audit", Request;
+    PruneAudit => "prune_audit", Background;
+    // A resync revalidates the whole cache after the change feed or the store returns.
+    Resync => "resync", Background;
+    Probe => "probe", Background;
+}
 
 pub struct Instrumented {
     inner: Arc<dyn Store>,
     queries: AtomicU64,
     timeout: std::time::Duration,
     breaker: Breaker,
+    /// Each operation's latency histogram, looked up in the registry on its first call
+    /// only (so a series appears once its operation has run, as with a lookup per call).
+    durations: [OnceLock<metrics::Histogram>; Op::COUNT],
 }
 
 /// A call running this long makes the keeper probe the store (at most once a second):
@@ -61,17 +129,23 @@ impl std::fmt::Debug for Instrumented {
 
 impl Instrumented {
     pub fn new(inner: Arc<dyn Store>, timeout: std::time::Duration) -> Self {
-        Instrumented { inner, queries: AtomicU64::new(0), timeout, breaker: Breaker::new() }
+        Instrumented {
+            inner,
+            queries: AtomicU64::new(0),
+            timeout,
+            breaker: Breaker::new(),
+            durations: [const { OnceLock::new() }; Op::COUNT],
+        }
     }
 
     pub fn breaker(&self) -> &Breaker {
         &self.breaker
     }
 
-    /// Current versions of cached names, for a resync: [`Store::get_current_many`], timed
+    /// Current versions of cached names, for a resync: [`CredentialStore::get_current_many`], timed
     /// and guarded like any call but not counted as a request query.
     pub async fn current_for_resync(&self, names: &[String]) -> Result<Vec<(CredentialRow, VersionRow)>, StoreError> {
-        self.timed("resync", self.inner.get_current_many(names)).await
+        self.timed(Op::Resync, self.inner.get_current_many(names)).await
     }
 
     /// Tests the store with a ping, if the breaker admits a probe now (`None`: another
@@ -81,9 +155,10 @@ impl Instrumented {
         let permit = self.breaker.admit_probe()?;
         let limit = self.timeout.min(PROBE_TIMEOUT);
         let start = Instant::now();
-        let out =
-            tokio::time::timeout(limit, self.inner.reach()).await.unwrap_or(Err(StoreError::Timeout("probe", limit)));
-        metrics::histogram!(STORE_QUERY_DURATION, "op" => "probe").record(start.elapsed().as_secs_f64());
+        let out = tokio::time::timeout(limit, self.inner.reach())
+            .await
+            .unwrap_or(Err(StoreError::Timeout(Op::Probe.label(), limit)));
+        self.duration(Op::Probe).record(start.elapsed().as_secs_f64());
         self.breaker.record_probe(&permit, &out);
         Some(out)
     }
@@ -94,16 +169,18 @@ impl Instrumented {
         self.queries.load(Ordering::Relaxed)
     }
 
+    fn duration(&self, op: Op) -> &metrics::Histogram {
+        self.durations[op as usize].get_or_init(|| metrics::histogram!(STORE_QUERY_DURATION, "op" => op.label()))
+    }
+
     async fn timed<T>(
         &self,
-        op: &'static str,
+        op: Op,
         f: impl std::future::Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
         // Refused at once while the store is known to be down; nothing reaches it.
         let permit: Permit<'_> = self.breaker.admit()?;
-        // The count is of request-path calls: audit batches, the rotation scheduler and
-        // re-wrap jobs run in the background.
-        if !BACKGROUND_OPS.contains(&op) {
+        if op.caller() == Caller::Request {
             self.queries.fetch_add(1, Ordering::Relaxed);
         }
         let start = Instant::now();
@@ -116,12 +193,12 @@ impl Instrumented {
         let mut suspected = false;
         let out = loop {
             tokio::select! {
-                out = &mut call => break out.unwrap_or(Err(StoreError::Timeout(op, self.timeout))),
+                out = &mut call => break out.unwrap_or(Err(StoreError::Timeout(op.label(), self.timeout))),
                 // A call still waiting when the breaker opens (the store was found down
                 // meanwhile) fails now rather than at its timeout. Whatever it had begun
                 // rolls back with its dropped connection, as on a timeout.
                 _ = reachable.wait_for(|up| !*up) => {
-                    metrics::histogram!(STORE_QUERY_DURATION, "op" => op).record(start.elapsed().as_secs_f64());
+                    self.duration(op).record(start.elapsed().as_secs_f64());
                     return Err(StoreError::Down);
                 }
                 // Slow enough to wonder whether the store is there at all: ask the keeper
@@ -132,9 +209,193 @@ impl Instrumented {
                 }
             }
         };
-        metrics::histogram!(STORE_QUERY_DURATION, "op" => op).record(start.elapsed().as_secs_f64());
+        self.duration(op).record(start.elapsed().as_secs_f64());
         self.breaker.record(&permit, &out);
         out
+    }
+}
+
+#[async_trait]
+impl CredentialStore for Instrumented {
+    async fn get_credential(&self, name: &str) -> Result<Option<CredentialRow>, StoreError> {
+        self.timed(Op::GetCredential, self.inner.get_credential(name)).await
+    }
+
+    async fn get_version(
+        &self,
+        name: &str,
+        version: Option<u64>,
+    ) -> Result<Option<(CredentialRow, Option<VersionRow>)>, StoreError> {
+        self.timed(Op::GetVersion, self.inner.get_version(name, version)).await
+    }
+
+    async fn get_current_many(&self, names: &[String]) -> Result<Vec<(CredentialRow, VersionRow)>, StoreError> {
+        self.timed(Op::GetCurrentMany, self.inner.get_current_many(names)).await
+    }
+
+    async fn list_versions(&self, name: &str) -> Result<Vec<VersionInfo>, StoreError> {
+        self.timed(Op::ListVersions, self.inner.list_versions(name)).await
+    }
+
+    async fn put_version(&self, new: &NewVersion<'_>) -> Result<CredentialRow, StoreError> {
+        self.timed(Op::PutVersion, self.inner.put_version(new)).await
+    }
+
+    async fn delete_credential(&self, name: &str, expected: Option<u64>, now: Micros) -> Result<bool, StoreError> {
+        self.timed(Op::DeleteCredential, self.inner.delete_credential(name, expected, now)).await
+    }
+
+    async fn list_credentials(&self, query: &ListQuery<'_>) -> Result<Vec<CredentialRow>, StoreError> {
+        self.timed(Op::ListCredentials, self.inner.list_credentials(query)).await
+    }
+
+    async fn count_credentials(&self) -> Result<u64, StoreError> {
+        self.timed(Op::CountCredentials, self.inner.count_credentials()).await
+    }
+
+    async fn destroy_version(&self, name: &str, version: u64) -> Result<Option<bool>, StoreError> {
+        self.timed(Op::DestroyVersion, self.inner.destroy_version(name, version)).await
+    }
+
+    async fn undelete_credential(&self, name: &str, now: Micros) -> Result<bool, StoreError> {
+        self.timed(Op::UndeleteCredential, self.inner.undelete_credential(name, now)).await
+    }
+
+    async fn deprecate_expired(&self, now: Micros) -> Result<u64, StoreError> {
+        self.timed(Op::DeprecateExpired, self.inner.deprecate_expired(now)).await
+    }
+}
+
+#[async_trait]
+impl KeyStore for Instrumented {
+    async fn load_keyring(&self) -> Result<Option<KeyringRow>, StoreError> {
+        self.timed(Op::LoadKeyring, self.inner.load_keyring()).await
+    }
+
+    async fn init_keyring(&self, keyring: &KeyringRow, kek: &KekRow) -> Result<bool, StoreError> {
+        self.timed(Op::InitKeyring, self.inner.init_keyring(keyring, kek)).await
+    }
+
+    async fn list_keks(&self) -> Result<Vec<KekRow>, StoreError> {
+        self.timed(Op::ListKeks, self.inner.list_keks()).await
+    }
+
+    async fn rekey(
+        &self,
+        keyring: &KeyringRow,
+        old_verifier: &[u8],
+        keks: &[(i64, Vec<u8>)],
+    ) -> Result<bool, StoreError> {
+        self.timed(Op::Rekey, self.inner.rekey(keyring, old_verifier, keks)).await
+    }
+}
+
+#[async_trait]
+impl JobStore for Instrumented {
+    async fn start_kek_rotation(&self, kek: &KekRow, verifier: &[u8], now: Micros) -> Result<JobRow, StoreError> {
+        self.timed(Op::StartKekRotation, self.inner.start_kek_rotation(kek, verifier, now)).await
+    }
+
+    async fn get_job(&self, id: Option<i64>) -> Result<Option<JobRow>, StoreError> {
+        self.timed(Op::GetJob, self.inner.get_job(id)).await
+    }
+
+    async fn claim_job(&self, id: i64, owner: &str, now: Micros, lease_until: Micros) -> Result<bool, StoreError> {
+        self.timed(Op::ClaimJob, self.inner.claim_job(id, owner, now, lease_until)).await
+    }
+
+    async fn rewrap_candidates(
+        &self,
+        active: i64,
+        after: Option<(&str, u64)>,
+        limit: u32,
+    ) -> Result<Vec<RewrapRow>, StoreError> {
+        self.timed(Op::RewrapCandidates, self.inner.rewrap_candidates(active, after, limit)).await
+    }
+
+    async fn commit_rewrap(&self, batch: &RewrapBatch<'_>) -> Result<Option<u64>, StoreError> {
+        self.timed(Op::CommitRewrap, self.inner.commit_rewrap(batch)).await
+    }
+
+    async fn finish_job(
+        &self,
+        id: i64,
+        owner: &str,
+        now: Micros,
+        error: Option<&str>,
+    ) -> Result<Option<JobRow>, StoreError> {
+        self.timed(Op::FinishJob, self.inner.finish_job(id, owner, now, error)).await
+    }
+}
+
+#[async_trait]
+impl PolicyStore for Instrumented {
+    async fn put_rotation_policy(&self, p: &RotationPolicyRow) -> Result<bool, StoreError> {
+        self.timed(Op::PutRotationPolicy, self.inner.put_rotation_policy(p)).await
+    }
+
+    async fn get_rotation_policy(&self, name: &str) -> Result<Option<RotationPolicyRow>, StoreError> {
+        self.timed(Op::GetRotationPolicy, self.inner.get_rotation_policy(name)).await
+    }
+
+    async fn delete_rotation_policy(&self, name: &str) -> Result<bool, StoreError> {
+        self.timed(Op::DeleteRotationPolicy, self.inner.delete_rotation_policy(name)).await
+    }
+
+    async fn due_rotations(&self, now: Micros, limit: u32) -> Result<Vec<RotationPolicyRow>, StoreError> {
+        self.timed(Op::DueRotations, self.inner.due_rotations(now, limit)).await
+    }
+
+    async fn defer_rotation(
+        &self,
+        name: &str,
+        claim: Micros,
+        retry_at: Micros,
+        error: &str,
+    ) -> Result<bool, StoreError> {
+        self.timed(Op::DeferRotation, self.inner.defer_rotation(name, claim, retry_at, error)).await
+    }
+}
+
+#[async_trait]
+impl TokenStore for Instrumented {
+    async fn insert_token(&self, token: &TokenRow) -> Result<(), StoreError> {
+        self.timed(Op::InsertToken, self.inner.insert_token(token)).await
+    }
+
+    async fn insert_first_token(&self, token: &TokenRow) -> Result<bool, StoreError> {
+        self.timed(Op::InsertFirstToken, self.inner.insert_first_token(token)).await
+    }
+
+    async fn list_tokens(&self) -> Result<Vec<TokenRow>, StoreError> {
+        self.timed(Op::ListTokens, self.inner.list_tokens()).await
+    }
+
+    async fn get_token(&self, token_hash: &str) -> Result<Option<TokenRow>, StoreError> {
+        self.timed(Op::GetToken, self.inner.get_token(token_hash)).await
+    }
+
+    async fn find_live_tokens(&self, prefix: &str, limit: u32) -> Result<Vec<TokenRow>, StoreError> {
+        self.timed(Op::FindLiveTokens, self.inner.find_live_tokens(prefix, limit)).await
+    }
+
+    async fn revoke_token(&self, token_hash: &str, now: Micros) -> Result<bool, StoreError> {
+        self.timed(Op::RevokeToken, self.inner.revoke_token(token_hash, now)).await
+    }
+}
+
+#[async_trait]
+impl AuditStore for Instrumented {
+    async fn insert_audit(&self, events: &[AuditRow]) -> Result<(), StoreError> {
+        self.timed(Op::InsertAudit, self.inner.insert_audit(events)).await
+    }
+
+    async fn recent_audit(&self, limit: u32) -> Result<Vec<AuditRow>, StoreError> {
+        self.timed(Op::RecentAudit, self.inner.recent_audit(limit)).await
+    }
+
+    async fn prune_audit(&self, before: Micros, limit: u32) -> Result<u64, StoreError> {
+        self.timed(Op::PruneAudit, self.inner.prune_audit(before, limit)).await
     }
 }
 
@@ -145,173 +406,7 @@ impl Store for Instrumented {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        self.timed("ping", self.inner.ping()).await
-    }
-
-    async fn load_keyring(&self) -> Result<Option<KeyringRow>, StoreError> {
-        self.timed("load_keyring", self.inner.load_keyring()).await
-    }
-
-    async fn init_keyring(&self, keyring: &KeyringRow, kek: &KekRow) -> Result<bool, StoreError> {
-        self.timed("init_keyring", self.inner.init_keyring(keyring, kek)).await
-    }
-
-    async fn list_keks(&self) -> Result<Vec<KekRow>, StoreError> {
-        self.timed("list_keks", self.inner.list_keks()).await
-    }
-
-    async fn get_credential(&self, name: &str) -> Result<Option<CredentialRow>, StoreError> {
-        self.timed("get_credential", self.inner.get_credential(name)).await
-    }
-
-    async fn get_version(
-        &self,
-        name: &str,
-        version: Option<u64>,
-    ) -> Result<Option<(CredentialRow, Option<VersionRow>)>, StoreError> {
-        self.timed("get_version", self.inner.get_version(name, version)).await
-    }
-
-    async fn get_current_many(&self, names: &[String]) -> Result<Vec<(CredentialRow, VersionRow)>, StoreError> {
-        self.timed("get_current_many", self.inner.get_current_many(names)).await
-    }
-
-    async fn list_versions(&self, name: &str) -> Result<Vec<VersionInfo>, StoreError> {
-        self.timed("list_versions", self.inner.list_versions(name)).await
-    }
-
-    async fn put_version(&self, new: &NewVersion<'_>) -> Result<CredentialRow, StoreError> {
-        self.timed("put_version", self.inner.put_version(new)).await
-    }
-
-    async fn delete_credential(&self, name: &str, expected: Option<u64>, now: Micros) -> Result<bool, StoreError> {
-        self.timed("delete_credential", self.inner.delete_credential(name, expected, now)).await
-    }
-
-    async fn list_credentials(&self, query: &ListQuery<'_>) -> Result<Vec<CredentialRow>, StoreError> {
-        self.timed("list_credentials", self.inner.list_credentials(query)).await
-    }
-
-    async fn count_credentials(&self) -> Result<u64, StoreError> {
-        self.timed("count_credentials", self.inner.count_credentials()).await
-    }
-
-    async fn insert_token(&self, token: &TokenRow) -> Result<(), StoreError> {
-        self.timed("insert_token", self.inner.insert_token(token)).await
-    }
-
-    async fn insert_first_token(&self, token: &TokenRow) -> Result<bool, StoreError> {
-        self.timed("insert_first_token", self.inner.insert_first_token(token)).await
-    }
-
-    async fn list_tokens(&self) -> Result<Vec<TokenRow>, StoreError> {
-        self.timed("list_tokens", self.inner.list_tokens()).await
-    }
-
-    async fn get_token(&self, token_hash: &str) -> Result<Option<TokenRow>, StoreError> {
-        self.timed("get_token", self.inner.get_token(token_hash)).await
-    }
-
-    async fn find_live_tokens(&self, prefix: &str, limit: u32) -> Result<Vec<TokenRow>, StoreError> {
-        self.timed("find_live_tokens", self.inner.find_live_tokens(prefix, limit)).await
-    }
-
-    async fn destroy_version(&self, name: &str, version: u64) -> Result<Option<bool>, StoreError> {
-        self.timed("destroy_version", self.inner.destroy_version(name, version)).await
-    }
-
-    async fn undelete_credential(&self, name: &str, now: Micros) -> Result<bool, StoreError> {
-        self.timed("undelete_credential", self.inner.undelete_credential(name, now)).await
-    }
-
-    async fn put_rotation_policy(&self, p: &RotationPolicyRow) -> Result<bool, StoreError> {
-        self.timed("put_rotation_policy", self.inner.put_rotation_policy(p)).await
-    }
-
-    async fn get_rotation_policy(&self, name: &str) -> Result<Option<RotationPolicyRow>, StoreError> {
-        self.timed("get_rotation_policy", self.inner.get_rotation_policy(name)).await
-    }
-
-    async fn delete_rotation_policy(&self, name: &str) -> Result<bool, StoreError> {
-        self.timed("delete_rotation_policy", self.inner.delete_rotation_policy(name)).await
-    }
-
-    async fn due_rotations(&self, now: Micros, limit: u32) -> Result<Vec<RotationPolicyRow>, StoreError> {
-        self.timed("due_rotations", self.inner.due_rotations(now, limit)).await
-    }
-
-    async fn defer_rotation(
-        &self,
-        name: &str,
-        claim: Micros,
-        retry_at: Micros,
-        error: &str,
-    ) -> Result<bool, StoreError> {
-        self.timed("defer_rotation", self.inner.defer_rotation(name, claim, retry_at, error)).await
-    }
-
-    async fn deprecate_expired(&self, now: Micros) -> Result<u64, StoreError> {
-        self.timed("deprecate_expired", self.inner.deprecate_expired(now)).await
-    }
-
-    async fn start_kek_rotation(&self, kek: &KekRow, verifier: &[u8], now: Micros) -> Result<JobRow, StoreError> {
-        self.timed("start_kek_rotation", self.inner.start_kek_rotation(kek, verifier, now)).await
-    }
-
-    async fn get_job(&self, id: Option<i64>) -> Result<Option<JobRow>, StoreError> {
-        self.timed("get_job", self.inner.get_job(id)).await
-    }
-
-    async fn claim_job(&self, id: i64, owner: &str, now: Micros, lease_until: Micros) -> Result<bool, StoreError> {
-        self.timed("claim_job", self.inner.claim_job(id, owner, now, lease_until)).await
-    }
-
-    async fn rewrap_candidates(
-        &self,
-        active: i64,
-        after: Option<(&str, u64)>,
-        limit: u32,
-    ) -> Result<Vec<RewrapRow>, StoreError> {
-        self.timed("rewrap_candidates", self.inner.rewrap_candidates(active, after, limit)).await
-    }
-
-    async fn commit_rewrap(&self, batch: &RewrapBatch<'_>) -> Result<Option<u64>, StoreError> {
-        self.timed("commit_rewrap", self.inner.commit_rewrap(batch)).await
-    }
-
-    async fn finish_job(
-        &self,
-        id: i64,
-        owner: &str,
-        now: Micros,
-        error: Option<&str>,
-    ) -> Result<Option<JobRow>, StoreError> {
-        self.timed("finish_job", self.inner.finish_job(id, owner, now, error)).await
-    }
-
-    async fn rekey(
-        &self,
-        keyring: &KeyringRow,
-        old_verifier: &[u8],
-        keks: &[(i64, Vec<u8>)],
-    ) -> Result<bool, StoreError> {
-        self.timed("rekey", self.inner.rekey(keyring, old_verifier, keks)).await
-    }
-
-    async fn insert_audit(&self, events: &[AuditRow]) -> Result<(), StoreError> {
-        self.timed("insert_audit", self.inner.insert_audit(events)).await
-    }
-
-    async fn recent_audit(&self, limit: u32) -> Result<Vec<AuditRow>, StoreError> {
-        self.timed("recent_audit", self.inner.recent_audit(limit)).await
-    }
-
-    async fn prune_audit(&self, before: Micros, limit: u32) -> Result<u64, StoreError> {
-        self.timed("prune_audit", self.inner.prune_audit(before, limit)).await
-    }
-
-    async fn revoke_token(&self, token_hash: &str, now: Micros) -> Result<bool, StoreError> {
-        self.timed("revoke_token", self.inner.revoke_token(token_hash, now)).await
+        self.timed(Op::Ping, self.inner.ping()).await
     }
 
     fn pool_stats(&self) -> PoolStats {
@@ -325,5 +420,21 @@ impl Store for Instrumented {
     ) -> Result<(), StoreError> {
         // A long-lived subscription, not a query: not timed or counted.
         self.inner.watch_changes(sink, shutdown).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_operation_has_its_own_label() {
+        let ops = [Op::Ping, Op::GetVersion, Op::PutVersion, Op::InsertAudit, Op::Resync, Op::Probe];
+        assert_eq!(ops.map(Op::label), ["ping", "get_version", "put_version", "insert_audit", "resync", "probe"]);
+        assert!(Op::ALL.iter().enumerate().all(|(i, op)| *op as usize == i));
+        let mut labels: Vec<&str> = Op::ALL.iter().map(|op| op.label()).collect();
+        labels.sort_unstable();
+        labels.dedup();
+        assert_eq!(labels.len(), Op::COUNT, "two operations share a label: their latencies would mix");
     }
 }

@@ -4,16 +4,14 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow, PgSslMode};
 use sqlx::{PgPool, Postgres, Transaction};
 use tokio::sync::watch;
 
 use super::pg_tls;
-use super::sql::{self, impl_sql_store};
-use super::{
-    AuditRow, Backend, Change, ChangeSink, CredentialRow, KekRow, KeyringRow, ListQuery, Micros, NewVersion, Rewrapped,
-    StoreError, TokenRow, VersionInfo, VersionRow, WriteBase,
-};
+use super::sql::{self, SqlBackend};
+use super::{AuditRow, Backend, Change, ChangeSink, PoolStats, Rewrapped, Store, StoreError};
 
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "init", include_str!("../../migrations/postgres/0001_init.sql")),
@@ -53,17 +51,6 @@ impl fmt::Debug for PgStore {
 }
 
 impl PgStore {
-    /// Reads the state of the KEK a write sealed under (see `put_version`).
-    const ACTIVE_KEK_CHECK: &'static str = "SELECT state FROM keks WHERE id = $1 FOR SHARE";
-    /// Serializes first-token inserts: this mode conflicts with itself, so of two daemons
-    /// starting on an empty database the second sees the first's root token.
-    const FIRST_TOKEN_LOCK: Option<&'static str> = Some("LOCK TABLE tokens IN SHARE ROW EXCLUSIVE MODE");
-    /// Takes the active KEK's row for a KEK rotation (and the write lock, on SQLite).
-    const LOCK_ACTIVE_KEK: &'static str = "SELECT id FROM keks WHERE state = 'active' FOR UPDATE";
-    /// Live tokens whose hash lies in `[$1, $2)`, byte order (the index of migration 0005).
-    const LIVE_TOKEN_RANGE: &'static str = "SELECT * FROM tokens WHERE token_hash COLLATE \"C\" >= $1 \
-         AND token_hash COLLATE \"C\" < $2 AND revoked_at IS NULL ORDER BY token_hash COLLATE \"C\" LIMIT $3";
-    const BACKEND: Backend = Backend::Postgres;
     /// Pool size unless configured: enough for puts and misses from many callers to
     /// overlap their round trips.
     pub const DEFAULT_POOL: u32 = 16;
@@ -141,8 +128,37 @@ impl PgStore {
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
+}
 
-    async fn current_many_query(&self, names: &[String]) -> Result<Vec<PgRow>, StoreError> {
+#[async_trait]
+impl SqlBackend for PgStore {
+    type DB = Postgres;
+
+    const ACTIVE_KEK_CHECK: &'static str = "SELECT state FROM keks WHERE id = $1 FOR SHARE";
+    /// This mode conflicts with itself, so of two daemons starting on an empty database
+    /// the second sees the first's root token.
+    const FIRST_TOKEN_LOCK: Option<&'static str> = Some("LOCK TABLE tokens IN SHARE ROW EXCLUSIVE MODE");
+    const LOCK_ACTIVE_KEK: &'static str = "SELECT id FROM keks WHERE state = 'active' FOR UPDATE";
+    /// The index of migration 0005 is on the `"C"` collation.
+    const LIVE_TOKEN_RANGE: &'static str = "SELECT * FROM tokens WHERE token_hash COLLATE \"C\" >= $1 \
+         AND token_hash COLLATE \"C\" < $2 AND revoked_at IS NULL ORDER BY token_hash COLLATE \"C\" LIMIT $3";
+
+    fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// `pg_notify`, tagged with this daemon's instance id so it can skip its own.
+    async fn notify(&self, tx: &mut Tx<'_>, message: &str) -> Result<(), StoreError> {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(CHANNEL)
+            .bind(format!("{}\t{message}", self.instance))
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    /// `= ANY($1)` with the names as one array.
+    async fn current_many(&self, names: &[String]) -> Result<Vec<PgRow>, StoreError> {
         let q = format!(
             "SELECT {}, {} FROM credentials c JOIN credential_versions v \
              ON v.name = c.name AND v.version = c.current_version WHERE c.name = ANY($1)",
@@ -151,12 +167,9 @@ impl PgStore {
         );
         Ok(sqlx::query(&q).bind(names).fetch_all(&self.pool).await?)
     }
-}
 
-impl PgStore {
-    /// One statement for the whole batch; each row changes only if it still holds the
-    /// DEK the batch read. Returns how many rows changed.
-    async fn apply_rewrap(tx: &mut Tx<'_>, new_kek: i64, rows: &[Rewrapped]) -> Result<u64, StoreError> {
+    /// One `UPDATE … FROM UNNEST(…)` for the whole batch.
+    async fn apply_rewrap(&self, tx: &mut Tx<'_>, new_kek: i64, rows: &[Rewrapped]) -> Result<u64, StoreError> {
         if rows.is_empty() {
             return Ok(0);
         }
@@ -220,10 +233,22 @@ impl PgStore {
             .await?;
         Ok(())
     }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    fn backend(&self) -> Backend {
+        Backend::Postgres
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
 
     /// A fresh connection (not one of the pool's) and `SELECT 1`: tells a database that
     /// cannot be reached from a pool whose connections are all busy.
-    async fn reach_db(&self) -> Result<(), StoreError> {
+    async fn reach(&self) -> Result<(), StoreError> {
         use sqlx::Connection as _;
         let mut conn = sqlx::PgConnection::connect_with(&self.pool.connect_options()).await?;
         sqlx::query("SELECT 1").execute(&mut conn).await?;
@@ -231,21 +256,15 @@ impl PgStore {
         Ok(())
     }
 
-    /// Runs inside each write transaction; PostgreSQL delivers it on commit only.
-    async fn notify_change(&self, tx: &mut Transaction<'_, Postgres>, message: &str) -> Result<(), StoreError> {
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(CHANNEL)
-            .bind(format!("{}\t{message}", self.instance))
-            .execute(&mut **tx)
-            .await?;
-        Ok(())
+    fn pool_stats(&self) -> PoolStats {
+        PoolStats { size: self.pool.size(), idle: self.pool.num_idle() }
     }
 
     /// LISTENs for other daemons' writes. On any loss of the listening connection it
     /// reports [`Change::Lost`] (once per loss), re-subscribes with backoff, and then
     /// reports [`Change::Resync`]: notifications sent while it was away are gone, so
     /// whatever was cached before must be revalidated.
-    async fn watch(&self, sink: ChangeSink, mut shutdown: watch::Receiver<bool>) -> Result<(), StoreError> {
+    async fn watch_changes(&self, sink: ChangeSink, mut shutdown: watch::Receiver<bool>) -> Result<(), StoreError> {
         let mut backoff = FEED_FIRST_BACKOFF;
         // Lost is reported once per loss, not once per failed attempt.
         let mut lost_reported = false;
@@ -422,5 +441,3 @@ fn percent_decode(s: &str) -> String {
     }
     String::from_utf8_lossy(&out).into_owned()
 }
-
-impl_sql_store!(PgStore);

@@ -4,14 +4,12 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
 use sqlx::{Sqlite, SqlitePool, Transaction};
 
-use super::sql::{self, impl_sql_store};
-use super::{
-    AuditRow, Backend, ChangeSink, CredentialRow, KekRow, KeyringRow, ListQuery, Micros, NewVersion, Rewrapped,
-    StoreError, TokenRow, VersionInfo, VersionRow, WriteBase,
-};
+use super::sql::{self, SqlBackend};
+use super::{AuditRow, Backend, ChangeSink, PoolStats, Rewrapped, Store, StoreError};
 
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "init", include_str!("../../migrations/sqlite/0001_init.sql")),
@@ -27,16 +25,6 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
-    /// Reads the state of the KEK a write sealed under (see `put_version`).
-    const ACTIVE_KEK_CHECK: &'static str = "SELECT state FROM keks WHERE id = $1";
-    /// SQLite runs one write statement at a time: the insert's own check is enough.
-    const FIRST_TOKEN_LOCK: Option<&'static str> = None;
-    /// Takes the active KEK's row for a KEK rotation (and the write lock, on SQLite).
-    const LOCK_ACTIVE_KEK: &'static str = "UPDATE keks SET state = state WHERE state = 'active' RETURNING id";
-    /// Live tokens whose hash lies in `[$1, $2)` (SQLite compares text bytewise).
-    const LIVE_TOKEN_RANGE: &'static str = "SELECT * FROM tokens WHERE token_hash >= $1 AND token_hash < $2 \
-         AND revoked_at IS NULL ORDER BY token_hash LIMIT $3";
-    const BACKEND: Backend = Backend::Sqlite;
     /// Pool size unless configured. SQLite runs one writer at a time and a read past the
     /// daemon's cache takes tens of microseconds, while every connection is a thread with
     /// its own page cache and allocator arena: a few connections serve two cores.
@@ -72,9 +60,32 @@ impl SqliteStore {
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
     }
+}
 
-    async fn current_many_query(&self, names: &[String]) -> Result<Vec<SqliteRow>, StoreError> {
-        // SQLite has no array type: the names travel as one JSON array parameter.
+#[async_trait]
+impl SqlBackend for SqliteStore {
+    type DB = Sqlite;
+
+    const ACTIVE_KEK_CHECK: &'static str = "SELECT state FROM keks WHERE id = $1";
+    /// SQLite runs one write statement at a time: the insert's own check is enough.
+    const FIRST_TOKEN_LOCK: Option<&'static str> = None;
+    /// A no-op update: it takes the write lock.
+    const LOCK_ACTIVE_KEK: &'static str = "UPDATE keks SET state = state WHERE state = 'active' RETURNING id";
+    /// SQLite compares text bytewise.
+    const LIVE_TOKEN_RANGE: &'static str = "SELECT * FROM tokens WHERE token_hash >= $1 AND token_hash < $2 \
+         AND revoked_at IS NULL ORDER BY token_hash LIMIT $3";
+
+    fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// One process owns an SQLite file, so there is nobody to notify.
+    async fn notify(&self, _tx: &mut Tx<'_>, _message: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// SQLite has no array type: the names travel as one JSON array parameter.
+    async fn current_many(&self, names: &[String]) -> Result<Vec<SqliteRow>, StoreError> {
         let list = serde_json::to_string(names).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let q = format!(
             "SELECT {}, {} FROM credentials c JOIN credential_versions v \
@@ -85,13 +96,9 @@ impl SqliteStore {
         );
         Ok(sqlx::query(&q).bind(list).fetch_all(&self.pool).await?)
     }
-}
 
-impl SqliteStore {
-    /// One statement for the whole batch (the rows travel as one JSON parameter, keys
-    /// hex-encoded); each row changes only if it still holds the DEK the batch read.
-    /// Returns how many rows changed.
-    async fn apply_rewrap(tx: &mut Tx<'_>, new_kek: i64, rows: &[Rewrapped]) -> Result<u64, StoreError> {
+    /// The rows travel as one JSON parameter, keys hex-encoded.
+    async fn apply_rewrap(&self, tx: &mut Tx<'_>, new_kek: i64, rows: &[Rewrapped]) -> Result<u64, StoreError> {
         if rows.is_empty() {
             return Ok(0);
         }
@@ -155,23 +162,34 @@ impl SqliteStore {
         sqlx::query(&q).bind(json).execute(&self.pool).await?;
         Ok(())
     }
+}
 
-    /// The file is local: reaching it is a query through the pool.
-    async fn reach_db(&self) -> Result<(), StoreError> {
+#[async_trait]
+impl Store for SqliteStore {
+    fn backend(&self) -> Backend {
+        Backend::Sqlite
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
 
-    /// One process owns an SQLite file, so there is nobody to notify.
-    async fn notify_change(&self, _tx: &mut Transaction<'_, Sqlite>, _message: &str) -> Result<(), StoreError> {
-        Ok(())
+    // `reach` keeps the default, a ping: the file is local, so reaching it is a query
+    // through the pool.
+
+    fn pool_stats(&self) -> PoolStats {
+        PoolStats { size: self.pool.size(), idle: self.pool.num_idle() }
     }
 
-    async fn watch(&self, _sink: ChangeSink, _shutdown: tokio::sync::watch::Receiver<bool>) -> Result<(), StoreError> {
+    /// Nobody else writes this file: there is nothing to watch.
+    async fn watch_changes(
+        &self,
+        _sink: ChangeSink,
+        _shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), StoreError> {
         Ok(())
     }
 }
 
 type Tx<'a> = Transaction<'a, Sqlite>;
-
-impl_sql_store!(SqliteStore);

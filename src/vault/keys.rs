@@ -23,8 +23,8 @@ use secrecy::SecretString;
 use super::{micros, Vault, VaultError};
 use crate::crypto::{self, CryptoError, KdfParams, Kek, MasterKey};
 use crate::store::{
-    now_micros, JobRow, JobState, KekRow, KekState, KeyringRow, MasterKeySource, RewrapBatch, Rewrapped, Store,
-    StoreError,
+    now_micros, JobRow, JobState, JobStore, KekRow, KekState, KeyStore, KeyringRow, MasterKeySource, RewrapBatch,
+    Rewrapped, StoreError,
 };
 use crate::telemetry::names;
 use crate::unlock::UnlockError;

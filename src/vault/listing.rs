@@ -25,7 +25,7 @@ use crate::auth::Caller;
 use crate::crypto::{self, CryptoError, SecretKey};
 use crate::names;
 use crate::policy::{Capability, MAX_PATTERN_BYTES};
-use crate::store::{now_micros, CredentialRow, ListQuery, Micros, Store as _};
+use crate::store::{now_micros, CredentialRow, CredentialStore as _, ListQuery, Micros};
 
 /// How long a page token stays good.
 pub const PAGE_TOKEN_TTL: Duration = Duration::from_secs(3600);

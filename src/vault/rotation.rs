@@ -14,7 +14,8 @@ use zeroize::Zeroizing;
 use super::{micros, not_found, Vault, VaultError, WriteOptions};
 use crate::generate::GeneratorSpec;
 use crate::store::{
-    now_micros, ChangeKind, CredentialRow, Micros, PolicyAdvance, PolicyKind, RotationPolicyRow, Store, StoreError,
+    now_micros, ChangeKind, CredentialRow, CredentialStore, Micros, PolicyAdvance, PolicyKind, PolicyStore,
+    RotationPolicyRow, StoreError,
 };
 use crate::telemetry::names;
 

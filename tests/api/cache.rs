@@ -10,8 +10,9 @@ use tonic::Code;
 
 use credvault::proto::BatchGetCredentialsRequest;
 use credvault::store::{
-    Backend as StoreBackend, ChangeSink, CredentialRow, JobRow, KekRow, KeyringRow, ListQuery, Micros, NewVersion,
-    PoolStats, RewrapBatch, RewrapRow, RotationPolicyRow, Store, StoreError, TokenRow, VersionInfo, VersionRow,
+    AuditStore, Backend as StoreBackend, ChangeSink, CredentialRow, CredentialStore, JobRow, JobStore, KekRow,
+    KeyStore, KeyringRow, ListQuery, Micros, NewVersion, PolicyStore, PoolStats, RewrapBatch, RewrapRow,
+    RotationPolicyRow, Store, StoreError, TokenRow, TokenStore, VersionInfo, VersionRow,
 };
 use credvault::vault::Vault;
 
@@ -90,22 +91,7 @@ struct PausingStore {
 }
 
 #[async_trait]
-impl Store for PausingStore {
-    fn backend(&self) -> StoreBackend {
-        self.inner.backend()
-    }
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.inner.ping().await
-    }
-    async fn load_keyring(&self) -> Result<Option<KeyringRow>, StoreError> {
-        self.inner.load_keyring().await
-    }
-    async fn init_keyring(&self, k: &KeyringRow, kek: &KekRow) -> Result<bool, StoreError> {
-        self.inner.init_keyring(k, kek).await
-    }
-    async fn list_keks(&self) -> Result<Vec<KekRow>, StoreError> {
-        self.inner.list_keks().await
-    }
+impl CredentialStore for PausingStore {
     async fn get_credential(&self, name: &str) -> Result<Option<CredentialRow>, StoreError> {
         self.inner.get_credential(name).await
     }
@@ -140,45 +126,35 @@ impl Store for PausingStore {
     async fn count_credentials(&self) -> Result<u64, StoreError> {
         self.inner.count_credentials().await
     }
-    async fn insert_token(&self, t: &TokenRow) -> Result<(), StoreError> {
-        self.inner.insert_token(t).await
-    }
-    async fn get_token(&self, hash: &str) -> Result<Option<TokenRow>, StoreError> {
-        self.inner.get_token(hash).await
-    }
-    async fn find_live_tokens(&self, prefix: &str, limit: u32) -> Result<Vec<TokenRow>, StoreError> {
-        self.inner.find_live_tokens(prefix, limit).await
-    }
-    async fn insert_first_token(&self, t: &TokenRow) -> Result<bool, StoreError> {
-        self.inner.insert_first_token(t).await
-    }
-    async fn list_tokens(&self) -> Result<Vec<TokenRow>, StoreError> {
-        self.inner.list_tokens().await
-    }
     async fn destroy_version(&self, n: &str, v: u64) -> Result<Option<bool>, StoreError> {
         self.inner.destroy_version(n, v).await
     }
     async fn undelete_credential(&self, n: &str, now: Micros) -> Result<bool, StoreError> {
         self.inner.undelete_credential(n, now).await
     }
-    async fn put_rotation_policy(&self, p: &RotationPolicyRow) -> Result<bool, StoreError> {
-        self.inner.put_rotation_policy(p).await
-    }
-    async fn get_rotation_policy(&self, n: &str) -> Result<Option<RotationPolicyRow>, StoreError> {
-        self.inner.get_rotation_policy(n).await
-    }
-    async fn delete_rotation_policy(&self, n: &str) -> Result<bool, StoreError> {
-        self.inner.delete_rotation_policy(n).await
-    }
-    async fn due_rotations(&self, now: Micros, limit: u32) -> Result<Vec<RotationPolicyRow>, StoreError> {
-        self.inner.due_rotations(now, limit).await
-    }
-    async fn defer_rotation(&self, n: &str, claim: Micros, retry: Micros, e: &str) -> Result<bool, StoreError> {
-        self.inner.defer_rotation(n, claim, retry, e).await
-    }
     async fn deprecate_expired(&self, now: Micros) -> Result<u64, StoreError> {
         self.inner.deprecate_expired(now).await
     }
+}
+
+#[async_trait]
+impl KeyStore for PausingStore {
+    async fn load_keyring(&self) -> Result<Option<KeyringRow>, StoreError> {
+        self.inner.load_keyring().await
+    }
+    async fn init_keyring(&self, k: &KeyringRow, kek: &KekRow) -> Result<bool, StoreError> {
+        self.inner.init_keyring(k, kek).await
+    }
+    async fn list_keks(&self) -> Result<Vec<KekRow>, StoreError> {
+        self.inner.list_keks().await
+    }
+    async fn rekey(&self, k: &KeyringRow, old: &[u8], keks: &[(i64, Vec<u8>)]) -> Result<bool, StoreError> {
+        self.inner.rekey(k, old, keks).await
+    }
+}
+
+#[async_trait]
+impl JobStore for PausingStore {
     async fn start_kek_rotation(&self, k: &KekRow, v: &[u8], now: Micros) -> Result<JobRow, StoreError> {
         self.inner.start_kek_rotation(k, v, now).await
     }
@@ -202,9 +178,51 @@ impl Store for PausingStore {
     async fn finish_job(&self, id: i64, o: &str, now: Micros, e: Option<&str>) -> Result<Option<JobRow>, StoreError> {
         self.inner.finish_job(id, o, now, e).await
     }
-    async fn rekey(&self, k: &KeyringRow, old: &[u8], keks: &[(i64, Vec<u8>)]) -> Result<bool, StoreError> {
-        self.inner.rekey(k, old, keks).await
+}
+
+#[async_trait]
+impl PolicyStore for PausingStore {
+    async fn put_rotation_policy(&self, p: &RotationPolicyRow) -> Result<bool, StoreError> {
+        self.inner.put_rotation_policy(p).await
     }
+    async fn get_rotation_policy(&self, n: &str) -> Result<Option<RotationPolicyRow>, StoreError> {
+        self.inner.get_rotation_policy(n).await
+    }
+    async fn delete_rotation_policy(&self, n: &str) -> Result<bool, StoreError> {
+        self.inner.delete_rotation_policy(n).await
+    }
+    async fn due_rotations(&self, now: Micros, limit: u32) -> Result<Vec<RotationPolicyRow>, StoreError> {
+        self.inner.due_rotations(now, limit).await
+    }
+    async fn defer_rotation(&self, n: &str, claim: Micros, retry: Micros, e: &str) -> Result<bool, StoreError> {
+        self.inner.defer_rotation(n, claim, retry, e).await
+    }
+}
+
+#[async_trait]
+impl TokenStore for PausingStore {
+    async fn insert_token(&self, t: &TokenRow) -> Result<(), StoreError> {
+        self.inner.insert_token(t).await
+    }
+    async fn get_token(&self, hash: &str) -> Result<Option<TokenRow>, StoreError> {
+        self.inner.get_token(hash).await
+    }
+    async fn find_live_tokens(&self, prefix: &str, limit: u32) -> Result<Vec<TokenRow>, StoreError> {
+        self.inner.find_live_tokens(prefix, limit).await
+    }
+    async fn insert_first_token(&self, t: &TokenRow) -> Result<bool, StoreError> {
+        self.inner.insert_first_token(t).await
+    }
+    async fn list_tokens(&self) -> Result<Vec<TokenRow>, StoreError> {
+        self.inner.list_tokens().await
+    }
+    async fn revoke_token(&self, h: &str, now: Micros) -> Result<bool, StoreError> {
+        self.inner.revoke_token(h, now).await
+    }
+}
+
+#[async_trait]
+impl AuditStore for PausingStore {
     async fn insert_audit(&self, e: &[credvault::store::AuditRow]) -> Result<(), StoreError> {
         self.inner.insert_audit(e).await
     }
@@ -214,8 +232,15 @@ impl Store for PausingStore {
     async fn prune_audit(&self, before: Micros, limit: u32) -> Result<u64, StoreError> {
         self.inner.prune_audit(before, limit).await
     }
-    async fn revoke_token(&self, h: &str, now: Micros) -> Result<bool, StoreError> {
-        self.inner.revoke_token(h, now).await
+}
+
+#[async_trait]
+impl Store for PausingStore {
+    fn backend(&self) -> StoreBackend {
+        self.inner.backend()
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.inner.ping().await
     }
     fn pool_stats(&self) -> PoolStats {
         self.inner.pool_stats()
