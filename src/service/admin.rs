@@ -451,8 +451,7 @@ impl AdminService for AdminApi {
             ),
         };
         let rate = (r.rate_limit_per_second > 0).then_some(r.rate_limit_per_second);
-        let store = self.vault.store();
-        let new = self.auth.create_token(store.as_ref(), &r.display_name, rules, ttl, rate).await?;
+        let new = self.vault.create_token(&self.auth, &r.display_name, rules, ttl, rate).await?;
         tracing::info!(token_id = %crate::auth::token_id(&new.row.token_hash), display_name = %new.row.display_name, "token created");
         Ok(Response::new(proto::CreateTokenResponse {
             token: secrecy::ExposeSecret::expose_secret(&new.token).to_owned(),
@@ -465,8 +464,7 @@ impl AdminService for AdminApi {
         req: Request<proto::RevokeTokenRequest>,
     ) -> Result<Response<proto::RevokeTokenResponse>, Status> {
         authorize_everywhere(&req, Capability::Admin)?;
-        let store = self.vault.store();
-        let row = self.auth.revoke_token(store.as_ref(), &req.get_ref().id).await?;
+        let row = self.vault.revoke_token(&self.auth, &req.get_ref().id).await?;
         tracing::info!(token_id = %crate::auth::token_id(&row.token_hash), "token revoked");
         Ok(Response::new(proto::RevokeTokenResponse {}))
     }
@@ -476,7 +474,7 @@ impl AdminService for AdminApi {
         req: Request<proto::ListTokensRequest>,
     ) -> Result<Response<proto::ListTokensResponse>, Status> {
         authorize_everywhere(&req, Capability::Admin)?;
-        let rows = self.vault.store().list_tokens().await.map_err(crate::vault::VaultError::from)?;
+        let rows = self.vault.list_tokens().await?;
         Ok(Response::new(proto::ListTokensResponse { tokens: rows.iter().map(token_info).collect() }))
     }
 
@@ -490,7 +488,7 @@ impl AdminService for AdminApi {
             n if n > 1000 => return Err(Status::invalid_argument(format!("limit {n} is over the maximum of 1000"))),
             n => n,
         };
-        let rows = self.vault.store().recent_audit(limit).await.map_err(crate::vault::VaultError::from)?;
+        let rows = self.vault.recent_audit(limit).await?;
         let events = rows
             .into_iter()
             .map(|e| proto::AuditEvent {
