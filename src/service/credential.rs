@@ -148,7 +148,10 @@ impl CredentialService for CredentialApi {
         let may_read = |n: &str| {
             crate::names::CredentialName::parse(n, usize::MAX).is_err() || c.policy.allows(Capability::Read, n)
         };
-        let allowed: Vec<String> = names.iter().filter(|n| may_read(n)).cloned().collect();
+        // Decided once per name, here; the answers below follow the same decisions.
+        let permitted: Vec<bool> = names.iter().map(|n| may_read(n)).collect();
+        let allowed: Vec<String> =
+            names.iter().zip(&permitted).filter(|(_, ok)| **ok).map(|(n, _)| n.clone()).collect();
         let outcomes = self.vault.batch_get(&allowed).await?;
         let stale = outcomes.iter().filter_map(|o| o.as_ref().ok().and_then(|v| v.stale)).max();
         let mut outcomes = outcomes.into_iter();
@@ -160,8 +163,9 @@ impl CredentialService for CredentialApi {
         };
         let results = names
             .into_iter()
-            .map(|name| {
-                let result = if !may_read(&name) {
+            .zip(permitted)
+            .map(|(name, permitted)| {
+                let result = if !permitted {
                     error(denied(&c, Capability::Read, &name))
                 } else {
                     match outcomes.next() {
