@@ -17,7 +17,8 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sqlx::Connection as _;
+#[path = "support/mod.rs"]
+mod support;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_stream::StreamExt as _;
 use tonic::metadata::MetadataValue;
@@ -111,17 +112,8 @@ async fn main() {
     let sizes: Vec<usize> = env("FLEET_SIZES", "1,2,4,8").split(',').filter_map(|v| v.trim().parse().ok()).collect();
     let puts: usize = env("FLEET_PUTS", "200").parse().expect("FLEET_PUTS");
     let pool: u32 = env("FLEET_POOL", "4").parse().expect("FLEET_POOL");
-    let admin_url = env("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres");
-    let db = format!("cv_bench_fleet_{:08x}", rand::random::<u32>());
-    let Ok(mut admin) = sqlx::PgConnection::connect(&admin_url).await else {
-        println!("skipped: cannot connect to {admin_url}");
-        return;
-    };
-    sqlx::query(&format!("CREATE DATABASE \"{db}\"")).execute(&mut admin).await.expect("create database");
-    let url = match admin_url.rsplit_once('/') {
-        Some((root, _)) => format!("{root}/{db}"),
-        None => admin_url.clone(),
-    };
+    let Some(mut scratch) = support::db::scratch("cv_bench_fleet").await else { return };
+    let (db, url) = (scratch.name.clone(), scratch.url.clone());
     let dir = tempfile::tempdir().expect("temp dir");
 
     println!("{puts} puts on daemon 0, one every 10 ms; pools of {pool}; visible = the other daemons' watch events, from the put's sending");
@@ -177,14 +169,14 @@ async fn main() {
         }
         let mut acked = Vec::new();
         let mut put_latency = Vec::new();
-        let mut peak = connections(&mut admin, &db).await;
+        let mut peak = connections(scratch.admin(), &db).await;
         for i in 0..puts {
             let (v, took, at) = put(&mut writer).await;
             version = v;
             acked.push((v, at));
             put_latency.push(took);
             if i % 50 == 0 {
-                peak = peak.max(connections(&mut admin, &db).await);
+                peak = peak.max(connections(scratch.admin(), &db).await);
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -217,7 +209,7 @@ async fn main() {
         }
         visible.sort_unstable();
         put_latency.sort_unstable();
-        let conns = connections(&mut admin, &db).await;
+        let conns = connections(scratch.admin(), &db).await;
         let vis = |p| if others == 0 { "-".to_owned() } else { format!("{:.2}", ms(&visible, p)) };
         println!(
             "{n:>7} | {:>4} ({:>4}) | {:>9} | {:>9} | {:>9} | {:>9.2}",
@@ -236,7 +228,7 @@ async fn main() {
         let _ = d.child.start_kill();
         let _ = d.child.wait().await;
     }
-    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)")).execute(&mut admin).await;
+    scratch.drop_now().await;
 }
 
 /// Whether every watching daemon reported `version` (0: nothing written yet).

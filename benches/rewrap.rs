@@ -13,7 +13,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sqlx::Connection as _;
+#[path = "support/mod.rs"]
+mod support;
 
 use credvault::cache::CacheSettings;
 use credvault::crypto::{Kek, KeyRing, MasterKey};
@@ -102,23 +103,13 @@ async fn main() {
         return;
     }
 
-    let admin = std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let db = format!("cv_bench_rewrap_{:08x}", rand::random::<u32>());
-    let Ok(mut conn) = sqlx::PgConnection::connect(&admin).await else {
-        println!("postgres: skipped (cannot connect to {admin})");
-        return;
-    };
-    sqlx::query(&format!("CREATE DATABASE \"{db}\"")).execute(&mut conn).await.expect("create database");
-    let url = match admin.rsplit_once('/') {
-        Some((root, _)) => format!("{root}/{db}"),
-        None => admin.clone(),
-    };
-    match PgStore::connect(&url, 16).await {
+    let Some(db) = support::db::scratch("cv_bench_rewrap").await else { return };
+    match PgStore::connect(&db.url, 16).await {
         Ok(s) => {
             measure("postgres", Arc::new(s.clone()), n).await;
             s.pool().close().await;
         }
         Err(e) => println!("postgres: skipped ({e})"),
     }
-    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)")).execute(&mut conn).await;
+    db.drop_now().await;
 }

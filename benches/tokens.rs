@@ -15,6 +15,9 @@
 use std::time::{Duration, Instant};
 
 use sqlx::Connection as _;
+
+#[path = "support/mod.rs"]
+mod support;
 use tonic::metadata::MetadataValue;
 
 use credvault::auth::Auth;
@@ -79,17 +82,8 @@ async fn main() {
         .collect();
     let samples: usize = std::env::var("TOKENS_SAMPLES").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
 
-    let admin = std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let db = format!("cv_bench_tokens_{:08x}", rand::random::<u32>());
-    let Ok(mut conn) = sqlx::PgConnection::connect(&admin).await else {
-        println!("skipped: cannot connect to {admin}");
-        return;
-    };
-    sqlx::query(&format!("CREATE DATABASE \"{db}\"")).execute(&mut conn).await.expect("create database");
-    let url = match admin.rsplit_once('/') {
-        Some((root, _)) => format!("{root}/{db}"),
-        None => admin.clone(),
-    };
+    let Some(db) = support::db::scratch("cv_bench_tokens").await else { return };
+    let url = db.url.clone();
     let dir = tempfile::tempdir().expect("temp dir");
     let settings = Settings {
         listen: "127.0.0.1:0".parse().expect("addr"),
@@ -201,5 +195,5 @@ async fn main() {
         drop(d.auth);
     }
     drop(store);
-    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)")).execute(&mut conn).await;
+    db.drop_now().await;
 }

@@ -45,6 +45,19 @@ async fn until_store_down(d: &TestDaemon) {
     .await;
 }
 
+/// Retries a put of `value` until it succeeds; until then every refusal must be
+/// UNAVAILABLE.
+async fn until_writes_work(c: &mut Client, name: &str, value: &[u8], deadline: Duration) {
+    eventually("writes work again", deadline, async || match put(c, name, value, None).await {
+        Ok(_) => true,
+        Err(s) => {
+            assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+            false
+        }
+    })
+    .await;
+}
+
 /// The longest of `n` calls of `f`, each of which must fail with UNAVAILABLE.
 async fn slowest_unavailable<T: std::fmt::Debug>(
     n: usize,
@@ -322,14 +335,7 @@ async fn a_terminated_backend_is_unavailable_not_internal() {
     .execute(&raw)
     .await
     .unwrap();
-    eventually("writes work again", Duration::from_secs(5), async || match put(&mut c, "kill/x", b"v3", None).await {
-        Ok(_) => true,
-        Err(s) => {
-            assert_eq!(s.code(), Code::Unavailable, "{s:?}");
-            false
-        }
-    })
-    .await;
+    until_writes_work(&mut c, "kill/x", b"v3", Duration::from_secs(5)).await;
     assert_eq!(read(&mut c, "kill/x").await.unwrap().1, b"v3");
     raw.close().await;
     d.stop().await;
@@ -366,14 +372,7 @@ async fn writes_to_a_read_only_server_are_unavailable_until_it_takes_writes() {
     }
     assert_eq!(read(&mut c, "ro/x").await.unwrap().1, b"v1", "cached reads still served");
     read_only(false).await;
-    eventually("writes work again", Duration::from_secs(10), async || match put(&mut c, "ro/x", b"v3", None).await {
-        Ok(_) => true,
-        Err(s) => {
-            assert_eq!(s.code(), Code::Unavailable, "{s:?}");
-            false
-        }
-    })
-    .await;
+    until_writes_work(&mut c, "ro/x", b"v3", Duration::from_secs(10)).await;
     assert_eq!(read(&mut c, "ro/x").await.unwrap().1, b"v3");
     let head = env.store().await.get_credential("ro/x").await.unwrap().unwrap();
     assert_eq!(head.current_version, 2, "the refused writes left nothing behind");

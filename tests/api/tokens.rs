@@ -6,41 +6,23 @@
 
 use std::time::Duration;
 
-use tonic::metadata::MetadataValue;
 use tonic::Code;
 
 use credvault::config::DatabaseUrl;
-use credvault::proto::{self, credential_service_client::CredentialServiceClient};
+use credvault::proto;
 
-use crate::helpers::{eventually, put, Backend, Bearer, Raw, TestDaemon, TestEnv};
+use crate::helpers::{client_with, create_token, eventually, put, rule, Backend, Raw, TestDaemon, TestEnv};
 use crate::proxy::PgProxy;
 
 /// A token that may read `t/*`; returns its text and id.
 async fn create_reader(d: &TestDaemon, name: &str) -> (String, String) {
-    let created = d
-        .admin()
-        .await
-        .create_token(proto::CreateTokenRequest {
-            display_name: name.into(),
-            rules: vec![proto::PolicyRule {
-                pattern: "t/*".into(),
-                capabilities: vec![proto::Capability::Read as i32],
-                deny: false,
-            }],
-            ttl: None,
-            rate_limit_per_second: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    (created.token, created.info.unwrap().id)
+    create_token(d, name, vec![rule("t/*", &[proto::Capability::Read], false)], 0, None).await
 }
 
 /// What `token` gets on `d` for a read of a missing name: NOT_FOUND while the daemon
 /// accepts it, UNAUTHENTICATED once it does not.
 async fn code_for(d: &TestDaemon, token: &str) -> Code {
-    let bearer = Bearer(format!("Bearer {token}").parse::<MetadataValue<_>>().unwrap());
-    let mut c = CredentialServiceClient::with_interceptor(d.channel().await, bearer);
+    let mut c = client_with(d, token).await;
     c.get_credential(proto::GetCredentialRequest { name: "t/missing".into(), version: None })
         .await
         .map(|_| Code::Ok)
