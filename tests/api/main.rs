@@ -8,6 +8,7 @@ mod bad_input;
 mod bench;
 mod cache;
 mod cli;
+mod client;
 mod concurrency;
 mod conformance;
 mod drain;
