@@ -3,6 +3,7 @@
 
 mod helpers;
 
+mod agent;
 mod audit;
 mod bad_input;
 mod bench;
