@@ -24,7 +24,6 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -186,7 +185,9 @@ impl CachingClient {
     /// Starts one watch stream per configured prefix (needs a tokio runtime).
     pub fn new(client: Client, config: CacheConfig) -> CachingClient {
         let (tx, rx) = watch::channel(());
-        let entries = LruCache::new(NonZeroUsize::new(config.max_entries.max(1)).unwrap_or(NonZeroUsize::MIN));
+        // Unbounded by the crate: `store` evicts by entries and bytes itself, keeping the
+        // byte count exact (a capacity-bound `put` would evict without telling).
+        let entries = LruCache::unbounded();
         let prefixes = config.prefixes.clone();
         let inner = Arc::new(Inner {
             client,

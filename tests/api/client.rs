@@ -308,7 +308,9 @@ async fn bounded_by_entries_and_bytes() {
     for i in 0..20 {
         cache.get(&format!("b/n{i}")).await.unwrap();
     }
-    assert_eq!(cache.stats().entries, 5);
+    let s = cache.stats();
+    assert_eq!(s.entries, 5);
+    assert!(s.bytes >= 5 * 1000 && s.bytes <= 5 * 1300, "bytes counted for the entries held: {s:?}");
     let cfg = CacheConfig { prefixes: vec!["b/".into()], max_bytes: 3500, ..CacheConfig::default() };
     let cache = CachingClient::new(Client::connect_lazy(&config(&d)).unwrap(), cfg);
     for i in 0..20 {
@@ -317,5 +319,48 @@ async fn bounded_by_entries_and_bytes() {
     let s = cache.stats();
     assert!(s.bytes <= 3500 && s.entries >= 2 && s.entries <= 3, "{s:?}");
     let _: Arc<_> = cache.get("b/n0").await.unwrap();
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_are_retried_after_the_daemons_hint() {
+    let env = TestEnv::new(Backend::Sqlite).await;
+    let d = TestDaemon::start(env.settings(), None).await;
+    client(&d).await.put("rl/x", b"v", None).await.unwrap();
+    let (token, _) = create_token(&d, "limited", vec![rule("rl/**", &[Capability::Read], false)], 2, None).await;
+
+    // Without retries the limit shows, with the daemon's hint.
+    let once = Client::connect(&ClientConfig {
+        token: TokenSource::value(token.clone()),
+        retry: RetryPolicy::none(),
+        ..config(&d)
+    })
+    .await
+    .unwrap();
+    let mut limited = None;
+    for _ in 0..20 {
+        if let Err(e) = once.get("rl/x").await {
+            limited = Some(e);
+            break;
+        }
+    }
+    match limited {
+        Some(Error::ResourceExhausted { retry_after: Some(hint), .. }) => assert!(hint <= Duration::from_secs(1)),
+        other => panic!("expected RESOURCE_EXHAUSTED with a hint, got {other:?}"),
+    }
+
+    // With retries every call succeeds, paced by the hints.
+    let patient = Client::connect(&ClientConfig {
+        token: TokenSource::value(token),
+        retry: RetryPolicy { max_attempts: 10, max_elapsed: Duration::from_secs(5), ..RetryPolicy::default() },
+        ..config(&d)
+    })
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    for _ in 0..6 {
+        assert_eq!(patient.get("rl/x").await.unwrap().version, 1);
+    }
+    assert!(started.elapsed() >= Duration::from_millis(500), "paced by the limit: {:?}", started.elapsed());
     d.stop().await;
 }
