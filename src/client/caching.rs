@@ -161,7 +161,9 @@ struct State {
     resync_epoch: u64,
     /// Loads running; `changed_at` is only needed while there are some.
     loads: usize,
-    subs: HashMap<String, watch::Sender<Update>>,
+    /// Shared so a send happens outside the state lock: a subscriber holding a `borrow()`
+    /// must never stall cache hits.
+    subs: HashMap<String, Arc<watch::Sender<Update>>>,
     last_failure: Option<Instant>,
 }
 
@@ -255,7 +257,7 @@ impl CachingClient {
         let tx = st
             .subs
             .entry(name.to_owned())
-            .or_insert_with(|| watch::channel(Update { credential: Some(cred), previous: None }).0);
+            .or_insert_with(|| Arc::new(watch::channel(Update { credential: Some(cred), previous: None }).0));
         Ok(tx.subscribe())
     }
 
@@ -503,13 +505,16 @@ impl Inner {
 
     /// Tells the subscribers of `name` about a version they have not seen yet.
     async fn publish(&self, name: &str, cred: Option<Arc<Credential>>) {
-        let newer = {
+        let tx = {
             let mut st = self.lock();
-            let Some(tx) = st.subs.get(name) else { return };
+            let Some(tx) = st.subs.get(name).cloned() else { return };
             if tx.receiver_count() == 0 {
                 st.subs.remove(name);
                 return;
             }
+            tx
+        };
+        let newer = {
             let seen = tx.borrow().credential.as_ref().map(|c| c.version);
             match (&cred, seen) {
                 (Some(c), Some(v)) => c.version > v,
@@ -531,20 +536,17 @@ impl Inner {
                 .and_then(|vs| vs.into_iter().find(|v| v.version < c.version && v.state == VersionState::Previous)),
             None => None,
         };
-        let st = self.lock();
-        if let Some(tx) = st.subs.get(name) {
-            tx.send_if_modified(|u| {
-                let replace = match (&cred, u.credential.as_ref().map(|c| c.version)) {
-                    (Some(c), Some(v)) => c.version > v,
-                    (Some(_), None) | (None, Some(_)) => true,
-                    (None, None) => false,
-                };
-                if replace {
-                    *u = Update { credential: cred.clone(), previous: previous.clone() };
-                }
-                replace
-            });
-        }
+        tx.send_if_modified(|u| {
+            let replace = match (&cred, u.credential.as_ref().map(|c| c.version)) {
+                (Some(c), Some(v)) => c.version > v,
+                (Some(_), None) | (None, Some(_)) => true,
+                (None, None) => false,
+            };
+            if replace {
+                *u = Update { credential: cred.clone(), previous: previous.clone() };
+            }
+            replace
+        });
     }
 
     /// The stream that serves `name`, started (for its parent) if none does.
