@@ -166,6 +166,50 @@ else
   skip "needs PyYAML"
 fi
 
+section "Example application with the agent as a native sidecar"
+if python3 -c 'import yaml' 2>/dev/null; then
+  if out=$(python3 - 2>&1 <<'PY'
+import pathlib, sys, tomllib, yaml
+docs = [d for d in yaml.safe_load_all(pathlib.Path("kubernetes/examples/app-with-agent.yaml").read_text()) if d]
+by_kind = {d["kind"]: d for d in docs}
+problems = []
+cm, dep = by_kind["ConfigMap"], by_kind["Deployment"]
+conf = tomllib.loads(cm["data"]["agent.toml"])
+pod = dep["spec"]["template"]["spec"]
+agents = [c for c in pod.get("initContainers", []) if "agent" in c.get("args", [])]
+if len(agents) != 1:
+    problems.append("exactly one init container must run `credvault agent`")
+else:
+    a = agents[0]
+    if a.get("restartPolicy") != "Always":
+        problems.append("the agent init container needs restartPolicy: Always (a native sidecar)")
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    amounts = {m["name"]: m["mountPath"] for m in a["volumeMounts"]}
+    cfg = a["args"][a["args"].index("--config") + 1]
+    cfg_vol = [n for n, p in amounts.items() if cfg.startswith(p + "/")]
+    if not cfg_vol or volumes[cfg_vol[0]].get("configMap", {}).get("name") != cm["metadata"]["name"]:
+        problems.append(f"--config {cfg} is not a file of the ConfigMap")
+    shared = [n for n, p in amounts.items() if p == conf["agent"]["dir"]]
+    if not shared or volumes[shared[0]].get("emptyDir", {}).get("medium") != "Memory":
+        problems.append(f"agent.dir {conf['agent']['dir']} is not an in-memory emptyDir")
+    elif not any(m["name"] == shared[0] for c in pod["containers"] for m in c.get("volumeMounts", [])):
+        problems.append("no application container mounts the agent's directory")
+    port = int(conf["agent"]["listen"].rsplit(":", 1)[1])
+    for probe in ("startupProbe", "livenessProbe"):
+        if a.get(probe, {}).get("httpGet", {}).get("port") != port:
+            problems.append(f"the agent's {probe} is not on its health port {port}")
+    token = conf.get("daemon", {}).get("token_file", "")
+    if not any(token.startswith(p + "/") and "secret" in volumes[n] for n, p in amounts.items()):
+        problems.append(f"daemon.token_file {token} is not a mounted Secret")
+if problems:
+    sys.exit("\n        ".join(problems))
+print("native sidecar, in-memory volume shared with the application, probes and mounts agree")
+PY
+  ); then pass "$out"; else fail "$out"; fi
+else
+  skip "needs PyYAML"
+fi
+
 section "Daemon accepts the configuration files"
 bin="${CREDVAULT_BIN:-}"
 if [ -z "$bin" ]; then
@@ -202,6 +246,15 @@ open(sys.argv[1], "w").write(docs[0]["data"]["credvault.toml"])' "$tmp/configmap
       fail "$name (exit $rc): $(grep -E 'error|unknown field|invalid' <<<"$out" | head -n 3 | tr '\n' ' ')"
     fi
   done
+  python3 -c '
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open("kubernetes/examples/app-with-agent.yaml")) if d and d["kind"] == "ConfigMap"]
+open(sys.argv[1], "w").write(docs[0]["data"]["agent.toml"])' "$tmp/agent.toml"
+  if out=$(cd "$tmp" && timeout 60 env -i PATH="$PATH" HOME="$tmp" "$bin" agent --config "$tmp/agent.toml" --check 2>&1); then
+    pass "kubernetes/examples/app-with-agent.yaml (agent.toml) accepted by $bin agent --check"
+  else
+    fail "kubernetes/examples/app-with-agent.yaml (agent.toml): $out"
+  fi
 fi
 
 section "promtool"

@@ -16,20 +16,44 @@
 //! - [`crypto`]: key types and envelope encryption (pure, no I/O).
 //! - [`store`]: the storage trait and its PostgreSQL and SQLite implementations.
 //! - [`names`]: credential name syntax.
+//! - [`client`]: the Rust client and caching client for services (feature `client`; no
+//!   daemon dependencies).
+//!
+//! Features: `server` (default) builds the daemon and the command line; `client` alone
+//! (`default-features = false, features = ["client"]`) builds only [`client`] and
+//! [`proto`], without sqlx, SQLite, argon2 or the daemon's HTTP stack.
+#[cfg(feature = "server")]
 pub mod audit;
+#[cfg(feature = "server")]
 pub mod auth;
+#[cfg(feature = "server")]
 pub mod cache;
+#[cfg(feature = "server")]
 pub mod cli;
+#[cfg(feature = "client")]
+pub mod client;
+#[cfg(feature = "server")]
 pub mod config;
+#[cfg(feature = "server")]
 pub mod crypto;
+#[cfg(feature = "server")]
 pub mod generate;
+#[cfg(feature = "server")]
 pub mod limits;
+#[cfg(feature = "server")]
 pub mod names;
+#[cfg(feature = "server")]
 pub mod policy;
 pub mod proto;
+#[cfg(feature = "server")]
 pub mod server;
+#[cfg(feature = "server")]
 pub mod service;
+#[cfg(feature = "server")]
 pub mod store;
+#[cfg(feature = "server")]
 pub mod telemetry;
+#[cfg(feature = "server")]
 pub mod unlock;
+#[cfg(feature = "server")]
 pub mod vault;

@@ -14,6 +14,24 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Agent(args) => agent(args),
+        Command::Run(args) => {
+            init_tracing(LogFormat::Text);
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(credvault::cli::run::run_command(*args)) {
+                Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1))
+                }
+            }
+        }
         Command::Client(cmd) => {
             let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(rt) => rt,
@@ -29,6 +47,36 @@ fn main() -> ExitCode {
                     ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1))
                 }
             }
+        }
+    }
+}
+
+/// `credvault agent`: a bad configuration exits with code 2 and names the field.
+fn agent(args: credvault::cli::agent::AgentArgs) -> ExitCode {
+    let config = match credvault::cli::agent::AgentConfig::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {}: {e}", args.config.display());
+            return ExitCode::from(2);
+        }
+    };
+    if args.check {
+        println!("{}: valid", args.config.display());
+        return ExitCode::SUCCESS;
+    }
+    init_tracing(LogFormat::Text);
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(credvault::cli::agent::run_agent(config, signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -28,6 +28,8 @@ pub enum ClientError {
     /// A rotation job ended without completing.
     #[error("the rotation job did not complete: {0}")]
     Job(String),
+    #[error("{0}")]
+    Client(crate::client::Error),
 }
 
 impl ClientError {
@@ -37,6 +39,17 @@ impl ClientError {
             ClientError::Connect { .. } => 6,
             ClientError::Io(_) => 1,
             ClientError::Job(_) => 4,
+            ClientError::Client(e) => {
+                use crate::client::Error as E;
+                match e {
+                    E::NotFound(_) => 3,
+                    E::Conflict { .. } | E::AlreadyExists { .. } | E::FailedPrecondition(_) => 4,
+                    E::Unauthenticated(_) | E::PermissionDenied(_) => 5,
+                    E::Unavailable(_) | E::Timeout(_) | E::ResourceExhausted { .. } => 6,
+                    E::InvalidArgument(_) | E::Config(_) => 7,
+                    _ => 1,
+                }
+            }
             ClientError::Rpc(s) => match s.code() {
                 Code::NotFound => 3,
                 Code::Aborted | Code::AlreadyExists | Code::FailedPrecondition => 4,
@@ -97,43 +110,37 @@ pub(super) fn bearer(token: &str) -> Result<BearerToken, ClientError> {
     Ok(BearerToken(header))
 }
 
-/// Where `conn` points: `https` when any TLS option is given (an `http://` address is
-/// upgraded), plaintext otherwise.
-pub(super) fn endpoint(conn: &Connection) -> Result<Endpoint, ClientError> {
-    let tls = conn.tls_ca.is_some() || conn.tls_client_cert.is_some() || conn.addr.starts_with("https://");
-    let addr = match (conn.addr.split_once("://"), tls) {
-        (Some(("http", rest)), true) => format!("https://{rest}"),
-        (Some(_), _) => conn.addr.clone(),
-        (None, true) => format!("https://{}", conn.addr),
-        (None, false) => format!("http://{}", conn.addr),
-    };
-    let err = |reason: String| ClientError::Connect { addr: addr.clone(), reason };
-    let mut endpoint = Endpoint::from_shared(addr.clone())
-        .map_err(|e| err(e.to_string()))?
-        .tcp_nodelay(true)
-        .connect_timeout(std::time::Duration::from_secs(5));
-    if tls {
-        endpoint = endpoint.tls_config(client_tls(conn)?).map_err(|e| err(e.to_string()))?;
-    }
-    Ok(endpoint)
-}
-
-fn client_tls(conn: &Connection) -> Result<tonic::transport::ClientTlsConfig, ClientError> {
-    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
-    let read = |p: &std::path::Path| {
-        std::fs::read(p).map_err(|e| ClientError::Usage(format!("cannot read {}: {e}", p.display())))
-    };
-    let mut config = ClientTlsConfig::new();
-    if let Some(ca) = &conn.tls_ca {
-        config = config.ca_certificate(Certificate::from_pem(read(ca)?));
-    }
-    if let (Some(cert), Some(key)) = (&conn.tls_client_cert, &conn.tls_client_key) {
-        config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
-    }
-    if let Some(domain) = &conn.tls_domain {
-        config = config.domain_name(domain.clone());
+/// The client library's configuration for `conn` (the one way to reach the daemon).
+pub(super) fn client_config(conn: &Connection) -> Result<crate::client::ClientConfig, ClientError> {
+    use crate::client::{ClientConfig, TlsConfig, TokenSource};
+    let token = conn.token.as_deref().filter(|t| !t.is_empty()).ok_or_else(|| {
+        ClientError::Usage(
+            "no token: set CREDVAULT_TOKEN or pass --token (the root token is printed when the daemon first starts)"
+                .into(),
+        )
+    })?;
+    let mut config = ClientConfig::new(conn.addr.clone(), TokenSource::value(token));
+    if conn.tls_ca.is_some() || conn.tls_client_cert.is_some() || conn.addr.starts_with("https://") {
+        config.tls = Some(TlsConfig {
+            ca: conn.tls_ca.clone(),
+            client_cert: conn.tls_client_cert.clone(),
+            client_key: conn.tls_client_key.clone(),
+            domain: conn.tls_domain.clone(),
+        });
     }
     Ok(config)
+}
+
+/// Where `conn` points: `https` when any TLS option is given (an `http://` address is
+/// upgraded), plaintext otherwise. Built by the client library.
+pub(super) fn endpoint(conn: &Connection) -> Result<Endpoint, ClientError> {
+    let config = client_config(&Connection { token: Some("-".into()), ..conn.clone() })?;
+    config.endpoint().map_err(|e| match e {
+        // A TLS file that cannot be read is the caller's mistake, not the daemon's.
+        crate::client::Error::Config(reason) if reason.starts_with("cannot read") => ClientError::Usage(reason),
+        crate::client::Error::Config(reason) => ClientError::Connect { addr: conn.addr.clone(), reason },
+        e => ClientError::Client(e),
+    })
 }
 
 pub(super) fn ts(t: &Option<prost_types::Timestamp>) -> String {

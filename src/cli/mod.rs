@@ -1,10 +1,12 @@
 //! The `credvault` command line: `serve` runs the daemon; every other subcommand is a
 //! gRPC client of a running daemon.
 
+pub mod agent;
 pub mod bench;
 mod client;
 mod conn;
 mod rotate;
+pub mod run;
 
 use std::path::PathBuf;
 
@@ -48,6 +50,10 @@ pub struct Connection {
 pub enum Command {
     /// Run the daemon.
     Serve(ServeArgs),
+    /// Keep credentials as files in a directory (a sidecar for any language).
+    Agent(agent::AgentArgs),
+    /// Run a command with credentials in its environment.
+    Run(Box<run::RunArgs>),
     #[command(flatten)]
     Client(ClientCommand),
 }

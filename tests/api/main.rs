@@ -3,11 +3,13 @@
 
 mod helpers;
 
+mod agent;
 mod audit;
 mod bad_input;
 mod bench;
 mod cache;
 mod cli;
+mod client;
 mod concurrency;
 mod conformance;
 mod drain;
