@@ -20,7 +20,7 @@ use crate::proxy::PgProxy;
 /// Settings for a daemon whose database connections all go through `proxy`.
 fn behind(env: &TestEnv, proxy: &PgProxy, serve_stale_seconds: u64) -> Settings {
     let mut s = env.settings();
-    s.database_url = Some(DatabaseUrl::new(proxy.url(env)));
+    s.database_url = Some(DatabaseUrl::new(proxy.url(&env.database_url())));
     s.cache.serve_stale_seconds = serve_stale_seconds;
     s
 }
