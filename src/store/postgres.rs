@@ -245,6 +245,11 @@ impl PgStore {
             let subscribed = async {
                 let pool = self.listen.as_ref().map_or(&self.pool, |(p, _)| p);
                 let mut l = PgListener::connect_with(pool).await?;
+                // Report a closed connection at once. Eagerly, `try_recv` would first wait
+                // for the pool to connect again (up to its acquire timeout, 5 s) and only
+                // then say the connection was lost, so an outage went unnoticed, and the
+                // cache trusted, that long. This loop re-subscribes by itself.
+                l.eager_reconnect(false);
                 l.listen(CHANNEL).await?;
                 Ok::<_, sqlx::Error>(l)
             };
