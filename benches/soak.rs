@@ -507,13 +507,39 @@ fn code_name(c: Code) -> &'static str {
     }
 }
 
-/// What the caller was told: the code, or a request the client's own connection task
-/// dropped while its connection closed (it never reached the daemon; see drain.rs).
+/// The HTTP/2 error under a status the client made from a transport error, if any.
+fn h2_cause(s: &tonic::Status) -> Option<&h2::Error> {
+    let mut e = std::error::Error::source(s);
+    while let Some(err) = e {
+        if let Some(h) = err.downcast_ref::<h2::Error>() {
+            return Some(h);
+        }
+        e = err.source();
+    }
+    None
+}
+
+/// What the caller was told: the code, or one of two statuses the tonic client makes
+/// itself for a request the daemon never handled: one its own connection task dropped
+/// while the connection closed (see drain.rs), and one on a stream the daemon's
+/// graceful GOAWAY (reason NO_ERROR) left out, which tonic maps to INTERNAL where gRPC
+/// means UNAVAILABLE (retry).
 fn outcome(s: &tonic::Status) -> &'static str {
+    let refused = |h: &h2::Error| h.is_go_away() && h.is_remote() && h.reason() == Some(h2::Reason::NO_ERROR);
     if s.code() == Code::Cancelled && s.message() == "operation was canceled" {
         "CANCELLED (client-side)"
+    } else if s.code() == Code::Internal && h2_cause(s).is_some_and(refused) {
+        "INTERNAL (client-side, GOAWAY)"
     } else {
         code_name(s.code())
+    }
+}
+
+/// A status's message, with the HTTP/2 error under it if there is one.
+fn detail(s: &tonic::Status) -> String {
+    match h2_cause(s) {
+        Some(h) => format!("{} [h2: {h:?}]", s.message()),
+        None => s.message().to_owned(),
     }
 }
 
@@ -530,7 +556,7 @@ fn allowed(rpc: &str, situation: Situation, outcome: &str) -> bool {
         // Outage: misses and writes fail fast; restart: GOAWAY, then a refused
         // connection until the new process listens.
         "UNAVAILABLE" => situation != Situation::Normal,
-        "CANCELLED (client-side)" => situation == Situation::Restart,
+        "CANCELLED (client-side)" | "INTERNAL (client-side, GOAWAY)" => situation == Situation::Restart,
         _ => false,
     }
 }
@@ -604,7 +630,7 @@ async fn reader(run: Arc<Run>, slot: Arc<Slot>, bearer: Bearer, names: usize, pe
                         }
                     }
                 }
-                Err(s) => run.record(d, "BatchGetCredentials", situation, outcome(&s), Some(s.message()), took),
+                Err(s) => run.record(d, "BatchGetCredentials", situation, outcome(&s), Some(&detail(&s)), took),
             }
         } else {
             let (name, rpc) = if roll < 15 {
@@ -623,7 +649,7 @@ async fn reader(run: Arc<Run>, slot: Arc<Slot>, bearer: Bearer, names: usize, pe
                     check_value(&run, d, &name, &v.value);
                     run.record(d, rpc, situation, if stale { "OK stale" } else { "OK" }, None, took);
                 }
-                Err(s) => run.record(d, rpc, situation, outcome(&s), Some(s.message()), took),
+                Err(s) => run.record(d, rpc, situation, outcome(&s), Some(&detail(&s)), took),
             }
         }
     }
@@ -724,7 +750,7 @@ async fn writer(
             }
             Err(s) => {
                 o.pending.push(value);
-                run.record(d, rpc, situation, outcome(&s), Some(s.message()), took);
+                run.record(d, rpc, situation, outcome(&s), Some(&detail(&s)), took);
             }
         }
     }
@@ -886,7 +912,7 @@ async fn kek_rotation(run: &Run, bearer: Bearer, tl: &mut Timeline) -> Option<pr
             r.into_inner()
         }
         Err(s) => {
-            run.record(0, "RotateKek", run.situation(slot), outcome(&s), Some(s.message()), None);
+            run.record(0, "RotateKek", run.situation(slot), outcome(&s), Some(&detail(&s)), None);
             tl.failures.push(format!("RotateKek failed: {s:?}"));
             return None;
         }
@@ -922,7 +948,7 @@ async fn kek_rotation(run: &Run, bearer: Bearer, tl: &mut Timeline) -> Option<pr
                     return Some(j);
                 }
             }
-            Err(s) => run.record(0, "GetRotationJob", run.situation(slot), outcome(&s), Some(s.message()), None),
+            Err(s) => run.record(0, "GetRotationJob", run.situation(slot), outcome(&s), Some(&detail(&s)), None),
         }
     }
     tl.failures.push("KEK re-wrap job still running after 300 s".into());
@@ -1309,6 +1335,14 @@ async fn soak(cfg: Config, db: String) -> bool {
         exits.push((status, took));
     }
 
+    let csv: String = std::iter::once("t_seconds,daemon,life,rss_kib,threads,fds\n".to_owned())
+        .chain(
+            samples
+                .iter()
+                .map(|s| format!("{:.1},{},{},{},{},{}\n", s.t, LABELS[s.daemon], s.life, s.rss_kib, s.threads, s.fds)),
+        )
+        .collect();
+    let _ = std::fs::write(work.join("rss.csv"), csv);
     let ok = report(&cfg, &run, elapsed, &tl, job.as_ref(), &verdict, &samples, &lives, &metrics, &exits, &tallies);
     if ok && std::env::var_os("SOAK_KEEP").is_none() {
         let _ = std::fs::remove_dir_all(&work);
@@ -1443,8 +1477,8 @@ fn report(
     );
     let _ = writeln!(
         out,
-        "{:<10} {:>9} {:>9} {:>9} {:>9} {:>12} {:>8} {:>8} {:>8}",
-        "process", "from s", "warm MiB", "end MiB", "max MiB", "MiB/min", "samples", "threads", "fds"
+        "{:<10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>13} {:>8} {:>8} {:>8}",
+        "process", "from s", "warm MiB", "end MiB", "max MiB", "MiB/min", "2nd half /min", "samples", "threads", "fds"
     );
     for &(d, life, start) in &lives.starts {
         let all: Vec<&Sample> = samples.iter().filter(|s| s.daemon == d && s.life == life).collect();
@@ -1458,18 +1492,38 @@ fn report(
         let max = after.iter().map(|s| s.rss_kib).max().unwrap_or(0);
         let _ = writeln!(
             out,
-            "{label:<10} {:>9.0} {:>9.1} {:>9.1} {:>9.1} {:>+12.3} {:>8} {:>3}->{:<4} {:>3}->{:<4}",
+            "{label:<10} {:>9.0} {:>9.1} {:>9.1} {:>9.1} {:>+9.3} {:>+13.3} {:>8} {:>3}->{:<4} {:>3}->{:<4}",
             first.t,
             mib(first.rss_kib),
             mib(last.rss_kib),
             mib(max),
             slope(&points),
+            slope(&points[points.len() / 2..]),
             after.len(),
             first.threads,
             last.threads,
             first.fds,
             last.fds
         );
+    }
+
+    let _ = writeln!(out, "\nresident MiB by minute of the run (mean of the samples in it):");
+    let minutes = (elapsed / 60.0).ceil() as usize;
+    let _ = writeln!(out, "{:>6} {:>8} {:>8}", "minute", "A", "B");
+    for m in 0..minutes {
+        let mean = |d: usize| {
+            let v: Vec<u64> = samples
+                .iter()
+                .filter(|s| s.daemon == d && s.t >= m as f64 * 60.0 && s.t < (m + 1) as f64 * 60.0)
+                .map(|s| s.rss_kib)
+                .collect();
+            if v.is_empty() {
+                "-".to_owned()
+            } else {
+                format!("{:.1}", mib(v.iter().sum::<u64>()) / v.len() as f64)
+            }
+        };
+        let _ = writeln!(out, "{m:>6} {:>8} {:>8}", mean(0), mean(1));
     }
 
     let _ = writeln!(out, "\n-- daemon metrics at the end (one scrape, none during the run)");
