@@ -86,6 +86,8 @@ struct Config {
     write_rate: f64,
     outage: u64,
     seed: u64,
+    /// Fail when resident memory grows faster than this (MiB/min) between disruptions.
+    max_quiet_slope: f64,
     heaptrack: Option<PathBuf>,
     admin_url: String,
 }
@@ -109,6 +111,7 @@ impl Config {
             write_rate: env_or("SOAK_WRITE_RATE", 100.0),
             outage: env_or("SOAK_OUTAGE_SECONDS", 15).min(seconds / 12).max(1),
             seed: env_or("SOAK_SEED", rand::random::<u32>() as u64),
+            max_quiet_slope: env_or("SOAK_MAX_QUIET_SLOPE", 0.25),
             heaptrack: std::env::var_os("SOAK_HEAPTRACK").map(PathBuf::from),
             admin_url: std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned()),
         }
@@ -412,6 +415,8 @@ struct Run {
     outage: AtomicBool,
     /// The current (or last) outage's number and when its proxies were cut.
     outage_cut: Mutex<(u32, Option<Instant>)>,
+    /// Outages, the KEK rotation and the restart, as (start, end) in seconds of the run.
+    disruptions: Mutex<Vec<(f64, f64)>>,
     /// Per outage and daemon: seconds from the cut to the first read answered stale or
     /// UNAVAILABLE, i.e. until the daemon showed that it knew.
     first_sign: Mutex<BTreeMap<(u32, usize), f64>>,
@@ -846,6 +851,7 @@ impl Timeline {
 }
 
 async fn outage(run: &Run, proxies: &mut [PgProxy], n: u32, length: Duration, tl: &mut Timeline) {
+    let began = run.secs();
     run.outage.store(true, Ordering::SeqCst);
     *run.outage_cut.lock().expect("outage") = (n, Some(Instant::now()));
     for p in proxies.iter_mut() {
@@ -887,6 +893,7 @@ async fn outage(run: &Run, proxies: &mut [PgProxy], n: u32, length: Duration, tl
     }
     tokio::time::sleep(OUTAGE_TAIL.saturating_sub(restored.elapsed())).await;
     run.outage.store(false, Ordering::SeqCst);
+    run.disruptions.lock().expect("disruptions").push((began, run.secs()));
     for slot in &run.slots {
         let sign = run.first_sign.lock().expect("outage").get(&(n, slot.index)).copied();
         tl.note(
@@ -903,6 +910,13 @@ async fn outage(run: &Run, proxies: &mut [PgProxy], n: u32, length: Duration, tl
 }
 
 async fn kek_rotation(run: &Run, bearer: Bearer, tl: &mut Timeline) -> Option<proto::RotationJob> {
+    let began = run.secs();
+    let job = kek_rotation_job(run, bearer, tl).await;
+    run.disruptions.lock().expect("disruptions").push((began, run.secs()));
+    job
+}
+
+async fn kek_rotation_job(run: &Run, bearer: Bearer, tl: &mut Timeline) -> Option<proto::RotationJob> {
     let slot = &run.slots[0];
     let mut admin = Follow::new(slot.clone(), bearer);
     let started = Instant::now();
@@ -968,6 +982,7 @@ async fn restart(
     tl: &mut Timeline,
 ) {
     let slot = &run.slots[1];
+    let began = run.secs();
     slot.restarting.store(true, Ordering::SeqCst);
     let old = daemon.take().expect("daemon B runs");
     tl.note(run, format!("restart: SIGTERM to daemon B (pid {})", old.pid));
@@ -996,6 +1011,40 @@ async fn restart(
     *daemon = Some(new);
     tokio::time::sleep(RESTART_TAIL).await;
     slot.restarting.store(false, Ordering::SeqCst);
+    run.disruptions.lock().expect("disruptions").push((began, run.secs()));
+}
+
+/// Memory is judged between disruptions only, from this long after each one ends: an
+/// outage leaves bounded high-water marks (the audit backlog, its batches) that the
+/// allocator keeps.
+const SETTLE_SECONDS: f64 = 30.0;
+/// Shorter quiet windows are too short for a slope.
+const MIN_QUIET_SECONDS: f64 = 60.0;
+
+/// The parts of [from, to) at least `SETTLE_SECONDS` away from every disruption.
+fn quiet_windows(from: f64, to: f64, disruptions: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    let mut windows = vec![(from, to)];
+    for &(a, b) in disruptions {
+        let b = b + SETTLE_SECONDS;
+        windows = windows
+            .into_iter()
+            .flat_map(|(x, y)| {
+                if b <= x || a >= y {
+                    return vec![(x, y)];
+                }
+                let mut parts = Vec::new();
+                if a > x {
+                    parts.push((x, a));
+                }
+                if b < y {
+                    parts.push((b, y));
+                }
+                parts
+            })
+            .collect();
+    }
+    windows.retain(|(x, y)| y - x >= MIN_QUIET_SECONDS);
+    windows
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1254,6 +1303,7 @@ async fn soak(cfg: Config, db: String) -> bool {
         start: Instant::now(),
         outage: AtomicBool::new(false),
         outage_cut: Mutex::new((0, None)),
+        disruptions: Mutex::default(),
         first_sign: Mutex::default(),
         stop: AtomicBool::new(false),
         stats: Stats::default(),
@@ -1477,9 +1527,21 @@ fn report(
     );
     let _ = writeln!(
         out,
-        "{:<10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>13} {:>8} {:>8} {:>8}",
-        "process", "from s", "warm MiB", "end MiB", "max MiB", "MiB/min", "2nd half /min", "samples", "threads", "fds"
+        "{:<10} {:>7} {:>9} {:>8} {:>8} {:>8} {:>13} {:>9} {:>12} {:>8} {:>8} {:>8}",
+        "process",
+        "from s",
+        "warm MiB",
+        "end MiB",
+        "max MiB",
+        "MiB/min",
+        "2nd half /min",
+        "quiet min",
+        "quiet /min",
+        "samples",
+        "threads",
+        "fds"
     );
+    let disruptions = run.disruptions.lock().expect("disruptions").clone();
     for &(d, life, start) in &lives.starts {
         let all: Vec<&Sample> = samples.iter().filter(|s| s.daemon == d && s.life == life).collect();
         let after: Vec<&Sample> = all.iter().copied().filter(|s| s.t >= start + cfg.warmup as f64).collect();
@@ -1490,15 +1552,34 @@ fn report(
         };
         let points: Vec<(f64, f64)> = after.iter().map(|s| (s.t / 60.0, mib(s.rss_kib))).collect();
         let max = after.iter().map(|s| s.rss_kib).max().unwrap_or(0);
+        // Between disruptions: the slope of each quiet window, weighted by its length.
+        let (mut weighted, mut quiet) = (0.0, 0.0);
+        for (x, y) in quiet_windows(first.t, last.t + 0.1, &disruptions) {
+            let w: Vec<(f64, f64)> = points.iter().copied().filter(|p| p.0 * 60.0 >= x && p.0 * 60.0 < y).collect();
+            if w.len() >= 10 {
+                weighted += slope(&w) * (y - x);
+                quiet += y - x;
+            }
+        }
+        let quiet_slope = if quiet > 0.0 { weighted / quiet } else { f64::NAN };
+        if quiet >= 2.0 * MIN_QUIET_SECONDS && quiet_slope > cfg.max_quiet_slope {
+            failures.push(format!(
+                "{label}: resident memory grew {quiet_slope:.3} MiB/min between disruptions                  (over {:.1} min; limit {} MiB/min, SOAK_MAX_QUIET_SLOPE)",
+                quiet / 60.0,
+                cfg.max_quiet_slope
+            ));
+        }
         let _ = writeln!(
             out,
-            "{label:<10} {:>9.0} {:>9.1} {:>9.1} {:>9.1} {:>+9.3} {:>+13.3} {:>8} {:>3}->{:<4} {:>3}->{:<4}",
+            "{label:<10} {:>7.0} {:>9.1} {:>8.1} {:>8.1} {:>+8.3} {:>+13.3} {:>9.1} {:>+12.3} {:>8} {:>3}->{:<4} {:>3}->{:<4}",
             first.t,
             mib(first.rss_kib),
             mib(last.rss_kib),
             mib(max),
             slope(&points),
             slope(&points[points.len() / 2..]),
+            quiet / 60.0,
+            quiet_slope,
             after.len(),
             first.threads,
             last.threads,
