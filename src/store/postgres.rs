@@ -271,6 +271,11 @@ impl Store for PgStore {
         while !*shutdown.borrow() {
             let subscribed = async {
                 let mut l = PgListener::connect_with(&self.listen.0).await?;
+                // Report a closed connection at once. Eagerly, `try_recv` would first wait
+                // for the pool to connect again (up to its acquire timeout, 5 s) and only
+                // then say the connection was lost, so an outage went unnoticed, and the
+                // cache trusted, that long. This loop re-subscribes by itself.
+                l.eager_reconnect(false);
                 l.listen(CHANNEL).await?;
                 Ok::<_, sqlx::Error>(l)
             };

@@ -20,7 +20,7 @@ mod env;
 pub mod spawn;
 
 pub use daemon::{admin_over, client_over, passphrase_settings, Admin, Bearer, Client, TestDaemon};
-pub use env::{admin_url, Backend, Raw, TestEnv};
+pub use env::{Backend, Raw, TestEnv};
 
 /// Runs an async test body once per backend: `both_backends!(name, body_fn)` defines
 /// `name::postgres` and `name::sqlite`.

@@ -18,7 +18,7 @@ use crate::proxy::PgProxy;
 /// Settings for a daemon whose database connections all go through `proxy`.
 fn behind(env: &TestEnv, proxy: &PgProxy, serve_stale_seconds: u64) -> Settings {
     let mut s = env.settings();
-    s.database_url = Some(DatabaseUrl::new(proxy.url(env)));
+    s.database_url = Some(DatabaseUrl::new(proxy.url(&env.database_url())));
     s.cache.serve_stale_seconds = serve_stale_seconds;
     s
 }
@@ -150,6 +150,37 @@ async fn hits_are_served_through_a_ten_second_outage() {
     }
     assert_eq!(read(&mut c, &names[0]).await.unwrap(), (2, b"after".to_vec(), None));
     assert_eq!(d.vault.store_queries(), before, "revalidated entries are hits again");
+    d.stop().await;
+}
+
+/// The change feed's connection closing is the first sign of an outage when no request
+/// is using the database: the daemon probes at once and opens the breaker within a
+/// probe's timeout (1 s), not after the pool has tried to reconnect for its whole
+/// connect timeout (5 s), which is how long a lost feed went unnoticed while the driver
+/// reconnected it eagerly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_change_feed_opens_the_breaker_within_a_probe_timeout() {
+    let env = TestEnv::new(Backend::Postgres).await;
+    let mut proxy = PgProxy::start().await;
+    let d = TestDaemon::start(behind(&env, &proxy, 60), None).await;
+    let mut c = d.client().await;
+    put(&mut c, "feed/x", b"x1", None).await.unwrap();
+    assert_eq!(read(&mut c, "feed/x").await.unwrap(), (1, b"x1".to_vec(), None));
+    // Let the audit batch of those calls reach the store: nothing in flight at the cut.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    proxy.cut().await;
+    let cut = Instant::now();
+    until_store_down(&d).await;
+    let known = cut.elapsed();
+    println!("outage: breaker open {known:?} after the cut");
+    assert!(known < Duration::from_secs(3), "the lost feed was noticed only {known:?} after the cut");
+    let (version, value, stale) = read(&mut c, "feed/x").await.unwrap();
+    assert_eq!((version, value.as_slice()), (1, b"x1".as_slice()));
+    assert!(stale.is_some(), "a hit while the store is down is marked stale");
+
+    proxy.restore().await;
+    eventually("the cache is trusted again", Duration::from_secs(10), async || d.vault.cache_in_sync()).await;
     d.stop().await;
 }
 

@@ -1,6 +1,9 @@
 //! A TCP proxy in front of the test PostgreSQL that a test cuts (every open connection
 //! closed, new ones refused: nothing listens on the port) and restores (the same port
 //! listens again). A daemon reaches PostgreSQL through it by its database URL.
+//!
+//! Self-contained (no `crate::` paths), so that benches include it too:
+//! `#[path = "../tests/api/proxy.rs"] mod proxy;`.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -8,7 +11,8 @@ use std::sync::{Arc, Mutex};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::{AbortHandle, JoinHandle};
 
-use crate::helpers::{admin_url, TestEnv};
+/// The server's URL when `DATABASE_URL` is unset, as in the test helpers.
+const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
 pub struct PgProxy {
     addr: SocketAddr,
@@ -43,7 +47,7 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 impl PgProxy {
     /// A proxy on a free loopback port in front of the PostgreSQL of `DATABASE_URL`.
     pub async fn start() -> PgProxy {
-        let url = admin_url();
+        let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned());
         let (a, b) = authority(&url);
         let hostport = &url[a..b];
         let hostport = if hostport.contains(':') { hostport.to_owned() } else { format!("{hostport}:5432") };
@@ -59,9 +63,9 @@ impl PgProxy {
         p
     }
 
-    /// The database URL of `env`, through this proxy.
-    pub fn url(&self, env: &TestEnv) -> String {
-        via(&env.database_url(), self.addr)
+    /// `database_url` (a database on the proxied server), through this proxy.
+    pub fn url(&self, database_url: &str) -> String {
+        via(database_url, self.addr)
     }
 
     fn serve(&mut self, listener: TcpListener) {

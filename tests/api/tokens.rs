@@ -75,7 +75,7 @@ async fn the_listen_url_carries_the_feed_and_the_backstop_covers_its_loss() {
     let mut proxy = PgProxy::start().await;
     let a = TestDaemon::start(env.settings(), None).await;
     let mut settings = env.settings();
-    settings.database_listen_url = Some(DatabaseUrl::new(proxy.url(&env)));
+    settings.database_listen_url = Some(DatabaseUrl::new(proxy.url(&env.database_url())));
     settings.token_resync_seconds = 1;
     let b = TestDaemon::start(settings, Some(&a.token)).await;
 
