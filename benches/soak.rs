@@ -1019,7 +1019,7 @@ async fn restart(
 /// allocator keeps.
 const SETTLE_SECONDS: f64 = 30.0;
 /// Shorter quiet windows are too short for a slope.
-const MIN_QUIET_SECONDS: f64 = 60.0;
+const MIN_QUIET_SECONDS: f64 = 45.0;
 
 /// The parts of [from, to) at least `SETTLE_SECONDS` away from every disruption.
 fn quiet_windows(from: f64, to: f64, disruptions: &[(f64, f64)]) -> Vec<(f64, f64)> {
