@@ -33,7 +33,13 @@ impl From<VaultError> for Status {
             VaultError::FailedPrecondition(_) => Status::failed_precondition(msg),
             VaultError::DataLoss { .. } => Status::data_loss(msg),
             VaultError::Unavailable(source) => {
-                tracing::warn!(error = %source, "storage unavailable");
+                // A refusal by the open breaker is one of many while the store is down, and
+                // the breaker logs its opening once: no line per request then.
+                if matches!(source, crate::store::StoreError::Down) {
+                    tracing::debug!(error = %source, "storage unavailable");
+                } else {
+                    tracing::warn!(error = %source, "storage unavailable");
+                }
                 Status::unavailable("storage is unavailable; retry later")
             }
             VaultError::UnknownKek(id) => {
