@@ -56,10 +56,10 @@ if out=$(python3 - "$repo" 2>&1 <<'PY'
 import json, pathlib, re, sys
 repo = pathlib.Path(sys.argv[1])
 defined = set()
-for src in ("src/telemetry.rs", "src/audit.rs"):
+for src in ("src/telemetry.rs", "src/audit/mod.rs", "src/limits.rs"):
     defined |= set(re.findall(r'"(credvault_[a-z0-9_]+)"', (repo / src).read_text()))
 if not defined:
-    sys.exit("found no metric names in src/telemetry.rs or src/audit.rs")
+    sys.exit("found no metric names in src/telemetry.rs, src/audit/mod.rs or src/limits.rs")
 def base(name):
     for suffix in ("_bucket", "_sum", "_count"):
         if name.endswith(suffix) and name[: -len(suffix)] in defined:
