@@ -166,8 +166,13 @@ async fn a_lost_change_feed_opens_the_breaker_within_a_probe_timeout() {
     let mut c = d.client().await;
     put(&mut c, "feed/x", b"x1", None).await.unwrap();
     assert_eq!(read(&mut c, "feed/x").await.unwrap(), (1, b"x1".to_vec(), None));
-    // Let the audit batch of those calls reach the store: nothing in flight at the cut.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The audit batch of those calls reaches the store first: nothing in flight at the cut.
+    let store = env.store().await;
+    eventually("the calls' audit events are written", Duration::from_secs(10), async || {
+        let rows = store.recent_audit(10).await.unwrap();
+        rows.iter().any(|r| r.rpc == "GetCredential" && r.credential.as_deref() == Some("feed/x"))
+    })
+    .await;
 
     proxy.cut().await;
     let cut = Instant::now();
