@@ -494,28 +494,6 @@ impl Run {
     }
 }
 
-fn code_name(c: Code) -> &'static str {
-    match c {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-    }
-}
-
 /// The HTTP/2 error under a status the client made from a transport error, if any.
 fn h2_cause(s: &tonic::Status) -> Option<&h2::Error> {
     let mut e = std::error::Error::source(s);
@@ -540,7 +518,7 @@ fn outcome(s: &tonic::Status) -> &'static str {
     } else if s.code() == Code::Internal && h2_cause(s).is_some_and(refused) {
         "INTERNAL (client-side, GOAWAY)"
     } else {
-        code_name(s.code())
+        credvault::proto::code_name(s.code())
     }
 }
 
@@ -632,7 +610,7 @@ async fn reader(run: Arc<Run>, slot: Arc<Slot>, bearer: Bearer, names: usize, pe
                                 run.record(d, rpc, situation, if stale { "OK stale" } else { "OK" }, None, None);
                             }
                             Some(batch_get_result::Result::Error(e)) => {
-                                let code = code_name(Code::from(e.code));
+                                let code = credvault::proto::code_name(Code::from(e.code));
                                 run.record(d, rpc, situation, code, Some(&e.message), None);
                             }
                             None => run.record(d, rpc, situation, "empty result", None, None),
@@ -1161,7 +1139,7 @@ async fn verify(db_url: &str, run: &Run, bearer: &Bearer, owned: &[Owned]) -> Ve
                     Some(batch_get_result::Result::Error(e)) => v.unreadable.push(format!(
                         "daemon {}: {name}: {} {}",
                         LABELS[slot.index],
-                        code_name(Code::from(e.code)),
+                        credvault::proto::code_name(Code::from(e.code)),
                         e.message
                     )),
                     None => v.unreadable.push(format!("daemon {}: {name}: empty result", LABELS[slot.index])),
@@ -1182,7 +1160,13 @@ async fn verify(db_url: &str, run: &Run, bearer: &Bearer, owned: &[Owned]) -> Ve
                     v.lost.push(format!("{} v{}: reads back a different value", o.name, o.acked_version));
                 }
             }
-            Err(s) => v.lost.push(format!("{} v{}: {} {}", o.name, o.acked_version, code_name(s.code()), s.message())),
+            Err(s) => v.lost.push(format!(
+                "{} v{}: {} {}",
+                o.name,
+                o.acked_version,
+                credvault::proto::code_name(s.code()),
+                s.message()
+            )),
         }
     }
     v

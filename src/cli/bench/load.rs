@@ -230,7 +230,7 @@ impl Worker {
                         match failed {
                             None => ("OK", Outcome::Ok),
                             Some(code) => {
-                                let name = code_name(Code::from(code));
+                                let name = crate::proto::code_name(Code::from(code));
                                 (name, Outcome::Error(name))
                             }
                         }
@@ -283,28 +283,6 @@ impl Worker {
 }
 
 pub(super) fn status_outcome(s: &Status) -> (&'static str, Outcome) {
-    let name = code_name(s.code());
+    let name = crate::proto::code_name(s.code());
     (name, Outcome::Error(name))
-}
-
-pub(super) fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-    }
 }
