@@ -114,6 +114,16 @@ fn transport_settings(server: Server, t: &crate::limits::TransportSettings) -> S
 
 impl Daemon {
     pub async fn build(settings: Settings) -> Result<Daemon, ServerError> {
+        Self::build_with_clock(settings, Arc::new(crate::model::SystemClock)).await
+    }
+
+    /// [`Daemon::build`] with the vault reading the time of day from `clock`: tests pass a
+    /// [`ManualClock`](crate::model::ManualClock) to run grace periods and schedules
+    /// without waiting for them.
+    pub async fn build_with_clock(
+        settings: Settings,
+        clock: Arc<dyn crate::model::Clock>,
+    ) -> Result<Daemon, ServerError> {
         settings.validate()?;
         if let Some(tls) = &settings.tls {
             // Fail at start-up, not at the first handshake.
@@ -130,12 +140,13 @@ impl Daemon {
         let keys = unlock(store.as_ref(), &settings.master_key_spec()).await?;
         let auth = Auth::load(store.as_ref(), settings.limits.default_token_rate_per_second).await?;
         let root_token = auth.ensure_root_token(store.as_ref()).await?;
-        let vault = Vault::with_rotation(
+        let vault = Vault::with_clock(
             store.clone(),
             keys,
             settings.limits.clone(),
             settings.cache.clone(),
             settings.rotation.clone(),
+            clock,
         );
         let listener = TcpListener::bind(settings.listen)
             .await
