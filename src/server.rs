@@ -16,6 +16,7 @@ use crate::auth::Auth;
 use crate::config::{ConfigError, DatabaseUrl, Settings, StorageTarget};
 use crate::proto::admin_service_server::AdminServiceServer;
 use crate::proto::credential_service_server::CredentialServiceServer;
+use crate::service::layers::AroundLayer;
 use crate::service::{AdminApi, AuthInterceptor, CredentialApi};
 use crate::store::{now_micros, Micros, PgStore, SqliteStore, Store, StoreError};
 use crate::unlock::{unlock, UnlockError};
@@ -322,15 +323,15 @@ impl Daemon {
         }
         let server = builder
             .layer(crate::service::layers::metrics::RequestMetricsLayer)
-            .layer(crate::service::lifecycle::DeadlineLayer)
+            .layer(AroundLayer(crate::service::lifecycle::DeadlineLayer))
             .layer(crate::service::layers::audit::AuditLayer::new(audit))
-            .layer(crate::service::lifecycle::DrainLayer::new(drain_rx.clone()))
-            .layer(crate::service::layers::admission::AdmissionLayer::new(
+            .layer(AroundLayer(crate::service::lifecycle::DrainLayer::new(drain_rx.clone())))
+            .layer(AroundLayer(crate::service::layers::admission::AdmissionLayer::new(
                 limits.max_concurrent_requests,
                 transport,
                 // The largest message either service decodes, plus its 5-byte frame header.
                 max_request + 5,
-            ))
+            )))
             .add_service(health)
             .add_service(reflection)
             .add_service(reflection_v1alpha)
