@@ -199,6 +199,10 @@ struct WriteOptions<'a> {
     policy: Option<PolicyAdvance>,
     /// Only a live credential may be written (rotations): never create or revive one.
     live_only: bool,
+    /// The current version the caller has just read (a rotation reads the head anyway):
+    /// an unconditional write starts from it instead of reading the head again. If it is
+    /// out of date, the compare-and-set fails and the write retries as usual.
+    seen_version: Option<u64>,
 }
 
 /// A cheap handle: clone it into every service.
