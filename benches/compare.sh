@@ -22,6 +22,7 @@
 #
 #   benches/compare.sh                      # everything, about 12 minutes on 2 cores
 #   ONLY='hit|rate' benches/compare.sh      # only the runs whose name matches
+#   ONLY='hit-memoize|openbao' benches/compare.sh
 #   DURATION=3 ROUNDS=1 benches/compare.sh  # quicker, noisier
 #
 # Results go to $OUT (default benches/results): one JSON report per run, summary.md and
@@ -153,27 +154,32 @@ HIT=(--workload get --keys 1000 --value-size 256)
 C1=(-c 1 --connections 1)
 C64=(-c 64 --connections 4)
 
-if wanted 'hit|rate'; then
+if wanted 'hit-memoize-c1 hit-memoize-c64 hit-zipf-c64 rate-10k hit-per-read-c1 hit-per-read-c64 hit-1worker-c1 hit-1worker-c64'; then
     start_baseline raw
     start_baseline tonic
     # Both baselines in every cache-hit run, each round measuring raw, tonic and the
     # daemon with the same client (the order rotating), so every ratio is same-run.
     BASE=(--compare "raw=http://127.0.0.1:$RAW_PORT" --compare "tonic=http://127.0.0.1:$TONIC_PORT")
+fi
+# Each run is skipped unless its name matches ONLY.
+if wanted 'hit-memoize-c1 hit-memoize-c64 hit-zipf-c64 rate-10k'; then
     start_daemon sqlite-memoize
-    wanted hit && bench hit-memoize-c1 "${HIT[@]}" "${C1[@]}" "${BASE[@]}"
-    wanted hit && bench hit-memoize-c64 "${HIT[@]}" "${C64[@]}" "${BASE[@]}"
-    wanted hit && bench hit-zipf-c64 "${HIT[@]}" "${C64[@]}" --distribution zipf "${BASE[@]}"
-    wanted rate && bench rate-10k "${HIT[@]}" "${C64[@]}" --rate 10000 "${BASE[@]}"
+    wanted hit-memoize-c1 && bench hit-memoize-c1 "${HIT[@]}" "${C1[@]}" "${BASE[@]}"
+    wanted hit-memoize-c64 && bench hit-memoize-c64 "${HIT[@]}" "${C64[@]}" "${BASE[@]}"
+    wanted hit-zipf-c64 && bench hit-zipf-c64 "${HIT[@]}" "${C64[@]}" --distribution zipf "${BASE[@]}"
+    wanted rate-10k && bench rate-10k "${HIT[@]}" "${C64[@]}" --rate 10000 "${BASE[@]}"
     stop_daemon
 fi
-if wanted 'hit'; then
+if wanted 'hit-per-read-c1 hit-per-read-c64'; then
     start_daemon sqlite-per-read --cache-plaintext per-read
-    bench hit-per-read-c1 "${HIT[@]}" "${C1[@]}" "${BASE[@]}"
-    bench hit-per-read-c64 "${HIT[@]}" "${C64[@]}" "${BASE[@]}"
+    wanted hit-per-read-c1 && bench hit-per-read-c1 "${HIT[@]}" "${C1[@]}" "${BASE[@]}"
+    wanted hit-per-read-c64 && bench hit-per-read-c64 "${HIT[@]}" "${C64[@]}" "${BASE[@]}"
     stop_daemon
+fi
+if wanted 'hit-1worker-c1 hit-1worker-c64'; then
     start_daemon sqlite-1-worker --worker-threads 1
-    bench hit-1worker-c1 "${HIT[@]}" "${C1[@]}" "${BASE[@]}"
-    bench hit-1worker-c64 "${HIT[@]}" "${C64[@]}" "${BASE[@]}"
+    wanted hit-1worker-c1 && bench hit-1worker-c1 "${HIT[@]}" "${C1[@]}" "${BASE[@]}"
+    wanted hit-1worker-c64 && bench hit-1worker-c64 "${HIT[@]}" "${C64[@]}" "${BASE[@]}"
     stop_daemon
 fi
 
