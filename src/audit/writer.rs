@@ -407,3 +407,76 @@ async fn prune_loop(store: Arc<dyn Store>, days: u32, mut shutdown: watch::Recei
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::RequestId;
+
+    fn caller(token_id: &str) -> Arc<Caller> {
+        Arc::new(Caller {
+            token_id: token_id.to_owned(),
+            display_name: format!("name-of-{token_id}"),
+            policy: crate::policy::Policy::default(),
+            limiter: None,
+        })
+    }
+
+    fn read(at: i64, who: &Arc<Caller>, name: &str, code: &'static str) -> Event {
+        Event {
+            at,
+            request_id: RequestId(at as u64),
+            caller: Some(who.clone()),
+            rpc: "GetCredential",
+            credential: Some(name.to_owned()),
+            version: Some(1),
+            code,
+            latency_us: at as u64,
+            peer: None,
+        }
+    }
+
+    #[test]
+    fn reads_fold_by_token_id_and_name_and_leave_when_due() {
+        let mut folds = Folds::new(10);
+        let mut out = Vec::new();
+        let a = caller("aaaaaaaaaaaa");
+        // The same token through another `Arc` (a reloaded token table) folds together.
+        let a_again = caller("aaaaaaaaaaaa");
+        let b = caller("bbbbbbbbbbbb");
+        folds.add(read(100, &a, "x", "OK"), &mut out);
+        folds.add(read(200, &a_again, "x", "OK"), &mut out);
+        folds.add(read(300, &a, "x", "OK"), &mut out);
+        folds.add(read(150, &b, "x", "OK"), &mut out);
+        folds.add(read(160, &a, "y", "OK"), &mut out);
+        folds.add(read(170, &a, "x", "NOT_FOUND"), &mut out);
+        assert_eq!(out.len(), 1, "a failed read is its own event at once");
+        assert_eq!((out[0].code.as_str(), out[0].count, out[0].last_at), ("NOT_FOUND", 1, None));
+        assert_eq!(folds.open.len(), 3);
+
+        out.clear();
+        folds.take_due(100 + 10_000_000 - 1, &mut out);
+        assert!(out.is_empty(), "nothing is due before its window ends");
+        folds.take_due(150 + 10_000_000, &mut out);
+        out.sort_by_key(|r| r.at);
+        let summary: Vec<_> =
+            out.iter().map(|r| (r.at, r.token_id.as_str(), r.count, r.last_at, r.latency_us)).collect();
+        assert_eq!(summary, [(100, "aaaaaaaaaaaa", 3, Some(300), 300), (150, "bbbbbbbbbbbb", 1, None, 150)]);
+        assert_eq!(out[0].request_id, RequestId(100).to_string(), "the first read's id is kept");
+        assert_eq!(out[0].token_name, "name-of-aaaaaaaaaaaa");
+        let rest = folds.take_all();
+        assert_eq!(rest.len(), 1);
+        assert_eq!((rest[0].credential.as_deref(), rest[0].count), (Some("y"), 1));
+    }
+
+    #[test]
+    fn no_window_means_no_folding() {
+        let mut folds = Folds::new(0);
+        let mut out = Vec::new();
+        let a = caller("aaaaaaaaaaaa");
+        folds.add(read(1, &a, "x", "OK"), &mut out);
+        folds.add(read(2, &a, "x", "OK"), &mut out);
+        assert_eq!(out.len(), 2);
+        assert!(folds.open.is_empty());
+    }
+}
