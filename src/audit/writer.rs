@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
 use super::{names, AuditSettings, AuditSink, Event};
+use crate::auth::Caller;
 use crate::store::{now_micros, AuditRow, Store, StoreError};
 
 /// The writer half, run by the server until shutdown.
@@ -69,10 +70,45 @@ fn quarantined(row: &AuditRow) -> AuditRow {
 /// Successful reads that fold into one event each: same token, RPC, credential, version.
 const FOLDABLE_RPCS: &[&str] = &["GetCredential", "GetCredentialMetadata", "BatchGetCredentials"];
 
+/// What identifies a fold: the token (by id), RPC, credential and version. Built by
+/// moving the event's parts, so folding a read into an open event allocates nothing.
+struct FoldKey {
+    caller: Option<Arc<Caller>>,
+    rpc: &'static str,
+    credential: Option<String>,
+    version: Option<u64>,
+}
+
+impl FoldKey {
+    fn token_id(&self) -> &str {
+        self.caller.as_ref().map(|c| c.token_id.as_str()).unwrap_or_default()
+    }
+}
+
+impl PartialEq for FoldKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.rpc == other.rpc
+            && self.version == other.version
+            && self.credential == other.credential
+            && self.token_id() == other.token_id()
+    }
+}
+
+impl Eq for FoldKey {}
+
+impl std::hash::Hash for FoldKey {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.token_id().hash(h);
+        self.rpc.hash(h);
+        self.credential.hash(h);
+        self.version.hash(h);
+    }
+}
+
 /// The writer's folded reads, each held until its window since the first read ends.
 struct Folds {
     window_us: i64,
-    open: std::collections::HashMap<(String, String, Option<String>, Option<u64>), AuditRow>,
+    open: std::collections::HashMap<FoldKey, AuditRow>,
 }
 
 impl Folds {
@@ -81,21 +117,34 @@ impl Folds {
         Folds { window_us, open: std::collections::HashMap::new() }
     }
 
-    /// Folds `row` into an open event, opens one, or (not a foldable read) passes it on.
-    fn add(&mut self, row: AuditRow, out: &mut Vec<AuditRow>) {
-        if self.window_us == 0 || row.code != "OK" || !FOLDABLE_RPCS.contains(&row.rpc.as_str()) {
-            out.push(row);
+    /// Folds `event` into an open event, opens one (the only case that formats a row),
+    /// or (not a foldable read) passes it on as a row.
+    fn add(&mut self, event: Event, out: &mut Vec<AuditRow>) {
+        if self.window_us == 0 || event.code != "OK" || !FOLDABLE_RPCS.contains(&event.rpc) {
+            out.push(event.into_row());
             return;
         }
-        let key = (row.token_id.clone(), row.rpc.clone(), row.credential.clone(), row.version);
+        let Event { at, request_id, caller, rpc, credential, version, code, latency_us, peer } = event;
+        let key = FoldKey { caller, rpc, credential, version };
         match self.open.get_mut(&key) {
             Some(open) => {
-                open.count = open.count.saturating_add(row.count);
-                open.last_at = Some(row.last_at.unwrap_or(row.at).max(open.last_at.unwrap_or(open.at)));
-                open.latency_us = open.latency_us.max(row.latency_us);
+                open.count = open.count.saturating_add(1);
+                open.last_at = Some(at.max(open.last_at.unwrap_or(open.at)));
+                open.latency_us = open.latency_us.max(latency_us);
             }
             None => {
-                self.open.insert(key, row);
+                let first = Event {
+                    at,
+                    request_id,
+                    caller: key.caller.clone(),
+                    rpc,
+                    credential: key.credential.clone(),
+                    version,
+                    code,
+                    latency_us,
+                    peer,
+                };
+                self.open.insert(key, first.into_row());
             }
         }
     }
@@ -108,17 +157,36 @@ impl Folds {
     /// Moves the events whose window has ended by `now` to `out`.
     fn take_due(&mut self, now: i64, out: &mut Vec<AuditRow>) {
         let window = self.window_us;
-        let due: Vec<_> =
-            self.open.iter().filter(|(_, r)| r.at.saturating_add(window) <= now).map(|(k, _)| k.clone()).collect();
-        for k in due {
-            if let Some(r) = self.open.remove(&k) {
-                out.push(r);
+        self.open.retain(|_, r| {
+            if r.at.saturating_add(window) <= now {
+                out.push(std::mem::replace(r, empty_row()));
+                false
+            } else {
+                true
             }
-        }
+        });
     }
 
     fn take_all(&mut self) -> Vec<AuditRow> {
         self.open.drain().map(|(_, r)| r).collect()
+    }
+}
+
+/// A placeholder (no allocation) for a row moved out of [`Folds`].
+fn empty_row() -> AuditRow {
+    AuditRow {
+        at: 0,
+        request_id: String::new(),
+        token_id: String::new(),
+        token_name: String::new(),
+        rpc: String::new(),
+        credential: None,
+        version: None,
+        code: String::new(),
+        latency_us: 0,
+        peer: String::new(),
+        count: 0,
+        last_at: None,
     }
 }
 
@@ -168,7 +236,7 @@ impl AuditWriter {
             let Some(first) = first else { break };
             let mut batch: Vec<AuditRow> = Vec::with_capacity(batch_size);
             if let Some(first) = first {
-                folds.add(first.into_row(), &mut batch);
+                folds.add(first, &mut batch);
                 if self.rx.len() + 1 < batch_size {
                     // Let a batch build up: under load this makes one store write every few
                     // milliseconds instead of one per handful of events (each a transaction,
@@ -177,7 +245,7 @@ impl AuditWriter {
                 }
                 while batch.len() < batch_size {
                     match self.rx.try_recv() {
-                        Ok(e) => folds.add(e.into_row(), &mut batch),
+                        Ok(e) => folds.add(e, &mut batch),
                         Err(_) => break,
                     }
                 }
@@ -337,5 +405,78 @@ async fn prune_loop(store: Arc<dyn Store>, days: u32, mut shutdown: watch::Recei
         } else {
             tokio::task::yield_now().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::RequestId;
+
+    fn caller(token_id: &str) -> Arc<Caller> {
+        Arc::new(Caller {
+            token_id: token_id.to_owned(),
+            display_name: format!("name-of-{token_id}"),
+            policy: crate::policy::Policy::default(),
+            limiter: None,
+        })
+    }
+
+    fn read(at: i64, who: &Arc<Caller>, name: &str, code: &'static str) -> Event {
+        Event {
+            at,
+            request_id: RequestId(at as u64),
+            caller: Some(who.clone()),
+            rpc: "GetCredential",
+            credential: Some(name.to_owned()),
+            version: Some(1),
+            code,
+            latency_us: at as u64,
+            peer: None,
+        }
+    }
+
+    #[test]
+    fn reads_fold_by_token_id_and_name_and_leave_when_due() {
+        let mut folds = Folds::new(10);
+        let mut out = Vec::new();
+        let a = caller("aaaaaaaaaaaa");
+        // The same token through another `Arc` (a reloaded token table) folds together.
+        let a_again = caller("aaaaaaaaaaaa");
+        let b = caller("bbbbbbbbbbbb");
+        folds.add(read(100, &a, "x", "OK"), &mut out);
+        folds.add(read(200, &a_again, "x", "OK"), &mut out);
+        folds.add(read(300, &a, "x", "OK"), &mut out);
+        folds.add(read(150, &b, "x", "OK"), &mut out);
+        folds.add(read(160, &a, "y", "OK"), &mut out);
+        folds.add(read(170, &a, "x", "NOT_FOUND"), &mut out);
+        assert_eq!(out.len(), 1, "a failed read is its own event at once");
+        assert_eq!((out[0].code.as_str(), out[0].count, out[0].last_at), ("NOT_FOUND", 1, None));
+        assert_eq!(folds.open.len(), 3);
+
+        out.clear();
+        folds.take_due(100 + 10_000_000 - 1, &mut out);
+        assert!(out.is_empty(), "nothing is due before its window ends");
+        folds.take_due(150 + 10_000_000, &mut out);
+        out.sort_by_key(|r| r.at);
+        let summary: Vec<_> =
+            out.iter().map(|r| (r.at, r.token_id.as_str(), r.count, r.last_at, r.latency_us)).collect();
+        assert_eq!(summary, [(100, "aaaaaaaaaaaa", 3, Some(300), 300), (150, "bbbbbbbbbbbb", 1, None, 150)]);
+        assert_eq!(out[0].request_id, RequestId(100).to_string(), "the first read's id is kept");
+        assert_eq!(out[0].token_name, "name-of-aaaaaaaaaaaa");
+        let rest = folds.take_all();
+        assert_eq!(rest.len(), 1);
+        assert_eq!((rest[0].credential.as_deref(), rest[0].count), (Some("y"), 1));
+    }
+
+    #[test]
+    fn no_window_means_no_folding() {
+        let mut folds = Folds::new(0);
+        let mut out = Vec::new();
+        let a = caller("aaaaaaaaaaaa");
+        folds.add(read(1, &a, "x", "OK"), &mut out);
+        folds.add(read(2, &a, "x", "OK"), &mut out);
+        assert_eq!(out.len(), 2);
+        assert!(folds.open.is_empty());
     }
 }

@@ -131,37 +131,84 @@ impl SqlBackend for SqliteStore {
         Ok(n)
     }
 
-    /// The batch travels as one JSON array of rows (arrays in [`sql::AUDIT_COLS`] order),
-    /// so every batch size uses the same statement.
+    /// The batch as multi-row `INSERT`s of fixed sizes ([`AUDIT_CHUNKS`] rows), the
+    /// fields bound as parameters (borrowed, not copied or encoded): a few statement
+    /// shapes, each prepared once per connection, and one transaction for the batch.
     async fn insert_audit_batch(&self, events: &[AuditRow]) -> Result<(), StoreError> {
-        let rows: Vec<_> = events
-            .iter()
-            .map(|e| {
-                (
-                    e.at,
-                    &e.request_id,
-                    &e.token_id,
-                    &e.token_name,
-                    &e.rpc,
-                    &e.credential,
-                    e.version.map(sql::to_db),
-                    &e.code,
-                    sql::to_db(e.latency_us),
-                    &e.peer,
-                    sql::to_db(e.count),
-                    e.last_at,
-                )
-            })
-            .collect();
-        let json = serde_json::to_string(&rows).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let q = format!(
-            "INSERT INTO audit_log ({}) SELECT {} FROM json_each($1)",
-            sql::AUDIT_COLS,
-            (0..12).map(|i| format!("value ->> {i}")).collect::<Vec<_>>().join(", ")
-        );
-        sqlx::query(&q).bind(json).execute(&self.pool).await?;
+        let statements = audit_statements();
+        let plan = audit_plan(events.len());
+        if let [(shape, _)] = plan.as_slice() {
+            // One statement: its own implicit transaction is the batch's.
+            return insert_audit_rows(&self.pool, &statements[*shape], events).await;
+        }
+        let mut tx = self.pool.begin().await?;
+        let mut rest = events;
+        for (shape, rows) in plan {
+            let (chunk, tail) = rest.split_at(rows);
+            insert_audit_rows(&mut *tx, &statements[shape], chunk).await?;
+            rest = tail;
+        }
+        tx.commit().await?;
         Ok(())
     }
+}
+
+/// Rows per audit `INSERT` statement, largest first: 12 parameters a row, so the largest
+/// binds 1,536 (SQLite allows 32,766). A batch of n rows takes at most
+/// n / 128 + 3 + 3 + 7 statements.
+const AUDIT_CHUNKS: [usize; 4] = [128, 32, 8, 1];
+
+/// `INSERT INTO audit_log (...) VALUES (...), (...)` for each of [`AUDIT_CHUNKS`].
+fn audit_statements() -> &'static [String; AUDIT_CHUNKS.len()] {
+    static STATEMENTS: std::sync::OnceLock<[String; AUDIT_CHUNKS.len()]> = std::sync::OnceLock::new();
+    STATEMENTS.get_or_init(|| {
+        AUDIT_CHUNKS.map(|rows| {
+            let values: Vec<String> = (0..rows)
+                .map(|r| {
+                    let params: Vec<String> = (1..=12).map(|c| format!("${}", r * 12 + c)).collect();
+                    format!("({})", params.join(", "))
+                })
+                .collect();
+            format!("INSERT INTO audit_log ({}) VALUES {}", sql::AUDIT_COLS, values.join(", "))
+        })
+    })
+}
+
+/// How a batch of `n` rows is cut: (index into [`AUDIT_CHUNKS`], rows) per statement.
+fn audit_plan(mut n: usize) -> Vec<(usize, usize)> {
+    let mut plan = Vec::new();
+    for (shape, &rows) in AUDIT_CHUNKS.iter().enumerate() {
+        while n >= rows {
+            plan.push((shape, rows));
+            n -= rows;
+        }
+    }
+    plan
+}
+
+/// One multi-row insert; `statement` has exactly `rows.len()` rows of placeholders.
+async fn insert_audit_rows<'e, E>(executor: E, statement: &str, rows: &[AuditRow]) -> Result<(), StoreError>
+where
+    E: sqlx::Executor<'e, Database = Sqlite>,
+{
+    let mut q = sqlx::query(statement);
+    for e in rows {
+        q = q
+            .bind(e.at)
+            .bind(e.request_id.as_str())
+            .bind(e.token_id.as_str())
+            .bind(e.token_name.as_str())
+            .bind(e.rpc.as_str())
+            .bind(e.credential.as_deref())
+            .bind(e.version.map(sql::to_db))
+            .bind(e.code.as_str())
+            .bind(sql::to_db(e.latency_us))
+            .bind(e.peer.as_str())
+            .bind(sql::to_db(e.count))
+            .bind(e.last_at);
+    }
+    q.execute(executor).await?;
+    Ok(())
 }
 
 #[async_trait]
@@ -193,3 +240,27 @@ impl Store for SqliteStore {
 }
 
 type Tx<'a> = Transaction<'a, Sqlite>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn audit_batches_are_cut_into_fixed_shapes_that_add_up() {
+        assert!(audit_plan(0).is_empty());
+        assert_eq!(audit_plan(1), [(3, 1)]);
+        assert_eq!(audit_plan(128), [(0, 128)]);
+        assert_eq!(audit_plan(171), [(0, 128), (1, 32), (2, 8), (3, 1), (3, 1), (3, 1)]);
+        for n in 0..700 {
+            let plan = audit_plan(n);
+            assert_eq!(plan.iter().map(|p| p.1).sum::<usize>(), n);
+            assert!(plan.iter().all(|&(shape, rows)| AUDIT_CHUNKS[shape] == rows));
+            assert!(plan.len() <= n / 128 + 13, "{n}: {plan:?}");
+        }
+        let statements = audit_statements();
+        for (sql, rows) in statements.iter().zip(AUDIT_CHUNKS) {
+            assert_eq!(sql.matches('(').count(), rows + 1, "{sql}");
+            assert!(sql.contains(&format!("${})", rows * 12)) && !sql.contains(&format!("${}", rows * 12 + 1)));
+        }
+    }
+}

@@ -1,9 +1,29 @@
-//! The gRPC baseline: a bare tonic server answering the same messages with constants.
+//! The gRPC baselines: servers answering the same messages with constants, on a runtime
+//! of their own.
 
 use super::*;
 
-/// The baseline: a bare tonic server on its own runtime in this process, answering with
-/// constants from memory.
+/// Which baseline server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum BaselineKind {
+    /// hyper's HTTP/2 server answering every request with one pre-encoded
+    /// `GetCredentialResponse` frame; the request body is read, not decoded.
+    Raw,
+    /// tonic's `Server` and `Router` with a `CredentialService` answering constants.
+    Tonic,
+}
+
+impl BaselineKind {
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            BaselineKind::Raw => "raw",
+            BaselineKind::Tonic => "tonic",
+        }
+    }
+}
+
+/// A baseline server on its own runtime (and thread) in this process.
 pub(super) struct BaselineServer {
     pub(super) addr: SocketAddr,
     pub(super) stop: Option<oneshot::Sender<()>>,
@@ -11,8 +31,14 @@ pub(super) struct BaselineServer {
 }
 
 impl BaselineServer {
-    pub(super) fn start(workers: usize, value_size: usize, miss: bool) -> Result<BaselineServer, ClientError> {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    pub(super) fn start(
+        kind: BaselineKind,
+        addr: SocketAddr,
+        workers: usize,
+        value_size: usize,
+        miss: bool,
+    ) -> Result<BaselineServer, ClientError> {
+        let listener = std::net::TcpListener::bind(addr)?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -20,6 +46,7 @@ impl BaselineServer {
             .thread_name("baseline-server")
             .enable_all()
             .build()?;
+        let raw = raw::RawReply::new(value_size);
         let api = BaselineApi {
             value: make_value(value_size),
             miss,
@@ -30,6 +57,12 @@ impl BaselineServer {
         std::thread::Builder::new().name("baseline".into()).spawn(move || {
             let served = runtime.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(listener)?;
+                if kind == BaselineKind::Raw {
+                    return tokio::select! {
+                        r = raw::serve_raw(listener, raw) => r,
+                        _ = stop_rx => Ok(()),
+                    };
+                }
                 // TCP_NODELAY as the daemon sets it, or trailers wait for a delayed ACK.
                 let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
                 let serve = tonic::transport::Server::builder()
@@ -48,6 +81,13 @@ impl BaselineServer {
             let _ = done_tx.send(());
         })?;
         Ok(BaselineServer { addr, stop: Some(stop_tx), done: Some(done_rx) })
+    }
+
+    /// Until the server ends by itself (it fails: it is never asked to stop).
+    pub(super) async fn wait(mut self) {
+        if let Some(done) = self.done.take() {
+            let _ = done.await;
+        }
     }
 
     pub(super) async fn stop(mut self) {

@@ -9,10 +9,15 @@
 //! latency is measured from the request's *scheduled* start, so time spent waiting for a
 //! free caller counts (coordinated omission corrected). Latencies go into HDR histograms.
 //!
-//! `--baseline` also starts, in this process, a bare tonic server that answers the same
-//! messages with constants from memory (no auth, no cache, no audit), and measures it with
-//! the same client settings, alternating with the daemon round by round. It is the gRPC
-//! ceiling of the machine, so the report can state the daemon as a ratio of it.
+//! Baselines, the ceilings the daemon is stated as a ratio of, answer the same messages
+//! with constants from memory (no auth, no cache, no audit):
+//! - `--serve-baseline raw|tonic --listen ADDR` makes this process a baseline server for
+//!   another bench process: `raw` is hyper with a pre-encoded reply and a pass-through
+//!   codec (HTTP/2 alone), `tonic` is tonic's own `Server` and `Router` with a constant
+//!   reply. `--compare NAME=URL` measures such servers with the same client as the daemon,
+//!   each in its own process, the order rotating round by round.
+//! - `--baseline` starts a tonic baseline inside the bench process instead (quicker, but
+//!   it shares the load generator's process and runtime).
 //!
 //! Every loop is bounded: by the request count, by the duration, and always by
 //! `--max-time`; every request by `--request-timeout`.
@@ -41,14 +46,15 @@ use crate::proto::{self, batch_get_result};
 mod baseline;
 mod keys;
 mod load;
+mod raw;
 mod report;
 mod seed;
 
-use baseline::BaselineServer;
+use baseline::{BaselineKind, BaselineServer};
 use keys::{Keys, Picker, SplitMix64};
 use load::{measure, new_histogram, Measured, Outcome};
 use report::{pool, print_text};
-pub use report::{BenchOutput, Latency, Ratios, Report, RoundStats};
+pub use report::{BenchOutput, Compared, Latency, Ratios, Report, RoundStats};
 use seed::prepare;
 
 /// What each request does.
@@ -134,6 +140,19 @@ pub struct BenchArgs {
     /// Tokio worker threads of the baseline server.
     #[arg(long, default_value_t = 1)]
     pub baseline_workers: usize,
+    /// Measure nothing: serve a baseline on --listen until killed, for another bench
+    /// process to measure with --compare (`raw`: hyper with a pre-encoded reply; `tonic`:
+    /// tonic's Server and Router with a constant reply).
+    #[arg(long, value_enum, conflicts_with_all = ["baseline", "baseline_only", "compare"])]
+    pub serve_baseline: Option<BaselineKind>,
+    /// Where --serve-baseline listens.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+    /// Also measure the baseline server at NAME=URL (another process, started with
+    /// --serve-baseline) with the same client, alternating with the daemon round by round,
+    /// and report the daemon as a ratio of it. Repeat for more.
+    #[arg(long, value_parser = parse_compare)]
+    pub compare: Vec<(String, String)>,
     /// Measurement rounds; with --baseline each round measures the baseline, then the daemon.
     #[arg(long, default_value_t = 1)]
     pub rounds: usize,
@@ -177,8 +196,24 @@ pub struct BenchSettings {
     pub baseline_workers: usize,
 }
 
+fn parse_compare(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((name, url)) if !name.is_empty() && url.starts_with("http://") => Ok((name.to_owned(), url.to_owned())),
+        _ => Err(format!("expected NAME=http://HOST:PORT, got {s:?}")),
+    }
+}
+
 /// Runs the bench and prints its report (text, or JSON with `--json`).
 pub async fn run(args: BenchArgs, out: &mut impl Write) -> Result<(), ClientError> {
+    if let Some(kind) = args.serve_baseline {
+        check(&args)?;
+        let server = BaselineServer::start(kind, args.listen, args.baseline_workers, args.value_size, false)?;
+        // The line a script waits for.
+        writeln!(out, "baseline {} listening on {}", kind.name(), server.addr)?;
+        out.flush()?;
+        server.wait().await;
+        return Err(usage("the baseline server stopped"));
+    }
     let output = run_bench(&args).await?;
     if args.json {
         serde_json::to_writer_pretty(&mut *out, &output).map_err(std::io::Error::other)?;
@@ -264,7 +299,14 @@ pub async fn run_bench(args: &BenchArgs) -> Result<BenchOutput, ClientError> {
     let mut targets: Vec<Target> = Vec::new();
     let mut baseline_server = None;
     if args.baseline || args.baseline_only {
-        let server = BaselineServer::start(args.baseline_workers, args.value_size, args.workload == Workload::Miss)?;
+        let any: SocketAddr = ([127, 0, 0, 1], 0).into();
+        let server = BaselineServer::start(
+            BaselineKind::Tonic,
+            any,
+            args.baseline_workers,
+            args.value_size,
+            args.workload == Workload::Miss,
+        )?;
         // The same header as the daemon gets, so both see requests of the same size.
         let token = args.conn.token.clone().filter(|t| !t.is_empty()).unwrap_or_else(|| "baseline".into());
         let endpoint = Endpoint::from_shared(format!("http://{}", server.addr))
@@ -273,8 +315,17 @@ pub async fn run_bench(args: &BenchArgs) -> Result<BenchOutput, ClientError> {
             .connect_timeout(Duration::from_secs(5));
         let clients = connect_all(&endpoint, args.connections, bearer(&token)?).await?;
         // The baseline's compare-and-set versions are its own: every name starts at 1.
-        targets.push(Target::new("baseline", clients, Keys::new(args, 1)));
+        targets.push(Target::new("baseline".into(), clients, Keys::new(args, 1)));
         baseline_server = Some(server);
+    }
+    for (name, url) in &args.compare {
+        let token = args.conn.token.clone().filter(|t| !t.is_empty()).unwrap_or_else(|| "baseline".into());
+        let endpoint = Endpoint::from_shared(url.clone())
+            .map_err(|e| usage(format!("--compare {name}: {e}")))?
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(5));
+        let clients = connect_all(&endpoint, args.connections, bearer(&token)?).await?;
+        targets.push(Target::new(format!("compare:{name}"), clients, Keys::new(args, 1)));
     }
     if !args.baseline_only {
         let token = args.conn.token.as_deref().filter(|t| !t.is_empty()).ok_or_else(|| {
@@ -282,14 +333,18 @@ pub async fn run_bench(args: &BenchArgs) -> Result<BenchOutput, ClientError> {
         })?;
         let endpoint = endpoint(&args.conn)?;
         let clients = connect_all(&endpoint, args.connections, bearer(token)?).await?;
-        let target = Target::new("credvault", clients, Keys::new(args, 0));
+        let target = Target::new("credvault".into(), clients, Keys::new(args, 0));
         prepare(args, &target, &value).await?;
         targets.push(target);
     }
 
-    let mut results: Vec<(&'static str, Vec<Measured>)> = targets.iter().map(|t| (t.name, Vec::new())).collect();
-    for _round in 0..args.rounds {
-        for (i, target) in targets.iter().enumerate() {
+    let mut results: Vec<(String, Vec<Measured>)> = targets.iter().map(|t| (t.name.clone(), Vec::new())).collect();
+    for round in 0..args.rounds {
+        // The order rotates round by round, so no target always runs first (or right after
+        // another one's load) on a machine whose speed drifts.
+        for k in 0..targets.len() {
+            let i = (round + k) % targets.len();
+            let target = &targets[i];
             if args.warmup > 0.0 {
                 measure(args, target, &value, Duration::from_secs_f64(args.warmup), None).await?;
             }
@@ -308,34 +363,52 @@ pub async fn run_bench(args: &BenchArgs) -> Result<BenchOutput, ClientError> {
         credvault: None,
         ratios: None,
         ratios_by_round: Vec::new(),
+        compared: Vec::new(),
         server_rss_bytes: args.server_pid.and_then(rss_bytes),
     };
+    let mut compared = Vec::new();
     for (name, rounds) in results {
-        let report = pool(name, &rounds)?;
+        let report = pool(name.strip_prefix("compare:").unwrap_or(&name), &rounds)?;
         if name == "baseline" {
             output.baseline = Some(report);
+        } else if let Some(short) = name.strip_prefix("compare:") {
+            let url = args.compare.iter().find(|(n, _)| n == short).map(|(_, u)| u.clone()).unwrap_or_default();
+            compared.push((short.to_owned(), url, report));
         } else {
             output.credvault = Some(report);
         }
     }
+    for (name, url, b) in compared {
+        let (ratios, ratios_by_round) = match &output.credvault {
+            Some(c) => (Some(ratios_of(c, &b)), rounds_ratios(c, &b)),
+            None => (None, Vec::new()),
+        };
+        output.compared.push(Compared { name, url, report: b, ratios, ratios_by_round });
+    }
     if let (Some(b), Some(c)) = (&output.baseline, &output.credvault) {
-        output.ratios = Some(ratio(
-            (c.throughput_rps, c.latency_us.p50, c.latency_us.p95, c.latency_us.p99),
-            (b.throughput_rps, b.latency_us.p50, b.latency_us.p95, b.latency_us.p99),
-        ));
-        output.ratios_by_round = c
-            .rounds
-            .iter()
-            .zip(&b.rounds)
-            .map(|(c, b)| {
-                ratio(
-                    (c.throughput_rps, c.p50_us, c.p95_us, c.p99_us),
-                    (b.throughput_rps, b.p50_us, b.p95_us, b.p99_us),
-                )
-            })
-            .collect();
+        output.ratios = Some(ratios_of(c, b));
+        output.ratios_by_round = rounds_ratios(c, b);
     }
     Ok(output)
+}
+
+/// The daemon's pooled numbers over a baseline's.
+fn ratios_of(c: &Report, b: &Report) -> Ratios {
+    ratio(
+        (c.throughput_rps, c.latency_us.p50, c.latency_us.p95, c.latency_us.p99),
+        (b.throughput_rps, b.latency_us.p50, b.latency_us.p95, b.latency_us.p99),
+    )
+}
+
+/// The same, round by round.
+fn rounds_ratios(c: &Report, b: &Report) -> Vec<Ratios> {
+    c.rounds
+        .iter()
+        .zip(&b.rounds)
+        .map(|(c, b)| {
+            ratio((c.throughput_rps, c.p50_us, c.p95_us, c.p99_us), (b.throughput_rps, b.p50_us, b.p95_us, b.p99_us))
+        })
+        .collect()
 }
 
 fn ratio(c: (f64, f64, f64, f64), b: (f64, f64, f64, f64)) -> Ratios {
@@ -385,13 +458,13 @@ async fn connect_all(endpoint: &Endpoint, n: usize, auth: Bearer) -> Result<Vec<
 }
 
 struct Target {
-    name: &'static str,
+    name: String,
     clients: Vec<Client>,
     keys: Arc<Keys>,
 }
 
 impl Target {
-    fn new(name: &'static str, clients: Vec<Client>, keys: Keys) -> Self {
+    fn new(name: String, clients: Vec<Client>, keys: Keys) -> Self {
         Target { name, clients, keys: Arc::new(keys) }
     }
 }

@@ -57,6 +57,17 @@ pub struct Ratios {
     pub p99: f64,
 }
 
+/// A baseline in another process (`--compare`) and the daemon as a ratio of it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Compared {
+    pub name: String,
+    pub url: String,
+    pub report: Report,
+    /// `None` when no daemon was measured.
+    pub ratios: Option<Ratios>,
+    pub ratios_by_round: Vec<Ratios>,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchOutput {
     pub settings: BenchSettings,
@@ -66,6 +77,8 @@ pub struct BenchOutput {
     pub ratios: Option<Ratios>,
     /// Round by round: how much the ratio moves is the noise of the machine.
     pub ratios_by_round: Vec<Ratios>,
+    /// Baselines measured in their own processes (`--compare`).
+    pub compared: Vec<Compared>,
     /// Resident memory of `--server-pid` after the run.
     pub server_rss_bytes: Option<u64>,
 }
@@ -178,7 +191,8 @@ pub(super) fn print_text(o: &BenchOutput, out: &mut impl Write) -> std::io::Resu
         "{:<10} {:>9} {:>7} {:>7} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
         "target", "requests", "errors", "confl.", "req/s", "p50 us", "p90 us", "p95 us", "p99 us", "p99.9 us", "max us"
     )?;
-    for r in [&o.baseline, &o.credvault].into_iter().flatten() {
+    let reports = o.compared.iter().map(|c| &c.report).chain([&o.baseline, &o.credvault].into_iter().flatten());
+    for r in reports {
         let l = &r.latency_us;
         writeln!(
             out,
@@ -199,16 +213,20 @@ pub(super) fn print_text(o: &BenchOutput, out: &mut impl Write) -> std::io::Resu
             writeln!(out, "{:<10} errors: {}", "", failures.join(", "))?;
         }
     }
-    if let Some(r) = &o.ratios {
+    let pairs = o
+        .compared
+        .iter()
+        .filter_map(|c| c.ratios.as_ref().map(|r| (c.report.target.as_str(), r, &c.ratios_by_round)))
+        .chain(o.ratios.as_ref().map(|r| ("baseline", r, &o.ratios_by_round)));
+    for (name, r, by_round) in pairs {
         writeln!(
             out,
-            "credvault / baseline: throughput {:.2}x, p50 {:.2}x, p95 {:.2}x, p99 {:.2}x",
+            "credvault / {name}: throughput {:.2}x, p50 {:.2}x, p95 {:.2}x, p99 {:.2}x",
             r.throughput, r.p50, r.p95, r.p99
         )?;
-        if o.ratios_by_round.len() > 1 {
-            let each = |f: fn(&Ratios) -> f64| {
-                o.ratios_by_round.iter().map(|r| format!("{:.2}", f(r))).collect::<Vec<_>>().join(" ")
-            };
+        if by_round.len() > 1 {
+            let each =
+                |f: fn(&Ratios) -> f64| by_round.iter().map(|r| format!("{:.2}", f(r))).collect::<Vec<_>>().join(" ");
             writeln!(out, "  by round: throughput {}; p95 {}", each(|r| r.throughput), each(|r| r.p95))?;
         }
     }

@@ -15,7 +15,9 @@ use crate::model::now_micros;
 /// Assigns request ids, carries the [`AuditContext`], and emits the event.
 #[derive(Debug, Clone)]
 pub struct AuditLayer {
-    audit: Audit,
+    /// Shared, so a request holds it with one reference count instead of cloning the
+    /// handle's queue sender, health flag and metric handles.
+    audit: Arc<Audit>,
     ids: Arc<RequestIds>,
 }
 
@@ -27,7 +29,10 @@ struct RequestIds {
 
 impl AuditLayer {
     pub fn new(audit: Audit) -> Self {
-        AuditLayer { audit, ids: Arc::new(RequestIds { base: rand::random::<u64>(), next: AtomicU64::new(0) }) }
+        AuditLayer {
+            audit: Arc::new(audit),
+            ids: Arc::new(RequestIds { base: rand::random::<u64>(), next: AtomicU64::new(0) }),
+        }
     }
 }
 
@@ -112,7 +117,7 @@ where
 /// A request's event until it is emitted: by the layer when the response is ready, or by
 /// `Drop` when the request ends without one.
 struct Pending {
-    audit: Audit,
+    audit: Arc<Audit>,
     slot: Option<Slot>,
     ctx: Option<Arc<AuditContext>>,
     request_id: RequestId,

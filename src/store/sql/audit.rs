@@ -1,5 +1,6 @@
 //! The audit log ([`AuditStore`]). A batch is inserted by the backend
-//! (`SqlBackend::insert_audit_batch`), which binds it as one parameter set.
+//! (`SqlBackend::insert_audit_batch`): PostgreSQL binds it as one array per column,
+//! SQLite as multi-row `INSERT`s of a few fixed sizes in one transaction.
 
 use async_trait::async_trait;
 use sqlx::Executor;
@@ -22,8 +23,8 @@ where
         if events.is_empty() {
             return Ok(());
         }
-        // One statement for the whole batch, whatever its size (see the backends'
-        // `insert_audit_batch`): one prepared statement, one round trip.
+        // A few prepared statements of fixed shape for any batch size, one transaction
+        // (see the backends' `insert_audit_batch`).
         self.insert_audit_batch(events).await
     }
 
