@@ -242,11 +242,6 @@ impl Process {
         assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "kill({pid}, {signal})");
     }
 
-    /// Its exit status if it has exited, without waiting.
-    pub fn try_wait(&mut self) -> Option<ExitStatus> {
-        self.child.try_wait().expect("poll the process")
-    }
-
     /// Waits up to `timeout` for it to exit; returns how it ended and what it printed.
     /// Panics (the process is killed) if it is still running then.
     pub async fn wait(mut self, timeout: Duration) -> Output {
