@@ -43,6 +43,7 @@ mod keys;
 mod load;
 mod report;
 mod seed;
+mod watch;
 
 use baseline::BaselineServer;
 use keys::{Keys, Picker, SplitMix64};
@@ -153,6 +154,8 @@ pub struct BenchArgs {
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
+    pub watch: watch::WatchArgs,
+    #[command(flatten)]
     pub conn: Connection,
 }
 
@@ -179,6 +182,9 @@ pub struct BenchSettings {
 
 /// Runs the bench and prints its report (text, or JSON with `--json`).
 pub async fn run(args: BenchArgs, out: &mut impl Write) -> Result<(), ClientError> {
+    if let Some(mode) = args.watch.watch {
+        return watch::run(&args, mode, out).await;
+    }
     let output = run_bench(&args).await?;
     if args.json {
         serde_json::to_writer_pretty(&mut *out, &output).map_err(std::io::Error::other)?;
