@@ -6,18 +6,43 @@ use super::*;
 impl Vault {
     /// Reads version `version` (the current one if `None` or 0) of `name`. The current
     /// version is served from the cache; a miss loads it once for all concurrent callers.
-    pub async fn get(&self, name: &str, version: Option<u64>) -> Result<CredentialValue, VaultError> {
-        match self.get_once(name, version).await {
-            // Sealed under a KEK another daemon created: load it, then read again.
-            Err(VaultError::UnknownKek(_)) => {
-                self.reload_keys().await?;
-                self.get_once(name, version).await
-            }
-            other => other,
-        }
+    pub async fn get(
+        &self,
+        name: &(impl NameArg + ?Sized),
+        version: Option<u64>,
+    ) -> Result<CredentialValue, VaultError> {
+        let name = self.name(name)?;
+        self.with_key_reload(
+            |r: &Result<CredentialValue, VaultError>| matches!(r, Err(VaultError::UnknownKek(_))),
+            || self.get_once(&*name, version),
+        )
+        .await
     }
 
-    pub(super) async fn get_once(&self, name: &str, version: Option<u64>) -> Result<CredentialValue, VaultError> {
+    /// Runs a read; if `unknown_kek` says it met a value sealed under a KEK another daemon
+    /// created, loads the keys and runs it once more.
+    pub(super) async fn with_key_reload<T, F, Fut>(
+        &self,
+        unknown_kek: impl Fn(&Result<T, VaultError>) -> bool,
+        read: F,
+    ) -> Result<T, VaultError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, VaultError>>,
+    {
+        let first = read().await;
+        if !unknown_kek(&first) {
+            return first;
+        }
+        self.reload_keys().await?;
+        read().await
+    }
+
+    pub(super) async fn get_once(
+        &self,
+        name: &(impl NameArg + ?Sized),
+        version: Option<u64>,
+    ) -> Result<CredentialValue, VaultError> {
         let name = self.name(name)?;
         let version = version.filter(|v| *v != 0);
         let hit = self.inner.cache.lookup(name.as_str());
@@ -90,9 +115,9 @@ impl Vault {
                 ))
             }
         })?;
-        let sealed = readable(name, &row)?;
+        let sealed = readable(name, &row, self.now())?;
         let value = self.decrypt(name, row.info.version, sealed)?;
-        Ok(credential_value(name, &row.info, value))
+        Ok(credential_value(&row.info, value))
     }
 
     pub(super) async fn load_current(&self, name: &CredentialName) -> Result<Cached, VaultError> {
@@ -101,9 +126,9 @@ impl Vault {
             .cache
             .load_coalesced(name.as_str(), || async {
                 match store.get_version(name.as_str(), None).await? {
-                    None => Ok(Cached::Missing { deleted: false }),
-                    Some((head, _)) if head.deleted_at.is_some() => Ok(Cached::Missing { deleted: true }),
-                    Some((_, Some(row))) => Ok(Cached::Found(Arc::new(CachedVersion::new(row)))),
+                    None => Ok(cached_current(None)),
+                    Some((head, Some(row))) => Ok(cached_current(Some((head, row)))),
+                    Some((head, None)) if head.deleted_at.is_some() => Ok(Cached::Missing { deleted: true }),
                     Some((head, None)) => Err(VaultError::Internal(format!(
                         "current version {} of {:?} has no row",
                         head.current_version,
@@ -121,7 +146,7 @@ impl Vault {
             Cached::Missing { deleted: true } => return Err(deleted(name)),
             Cached::Missing { deleted: false } => return Err(not_found(name)),
         };
-        check_state(name, &entry.info)?;
+        check_state(name, &entry.info, self.now())?;
         let value = match (entry.plaintext(), entry.sealed()) {
             (Some(p), _) => Zeroizing::new(p.to_vec()),
             (None, Some(sealed)) => {
@@ -131,7 +156,7 @@ impl Vault {
             }
             (None, None) => return Err(unreadable(name, &entry.info)),
         };
-        Ok(credential_value(name, &entry.info, value))
+        Ok(credential_value(&entry.info, value))
     }
 
     pub(super) fn decrypt(
@@ -157,26 +182,21 @@ impl Vault {
     /// Reads the current version of each name with one store query. The outer error is
     /// for the request as a whole (bad names, too many, storage down); each name then
     /// has its own outcome, in request order.
-    pub async fn batch_get(&self, names: &[String]) -> Result<Vec<Result<CredentialValue, VaultError>>, VaultError> {
-        let results = self.batch_get_once(names).await?;
-        if !results.iter().any(|r| matches!(r, Err(VaultError::UnknownKek(_)))) {
-            return Ok(results);
-        }
-        self.reload_keys().await?;
-        self.batch_get_once(names).await
+    pub async fn batch_get<N: NameArg>(
+        &self,
+        names: &[N],
+    ) -> Result<Vec<Result<CredentialValue, VaultError>>, VaultError> {
+        let any_unknown = |r: &Result<Vec<Result<CredentialValue, VaultError>>, VaultError>| {
+            r.as_ref().is_ok_and(|all| all.iter().any(|r| matches!(r, Err(VaultError::UnknownKek(_)))))
+        };
+        self.with_key_reload(any_unknown, || self.batch_get_once(names)).await
     }
 
-    pub(super) async fn batch_get_once(
+    pub(super) async fn batch_get_once<N: NameArg>(
         &self,
-        names: &[String],
+        names: &[N],
     ) -> Result<Vec<Result<CredentialValue, VaultError>>, VaultError> {
-        let max = self.inner.limits.max_batch_size;
-        if names.len() > max {
-            return Err(VaultError::InvalidArgument(format!(
-                "batch asks for {} credentials; the limit is {max}",
-                names.len()
-            )));
-        }
+        self.check_batch_size(names.len())?;
         let parsed = names.iter().map(|n| self.name(n)).collect::<Result<Vec<_>, _>>()?;
         let cache = &self.inner.cache;
         let mut known: std::collections::HashMap<&str, Cached> = std::collections::HashMap::new();
@@ -209,14 +229,10 @@ impl Vault {
                 }
                 Err(e) => return Err(e.into()),
             };
-            let mut rows: std::collections::HashMap<String, (CredentialRow, VersionRow)> =
+            let mut rows: std::collections::HashMap<String, (CredentialHead, VersionRow)> =
                 rows.into_iter().map(|(h, v)| (h.name.clone(), (h, v))).collect();
             for (name, ticket) in &misses {
-                let c = match rows.remove(name) {
-                    None => Cached::Missing { deleted: false },
-                    Some((head, _)) if head.deleted_at.is_some() => Cached::Missing { deleted: true },
-                    Some((_, row)) => Cached::Found(Arc::new(CachedVersion::new(row))),
-                };
+                let c = cached_current(rows.remove(name));
                 cache.fill(name, *ticket, c.clone());
                 if let Some(parsed_name) = parsed.iter().find(|p| p.as_str() == name) {
                     known.insert(parsed_name.as_str(), c);
@@ -232,13 +248,22 @@ impl Vault {
             .collect())
     }
 
+    /// Refuses a batch larger than `max_batch_size` (before its names are looked at).
+    pub fn check_batch_size(&self, n: usize) -> Result<(), VaultError> {
+        let max = self.inner.limits.max_batch_size;
+        if n > max {
+            return Err(VaultError::InvalidArgument(format!("batch asks for {n} credentials; the limit is {max}")));
+        }
+        Ok(())
+    }
+
     /// A batch whose store read failed because the store is unreachable: names with a
     /// cache entry are answered from it (marked stale) if `cache.serve_stale_seconds`
     /// allows; the others fail with UNAVAILABLE in their own slot. With nothing to serve
     /// the whole batch fails.
     pub(super) fn batch_stale(
         &self,
-        parsed: &[CredentialName],
+        parsed: &[Cow<'_, CredentialName>],
         known: std::collections::HashMap<&str, Cached>,
         unfresh: std::collections::HashMap<&str, Hit>,
         error: StoreError,
@@ -267,10 +292,20 @@ impl Vault {
 
     /// Metadata and retained versions; never decrypts. Deleted credentials are shown
     /// (with `deleted_at` set) so operators can inspect them.
-    pub async fn metadata(&self, name: &str) -> Result<CredentialDetails, VaultError> {
+    pub async fn metadata(&self, name: &(impl NameArg + ?Sized)) -> Result<CredentialDetails, VaultError> {
         let name = self.name(name)?;
         let head = self.inner.store.get_credential(name.as_str()).await?.ok_or_else(|| not_found(&name))?;
         let versions = self.inner.store.list_versions(name.as_str()).await?;
         Ok(CredentialDetails { head, versions })
+    }
+}
+
+/// What the cache holds for a name, from its head and current version as the store
+/// returned them (`None`: no such credential).
+fn cached_current(found: Option<(CredentialHead, VersionRow)>) -> Cached {
+    match found {
+        None => Cached::Missing { deleted: false },
+        Some((head, _)) if head.deleted_at.is_some() => Cached::Missing { deleted: true },
+        Some((_, row)) => Cached::Found(Arc::new(CachedVersion::new(row))),
     }
 }
