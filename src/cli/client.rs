@@ -1,20 +1,11 @@
-//! Client subcommands other than `rotation` and `bench`: one gRPC call each, printed.
+//! Client subcommands other than `rotation` and `bench`: one call each through the
+//! library client, printed.
 
 use std::io::{IsTerminal as _, Write as _};
 
 use super::conn::{connect, read_value, ts, ClientError};
 use super::{AuditCommand, ClientCommand, TokenCommand};
-use crate::proto::{self, VersionState};
-
-fn state_name(state: i32) -> &'static str {
-    match VersionState::try_from(state) {
-        Ok(VersionState::Current) => "current",
-        Ok(VersionState::Previous) => "previous",
-        Ok(VersionState::Deprecated) => "deprecated",
-        Ok(VersionState::Destroyed) => "destroyed",
-        _ => "unknown",
-    }
-}
+use crate::client::{Capability, Metadata, PolicyRule, TokenSpec};
 
 /// Runs one client subcommand, printing its result to stdout.
 pub async fn run_client(cmd: ClientCommand) -> Result<(), ClientError> {
@@ -22,31 +13,27 @@ pub async fn run_client(cmd: ClientCommand) -> Result<(), ClientError> {
     match cmd {
         ClientCommand::Put { name, value_file, expected_version, keep_newline, description, owner, labels, conn } => {
             let value = read_value(value_file.as_deref(), keep_newline)?;
-            let metadata = (description.is_some() || owner.is_some() || !labels.is_empty()).then(|| proto::Metadata {
+            let metadata = (description.is_some() || owner.is_some() || !labels.is_empty()).then(|| Metadata {
                 labels: labels.into_iter().collect(),
                 description: description.unwrap_or_default(),
                 owner: owner.unwrap_or_default(),
                 expires_at: None,
             });
-            let (mut c, _) = connect(&conn).await?;
-            let r = c
-                .put_credential(proto::PutCredentialRequest { name, value: value.to_vec(), expected_version, metadata })
-                .await?
-                .into_inner();
-            writeln!(out, "{} version {}", r.name, r.version)?;
+            let c = connect(&conn).await?;
+            let version = c.put_with(&name, &value, expected_version, metadata.as_ref()).await?;
+            writeln!(out, "{name} version {version}")?;
         }
         ClientCommand::Get { name, version, conn } => {
-            let (mut c, _) = connect(&conn).await?;
-            let r = c.get_credential(proto::GetCredentialRequest { name, version }).await?.into_inner();
-            let value = zeroize::Zeroizing::new(r.value);
-            out.write_all(&value)?;
+            let c = connect(&conn).await?;
+            let cred = c.get_version(&name, version).await?;
+            out.write_all(cred.value.expose())?;
             if out.is_terminal() {
                 writeln!(out)?;
             }
         }
         ClientCommand::Describe { name, conn } => {
-            let (mut c, _) = connect(&conn).await?;
-            let m = c.get_credential_metadata(proto::GetCredentialMetadataRequest { name }).await?.into_inner();
+            let c = connect(&conn).await?;
+            let m = c.describe(&name).await?;
             writeln!(out, "name:            {}", m.name)?;
             writeln!(out, "current version: {}", m.current_version)?;
             if let Some(meta) = &m.metadata {
@@ -56,47 +43,30 @@ pub async fn run_client(cmd: ClientCommand) -> Result<(), ClientError> {
                     writeln!(out, "label:           {k}={v}")?;
                 }
             }
-            writeln!(out, "created:         {}", ts(&m.created_at))?;
-            writeln!(out, "updated:         {}", ts(&m.updated_at))?;
+            writeln!(out, "created:         {}", ts(m.created_at))?;
+            writeln!(out, "updated:         {}", ts(m.updated_at))?;
             if m.deleted_at.is_some() {
-                writeln!(out, "deleted:         {}", ts(&m.deleted_at))?;
+                writeln!(out, "deleted:         {}", ts(m.deleted_at))?;
             }
             writeln!(out, "{:>8}  {:<10}  {:>4}  CREATED", "VERSION", "STATE", "KEK")?;
             for v in &m.versions {
-                writeln!(out, "{:>8}  {:<10}  {:>4}  {}", v.version, state_name(v.state), v.kek_id, ts(&v.created_at))?;
+                writeln!(out, "{:>8}  {:<10}  {:>4}  {}", v.version, v.state.as_str(), v.kek_id, ts(v.created_at))?;
             }
         }
         ClientCommand::List { prefix, deleted, conn } => {
-            let (mut c, _) = connect(&conn).await?;
-            let mut page_token = String::new();
-            loop {
-                let r = c
-                    .list_credentials(proto::ListCredentialsRequest {
-                        prefix: prefix.clone(),
-                        page_size: 0,
-                        page_token,
-                        include_deleted: deleted,
-                    })
-                    .await?
-                    .into_inner();
-                for m in &r.credentials {
-                    let mark = if m.deleted_at.is_some() { "  (deleted)" } else { "" };
-                    writeln!(out, "{}\tv{}\t{}{mark}", m.name, m.current_version, ts(&m.updated_at))?;
-                }
-                if r.next_page_token.is_empty() {
-                    break;
-                }
-                page_token = r.next_page_token;
+            let c = connect(&conn).await?;
+            for m in c.list(&prefix, deleted).await? {
+                let mark = if m.deleted_at.is_some() { "  (deleted)" } else { "" };
+                writeln!(out, "{}\tv{}\t{}{mark}", m.name, m.current_version, ts(m.updated_at))?;
             }
         }
         ClientCommand::Delete { name, expected_version, conn } => {
-            let (mut c, _) = connect(&conn).await?;
-            let r = c.delete_credential(proto::DeleteCredentialRequest { name, expected_version }).await?.into_inner();
-            writeln!(out, "{} deleted at version {}", r.name, r.version)?;
+            let c = connect(&conn).await?;
+            let version = c.delete(&name, expected_version).await?;
+            writeln!(out, "{name} deleted at version {version}")?;
         }
         ClientCommand::Status { conn } => {
-            let (_, mut a) = connect(&conn).await?;
-            let s = a.get_status(proto::GetStatusRequest {}).await?.into_inner();
+            let s = connect(&conn).await?.status().await?;
             writeln!(out, "version:         {}", s.version)?;
             writeln!(
                 out,
@@ -107,20 +77,19 @@ pub async fn run_client(cmd: ClientCommand) -> Result<(), ClientError> {
             writeln!(out, "master key:      {}", s.master_key_source)?;
             writeln!(out, "active KEK:      {}", s.active_kek_id)?;
             writeln!(out, "credentials:     {}", s.credentials)?;
-            writeln!(out, "started:         {}", ts(&s.started_at))?;
+            writeln!(out, "started:         {}", ts(s.started_at))?;
         }
         ClientCommand::Token(cmd) => run_token(cmd, &mut out).await?,
         ClientCommand::Rotation(cmd) => super::rotate::run(cmd, &mut out).await?,
         ClientCommand::Bench(args) => super::bench::run(*args, &mut out).await?,
         ClientCommand::Audit(AuditCommand::Tail { lines, conn }) => {
-            let (_, mut a) = connect(&conn).await?;
-            let r = a.list_audit_events(proto::ListAuditEventsRequest { limit: lines }).await?.into_inner();
-            for e in r.events.iter().rev() {
+            let events = connect(&conn).await?.audit_events(lines).await?;
+            for e in events.iter().rev() {
                 let version = if e.version > 0 { format!(" v{}", e.version) } else { String::new() };
                 writeln!(
                     out,
                     "{}  {}  {:<16} {:<22} {:<18} {}{}  {}us  {}",
-                    ts(&e.at),
+                    ts(e.at),
                     e.request_id,
                     if e.token_name.is_empty() { "-" } else { &e.token_name },
                     e.rpc,
@@ -136,35 +105,12 @@ pub async fn run_client(cmd: ClientCommand) -> Result<(), ClientError> {
     Ok(())
 }
 
-fn capability(name: &str) -> Result<i32, ClientError> {
-    let c = match name {
-        "read" => proto::Capability::Read,
-        "write" => proto::Capability::Write,
-        "delete" => proto::Capability::Delete,
-        "list" => proto::Capability::List,
-        "rotate" => proto::Capability::Rotate,
-        "admin" => proto::Capability::Admin,
-        "destroy" => proto::Capability::Destroy,
-        other => {
-            return Err(ClientError::Usage(format!(
-                "unknown capability {other:?}; use read, write, delete, list, rotate, destroy or admin"
-            )))
-        }
-    };
-    Ok(c as i32)
-}
-
-fn capability_name(v: i32) -> &'static str {
-    match proto::Capability::try_from(v) {
-        Ok(proto::Capability::Read) => "read",
-        Ok(proto::Capability::Write) => "write",
-        Ok(proto::Capability::Delete) => "delete",
-        Ok(proto::Capability::List) => "list",
-        Ok(proto::Capability::Rotate) => "rotate",
-        Ok(proto::Capability::Admin) => "admin",
-        Ok(proto::Capability::Destroy) => "destroy",
-        _ => "?",
-    }
+fn capability(name: &str) -> Result<Capability, ClientError> {
+    Capability::parse(name).ok_or_else(|| {
+        ClientError::Usage(format!(
+            "unknown capability {name:?}; use read, write, delete, list, rotate, destroy or admin"
+        ))
+    })
 }
 
 async fn run_token(cmd: TokenCommand, out: &mut impl std::io::Write) -> Result<(), ClientError> {
@@ -175,34 +121,29 @@ async fn run_token(cmd: TokenCommand, out: &mut impl std::io::Write) -> Result<(
                 allow.into_iter().map(|r| (r, false)).chain(deny.into_iter().map(|r| (r, true)))
             {
                 let capabilities = caps.iter().map(|c| capability(c)).collect::<Result<Vec<_>, _>>()?;
-                rules.push(proto::PolicyRule { pattern, capabilities, deny });
+                rules.push(PolicyRule { pattern, capabilities, deny });
             }
-            let (_, mut a) = connect(&conn).await?;
-            let r = a
-                .create_token(proto::CreateTokenRequest {
-                    display_name: name,
-                    rules,
-                    ttl: ttl_seconds
-                        .map(|s| prost_types::Duration { seconds: i64::try_from(s).unwrap_or(i64::MAX), nanos: 0 }),
-                    rate_limit_per_second: rate.unwrap_or(0),
-                })
-                .await?
-                .into_inner();
-            let id = r.info.as_ref().map(|i| i.id.clone()).unwrap_or_default();
-            writeln!(out, "{}", r.token)?;
+            let spec = TokenSpec {
+                display_name: name,
+                rules,
+                ttl: ttl_seconds.map(std::time::Duration::from_secs),
+                rate_limit_per_second: rate.unwrap_or(0),
+            };
+            let created = connect(&conn).await?.create_token(&spec).await?;
+            let id = created.info.as_ref().map(|i| i.id.clone()).unwrap_or_default();
+            writeln!(out, "{}", created.token.as_str())?;
             eprintln!("token id {id}: shown only once, store it safely");
         }
         TokenCommand::List { conn } => {
-            let (_, mut a) = connect(&conn).await?;
-            let r = a.list_tokens(proto::ListTokensRequest {}).await?.into_inner();
+            let tokens = connect(&conn).await?.list_tokens().await?;
             writeln!(out, "{:<12}  {:<20}  {:<9}  {:<27}  RULES", "ID", "NAME", "STATE", "EXPIRES")?;
-            for t in &r.tokens {
+            for t in &tokens {
                 let state = if t.revoked_at.is_some() { "revoked" } else { "live" };
                 let rules: Vec<String> = t
                     .rules
                     .iter()
                     .map(|rule| {
-                        let caps: Vec<&str> = rule.capabilities.iter().map(|c| capability_name(*c)).collect();
+                        let caps: Vec<&str> = rule.capabilities.iter().map(|c| c.as_str()).collect();
                         format!("{}{}={}", if rule.deny { "!" } else { "" }, rule.pattern, caps.join(","))
                     })
                     .collect();
@@ -212,14 +153,13 @@ async fn run_token(cmd: TokenCommand, out: &mut impl std::io::Write) -> Result<(
                     t.id,
                     t.display_name,
                     state,
-                    ts(&t.expires_at),
+                    ts(t.expires_at),
                     rules.join(" ")
                 )?;
             }
         }
         TokenCommand::Revoke { id, conn } => {
-            let (_, mut a) = connect(&conn).await?;
-            a.revoke_token(proto::RevokeTokenRequest { id: id.clone() }).await?;
+            connect(&conn).await?.revoke_token(&id).await?;
             writeln!(out, "revoked {id}")?;
         }
     }
@@ -233,7 +173,7 @@ mod tests {
     #[test]
     fn capabilities_parse_and_print_both_ways() {
         for name in ["read", "write", "delete", "list", "rotate", "destroy", "admin"] {
-            assert_eq!(capability_name(capability(name).unwrap()), name);
+            assert_eq!(capability(name).unwrap().as_str(), name);
         }
         match capability("nuke") {
             Err(ClientError::Usage(m)) => assert!(m.contains("rotate, destroy or admin"), "{m}"),

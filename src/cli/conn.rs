@@ -1,5 +1,7 @@
-//! Reaching the daemon, shared by every client subcommand: the connection (TLS,
-//! bearer token), the error type with its exit codes, and reading values and timestamps.
+//! Reaching the daemon, shared by every client subcommand: the connection (a
+//! [`crate::client::Client`], the one way the command line calls the daemon), the error
+//! type with its exit codes, and reading values and printing timestamps. `bench` alone
+//! builds its own channels (`endpoint`, `bearer`): it measures the raw transport.
 //! Errors carry an exit code a shell script can branch on: 1 other, 3 not found, 4
 //! conflict or precondition, 5 authentication or permission, 6 daemon unreachable or
 //! unavailable, 7 invalid argument.
@@ -7,13 +9,10 @@
 use std::io::{IsTerminal as _, Read as _};
 
 use tonic::metadata::MetadataValue;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 use tonic::{Code, Request, Status};
 
 use super::Connection;
-use crate::proto::admin_service_client::AdminServiceClient;
-use crate::proto::credential_service_client::CredentialServiceClient;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -68,7 +67,11 @@ impl From<Status> for ClientError {
     }
 }
 
-pub(super) type Authed = InterceptedService<Channel, BearerToken>;
+impl From<crate::client::Error> for ClientError {
+    fn from(e: crate::client::Error) -> Self {
+        ClientError::Client(e)
+    }
+}
 
 #[derive(Clone)]
 pub struct BearerToken(MetadataValue<tonic::metadata::Ascii>);
@@ -80,25 +83,27 @@ impl tonic::service::Interceptor for BearerToken {
     }
 }
 
-pub(super) async fn connect(
-    conn: &Connection,
-) -> Result<(CredentialServiceClient<Authed>, AdminServiceClient<Authed>), ClientError> {
-    let token = conn.token.as_deref().filter(|t| !t.is_empty()).ok_or_else(|| {
-        ClientError::Usage(
-            "no token: set CREDVAULT_TOKEN or pass --token (the root token is printed when the daemon first starts)"
-                .into(),
-        )
-    })?;
-    let auth = bearer(token)?;
-    let endpoint = endpoint(conn)?;
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| ClientError::Connect { addr: endpoint.uri().to_string(), reason: e.to_string() })?;
-    Ok((
-        CredentialServiceClient::with_interceptor(channel.clone(), auth.clone()),
-        AdminServiceClient::with_interceptor(channel, auth),
-    ))
+/// The library client for `conn`: TLS, the bearer token, one attempt per call (a shell
+/// script decides about retries) and a deadline of [`CALL_TIMEOUT`] per call.
+pub(super) async fn connect(conn: &Connection) -> Result<crate::client::Client, ClientError> {
+    let mut config = client_config(conn)?;
+    config.retry = crate::client::RetryPolicy::none();
+    config.timeout = CALL_TIMEOUT;
+    crate::client::Client::connect(&config).await.map_err(|e| config_error(conn, e))
+}
+
+/// How long one call of a client subcommand may take (the daemon may derive a key for
+/// `rekey`); streams (`watch`, a followed KEK job) have no deadline.
+pub(super) const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A configuration error of the library in the command line's terms: a TLS file that
+/// cannot be read is the caller's mistake (usage), a bad address a connection failure.
+fn config_error(conn: &Connection, e: crate::client::Error) -> ClientError {
+    match e {
+        crate::client::Error::Config(reason) if reason.starts_with("cannot read") => ClientError::Usage(reason),
+        crate::client::Error::Config(reason) => ClientError::Connect { addr: conn.addr.clone(), reason },
+        e => ClientError::Client(e),
+    }
 }
 
 /// The `authorization` header for a bearer token, marked sensitive so it is never logged.
@@ -135,16 +140,12 @@ pub(super) fn client_config(conn: &Connection) -> Result<crate::client::ClientCo
 /// upgraded), plaintext otherwise. Built by the client library.
 pub(super) fn endpoint(conn: &Connection) -> Result<Endpoint, ClientError> {
     let config = client_config(&Connection { token: Some("-".into()), ..conn.clone() })?;
-    config.endpoint().map_err(|e| match e {
-        // A TLS file that cannot be read is the caller's mistake, not the daemon's.
-        crate::client::Error::Config(reason) if reason.starts_with("cannot read") => ClientError::Usage(reason),
-        crate::client::Error::Config(reason) => ClientError::Connect { addr: conn.addr.clone(), reason },
-        e => ClientError::Client(e),
-    })
+    config.endpoint().map_err(|e| config_error(conn, e))
 }
 
-pub(super) fn ts(t: &Option<prost_types::Timestamp>) -> String {
-    t.as_ref().map(|t| t.to_string()).unwrap_or_else(|| "-".into())
+/// RFC 3339 (UTC), `-` when absent.
+pub(super) fn ts(t: Option<std::time::SystemTime>) -> String {
+    t.map(|t| prost_types::Timestamp::from(t).to_string()).unwrap_or_else(|| "-".into())
 }
 
 /// A value from a file (byte for byte) or from stdin (a trailing newline stripped

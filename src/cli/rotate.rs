@@ -4,11 +4,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Subcommand;
-use tokio_stream::StreamExt as _;
 
 use super::conn::{connect, read_value, ts, ClientError};
 use super::Connection;
-use crate::proto::{self, rotate_credential_request::Source, rotation_policy::Generator};
+use crate::client::{
+    ByteEncoding, BytesSpec, Client, Generator, JobState, PasswordSpec, PolicyKind, RotateOptions, RotationJob,
+    RotationPolicy, RotationSource, SecretValue,
+};
 
 #[derive(Debug, Clone, Subcommand)]
 pub enum RotationCommand {
@@ -161,14 +163,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
-fn proto_duration(d: Duration) -> Result<prost_types::Duration, ClientError> {
-    prost_types::Duration::try_from(d).map_err(|_| ClientError::Usage("duration out of range".into()))
-}
-
 impl GeneratorArgs {
-    fn password_spec(&self) -> Result<Option<proto::PasswordSpec>, ClientError> {
+    fn password_spec(&self) -> Result<Option<PasswordSpec>, ClientError> {
         let Some(length) = self.password else { return Ok(None) };
-        let mut spec = proto::PasswordSpec { length, ..Default::default() };
+        let mut spec = PasswordSpec { length, ..Default::default() };
         for c in &self.classes {
             match c.as_str() {
                 "lower" => spec.lowercase = true,
@@ -181,18 +179,18 @@ impl GeneratorArgs {
         Ok(Some(spec))
     }
 
-    fn bytes_spec(&self) -> Result<Option<proto::BytesSpec>, ClientError> {
+    fn bytes_spec(&self) -> Result<Option<BytesSpec>, ClientError> {
         let Some(length) = self.random_bytes else { return Ok(None) };
         let encoding = match self.encoding.as_deref().unwrap_or("base64") {
-            "raw" => proto::ByteEncoding::Raw,
-            "hex" => proto::ByteEncoding::Hex,
-            "base64" => proto::ByteEncoding::Base64,
+            "raw" => ByteEncoding::Raw,
+            "hex" => ByteEncoding::Hex,
+            "base64" => ByteEncoding::Base64,
             other => return Err(ClientError::Usage(format!("unknown encoding {other:?} (raw, hex or base64)"))),
         };
-        Ok(Some(proto::BytesSpec { length, encoding: encoding as i32 }))
+        Ok(Some(BytesSpec { length, encoding }))
     }
 
-    fn policy_generator(&self) -> Result<Option<Generator>, ClientError> {
+    fn generator(&self) -> Result<Option<Generator>, ClientError> {
         Ok(match (self.password_spec()?, self.bytes_spec()?) {
             (Some(p), _) => Some(Generator::Password(p)),
             (None, Some(b)) => Some(Generator::RandomBytes(b)),
@@ -201,18 +199,18 @@ impl GeneratorArgs {
     }
 }
 
-fn job_line(j: &proto::RotationJob) -> String {
-    let state = match proto::JobState::try_from(j.state) {
-        Ok(proto::JobState::Running) => "running",
-        Ok(proto::JobState::Completed) => "completed",
-        Ok(proto::JobState::Failed) => "failed",
-        _ => "unknown",
-    };
-    let eta = j.eta.as_ref().map(|d| format!(", eta {}s", d.seconds)).unwrap_or_default();
+fn job_line(j: &RotationJob) -> String {
+    let eta = j.eta.map(|d| format!(", eta {}s", d.as_secs())).unwrap_or_default();
     let error = if j.error.is_empty() { String::new() } else { format!("\nerror: {}", j.error) };
     format!(
-        "job {} ({state}): KEK {}, {}/{} re-wrapped, {} failed, {:.0}/s{eta}{error}",
-        j.job_id, j.new_kek_id, j.done, j.total, j.failed, j.rate_per_second
+        "job {} ({}): KEK {}, {}/{} re-wrapped, {} failed, {:.0}/s{eta}{error}",
+        j.job_id,
+        j.state.as_str(),
+        j.new_kek_id,
+        j.done,
+        j.total,
+        j.failed,
+        j.rate_per_second
     )
 }
 
@@ -230,71 +228,49 @@ pub async fn run(cmd: RotationCommand, out: &mut impl std::io::Write) -> Result<
     match cmd {
         RotationCommand::Rotate { name, value_file, stdin, generator, grace, expected_version, conn } => {
             let source = if value_file.is_some() || stdin {
-                Some(Source::Value(read_value(value_file.as_deref(), false)?.to_vec()))
-            } else if let Some(p) = generator.password_spec()? {
-                Some(Source::Password(p))
+                Some(RotationSource::Value(SecretValue::new(read_value(value_file.as_deref(), false)?.to_vec())))
             } else {
-                generator.bytes_spec()?.map(Source::RandomBytes)
+                generator.generator()?.map(RotationSource::Generate)
             };
-            let (_, mut a) = connect(&conn).await?;
-            let r = a
-                .rotate_credential(proto::RotateCredentialRequest {
-                    name,
-                    source,
-                    grace_period: grace.map(proto_duration).transpose()?,
-                    expected_version,
-                })
-                .await?
-                .into_inner();
-            writeln!(out, "{} version {}", r.name, r.version)?;
+            let options = RotateOptions { source, grace_period: grace, expected_version };
+            let r = connect(&conn).await?.rotate_with(&name, &options).await?;
+            writeln!(out, "{name} version {}", r.version)?;
             if r.previous_version > 0 {
-                writeln!(out, "version {} readable until {}", r.previous_version, ts(&r.previous_expires_at))?;
+                writeln!(out, "version {} readable until {}", r.previous_version, ts(r.previous_expires_at))?;
             }
         }
         RotationCommand::Destroy { name, version, conn } => {
-            let (_, mut a) = connect(&conn).await?;
-            a.destroy_version(proto::DestroyVersionRequest { name: name.clone(), version }).await?;
+            connect(&conn).await?.destroy_version(&name, version).await?;
             writeln!(out, "{name} version {version} destroyed")?;
         }
         RotationCommand::Undelete { name, conn } => {
-            let (_, mut a) = connect(&conn).await?;
-            let m = a.undelete_credential(proto::UndeleteCredentialRequest { name }).await?.into_inner();
+            let m = connect(&conn).await?.undelete(&name).await?;
             writeln!(out, "{} restored at version {}", m.name, m.current_version)?;
         }
         RotationCommand::Policy(cmd) => run_policy(cmd, out).await?,
         RotationCommand::Kek(KekCommand::Rotate { no_wait, conn }) => {
-            let (_, mut a) = connect(&conn).await?;
-            let job = a.rotate_kek(proto::RotateKekRequest {}).await?.into_inner();
+            let c = connect(&conn).await?;
+            let job = c.rotate_kek().await?;
             writeln!(out, "{}", job_line(&job))?;
             if !no_wait {
-                follow(&mut a, job.job_id, job.total, out).await?;
+                follow(&c, job.job_id, job.total, out).await?;
             }
         }
         RotationCommand::Kek(KekCommand::Status { job, conn }) => {
-            let (_, mut a) = connect(&conn).await?;
-            let j = a.get_rotation_job(proto::GetRotationJobRequest { job_id: job }).await?.into_inner();
+            let j = connect(&conn).await?.rotation_job(job).await?;
             writeln!(out, "{}", job_line(&j))?;
         }
         RotationCommand::Rekey { old_passphrase_file, new_passphrase_file, conn } => {
             let old = zeroize::Zeroizing::new(read_secret("CREDVAULT_OLD_PASSPHRASE", old_passphrase_file.as_ref())?);
             let new = zeroize::Zeroizing::new(read_secret("CREDVAULT_NEW_PASSPHRASE", new_passphrase_file.as_ref())?);
-            let (_, mut a) = connect(&conn).await?;
-            let r = a
-                .rekey_master(proto::RekeyMasterRequest {
-                    old_passphrase: old.to_string(),
-                    new_passphrase: new.to_string(),
-                })
-                .await?
-                .into_inner();
-            writeln!(out, "{} KEKs re-wrapped; restart every daemon with the new passphrase", r.keks_rewrapped)?;
+            let rewrapped = connect(&conn).await?.rekey_master(&old, &new).await?;
+            writeln!(out, "{rewrapped} KEKs re-wrapped; restart every daemon with the new passphrase")?;
         }
         RotationCommand::Watch { prefix, conn } => {
-            let (mut c, _) = connect(&conn).await?;
-            let mut events = c.watch_credentials(proto::WatchCredentialsRequest { prefix }).await?.into_inner();
+            let mut events = connect(&conn).await?.watch(&prefix).await?;
             while let Some(e) = events.next().await {
                 let e = e?;
-                let kind = proto::EventKind::try_from(e.kind).map(|k| k.as_str_name()).unwrap_or("UNKNOWN");
-                writeln!(out, "{} {} {} {}", ts(&e.at), kind.trim_start_matches("EVENT_KIND_"), e.name, e.version)?;
+                writeln!(out, "{} {} {} {}", ts(e.at), e.kind.as_str(), e.name, e.version)?;
                 out.flush()?;
             }
         }
@@ -303,19 +279,14 @@ pub async fn run(cmd: RotationCommand, out: &mut impl std::io::Write) -> Result<
 }
 
 /// Follows a job's progress stream with a progress bar until it ends.
-async fn follow(
-    a: &mut proto::admin_service_client::AdminServiceClient<super::conn::Authed>,
-    job_id: u64,
-    total: u64,
-    out: &mut impl std::io::Write,
-) -> Result<(), ClientError> {
+async fn follow(c: &Client, job_id: u64, total: u64, out: &mut impl std::io::Write) -> Result<(), ClientError> {
     let bar = indicatif::ProgressBar::new(total);
     if let Ok(style) = indicatif::ProgressStyle::with_template(
         "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} DEKs ({per_sec}, eta {eta})",
     ) {
         bar.set_style(style);
     }
-    let mut stream = a.watch_rotation_job(proto::GetRotationJobRequest { job_id }).await?.into_inner();
+    let mut stream = c.watch_rotation_job(job_id).await?;
     let mut last = None;
     while let Some(j) = stream.next().await {
         let j = j?;
@@ -326,7 +297,7 @@ async fn follow(
     bar.finish_and_clear();
     if let Some(j) = last {
         writeln!(out, "{}", job_line(&j))?;
-        if j.state != proto::JobState::Completed as i32 {
+        if j.state != JobState::Completed {
             return Err(ClientError::Job(j.error));
         }
     }
@@ -334,12 +305,11 @@ async fn follow(
 }
 
 async fn run_policy(cmd: PolicyCommand, out: &mut impl std::io::Write) -> Result<(), ClientError> {
-    let print = |out: &mut dyn std::io::Write, p: &proto::RotationPolicy| -> std::io::Result<()> {
-        let kind = proto::PolicyKind::try_from(p.kind).map(|k| k.as_str_name()).unwrap_or("UNKNOWN");
-        writeln!(out, "{}: {}", p.name, kind.trim_start_matches("POLICY_KIND_").to_lowercase())?;
-        writeln!(out, "  next run:     {}", ts(&p.next_run_at))?;
+    let print = |out: &mut dyn std::io::Write, p: &RotationPolicy| -> std::io::Result<()> {
+        writeln!(out, "{}: {}", p.name, p.kind.as_str())?;
+        writeln!(out, "  next run:     {}", ts(p.next_run_at))?;
         writeln!(out, "  rotations:    {}", p.rotations)?;
-        writeln!(out, "  last rotated: {}", ts(&p.last_rotated_at))?;
+        writeln!(out, "  last rotated: {}", ts(p.last_rotated_at))?;
         if !p.last_error.is_empty() {
             writeln!(out, "  last error:   {}", p.last_error)?;
         }
@@ -348,39 +318,31 @@ async fn run_policy(cmd: PolicyCommand, out: &mut impl std::io::Write) -> Result
     match cmd {
         PolicyCommand::Set { name, kind, interval, validity, in_, generator, grace, conn } => {
             let kind = match kind.as_str() {
-                "manual" => proto::PolicyKind::Manual,
-                "periodic" => proto::PolicyKind::Periodic,
-                "before-expiry" | "before_expiry" => proto::PolicyKind::BeforeExpiry,
-                "scheduled" => proto::PolicyKind::Scheduled,
+                "manual" => PolicyKind::Manual,
+                "periodic" => PolicyKind::Periodic,
+                "before-expiry" | "before_expiry" => PolicyKind::BeforeExpiry,
+                "scheduled" => PolicyKind::Scheduled,
                 other => {
                     return Err(ClientError::Usage(format!(
                         "unknown policy kind {other:?} (manual, periodic, before-expiry, scheduled)"
                     )))
                 }
             };
-            let at = in_.map(|d| prost_types::Timestamp::from(std::time::SystemTime::now() + d));
-            let policy = proto::RotationPolicy {
-                name,
-                kind: kind as i32,
-                interval: interval.map(proto_duration).transpose()?,
-                validity: validity.map(proto_duration).transpose()?,
-                at,
-                generator: generator.policy_generator()?,
-                grace_period: grace.map(proto_duration).transpose()?,
-                ..Default::default()
-            };
-            let (_, mut a) = connect(&conn).await?;
-            let p = a.set_rotation_policy(proto::SetRotationPolicyRequest { policy: Some(policy) }).await?.into_inner();
+            let mut policy = RotationPolicy::new(name, kind);
+            policy.interval = interval;
+            policy.validity = validity;
+            policy.at = in_.map(|d| std::time::SystemTime::now() + d);
+            policy.generator = generator.generator()?;
+            policy.grace_period = grace;
+            let p = connect(&conn).await?.set_rotation_policy(&policy).await?;
             print(out, &p)?;
         }
         PolicyCommand::Get { name, conn } => {
-            let (_, mut a) = connect(&conn).await?;
-            let p = a.get_rotation_policy(proto::GetRotationPolicyRequest { name }).await?.into_inner();
+            let p = connect(&conn).await?.rotation_policy(&name).await?;
             print(out, &p)?;
         }
         PolicyCommand::Delete { name, conn } => {
-            let (_, mut a) = connect(&conn).await?;
-            a.delete_rotation_policy(proto::DeleteRotationPolicyRequest { name: name.clone() }).await?;
+            connect(&conn).await?.delete_rotation_policy(&name).await?;
             writeln!(out, "{name}: policy removed")?;
         }
     }

@@ -10,6 +10,8 @@
 //! **Invariant:** secret values live in [`SecretValue`] (zeroized on drop, redacted in
 //! `Debug`) from the moment they are decoded; the token is never printed.
 
+mod admin;
+mod admin_types;
 mod caching;
 mod config;
 mod error;
@@ -24,11 +26,19 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
+pub use admin::JobStream;
+pub use admin_types::{
+    AuditEvent, ByteEncoding, BytesSpec, Capability, DaemonStatus, Generator, JobState, NewToken, PasswordSpec,
+    PolicyKind, PolicyRule, RotateOptions, RotationJob, RotationPolicy, RotationSource, TokenInfo, TokenSpec,
+};
 pub use caching::{CacheConfig, CacheStats, CachingClient, Update};
 pub use config::{ClientConfig, TlsConfig, TokenSource, DEFAULT_ADDR};
 pub use error::{Error, RETRY_AFTER_HEADER};
 pub use retry::{Backoff, RetryPolicy};
-pub use types::{Credential, Event, EventKind, Rotated, SecretValue, VersionInfo, VersionState};
+pub use types::{
+    Credential, CredentialInfo, Event, EventKind, EventStream, Metadata, Rotated, SecretValue, VersionInfo,
+    VersionState,
+};
 
 use crate::proto;
 use crate::proto::admin_service_client::AdminServiceClient;
@@ -64,13 +74,17 @@ type Authed = InterceptedService<Channel, Bearer>;
 
 /// A connection to one daemon (or a load balancer in front of several). Cheap to clone:
 /// clones share the HTTP/2 connection.
+///
+/// The calls are spread over `impl Client` blocks by concern (this file: credentials;
+/// `admin.rs`: operator calls); the stubs and the retry loop are `pub(crate)` so every
+/// block calls the daemon the same way.
 #[derive(Clone)]
 pub struct Client {
-    creds: CredentialServiceClient<Authed>,
-    admin: AdminServiceClient<Authed>,
-    addr: String,
-    timeout: Duration,
-    retry: RetryPolicy,
+    pub(crate) creds: CredentialServiceClient<Authed>,
+    pub(crate) admin: AdminServiceClient<Authed>,
+    pub(crate) addr: String,
+    pub(crate) timeout: Duration,
+    pub(crate) retry: RetryPolicy,
 }
 
 impl std::fmt::Debug for Client {
@@ -172,6 +186,18 @@ impl Client {
     /// writes the same value twice (two versions); a conditional one then reports a
     /// conflict. Use `expected_version` where that matters.
     pub async fn put(&self, name: &str, value: &[u8], expected_version: Option<u64>) -> Result<u64, Error> {
+        self.put_with(name, value, expected_version, None).await
+    }
+
+    /// [`Client::put`] that also replaces the credential's metadata (`None`: keep it).
+    pub async fn put_with(
+        &self,
+        name: &str,
+        value: &[u8],
+        expected_version: Option<u64>,
+        metadata: Option<&Metadata>,
+    ) -> Result<u64, Error> {
+        let metadata = metadata.map(Metadata::to_proto);
         let r = self
             .unary(|mut c, t| {
                 let req = timed(
@@ -179,7 +205,7 @@ impl Client {
                         name: name.to_owned(),
                         value: value.to_vec(),
                         expected_version,
-                        metadata: None,
+                        metadata: metadata.clone(),
                     },
                     t,
                 );
@@ -214,8 +240,26 @@ impl Client {
         Ok(r.into_inner().versions.iter().map(VersionInfo::from_proto).collect())
     }
 
+    /// A credential's metadata and retained versions, newest first (never a value).
+    pub async fn describe(&self, name: &str) -> Result<CredentialInfo, Error> {
+        let req = proto::GetCredentialMetadataRequest { name: name.to_owned() };
+        let r = self
+            .unary(|mut c, t| {
+                let req = timed(req.clone(), t);
+                async move { c.get_credential_metadata(req).await }
+            })
+            .await?;
+        Ok(CredentialInfo::from_proto(r.into_inner()))
+    }
+
     /// Every name under `prefix` the token may list, following the pages.
     pub async fn list_names(&self, prefix: &str) -> Result<Vec<String>, Error> {
+        Ok(self.list(prefix, false).await?.into_iter().map(|c| c.name).collect())
+    }
+
+    /// Every credential under `prefix` the token may list (soft-deleted ones too with
+    /// `include_deleted`), following the pages; rows carry no versions.
+    pub async fn list(&self, prefix: &str, include_deleted: bool) -> Result<Vec<CredentialInfo>, Error> {
         let mut names = Vec::new();
         let mut page_token = String::new();
         loop {
@@ -223,7 +267,7 @@ impl Client {
                 prefix: prefix.to_owned(),
                 page_size: 0,
                 page_token: page_token.clone(),
-                include_deleted: false,
+                include_deleted,
             };
             let page = self
                 .unary(|mut c, t| {
@@ -232,7 +276,7 @@ impl Client {
                 })
                 .await?
                 .into_inner();
-            names.extend(page.credentials.into_iter().map(|m| m.name));
+            names.extend(page.credentials.into_iter().map(CredentialInfo::from_proto));
             if page.next_page_token.is_empty() {
                 return Ok(names);
             }
@@ -243,21 +287,8 @@ impl Client {
     /// Rotates `name` to `value` (`None`: the daemon generates one by the credential's
     /// policy); the replaced version stays readable for its grace period.
     pub async fn rotate(&self, name: &str, value: Option<&[u8]>) -> Result<Rotated, Error> {
-        let r = self
-            .unary_admin(|mut c, t| {
-                let req = timed(
-                    proto::RotateCredentialRequest {
-                        name: name.to_owned(),
-                        source: value.map(|v| proto::rotate_credential_request::Source::Value(v.to_vec())),
-                        grace_period: None,
-                        expected_version: None,
-                    },
-                    t,
-                );
-                async move { c.rotate_credential(req).await }
-            })
-            .await?;
-        Ok(Rotated::from_proto(r.into_inner()))
+        let source = value.map(|v| RotationSource::Value(SecretValue::new(v.to_vec())));
+        self.rotate_with(name, &RotateOptions { source, ..RotateOptions::default() }).await
     }
 
     /// Change events under `prefix`. Once this returns, no later change is missed; the
@@ -275,7 +306,8 @@ impl Client {
         }
     }
 
-    async fn unary<T, F, Fut>(&self, f: F) -> Result<Response<T>, Error>
+    /// One credential-service call with the retry loop.
+    pub(crate) async fn unary<T, F, Fut>(&self, f: F) -> Result<Response<T>, Error>
     where
         F: FnMut(CredentialServiceClient<Authed>, Duration) -> Fut,
         Fut: Future<Output = Result<Response<T>, Status>>,
@@ -284,7 +316,8 @@ impl Client {
         self.with_retries(stub, f).await
     }
 
-    async fn unary_admin<T, F, Fut>(&self, f: F) -> Result<Response<T>, Error>
+    /// One admin-service call with the retry loop.
+    pub(crate) async fn unary_admin<T, F, Fut>(&self, f: F) -> Result<Response<T>, Error>
     where
         F: FnMut(AdminServiceClient<Authed>, Duration) -> Fut,
         Fut: Future<Output = Result<Response<T>, Status>>,
@@ -327,7 +360,8 @@ impl Client {
     }
 }
 
-fn timed<T>(message: T, timeout: Duration) -> Request<T> {
+/// A request carrying the attempt's deadline as `grpc-timeout`.
+pub(crate) fn timed<T>(message: T, timeout: Duration) -> Request<T> {
     let mut req = Request::new(message);
     req.set_timeout(timeout);
     req

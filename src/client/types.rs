@@ -1,6 +1,7 @@
 //! What the client hands out: credentials with their value in a zeroizing, redacted
 //! buffer, version information and change events.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::time::{Duration, SystemTime};
 
@@ -99,6 +100,19 @@ impl Credential {
     }
 }
 
+impl VersionState {
+    /// Lower case, as the command line prints it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VersionState::Current => "current",
+            VersionState::Previous => "previous",
+            VersionState::Deprecated => "deprecated",
+            VersionState::Destroyed => "destroyed",
+            VersionState::Unknown => "unknown",
+        }
+    }
+}
+
 /// A retained version, without its value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VersionInfo {
@@ -106,6 +120,8 @@ pub struct VersionInfo {
     pub state: VersionState,
     pub created_at: Option<SystemTime>,
     pub expires_at: Option<SystemTime>,
+    /// The key-encryption key that wraps this version's data key.
+    pub kek_id: u32,
 }
 
 impl VersionInfo {
@@ -115,6 +131,66 @@ impl VersionInfo {
             state: VersionState::from_proto(v.state),
             created_at: v.created_at.as_ref().and_then(system_time),
             expires_at: v.expires_at.as_ref().and_then(system_time),
+            kek_id: v.kek_id,
+        }
+    }
+}
+
+/// What a credential says about itself besides its value.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Metadata {
+    pub labels: BTreeMap<String, String>,
+    pub description: String,
+    pub owner: String,
+    /// When the credential itself expires (informational; rotation policies use it).
+    pub expires_at: Option<SystemTime>,
+}
+
+impl Metadata {
+    pub(crate) fn from_proto(m: proto::Metadata) -> Metadata {
+        Metadata {
+            labels: m.labels.into_iter().collect(),
+            description: m.description,
+            owner: m.owner,
+            expires_at: m.expires_at.as_ref().and_then(system_time),
+        }
+    }
+
+    pub(crate) fn to_proto(&self) -> proto::Metadata {
+        proto::Metadata {
+            labels: self.labels.clone().into_iter().collect(),
+            description: self.description.clone(),
+            owner: self.owner.clone(),
+            expires_at: self.expires_at.map(prost_types::Timestamp::from),
+        }
+    }
+}
+
+/// A credential's metadata and retained versions (never a value): `describe`, one row
+/// of `list` (whose rows carry no versions).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialInfo {
+    pub name: String,
+    pub current_version: u64,
+    pub metadata: Option<Metadata>,
+    pub created_at: Option<SystemTime>,
+    pub updated_at: Option<SystemTime>,
+    /// Set when the credential is soft-deleted.
+    pub deleted_at: Option<SystemTime>,
+    /// Newest first; empty in listings.
+    pub versions: Vec<VersionInfo>,
+}
+
+impl CredentialInfo {
+    pub(crate) fn from_proto(m: proto::CredentialMetadata) -> CredentialInfo {
+        CredentialInfo {
+            current_version: m.current_version,
+            metadata: m.metadata.map(Metadata::from_proto),
+            created_at: m.created_at.as_ref().and_then(system_time),
+            updated_at: m.updated_at.as_ref().and_then(system_time),
+            deleted_at: m.deleted_at.as_ref().and_then(system_time),
+            versions: m.versions.iter().map(VersionInfo::from_proto).collect(),
+            name: m.name,
         }
     }
 }
@@ -134,6 +210,21 @@ impl Rotated {
             version: r.version,
             previous_version: r.previous_version,
             previous_expires_at: r.previous_expires_at.as_ref().and_then(system_time),
+        }
+    }
+}
+
+impl EventKind {
+    /// Upper case, as the command line prints it (`PUT`, `DESTROY_VERSION`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Put => "PUT",
+            EventKind::Rotate => "ROTATE",
+            EventKind::Delete => "DELETE",
+            EventKind::Undelete => "UNDELETE",
+            EventKind::DestroyVersion => "DESTROY_VERSION",
+            EventKind::Resync => "RESYNC",
+            EventKind::Unknown => "UNKNOWN",
         }
     }
 }
@@ -202,8 +293,18 @@ impl EventStream {
     }
 }
 
-fn system_time(t: &prost_types::Timestamp) -> Option<SystemTime> {
+pub(crate) fn system_time(t: &prost_types::Timestamp) -> Option<SystemTime> {
     let secs = u64::try_from(t.seconds).ok()?;
     let nanos = u32::try_from(t.nanos).ok()?;
     SystemTime::UNIX_EPOCH.checked_add(Duration::new(secs, nanos))
+}
+
+/// A protobuf duration as a `Duration`; `None` if negative or absent.
+pub(crate) fn std_duration(d: Option<&prost_types::Duration>) -> Option<Duration> {
+    d.and_then(|d| Duration::try_from(*d).ok())
+}
+
+/// A `Duration` as a protobuf duration (saturating at the largest one).
+pub(crate) fn proto_duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration::try_from(d).unwrap_or(prost_types::Duration { seconds: i64::MAX, nanos: 999_999_999 })
 }

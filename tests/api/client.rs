@@ -361,3 +361,135 @@ async fn rate_limits_are_retried_after_the_daemons_hint() {
     assert!(started.elapsed() >= Duration::from_millis(500), "paced by the limit: {:?}", started.elapsed());
     d.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parent_streams_are_capped_with_a_short_ttl_beyond() {
+    let env = TestEnv::new(Backend::Sqlite).await;
+    let d = TestDaemon::start(env.settings(), None).await;
+    let writer = client(&d).await;
+    for dir in ["a", "b", "c", "d"] {
+        writer.put(&format!("{dir}/x"), b"v1", None).await.unwrap();
+    }
+    let unwatched_ttl = Duration::from_secs(2);
+    let cfg = CacheConfig {
+        max_parent_streams: 2,
+        unwatched_ttl,
+        reconnect_initial: Duration::from_millis(20),
+        ..CacheConfig::default()
+    };
+    let cache = CachingClient::new(Client::connect_lazy(&config(&d)).unwrap(), cfg);
+    for dir in ["a", "b", "c", "d"] {
+        assert_eq!(cache.get(&format!("{dir}/x")).await.unwrap().version, 1);
+    }
+    let s = cache.stats();
+    assert_eq!((s.watches, s.parent_streams), (2, 2), "two parent streams, no more: {s:?}");
+    // A load that overlaps a stream's first revalidation is not stored (it may be
+    // superseded); once every stream is live, one more read of each is.
+    assert!(cache.wait_live(Duration::from_secs(5)).await);
+    for dir in ["a", "b", "c", "d"] {
+        cache.get(&format!("{dir}/x")).await.unwrap();
+    }
+    let s = cache.stats();
+    assert_eq!((s.entries, s.unwatched_entries), (4, 2), "{s:?}");
+    // A prefix the caller asks for is not capped.
+    cache.prefetch_prefix("e/").await.unwrap();
+    assert_eq!(cache.stats().watches, 3);
+
+    // Within its TTL an unwatched name is a hit, like a watched one.
+    let hits = cache.stats().hits;
+    cache.get("c/x").await.unwrap();
+    assert_eq!(cache.stats().hits, hits + 1);
+    let read_at = std::time::Instant::now();
+    writer.put("a/x", b"v2", None).await.unwrap();
+    writer.put("c/x", b"v2", None).await.unwrap();
+    // The watched name follows by push...
+    eventually("a pushed change", Duration::from_millis(100), async || cache.get("a/x").await.unwrap().version == 2)
+        .await;
+    // ... the unwatched one only once its short TTL has run out.
+    let mut seen_v1 = false;
+    eventually("the unwatched entry is re-read after its TTL", unwatched_ttl + Duration::from_secs(3), async || {
+        let v = cache.get("c/x").await.unwrap().version;
+        if v == 1 {
+            seen_v1 = true;
+            assert!(read_at.elapsed() < unwatched_ttl + Duration::from_millis(500), "kept past its TTL");
+        }
+        v == 2
+    })
+    .await;
+    assert!(read_at.elapsed() + Duration::from_millis(200) >= unwatched_ttl || !seen_v1);
+
+    // unwatched_ttl = 0: such names are not cached at all.
+    let cfg = CacheConfig { max_parent_streams: 1, unwatched_ttl: Duration::ZERO, ..CacheConfig::default() };
+    let uncached = CachingClient::new(Client::connect_lazy(&config(&d)).unwrap(), cfg);
+    for dir in ["a", "b", "c"] {
+        uncached.get(&format!("{dir}/x")).await.unwrap();
+    }
+    assert!(uncached.wait_live(Duration::from_secs(5)).await);
+    for dir in ["a", "b", "c"] {
+        uncached.get(&format!("{dir}/x")).await.unwrap();
+    }
+    let s = uncached.stats();
+    assert_eq!((s.watches, s.entries, s.unwatched_entries), (1, 1, 0), "{s:?}");
+    drop(uncached);
+    drop(cache);
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_calls_return_domain_types() {
+    use credvault::client::{Capability, JobState, PolicyKind, PolicyRule, RotationPolicy, TokenSpec};
+    let env = TestEnv::new(Backend::Sqlite).await;
+    let d = TestDaemon::start(env.settings(), None).await;
+    let c = client(&d).await;
+    c.put("adm/key", b"one", None).await.unwrap();
+
+    let status = c.status().await.unwrap();
+    assert_eq!((status.storage_backend.as_str(), status.storage_healthy, status.credentials), ("sqlite", true, 1));
+    let rule =
+        PolicyRule { pattern: "adm/**".into(), capabilities: vec![Capability::Read, Capability::List], deny: false };
+    let spec = TokenSpec { display_name: "reader".into(), rules: vec![rule.clone()], ..TokenSpec::default() };
+    let created = c.create_token(&spec).await.unwrap();
+    assert!(!format!("{created:?}").contains(created.token.as_str()), "the secret is redacted in Debug");
+    let id = created.info.as_ref().unwrap().id.clone();
+    let listed = c.list_tokens().await.unwrap();
+    let mine = listed.iter().find(|t| t.id == id).expect("the new token is listed");
+    assert_eq!((mine.display_name.as_str(), &mine.rules), ("reader", &vec![rule]));
+    c.revoke_token(&id).await.unwrap();
+    assert!(c.list_tokens().await.unwrap().iter().any(|t| t.id == id && t.revoked_at.is_some()));
+    assert!(matches!(c.revoke_token("zz").await, Err(Error::InvalidArgument(_))));
+    assert!(matches!(c.revoke_token("00000000").await, Err(Error::NotFound(_))));
+
+    let info = c.describe("adm/key").await.unwrap();
+    assert_eq!((info.current_version, info.versions.len()), (1, 1));
+    let mut policy = RotationPolicy::new("adm/key", PolicyKind::Manual);
+    assert!(matches!(c.set_rotation_policy(&policy).await, Err(Error::InvalidArgument(_))), "no generator");
+    policy.generator = Some(credvault::client::Generator::Password(credvault::client::PasswordSpec {
+        length: 24,
+        digits: true,
+        ..Default::default()
+    }));
+    let stored = c.set_rotation_policy(&policy).await.unwrap();
+    assert_eq!((stored.kind, stored.generator), (PolicyKind::Manual, policy.generator));
+    let rotated = c.rotate("adm/key", None).await.unwrap();
+    assert_eq!(rotated.version, 2);
+    let v2 = c.get("adm/key").await.unwrap();
+    assert!(v2.value.len() == 24 && v2.value.expose().iter().all(u8::is_ascii_digit));
+    assert_eq!(c.rotation_policy("adm/key").await.unwrap().rotations, 1);
+    c.delete_rotation_policy("adm/key").await.unwrap();
+    assert!(matches!(c.rotation_policy("adm/key").await, Err(Error::NotFound(_))));
+
+    let job = c.rotate_kek().await.unwrap();
+    let mut stream = c.watch_rotation_job(job.job_id).await.unwrap();
+    let mut last = None;
+    while let Some(j) = stream.next().await {
+        last = Some(j.unwrap());
+    }
+    let last = last.expect("at least one progress report");
+    assert_eq!((last.state, last.new_kek_id, last.failed), (JobState::Completed, job.new_kek_id, 0));
+    assert_eq!(c.rotation_job(0).await.unwrap().job_id, job.job_id);
+    eventually("the KEK rotation is audited", Duration::from_secs(5), async || {
+        c.audit_events(50).await.unwrap().iter().any(|e| e.rpc == "RotateKek" && e.code == "OK")
+    })
+    .await;
+    d.stop().await;
+}

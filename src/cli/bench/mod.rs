@@ -49,6 +49,7 @@ mod load;
 mod raw;
 mod report;
 mod seed;
+mod watch;
 
 use baseline::{BaselineKind, BaselineServer};
 use keys::{Keys, Picker, SplitMix64};
@@ -172,6 +173,8 @@ pub struct BenchArgs {
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
+    pub watch: watch::WatchArgs,
+    #[command(flatten)]
     pub conn: Connection,
 }
 
@@ -205,6 +208,9 @@ fn parse_compare(s: &str) -> Result<(String, String), String> {
 
 /// Runs the bench and prints its report (text, or JSON with `--json`).
 pub async fn run(args: BenchArgs, out: &mut impl Write) -> Result<(), ClientError> {
+    if let Some(mode) = args.watch.watch {
+        return watch::run(&args, mode, out).await;
+    }
     if let Some(kind) = args.serve_baseline {
         check(&args)?;
         let server = BaselineServer::start(kind, args.listen, args.baseline_workers, args.value_size, false)?;

@@ -1,7 +1,9 @@
 //! The real `credvault` binary, the one way tests run it: [`Binary`] builds the command
 //! line and environment, then either runs it to its exit ([`Binary::output`]: client
-//! subcommands, `bench`, a `serve` that must refuse to start) or starts a daemon and waits
-//! until its JSON log says where it serves ([`Binary::start`], giving a [`Running`]).
+//! subcommands, `bench`, a `serve` that must refuse to start), starts a daemon and waits
+//! until its JSON log says where it serves ([`Binary::start`], giving a [`Running`]), or
+//! starts any other long-running command (`agent`, `run`) the test signals and waits for
+//! ([`Binary::spawn`], giving a [`Process`]).
 
 use std::ffi::OsStr;
 use std::net::SocketAddr;
@@ -82,6 +84,13 @@ impl Binary {
         self
     }
 
+    /// Keeps a variable of the test process (other than `CREDVAULT_*`, already removed)
+    /// from reaching it.
+    pub fn env_remove(mut self, name: impl AsRef<OsStr>) -> Binary {
+        self.cmd.env_remove(name);
+        self
+    }
+
     /// Writes `toml` to `path` and passes `--config <path>`.
     pub fn config(self, path: &Path, toml: &str) -> Binary {
         std::fs::write(path, toml).expect("write the config file");
@@ -114,6 +123,17 @@ impl Binary {
         let ((), out) = tokio::join!(feed, child.wait_with_output());
         let out = out.expect("wait for credvault");
         Output { status: out.status, stdout: out.stdout, stderr: String::from_utf8_lossy(&out.stderr).into_owned() }
+    }
+
+    /// Starts it and returns at once: for commands that run until signalled (`agent`,
+    /// `run`). Both output pipes are read in the background; the process is killed if
+    /// the [`Process`] is dropped.
+    pub fn spawn(mut self) -> Process {
+        self.cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+        let mut child = self.cmd.spawn().expect("spawn credvault");
+        let stdout = tokio::spawn(read_all(child.stdout.take().expect("stdout")));
+        let stderr = tokio::spawn(read_all(child.stderr.take().expect("stderr")));
+        Process { child, stdout, stderr }
     }
 
     /// Starts a daemon (`serve`) with JSON logs and waits until it logs "serving gRPC",
@@ -195,6 +215,48 @@ fn listening(line: &str) -> Option<(SocketAddr, SocketAddr)> {
     let v: serde_json::Value = serde_json::from_str(line).ok()?;
     let addr = |field: &str| v["fields"][field].as_str()?.parse().ok();
     Some((addr("addr")?, addr("metrics_addr")?))
+}
+
+async fn read_all(mut pipe: impl tokio::io::AsyncRead + Unpin) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let _ = tokio::io::AsyncReadExt::read_to_end(&mut pipe, &mut buf).await;
+    buf
+}
+
+/// A command started by [`Binary::spawn`], killed when dropped.
+pub struct Process {
+    child: Child,
+    stdout: JoinHandle<Vec<u8>>,
+    stderr: JoinHandle<Vec<u8>>,
+}
+
+impl Process {
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("still running")
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGTERM`).
+    pub fn signal(&self, signal: i32) {
+        let pid = libc::pid_t::try_from(self.pid()).expect("a pid fits pid_t");
+        // SAFETY: kill(2) on the pid of a child this test spawned and has not reaped.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "kill({pid}, {signal})");
+    }
+
+    /// Waits up to `timeout` for it to exit; returns how it ended and what it printed.
+    /// Panics (the process is killed) if it is still running then.
+    pub async fn wait(mut self, timeout: Duration) -> Output {
+        let status = match tokio::time::timeout(timeout, self.child.wait()).await {
+            Ok(status) => status.expect("wait for credvault"),
+            Err(_) => {
+                let _ = self.child.kill().await;
+                let stderr = self.stderr.await.unwrap_or_default();
+                panic!("credvault still running after {timeout:?}:\n{}", String::from_utf8_lossy(&stderr));
+            }
+        };
+        let stdout = self.stdout.await.expect("stdout reader");
+        let stderr = String::from_utf8_lossy(&self.stderr.await.expect("stderr reader")).into_owned();
+        Output { status, stdout, stderr }
+    }
 }
 
 /// How a command run by [`Binary::output`] ended, and what it printed.
