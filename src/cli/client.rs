@@ -66,7 +66,10 @@ pub async fn run_client(cmd: ClientCommand) -> Result<(), ClientError> {
                 writeln!(out, "{:>8}  {:<10}  {:>4}  {}", v.version, state_name(v.state), v.kek_id, ts(&v.created_at))?;
             }
         }
-        ClientCommand::List { prefix, deleted, conn } => {
+        ClientCommand::List { prefix, deleted, older_than, rotation_overdue, conn } => {
+            let older_than = older_than.map(prost_types::Duration::try_from).transpose().map_err(|_| {
+                ClientError::Usage("--older-than is out of range".into())
+            })?;
             let (mut c, _) = connect(&conn).await?;
             let mut page_token = String::new();
             loop {
@@ -76,6 +79,8 @@ pub async fn run_client(cmd: ClientCommand) -> Result<(), ClientError> {
                         page_size: 0,
                         page_token,
                         include_deleted: deleted,
+                        older_than,
+                        rotation_overdue,
                     })
                     .await?
                     .into_inner();

@@ -104,6 +104,12 @@ pub enum ClientCommand {
         /// Include soft-deleted credentials.
         #[arg(long)]
         deleted: bool,
+        /// Only credentials whose current version is older than this (90d, 12h, 30m).
+        #[arg(long, value_parser = rotate::parse_duration)]
+        older_than: Option<std::time::Duration>,
+        /// Only credentials whose rotation policy is overdue.
+        #[arg(long)]
+        rotation_overdue: bool,
         #[command(flatten)]
         conn: Connection,
     },

@@ -224,6 +224,7 @@ impl Client {
                 page_size: 0,
                 page_token: page_token.clone(),
                 include_deleted: false,
+                ..Default::default()
             };
             let page = self
                 .unary(|mut c, t| {

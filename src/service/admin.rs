@@ -105,7 +105,7 @@ impl From<TokenError> for Status {
     }
 }
 
-fn duration(d: Option<prost_types::Duration>, what: &str) -> Result<Option<std::time::Duration>, Status> {
+pub(super) fn duration(d: Option<prost_types::Duration>, what: &str) -> Result<Option<std::time::Duration>, Status> {
     d.map(|d| {
         to_std_duration(d)
             .ok_or_else(|| Status::invalid_argument(format!("{what} must not be negative")))?

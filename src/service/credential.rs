@@ -239,7 +239,12 @@ impl CredentialService for CredentialApi {
         }
         let r = req.into_inner();
         // The vault scans only what this caller may list, and seals the cursor to it.
-        let page = self.vault.list(&c, &r.prefix, r.page_size, &r.page_token, r.include_deleted).await?;
+        let filters = crate::vault::ListFilters {
+            older_than: super::admin::duration(r.older_than, "older_than")?,
+            rotation_overdue: r.rotation_overdue,
+        };
+        let page =
+            self.vault.list_where(&c, &r.prefix, r.page_size, &r.page_token, r.include_deleted, filters).await?;
         Ok(Response::new(proto::ListCredentialsResponse {
             credentials: page.credentials.iter().map(|h| metadata_message(h, &[])).collect(),
             next_page_token: page.next_page_token,

@@ -13,7 +13,8 @@ use super::breaker::Permit;
 use super::{
     AuditRow, AuditStore, Backend, Breaker, ChangeSink, CredentialRow, CredentialStore, JobRow, JobStore, KekRow,
     KeyStore, KeyringRow, ListQuery, Micros, NewVersion, PolicyStore, PoolStats, RewrapBatch, RewrapRow,
-    RotationPolicyRow, Store, StoreError, TokenRow, TokenStore, VersionInfo, VersionRow,
+    RotationPolicyRow, Staleness, StalenessQuery, StalenessStore, Store, StoreError, TokenRow, TokenStore, VersionInfo,
+    VersionRow, ListFilter,
 };
 use crate::telemetry::names::STORE_QUERY_DURATION;
 
@@ -97,6 +98,8 @@ ops! {
     InsertAudit => "insert_audit", Background;
     RecentAudit => "recent_audit", Request;
     PruneAudit => "prune_audit", Background;
+    Staleness => "staleness", Background;
+    ListFiltered => "list_filtered", Request;
     // A resync revalidates the whole cache after the change feed or the store returns.
     Resync => "resync", Background;
     Probe => "probe", Background;
@@ -396,6 +399,21 @@ impl AuditStore for Instrumented {
 
     async fn prune_audit(&self, before: Micros, limit: u32) -> Result<u64, StoreError> {
         self.timed(Op::PruneAudit, self.inner.prune_audit(before, limit)).await
+    }
+}
+
+#[async_trait]
+impl StalenessStore for Instrumented {
+    async fn staleness(&self, q: &StalenessQuery) -> Result<Staleness, StoreError> {
+        self.timed(Op::Staleness, self.inner.staleness(q)).await
+    }
+
+    async fn list_filtered(
+        &self,
+        q: &ListQuery<'_>,
+        f: &ListFilter,
+    ) -> Result<Vec<(CredentialRow, bool)>, StoreError> {
+        self.timed(Op::ListFiltered, self.inner.list_filtered(q, f)).await
     }
 }
 

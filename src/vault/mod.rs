@@ -24,13 +24,15 @@ mod keys;
 mod listing;
 mod read;
 mod rotation;
+mod staleness;
 mod tokens;
 mod write;
 mod write_queue;
 
 pub use keys::JobProgress;
 pub use listing::{open_page_token, page_key, seal_page_token, PageBinding, PageTokenError, PAGE_TOKEN_TTL};
-pub use rotation::{NewValue, PolicySpec, RotateOutcome, RotationSettings};
+pub use rotation::{schedule_jitter, NewValue, PolicySpec, RotateOutcome, RotationSettings};
+pub use staleness::ListFilters;
 
 /// Request-size limits; every one is enforced before the store is touched.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]

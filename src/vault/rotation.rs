@@ -37,6 +37,21 @@ pub struct RotationSettings {
     pub job_lease_ms: u64,
     /// Change events buffered per watcher; a watcher further behind is dropped.
     pub watch_buffer: usize,
+    /// Periodic and before-expiry rotations are moved by up to this much (never more
+    /// than half the policy's interval), by a fixed amount per credential name, so
+    /// credentials given the same schedule at the same moment do not all rotate in the
+    /// same second. 0: no jitter.
+    pub schedule_jitter_seconds: u64,
+    /// How often the staleness task recounts overdue, expiring and old credentials.
+    pub staleness_interval_ms: u64,
+    /// A rotation policy whose slot passed this long ago without a rotation is overdue
+    /// (the scheduler runs due slots within about a second; a failing one retries).
+    pub overdue_after_seconds: u64,
+    /// Credentials expiring within this horizon are counted as expiring.
+    pub expiry_horizon_seconds: u64,
+    /// Each staleness count stops here: the work of a pass is bounded, and a gauge at
+    /// this value means "at least this many".
+    pub staleness_max_count: u32,
 }
 
 impl Default for RotationSettings {
@@ -49,6 +64,11 @@ impl Default for RotationSettings {
             rewrap_pause_ms: 0,
             job_lease_ms: 15_000,
             watch_buffer: 1024,
+            schedule_jitter_seconds: 0,
+            staleness_interval_ms: 30_000,
+            overdue_after_seconds: 300,
+            expiry_horizon_seconds: 7 * 86_400,
+            staleness_max_count: 100_000,
         }
     }
 }
@@ -66,6 +86,9 @@ impl RotationSettings {
         if !(1..=100_000).contains(&self.rewrap_batch_size) {
             return Err("rotation.rewrap_batch_size must be between 1 and 100000".into());
         }
+        if self.staleness_interval_ms == 0 || self.staleness_max_count == 0 {
+            return Err("rotation.staleness_interval_ms and rotation.staleness_max_count must be positive".into());
+        }
         if self.watch_buffer == 0 {
             return Err("rotation.watch_buffer must be at least 1".into());
         }
@@ -74,6 +97,45 @@ impl RotationSettings {
 
     fn default_grace(&self) -> Duration {
         Duration::from_secs(self.default_grace_seconds)
+    }
+
+    /// `name`'s schedule offset under a policy with this interval ([`schedule_jitter`]).
+    fn jitter(&self, name: &str, interval_us: Option<Micros>) -> Micros {
+        schedule_jitter(name, Duration::from_secs(self.schedule_jitter_seconds), interval_us.unwrap_or(0))
+    }
+}
+
+/// How far `name`'s rotations are moved within a jitter window of `window` (at most half
+/// of `interval_us`): a share of the window fixed by a hash of the name. Every daemon
+/// computes the same offset for a name, so the compare-and-set on a slot still works,
+/// and many names spread evenly across the window.
+pub fn schedule_jitter(name: &str, window: Duration, interval_us: Micros) -> Micros {
+    use sha2::{Digest, Sha256};
+    let window = micros(window).min(interval_us / 2);
+    let Ok(span) = u64::try_from(window) else { return 0 };
+    if span == 0 {
+        return 0;
+    }
+    let digest = Sha256::digest(name.as_bytes());
+    let Some(head) = digest.first_chunk::<8>() else { return 0 };
+    // Below `span + 1`, which fits an i64 since `span` came from one.
+    Micros::try_from(u64::from_be_bytes(*head) % (span + 1)).unwrap_or(0)
+}
+
+/// The first slot of a policy set at `now`. `jitter` moves a periodic slot later and a
+/// before-expiry slot earlier (a rotation before expiry must not drift past it).
+fn first_run(spec: &PolicySpec, now: Micros, head_expires: Option<Micros>, jitter: Micros) -> Option<Micros> {
+    let interval = spec.interval.map(micros).unwrap_or(0);
+    match spec.kind {
+        PolicyKind::Manual => None,
+        PolicyKind::Periodic => Some(now.saturating_add(interval).saturating_add(jitter)),
+        PolicyKind::BeforeExpiry => {
+            // Without an expiry yet, treat the current value as issued now.
+            let validity = spec.validity.map(micros).unwrap_or(0);
+            let expires = head_expires.unwrap_or(now.saturating_add(validity));
+            Some(expires.saturating_sub(interval).saturating_sub(jitter))
+        }
+        PolicyKind::Scheduled => spec.at,
     }
 }
 
@@ -117,22 +179,24 @@ struct Plan {
     expires_at: Option<Micros>,
 }
 
-fn plan(p: &RotationPolicyRow, claim: Option<Micros>, now: Micros) -> Plan {
+/// `jitter`: the credential's schedule offset ([`schedule_jitter`]).
+fn plan(p: &RotationPolicyRow, claim: Option<Micros>, now: Micros, jitter: Micros) -> Plan {
     let interval = p.interval_us.unwrap_or(0);
     match p.kind {
         PolicyKind::Manual => Plan { next_run_at: None, expires_at: None },
         PolicyKind::Periodic => {
-            // Slots follow each other at the period; slots missed while no daemon ran
-            // are skipped, not made up in a burst.
+            // Slots follow each other at the period (keeping the offset the first slot
+            // got); slots missed while no daemon ran are skipped, not made up in a burst.
             let next = match claim {
                 Some(c) if c.saturating_add(interval) > now => c.saturating_add(interval),
-                _ => now.saturating_add(interval),
+                _ => now.saturating_add(interval).saturating_add(jitter),
             };
             Plan { next_run_at: Some(next), expires_at: None }
         }
         PolicyKind::BeforeExpiry => {
             let expires = now.saturating_add(p.validity_us.unwrap_or(0));
-            Plan { next_run_at: Some(expires.saturating_sub(interval)), expires_at: Some(expires) }
+            let next = expires.saturating_sub(interval).saturating_sub(jitter);
+            Plan { next_run_at: Some(next), expires_at: Some(expires) }
         }
         // A scheduled rotation happens once; a manual one before it leaves it pending.
         PolicyKind::Scheduled => {
@@ -197,7 +261,7 @@ impl Vault {
         };
         let grace = grace.unwrap_or(usual.0);
         let now = now_micros();
-        let plan = policy.as_ref().map(|p| plan(p, None, now));
+        let plan = policy.as_ref().map(|p| plan(p, None, now, self.inner.rotation.jitter(&p.name, p.interval_us)));
         let metadata = renewed_metadata(&head, plan.as_ref());
         let opts = WriteOptions {
             expected,
@@ -259,16 +323,8 @@ impl Vault {
             _ => {}
         }
         let head = self.live_head(&name).await?;
-        let next_run_at = match spec.kind {
-            PolicyKind::Manual => None,
-            PolicyKind::Periodic => Some(now.saturating_add(interval.unwrap_or(0))),
-            PolicyKind::BeforeExpiry => {
-                // Without an expiry yet, treat the current value as issued now.
-                let expires = head.metadata.expires_at.unwrap_or(now.saturating_add(validity.unwrap_or(0)));
-                Some(expires.saturating_sub(interval.unwrap_or(0)))
-            }
-            PolicyKind::Scheduled => spec.at,
-        };
+        let jitter = self.inner.rotation.jitter(name.as_str(), interval);
+        let next_run_at = first_run(spec, now, head.metadata.expires_at, jitter);
         let row = RotationPolicyRow {
             name: name.as_str().to_owned(),
             kind: spec.kind,
@@ -321,7 +377,8 @@ impl Vault {
                 Err(e) => return Err(e),
             };
             let value = spec.generate().map_err(VaultError::Internal)?;
-            let plan = plan(policy, Some(claim), now_micros());
+            let jitter = self.inner.rotation.jitter(&policy.name, policy.interval_us);
+            let plan = plan(policy, Some(claim), now_micros(), jitter);
             let metadata = renewed_metadata(&head, Some(&plan));
             let opts = WriteOptions {
                 expected: Some(head.current_version),

@@ -12,7 +12,8 @@ use credvault::proto::BatchGetCredentialsRequest;
 use credvault::store::{
     AuditStore, Backend as StoreBackend, ChangeSink, CredentialRow, CredentialStore, JobRow, JobStore, KekRow,
     KeyStore, KeyringRow, ListQuery, Micros, NewVersion, PolicyStore, PoolStats, RewrapBatch, RewrapRow,
-    RotationPolicyRow, Store, StoreError, TokenRow, TokenStore, VersionInfo, VersionRow,
+    RotationPolicyRow, Staleness, StalenessQuery, StalenessStore, Store, StoreError, TokenRow, TokenStore, VersionInfo,
+    VersionRow, ListFilter,
 };
 use credvault::vault::Vault;
 
@@ -231,6 +232,16 @@ impl AuditStore for PausingStore {
     }
     async fn prune_audit(&self, before: Micros, limit: u32) -> Result<u64, StoreError> {
         self.inner.prune_audit(before, limit).await
+    }
+}
+
+#[async_trait]
+impl StalenessStore for PausingStore {
+    async fn staleness(&self, q: &StalenessQuery) -> Result<Staleness, StoreError> {
+        self.inner.staleness(q).await
+    }
+    async fn list_filtered(&self, q: &ListQuery<'_>, f: &ListFilter) -> Result<Vec<(CredentialRow, bool)>, StoreError> {
+        self.inner.list_filtered(q, f).await
     }
 }
 

@@ -19,6 +19,7 @@ mod credentials;
 mod jobs;
 mod keys;
 mod policies;
+mod staleness;
 mod tokens;
 
 pub(super) use audit::AUDIT_COLS;
