@@ -457,3 +457,109 @@ fn renewed_metadata(head: &CredentialRow, plan: Option<&Plan>) -> Option<crate::
     m.expires_at = Some(expires);
     Some(m)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The injected clock: every schedule function takes `now`.
+    const NOW: Micros = 1_800_000_000_000_000;
+    const SECOND: Micros = 1_000_000;
+    const HOUR: Micros = 3600 * SECOND;
+
+    fn spec(kind: PolicyKind, interval: Micros, validity: Option<Micros>) -> PolicySpec {
+        let d = |us: Micros| Duration::from_micros(u64::try_from(us).unwrap());
+        PolicySpec {
+            kind,
+            interval: Some(d(interval)),
+            validity: validity.map(d),
+            at: None,
+            generator: GeneratorSpec::Bytes { length: 16, encoding: crate::generate::Encoding::Hex },
+            grace: None,
+        }
+    }
+
+    fn row(name: &str, kind: PolicyKind, interval: Micros, validity: Option<Micros>) -> RotationPolicyRow {
+        RotationPolicyRow {
+            name: name.into(),
+            kind,
+            interval_us: Some(interval),
+            validity_us: validity,
+            at: None,
+            generator: "{}".into(),
+            grace_us: 0,
+            next_run_at: None,
+            rotations: 0,
+            last_rotated_at: None,
+            last_error: None,
+            updated_at: NOW,
+        }
+    }
+
+    #[test]
+    fn jitter_is_fixed_per_name_and_bounded() {
+        let window = Duration::from_secs(600);
+        let mut distinct = std::collections::HashSet::new();
+        for i in 0..1000 {
+            let name = format!("svc/{i}/key");
+            let j = schedule_jitter(&name, window, HOUR);
+            assert_eq!(j, schedule_jitter(&name, window, HOUR), "the same on every call (and daemon)");
+            assert!((0..=600 * SECOND).contains(&j), "{name}: {j}");
+            // Never more than half the interval, whatever the window.
+            assert!(schedule_jitter(&name, window, 10 * SECOND) <= 5 * SECOND);
+            distinct.insert(j);
+        }
+        assert!(distinct.len() > 990, "offsets spread: {} distinct of 1000", distinct.len());
+        assert_eq!(schedule_jitter("svc/x", Duration::ZERO, HOUR), 0, "no window, no jitter");
+        assert_eq!(schedule_jitter("svc/x", window, 0), 0, "no interval, no jitter");
+    }
+
+    #[test]
+    fn credentials_given_one_schedule_at_once_spread_over_the_window() {
+        // 1,000 credentials get the same hourly policy in the same microsecond. Without
+        // jitter all are due in the same instant; with a 60 s window every second of the
+        // window gets some of them and none gets a burst (16.4 a second on average).
+        let hourly = spec(PolicyKind::Periodic, HOUR, None);
+        assert_eq!(first_run(&hourly, NOW, None, 0), Some(NOW + HOUR));
+        let mut per_second = [0u32; 61];
+        for i in 0..1000 {
+            let name = format!("team-{}/db/{i}", i % 7);
+            let jitter = schedule_jitter(&name, Duration::from_secs(60), HOUR);
+            let due = first_run(&hourly, NOW, None, jitter).unwrap();
+            assert!((NOW + HOUR..=NOW + HOUR + 60 * SECOND).contains(&due));
+            per_second[usize::try_from((due - NOW - HOUR) / SECOND).unwrap()] += 1;
+        }
+        assert!(per_second[..60].iter().all(|&n| n > 0), "{per_second:?}");
+        assert!(per_second.iter().all(|&n| n <= 40), "no second gets a burst: {per_second:?}");
+    }
+
+    #[test]
+    fn periodic_slots_keep_their_offset_and_skip_missed_ones() {
+        let p = row("app/token", PolicyKind::Periodic, HOUR, None);
+        let jitter = schedule_jitter(&p.name, Duration::from_secs(300), HOUR);
+        assert!(jitter > 0);
+        let first = NOW + HOUR + jitter;
+        // The scheduler takes the slot a little late: the next one is a period on.
+        assert_eq!(plan(&p, Some(first), first + 2 * SECOND, jitter).next_run_at, Some(first + HOUR));
+        // Slots missed while no daemon ran are skipped; the offset is kept.
+        let late = first + 3 * HOUR;
+        assert_eq!(plan(&p, Some(first), late, jitter).next_run_at, Some(late + HOUR + jitter));
+        // A rotation by request starts the chain over from now, with the same offset.
+        assert_eq!(plan(&p, None, NOW, jitter).next_run_at, Some(NOW + HOUR + jitter));
+    }
+
+    #[test]
+    fn before_expiry_jitter_only_moves_rotations_earlier() {
+        let (lead, validity) = (24 * HOUR, 30 * 24 * HOUR);
+        let p = row("tls/cert", PolicyKind::BeforeExpiry, lead, Some(validity));
+        let jitter = schedule_jitter(&p.name, Duration::from_secs(86_400), lead);
+        assert!(jitter > 0 && jitter <= lead / 2, "{jitter}");
+        let planned = plan(&p, None, NOW, jitter);
+        assert_eq!(planned.expires_at, Some(NOW + validity));
+        assert_eq!(planned.next_run_at, Some(NOW + validity - lead - jitter));
+        let s = spec(PolicyKind::BeforeExpiry, lead, Some(validity));
+        let expires = NOW + 10 * 24 * HOUR;
+        assert_eq!(first_run(&s, NOW, Some(expires), jitter), Some(expires - lead - jitter));
+        assert_eq!(first_run(&s, NOW, Some(expires), 0), Some(expires - lead));
+    }
+}
