@@ -26,6 +26,7 @@ mod proxy;
 mod rotation;
 mod secrets;
 mod security;
+mod staleness;
 mod tamper;
 mod tls;
 mod tokens;
