@@ -67,9 +67,10 @@ pub async fn run_client(cmd: ClientCommand) -> Result<(), ClientError> {
             }
         }
         ClientCommand::List { prefix, deleted, older_than, rotation_overdue, conn } => {
-            let older_than = older_than.map(prost_types::Duration::try_from).transpose().map_err(|_| {
-                ClientError::Usage("--older-than is out of range".into())
-            })?;
+            let older_than = older_than
+                .map(prost_types::Duration::try_from)
+                .transpose()
+                .map_err(|_| ClientError::Usage("--older-than is out of range".into()))?;
             let (mut c, _) = connect(&conn).await?;
             let mut page_token = String::new();
             loop {

@@ -243,8 +243,7 @@ impl CredentialService for CredentialApi {
             older_than: super::admin::duration(r.older_than, "older_than")?,
             rotation_overdue: r.rotation_overdue,
         };
-        let page =
-            self.vault.list_where(&c, &r.prefix, r.page_size, &r.page_token, r.include_deleted, filters).await?;
+        let page = self.vault.list_where(&c, &r.prefix, r.page_size, &r.page_token, r.include_deleted, filters).await?;
         Ok(Response::new(proto::ListCredentialsResponse {
             credentials: page.credentials.iter().map(|h| metadata_message(h, &[])).collect(),
             next_page_token: page.next_page_token,

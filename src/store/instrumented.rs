@@ -12,9 +12,9 @@ use async_trait::async_trait;
 use super::breaker::Permit;
 use super::{
     AuditRow, AuditStore, Backend, Breaker, ChangeSink, CredentialRow, CredentialStore, JobRow, JobStore, KekRow,
-    KeyStore, KeyringRow, ListQuery, Micros, NewVersion, PolicyStore, PoolStats, RewrapBatch, RewrapRow,
+    KeyStore, KeyringRow, ListFilter, ListQuery, Micros, NewVersion, PolicyStore, PoolStats, RewrapBatch, RewrapRow,
     RotationPolicyRow, Staleness, StalenessQuery, StalenessStore, Store, StoreError, TokenRow, TokenStore, VersionInfo,
-    VersionRow, ListFilter,
+    VersionRow,
 };
 use crate::telemetry::names::STORE_QUERY_DURATION;
 
@@ -408,11 +408,7 @@ impl StalenessStore for Instrumented {
         self.timed(Op::Staleness, self.inner.staleness(q)).await
     }
 
-    async fn list_filtered(
-        &self,
-        q: &ListQuery<'_>,
-        f: &ListFilter,
-    ) -> Result<Vec<(CredentialRow, bool)>, StoreError> {
+    async fn list_filtered(&self, q: &ListQuery<'_>, f: &ListFilter) -> Result<Vec<(CredentialRow, bool)>, StoreError> {
         self.timed(Op::ListFiltered, self.inner.list_filtered(q, f)).await
     }
 }

@@ -300,16 +300,7 @@ pub trait StalenessStore: Send + Sync {
 /// Callers hold an `Arc<dyn Store>` and call any aggregate's methods on it.
 #[async_trait]
 pub trait Store:
-    CredentialStore
-    + KeyStore
-    + JobStore
-    + PolicyStore
-    + TokenStore
-    + AuditStore
-    + StalenessStore
-    + Send
-    + Sync
-    + 'static
+    CredentialStore + KeyStore + JobStore + PolicyStore + TokenStore + AuditStore + StalenessStore + Send + Sync + 'static
 {
     fn backend(&self) -> Backend;
 

@@ -87,7 +87,9 @@ impl Vault {
             match self.staleness_pass(now_micros()).await {
                 Ok(_) => {}
                 // The store's outage has its own gauges; the counts just stay as they were.
-                Err(VaultError::Unavailable(StoreError::Unavailable(_) | StoreError::Timeout(..) | StoreError::Down)) => {}
+                Err(VaultError::Unavailable(
+                    StoreError::Unavailable(_) | StoreError::Timeout(..) | StoreError::Down,
+                )) => {}
                 Err(e) => tracing::warn!(error = %e, "staleness pass failed"),
             }
         }

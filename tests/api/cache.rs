@@ -11,9 +11,9 @@ use tonic::Code;
 use credvault::proto::BatchGetCredentialsRequest;
 use credvault::store::{
     AuditStore, Backend as StoreBackend, ChangeSink, CredentialRow, CredentialStore, JobRow, JobStore, KekRow,
-    KeyStore, KeyringRow, ListQuery, Micros, NewVersion, PolicyStore, PoolStats, RewrapBatch, RewrapRow,
+    KeyStore, KeyringRow, ListFilter, ListQuery, Micros, NewVersion, PolicyStore, PoolStats, RewrapBatch, RewrapRow,
     RotationPolicyRow, Staleness, StalenessQuery, StalenessStore, Store, StoreError, TokenRow, TokenStore, VersionInfo,
-    VersionRow, ListFilter,
+    VersionRow,
 };
 use credvault::vault::Vault;
 

@@ -285,7 +285,12 @@ async fn the_daemon_exports_the_staleness_gauges() {
     let mut c = client_over(daemon.channel().await, &token);
     let soon = prost_types::Timestamp::from(SystemTime::now() + Duration::from_secs(3600));
     let metadata = proto::Metadata { expires_at: Some(soon), ..Default::default() };
-    let put = PutCredentialRequest { name: "g/soon".into(), value: b"v".to_vec(), metadata: Some(metadata), ..Default::default() };
+    let put = PutCredentialRequest {
+        name: "g/soon".into(),
+        value: b"v".to_vec(),
+        metadata: Some(metadata),
+        ..Default::default()
+    };
     c.put_credential(put).await.unwrap();
     let addr = daemon.metrics_addr;
     let mut body = String::new();

@@ -53,11 +53,7 @@ where
         })
     }
 
-    async fn list_filtered(
-        &self,
-        q: &ListQuery<'_>,
-        f: &ListFilter,
-    ) -> Result<Vec<(CredentialRow, bool)>, StoreError> {
+    async fn list_filtered(&self, q: &ListQuery<'_>, f: &ListFilter) -> Result<Vec<(CredentialRow, bool)>, StoreError> {
         // The same range scan as `list_credentials`; each filter is a primary-key probe
         // per row, and a row that fails it still comes back (unmatched), so the caller
         // counts it against its budget.
