@@ -13,9 +13,10 @@ use zeroize::Zeroizing;
 
 use super::{micros, not_found, Vault, VaultError, WriteOptions};
 use crate::generate::GeneratorSpec;
+use crate::names::NameArg;
 use crate::store::{
-    now_micros, ChangeKind, CredentialRow, CredentialStore, Micros, PolicyAdvance, PolicyKind, PolicyStore,
-    RotationPolicyRow, StoreError,
+    ChangeKind, CredentialHead, CredentialStore, Micros, PolicyAdvance, PolicyKind, PolicyStore, RotationPolicy,
+    StoreError,
 };
 use crate::telemetry::names;
 
@@ -180,7 +181,7 @@ struct Plan {
 }
 
 /// `jitter`: the credential's schedule offset ([`schedule_jitter`]).
-fn plan(p: &RotationPolicyRow, claim: Option<Micros>, now: Micros, jitter: Micros) -> Plan {
+fn plan(p: &RotationPolicy, claim: Option<Micros>, now: Micros, jitter: Micros) -> Plan {
     let interval = p.interval_us.unwrap_or(0);
     match p.kind {
         PolicyKind::Manual => Plan { next_run_at: None, expires_at: None },
@@ -205,7 +206,7 @@ fn plan(p: &RotationPolicyRow, claim: Option<Micros>, now: Micros, jitter: Micro
     }
 }
 
-fn generator(p: &RotationPolicyRow) -> Result<GeneratorSpec, VaultError> {
+fn generator(p: &RotationPolicy) -> Result<GeneratorSpec, VaultError> {
     serde_json::from_str(&p.generator)
         .map_err(|e| VaultError::Internal(format!("rotation policy of {:?} has a bad generator: {e}", p.name)))
 }
@@ -217,7 +218,7 @@ impl Vault {
     /// `may_cut_grace` (the `destroy` capability).
     pub async fn rotate(
         &self,
-        name: &str,
+        name: &(impl NameArg + ?Sized),
         source: NewValue<'_>,
         grace: Option<Duration>,
         expected: Option<u64>,
@@ -260,7 +261,7 @@ impl Vault {
             },
         };
         let grace = grace.unwrap_or(usual.0);
-        let now = now_micros();
+        let now = self.now();
         let plan = policy.as_ref().map(|p| plan(p, None, now, self.inner.rotation.jitter(&p.name, p.interval_us)));
         let metadata = renewed_metadata(&head, plan.as_ref());
         let opts = WriteOptions {
@@ -282,7 +283,7 @@ impl Vault {
         })
     }
 
-    async fn live_head(&self, name: &crate::names::CredentialName) -> Result<CredentialRow, VaultError> {
+    async fn live_head(&self, name: &crate::names::CredentialName) -> Result<CredentialHead, VaultError> {
         match self.inner.store.get_credential(name.as_str()).await? {
             None => Err(not_found(name)),
             Some(h) if h.deleted_at.is_some() => Err(super::deleted(name)),
@@ -297,7 +298,7 @@ impl Vault {
         name: &str,
         spec: &PolicySpec,
         may_cut_grace: bool,
-    ) -> Result<RotationPolicyRow, VaultError> {
+    ) -> Result<RotationPolicy, VaultError> {
         let name = self.name(name)?;
         let usual = self.inner.rotation.default_grace();
         if let Some(g) = spec.grace.filter(|g| *g < usual && !may_cut_grace) {
@@ -309,7 +310,7 @@ impl Vault {
         }
         let bad = |m: &str| Err(VaultError::InvalidArgument(m.to_owned()));
         spec.generator.check().map_err(|e| VaultError::InvalidArgument(format!("generator: {e}")))?;
-        let now = now_micros();
+        let now = self.now();
         let interval = spec.interval.map(micros);
         let validity = spec.validity.map(micros);
         match spec.kind {
@@ -325,7 +326,7 @@ impl Vault {
         let head = self.live_head(&name).await?;
         let jitter = self.inner.rotation.jitter(name.as_str(), interval);
         let next_run_at = first_run(spec, now, head.metadata.expires_at, jitter);
-        let row = RotationPolicyRow {
+        let row = RotationPolicy {
             name: name.as_str().to_owned(),
             kind: spec.kind,
             interval_us: interval,
@@ -346,7 +347,7 @@ impl Vault {
         self.rotation_policy(name.as_str()).await
     }
 
-    pub async fn rotation_policy(&self, name: &str) -> Result<RotationPolicyRow, VaultError> {
+    pub async fn rotation_policy(&self, name: &str) -> Result<RotationPolicy, VaultError> {
         let name = self.name(name)?;
         self.inner
             .store
@@ -365,7 +366,7 @@ impl Vault {
 
     /// Runs one due policy. `Ok(false)`: nothing to do (another daemon took the slot, or
     /// the credential is gone).
-    async fn rotate_scheduled(&self, policy: &RotationPolicyRow) -> Result<bool, VaultError> {
+    async fn rotate_scheduled(&self, policy: &RotationPolicy) -> Result<bool, VaultError> {
         let Some(claim) = policy.next_run_at else { return Ok(false) };
         let name = self.name(&policy.name)?;
         let spec = generator(policy)?;
@@ -378,7 +379,7 @@ impl Vault {
             };
             let value = spec.generate().map_err(VaultError::Internal)?;
             let jitter = self.inner.rotation.jitter(&policy.name, policy.interval_us);
-            let plan = plan(policy, Some(claim), now_micros(), jitter);
+            let plan = plan(policy, Some(claim), self.now(), jitter);
             let metadata = renewed_metadata(&head, Some(&plan));
             let opts = WriteOptions {
                 expected: Some(head.current_version),
@@ -409,7 +410,7 @@ impl Vault {
     /// One scheduler pass: ends grace periods that are over, then runs due policies.
     pub async fn run_due_rotations(&self) -> Result<usize, VaultError> {
         let store = &self.inner.store;
-        let now = now_micros();
+        let now = self.now();
         let deprecated = store.deprecate_expired(now).await?;
         if deprecated > 0 {
             tracing::info!(versions = deprecated, "grace periods ended; versions deprecated");
@@ -423,7 +424,8 @@ impl Vault {
                     metrics::counter!(names::ROTATION_FAILURES).increment(1);
                     tracing::warn!(credential = %policy.name, error = %e, "scheduled rotation failed; will retry");
                     if let Some(claim) = policy.next_run_at {
-                        let retry = now_micros()
+                        let retry = self
+                            .now()
                             .saturating_add(micros(Duration::from_secs(self.inner.rotation.retry_after_seconds)));
                         store.defer_rotation(&policy.name, claim, retry, &e.to_string()).await?;
                     }
@@ -451,7 +453,7 @@ impl Vault {
 }
 
 /// The head's metadata with a renewed expiry, when the plan renews it.
-fn renewed_metadata(head: &CredentialRow, plan: Option<&Plan>) -> Option<crate::store::Metadata> {
+fn renewed_metadata(head: &CredentialHead, plan: Option<&Plan>) -> Option<crate::store::Metadata> {
     let expires = plan?.expires_at?;
     let mut m = head.metadata.clone();
     m.expires_at = Some(expires);
@@ -479,8 +481,8 @@ mod tests {
         }
     }
 
-    fn row(name: &str, kind: PolicyKind, interval: Micros, validity: Option<Micros>) -> RotationPolicyRow {
-        RotationPolicyRow {
+    fn row(name: &str, kind: PolicyKind, interval: Micros, validity: Option<Micros>) -> RotationPolicy {
+        RotationPolicy {
             name: name.into(),
             kind,
             interval_us: Some(interval),

@@ -13,7 +13,7 @@
 use std::time::Duration;
 
 use super::{micros, Vault, VaultError};
-use crate::store::{now_micros, ListFilter, Micros, Staleness, StalenessQuery, StalenessStore as _, StoreError};
+use crate::store::{ListFilter, Micros, Staleness, StalenessQuery, StalenessStore as _, StoreError};
 use crate::telemetry::names;
 
 /// What a listing keeps, besides its prefix and policy.
@@ -84,7 +84,7 @@ impl Vault {
                 _ = stop.wait_for(|s| *s) => return,
                 _ = ticks.tick() => {}
             }
-            match self.staleness_pass(now_micros()).await {
+            match self.staleness_pass(self.now()).await {
                 Ok(_) => {}
                 // The store's outage has its own gauges; the counts just stay as they were.
                 Err(VaultError::Unavailable(

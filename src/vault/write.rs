@@ -19,7 +19,7 @@ impl Vault {
     /// (or be deleted), `Some(n)` the current version must be `n`.
     pub async fn put(
         &self,
-        name: &str,
+        name: &(impl NameArg + ?Sized),
         value: &[u8],
         expected: Option<u64>,
         metadata: Option<&Metadata>,
@@ -31,7 +31,7 @@ impl Vault {
 
     pub(super) async fn write(
         &self,
-        name: &str,
+        name: &(impl NameArg + ?Sized),
         value: &[u8],
         opts: WriteOptions<'_>,
     ) -> Result<PutOutcome, VaultError> {
@@ -71,7 +71,7 @@ impl Vault {
             let sealed = self
                 .with_keys(|ring| crypto::seal_value(ring, name.as_str(), version, value))
                 .map_err(|e| VaultError::Internal(format!("sealing failed: {e}")))?;
-            let now = now_micros();
+            let now = self.now();
             let new = NewVersion {
                 name: name.as_str(),
                 base,
@@ -181,10 +181,14 @@ impl Vault {
     }
 
     /// Soft-deletes `name`; versions are kept. Returns the head after the delete.
-    pub async fn delete(&self, name: &str, expected: Option<u64>) -> Result<CredentialRow, VaultError> {
+    pub async fn delete(
+        &self,
+        name: &(impl NameArg + ?Sized),
+        expected: Option<u64>,
+    ) -> Result<CredentialHead, VaultError> {
         let name = self.name(name)?;
         check_expected(expected)?;
-        let now = now_micros();
+        let now = self.now();
         let store = &self.inner.store;
         let deleted = store.delete_credential(name.as_str(), expected.filter(|v| *v != 0), now).await;
         // Deleted, or lost to a concurrent change: either way the cached entry is stale.
@@ -207,14 +211,14 @@ impl Vault {
     }
 
     /// Irreversibly wipes version `version` of `name` (idempotent).
-    pub async fn destroy_version(&self, name: &str, version: u64) -> Result<(), VaultError> {
+    pub async fn destroy_version(&self, name: &(impl NameArg + ?Sized), version: u64) -> Result<(), VaultError> {
         let name = self.name(name)?;
         let outcome = self.inner.store.destroy_version(name.as_str(), version).await;
         self.inner.cache.invalidate(name.as_str());
         match outcome? {
             Some(destroyed_now) => {
                 if destroyed_now {
-                    self.publish_change(name.as_str(), ChangeKind::DestroyVersion, version, now_micros());
+                    self.publish_change(name.as_str(), ChangeKind::DestroyVersion, version, self.now());
                 }
                 Ok(())
             }
@@ -223,9 +227,9 @@ impl Vault {
     }
 
     /// Makes a soft-deleted credential readable again, at the version it had.
-    pub async fn undelete(&self, name: &str) -> Result<CredentialDetails, VaultError> {
+    pub async fn undelete(&self, name: &(impl NameArg + ?Sized)) -> Result<CredentialDetails, VaultError> {
         let name = self.name(name)?;
-        let now = now_micros();
+        let now = self.now();
         let done = self.inner.store.undelete_credential(name.as_str(), now).await;
         self.inner.cache.invalidate(name.as_str());
         if !done? {

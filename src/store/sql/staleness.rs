@@ -10,7 +10,7 @@ use sqlx::{ColumnIndex, Executor};
 
 use super::credentials::credential;
 use super::{from_db, get, Bind, Conn, Db, DbRow, Scalar, SqlBackend, CRED_COLS};
-use crate::store::{CredentialRow, ListFilter, ListQuery, Staleness, StalenessQuery, StalenessStore, StoreError};
+use crate::store::{CredentialHead, ListFilter, ListQuery, Staleness, StalenessQuery, StalenessStore, StoreError};
 
 const OVERDUE: &str = "SELECT COUNT(*) FROM (SELECT 1 AS one FROM rotation_policies p \
      JOIN credentials c ON c.name = p.name \
@@ -53,7 +53,11 @@ where
         })
     }
 
-    async fn list_filtered(&self, q: &ListQuery<'_>, f: &ListFilter) -> Result<Vec<(CredentialRow, bool)>, StoreError> {
+    async fn list_filtered(
+        &self,
+        q: &ListQuery<'_>,
+        f: &ListFilter,
+    ) -> Result<Vec<(CredentialHead, bool)>, StoreError> {
         // The same range scan as `list_credentials`; each filter is a primary-key probe
         // per row, and a row that fails it still comes back (unmatched), so the caller
         // counts it against its budget.
