@@ -47,6 +47,7 @@ pub mod names {
     pub const CACHE_RESYNCS: &str = "credvault_cache_resyncs_total";
     pub const TOKEN_UPDATES: &str = "credvault_token_updates_total";
     pub const TOKENS: &str = "credvault_tokens";
+    pub const IDENTITIES: &str = "credvault_identities";
     pub const CREDENTIALS_ROTATION_OVERDUE: &str = "credvault_credentials_rotation_overdue";
     pub const CREDENTIALS_EXPIRED: &str = "credvault_credentials_expired";
     pub const CREDENTIALS_EXPIRING: &str = "credvault_credentials_expiring";
@@ -123,6 +124,7 @@ fn describe() {
         "Updates of the in-memory token table from the store, by kind (one: a named token; full: the whole table)."
     );
     describe_gauge!(TOKENS, "Live tokens this daemon accepts.");
+    describe_gauge!(IDENTITIES, "Workload identities (mTLS client certificate identities) bound to policies.");
     describe_gauge!(
         CREDENTIALS_ROTATION_OVERDUE,
         "Live credentials whose rotation policy's slot passed more than rotation.overdue_after_seconds ago \

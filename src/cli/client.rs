@@ -116,6 +116,7 @@ pub async fn run_client(cmd: ClientCommand) -> Result<(), ClientError> {
             writeln!(out, "started:         {}", ts(&s.started_at))?;
         }
         ClientCommand::Token(cmd) => run_token(cmd, &mut out).await?,
+        ClientCommand::Identity(cmd) => super::identity::run(cmd, &mut out).await?,
         ClientCommand::Rotation(cmd) => super::rotate::run(cmd, &mut out).await?,
         ClientCommand::Bench(args) => super::bench::run(*args, &mut out).await?,
         ClientCommand::Audit(AuditCommand::Tail { lines, conn }) => {
@@ -142,7 +143,7 @@ pub async fn run_client(cmd: ClientCommand) -> Result<(), ClientError> {
     Ok(())
 }
 
-fn capability(name: &str) -> Result<i32, ClientError> {
+pub(super) fn capability(name: &str) -> Result<i32, ClientError> {
     let c = match name {
         "read" => proto::Capability::Read,
         "write" => proto::Capability::Write,
@@ -160,7 +161,7 @@ fn capability(name: &str) -> Result<i32, ClientError> {
     Ok(c as i32)
 }
 
-fn capability_name(v: i32) -> &'static str {
+pub(super) fn capability_name(v: i32) -> &'static str {
     match proto::Capability::try_from(v) {
         Ok(proto::Capability::Read) => "read",
         Ok(proto::Capability::Write) => "write",

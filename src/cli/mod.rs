@@ -5,6 +5,7 @@ pub mod agent;
 pub mod bench;
 mod client;
 mod conn;
+mod identity;
 mod rotate;
 pub mod run;
 
@@ -132,6 +133,9 @@ pub enum ClientCommand {
     /// Create, list and revoke access tokens (needs the admin capability).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Bind mTLS certificate identities to policies (needs the admin capability).
+    #[command(subcommand)]
+    Identity(identity::IdentityCommand),
     /// Load-test a daemon (and, with --baseline, a bare gRPC server in this process).
     Bench(Box<bench::BenchArgs>),
     #[command(flatten)]

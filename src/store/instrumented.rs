@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use super::breaker::Permit;
 use super::{
     AuditRow, AuditStore, Backend, Breaker, ChangeSink, CredentialHead, CredentialStore, JobStore, KekRow, KeyStore,
-    KeyringRow, ListFilter, ListQuery, Micros, NewVersion, PolicyStore, PoolStats, RewrapBatch, RewrapRow, RotationJob,
+    IdentityRecord, IdentityStore, KeyringRow, ListFilter, ListQuery, Micros, NewVersion, PolicyStore, PoolStats, RewrapBatch, RewrapRow, RotationJob,
     RotationPolicy, Staleness, StalenessQuery, StalenessStore, Store, StoreError, TokenRecord, TokenStore, VersionInfo,
     VersionRow,
 };
@@ -99,6 +99,10 @@ ops! {
     RecentAudit => "recent_audit", Request;
     PruneAudit => "prune_audit", Background;
     Staleness => "staleness", Background;
+    InsertIdentity => "insert_identity", Request;
+    // Read with the token table, by the reload task.
+    ListIdentities => "list_identities", Background;
+    DeleteIdentity => "delete_identity", Request;
     ListFiltered => "list_filtered", Request;
     // A resync revalidates the whole cache after the change feed or the store returns.
     Resync => "resync", Background;
@@ -399,6 +403,21 @@ impl AuditStore for Instrumented {
 
     async fn prune_audit(&self, before: Micros, limit: u32) -> Result<u64, StoreError> {
         self.timed(Op::PruneAudit, self.inner.prune_audit(before, limit)).await
+    }
+}
+
+#[async_trait]
+impl IdentityStore for Instrumented {
+    async fn insert_identity(&self, r: &IdentityRecord) -> Result<bool, StoreError> {
+        self.timed(Op::InsertIdentity, self.inner.insert_identity(r)).await
+    }
+
+    async fn list_identities(&self) -> Result<Vec<IdentityRecord>, StoreError> {
+        self.timed(Op::ListIdentities, self.inner.list_identities()).await
+    }
+
+    async fn delete_identity(&self, identity: &str) -> Result<Option<IdentityRecord>, StoreError> {
+        self.timed(Op::DeleteIdentity, self.inner.delete_identity(identity)).await
     }
 }
 

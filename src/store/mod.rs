@@ -295,11 +295,33 @@ pub trait StalenessStore: Send + Sync {
     ) -> Result<Vec<(CredentialHead, bool)>, StoreError>;
 }
 
+/// A workload identity (see `vault::identity`) bound to a policy document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityRecord {
+    pub identity: String,
+    /// The JSON policy document, as tokens carry it.
+    pub policies: String,
+    pub created_at: Micros,
+}
+
+/// Identity bindings. Each change notifies the token table's listeners, in its own
+/// transaction.
+#[async_trait]
+pub trait IdentityStore: Send + Sync {
+    /// `false`: the identity is bound already; nothing changed.
+    async fn insert_identity(&self, record: &IdentityRecord) -> Result<bool, StoreError>;
+
+    async fn list_identities(&self) -> Result<Vec<IdentityRecord>, StoreError>;
+
+    /// Removes a binding and returns it; `None`: there was none.
+    async fn delete_identity(&self, identity: &str) -> Result<Option<IdentityRecord>, StoreError>;
+}
+
 /// A whole store: every aggregate, plus the connection itself and the change feed.
 /// Callers hold an `Arc<dyn Store>` and call any aggregate's methods on it.
 #[async_trait]
 pub trait Store:
-    CredentialStore + KeyStore + JobStore + PolicyStore + TokenStore + AuditStore + StalenessStore + Send + Sync + 'static
+    CredentialStore + KeyStore + JobStore + PolicyStore + TokenStore + AuditStore + StalenessStore + IdentityStore + Send + Sync + 'static
 {
     fn backend(&self) -> Backend;
 

@@ -27,6 +27,7 @@ mod listing;
 mod read;
 mod rotation;
 mod staleness;
+pub mod identity;
 mod tokens;
 mod write;
 mod write_queue;

@@ -11,7 +11,7 @@ use tonic::Code;
 use credvault::proto::BatchGetCredentialsRequest;
 use credvault::store::{
     AuditStore, Backend as StoreBackend, ChangeSink, CredentialHead, CredentialStore, JobStore, KekRow, KeyStore,
-    KeyringRow, ListFilter, ListQuery, Micros, NewVersion, PolicyStore, PoolStats, RewrapBatch, RewrapRow, RotationJob,
+    IdentityRecord, IdentityStore, KeyringRow, ListFilter, ListQuery, Micros, NewVersion, PolicyStore, PoolStats, RewrapBatch, RewrapRow, RotationJob,
     RotationPolicy, Staleness, StalenessQuery, StalenessStore, Store, StoreError, TokenRecord, TokenStore, VersionInfo,
     VersionRow,
 };
@@ -238,6 +238,19 @@ impl AuditStore for PausingStore {
     }
     async fn prune_audit(&self, before: Micros, limit: u32) -> Result<u64, StoreError> {
         self.inner.prune_audit(before, limit).await
+    }
+}
+
+#[async_trait]
+impl IdentityStore for PausingStore {
+    async fn insert_identity(&self, r: &IdentityRecord) -> Result<bool, StoreError> {
+        self.inner.insert_identity(r).await
+    }
+    async fn list_identities(&self) -> Result<Vec<IdentityRecord>, StoreError> {
+        self.inner.list_identities().await
+    }
+    async fn delete_identity(&self, identity: &str) -> Result<Option<IdentityRecord>, StoreError> {
+        self.inner.delete_identity(identity).await
     }
 }
 

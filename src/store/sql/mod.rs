@@ -16,6 +16,7 @@ use super::{AuditRow, Metadata, Rewrapped, StoreError};
 
 mod audit;
 mod credentials;
+mod identities;
 mod jobs;
 mod keys;
 mod policies;
