@@ -48,7 +48,7 @@ impl AdminApi {
     }
 }
 
-fn capability_to_proto(c: Capability) -> proto::Capability {
+pub(super) fn capability_to_proto(c: Capability) -> proto::Capability {
     match c {
         Capability::Read => proto::Capability::Read,
         Capability::Write => proto::Capability::Write,
@@ -60,7 +60,7 @@ fn capability_to_proto(c: Capability) -> proto::Capability {
     }
 }
 
-fn capability_from_proto(v: i32) -> Result<Capability, Status> {
+pub(super) fn capability_from_proto(v: i32) -> Result<Capability, Status> {
     Ok(match proto::Capability::try_from(v) {
         Ok(proto::Capability::Read) => Capability::Read,
         Ok(proto::Capability::Write) => Capability::Write,
@@ -91,53 +91,6 @@ fn token_info(row: &TokenRecord) -> proto::TokenInfo {
         created_at: Some(timestamp(row.created_at)),
         expires_at: row.expires_at.map(timestamp),
         revoked_at: row.revoked_at.map(timestamp),
-    }
-}
-
-/// Rules as `CreateToken` and `BindIdentity` take them.
-fn rules_from_proto(rules: Vec<proto::PolicyRule>) -> Result<Vec<Rule>, Status> {
-    rules
-        .into_iter()
-        .map(|rule| {
-            Ok(Rule {
-                pattern: rule.pattern,
-                capabilities: rule.capabilities.into_iter().map(capability_from_proto).collect::<Result<_, Status>>()?,
-                deny: rule.deny,
-            })
-        })
-        .collect()
-}
-
-fn identity_binding(r: &crate::store::IdentityRecord) -> proto::IdentityBinding {
-    let doc = PolicyDoc::parse(&r.policies).ok();
-    let policy = doc.as_ref().map(Policy::from_doc).unwrap_or_default();
-    proto::IdentityBinding {
-        identity: r.identity.clone(),
-        id: crate::auth::identity_id(&r.identity),
-        rules: policy
-            .rules()
-            .iter()
-            .map(|r| proto::PolicyRule {
-                pattern: r.pattern.clone(),
-                capabilities: r.capabilities.iter().map(|c| capability_to_proto(*c) as i32).collect(),
-                deny: r.deny,
-            })
-            .collect(),
-        created_at: Some(timestamp(r.created_at)),
-        rate_limit_per_second: doc.and_then(|d| d.rate_limit_per_second).unwrap_or(0),
-    }
-}
-
-impl From<crate::auth::IdentityError> for Status {
-    fn from(e: crate::auth::IdentityError) -> Status {
-        use crate::auth::IdentityError as E;
-        match e {
-            E::Invalid(m) => Status::invalid_argument(m),
-            e @ E::Exists(_) => Status::already_exists(e.to_string()),
-            e @ E::NotFound(_) => Status::not_found(e.to_string()),
-            e @ E::TooMany => Status::resource_exhausted(e.to_string()),
-            E::Store(e) => Status::from(crate::vault::VaultError::from(e)),
-        }
     }
 }
 
@@ -531,11 +484,11 @@ impl AdminService for AdminApi {
     ) -> Result<Response<proto::IdentityBinding>, Status> {
         authorize_everywhere(&req, Capability::Admin)?;
         let r = req.into_inner();
-        let rules = rules_from_proto(r.rules)?;
+        let rules = super::identity::rules_from_proto(r.rules)?;
         let rate = (r.rate_limit_per_second > 0).then_some(r.rate_limit_per_second);
         let record = self.vault.bind_identity(&self.auth, &r.identity, rules, rate).await?;
         tracing::info!(identity = %record.identity, "identity bound");
-        Ok(Response::new(identity_binding(&record)))
+        Ok(Response::new(super::identity::identity_binding(&record)))
     }
 
     async fn list_identities(
@@ -544,7 +497,7 @@ impl AdminService for AdminApi {
     ) -> Result<Response<proto::ListIdentitiesResponse>, Status> {
         authorize_everywhere(&req, Capability::Admin)?;
         let records = self.vault.list_identities().await?;
-        Ok(Response::new(proto::ListIdentitiesResponse { bindings: records.iter().map(identity_binding).collect() }))
+        Ok(Response::new(proto::ListIdentitiesResponse { bindings: records.iter().map(super::identity::identity_binding).collect() }))
     }
 
     async fn unbind_identity(
@@ -554,7 +507,7 @@ impl AdminService for AdminApi {
         authorize_everywhere(&req, Capability::Admin)?;
         let record = self.vault.unbind_identity(&self.auth, &req.get_ref().identity).await?;
         tracing::info!(identity = %record.identity, "identity unbound");
-        Ok(Response::new(identity_binding(&record)))
+        Ok(Response::new(super::identity::identity_binding(&record)))
     }
 
     async fn list_audit_events(

@@ -15,6 +15,7 @@ mod conformance;
 mod drain;
 mod e2e;
 mod fuzz;
+mod identity;
 mod hygiene;
 mod kek;
 mod keys;
