@@ -79,10 +79,7 @@ fn caller(record: &IdentityRecord, default_rate: u32) -> Result<Arc<Caller>, Sto
 impl Auth {
     /// The bindings in the store, keeping the callers (and their rate-limit state) of
     /// bindings that did not change. Called by [`Auth::reload`] under its lock.
-    pub(super) async fn load_identities(
-        &self,
-        store: &dyn Store,
-    ) -> Result<HashMap<String, Binding>, StoreError> {
+    pub(super) async fn load_identities(&self, store: &dyn Store) -> Result<HashMap<String, Binding>, StoreError> {
         let records = store.list_identities().await?;
         let old = self.identities.read().unwrap_or_else(|p| p.into_inner()).clone();
         let mut map = HashMap::with_capacity(records.len());
@@ -101,6 +98,19 @@ impl Auth {
     pub fn authenticate_identity(&self, identity: &str) -> Result<Arc<Caller>, AuthError> {
         let bindings = self.identities.read().unwrap_or_else(|p| p.into_inner());
         bindings.get(identity).map(|b| b.caller.clone()).ok_or(AuthError::UnboundIdentity)
+    }
+
+    /// Whether a stream opened by `caller` with this `authorization` header (empty for a
+    /// certificate identity) may go on: its token is still live, or its identity is still
+    /// bound to the same rules (a rebinding ends it too). Token display names cannot
+    /// contain ':', so the `identity:` prefix names identity callers only.
+    pub fn still_valid(&self, header: &str, caller: &Arc<Caller>) -> bool {
+        match caller.display_name.strip_prefix("identity:") {
+            Some(identity) if header.is_empty() => {
+                self.authenticate_identity(identity).is_ok_and(|c| Arc::ptr_eq(&c, caller))
+            }
+            _ => self.authenticate(Some(header)).is_ok(),
+        }
     }
 
     fn apply_identity(&self, identity: &str, c: Option<Binding>) {

@@ -497,7 +497,9 @@ impl AdminService for AdminApi {
     ) -> Result<Response<proto::ListIdentitiesResponse>, Status> {
         authorize_everywhere(&req, Capability::Admin)?;
         let records = self.vault.list_identities().await?;
-        Ok(Response::new(proto::ListIdentitiesResponse { bindings: records.iter().map(super::identity::identity_binding).collect() }))
+        Ok(Response::new(proto::ListIdentitiesResponse {
+            bindings: records.iter().map(super::identity::identity_binding).collect(),
+        }))
     }
 
     async fn unbind_identity(

@@ -265,6 +265,7 @@ impl CredentialService for CredentialApi {
             req.metadata().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned(),
         );
         let auth = self.auth.clone();
+        let watcher = caller.clone();
         if let Some(ctx) = crate::service::layers::audit::context(&req) {
             ctx.set_credential(&req.get_ref().prefix);
         }
@@ -281,7 +282,7 @@ impl CredentialService for CredentialApi {
                 let event = tokio::select! {
                     _ = tx.closed() => break, // The client went away.
                     _ = token_check.tick() => {
-                        if auth.authenticate(Some(header.as_str())).is_err() {
+                        if !auth.still_valid(header.as_str(), &watcher) {
                             let _ = tx.send(Err(Status::unauthenticated("the token was revoked or has expired"))).await;
                             break;
                         }

@@ -15,7 +15,11 @@ pub(super) fn rules_from_proto(rules: Vec<proto::PolicyRule>) -> Result<Vec<Rule
         .map(|rule| {
             Ok(Rule {
                 pattern: rule.pattern,
-                capabilities: rule.capabilities.into_iter().map(capability_from_proto).collect::<Result<_, Status>>()?,
+                capabilities: rule
+                    .capabilities
+                    .into_iter()
+                    .map(capability_from_proto)
+                    .collect::<Result<_, Status>>()?,
                 deny: rule.deny,
             })
         })
@@ -54,4 +58,3 @@ impl From<crate::auth::IdentityError> for Status {
         }
     }
 }
-

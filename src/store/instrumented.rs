@@ -11,10 +11,10 @@ use async_trait::async_trait;
 
 use super::breaker::Permit;
 use super::{
-    AuditRow, AuditStore, Backend, Breaker, ChangeSink, CredentialHead, CredentialStore, JobStore, KekRow, KeyStore,
-    IdentityRecord, IdentityStore, KeyringRow, ListFilter, ListQuery, Micros, NewVersion, PolicyStore, PoolStats, RewrapBatch, RewrapRow, RotationJob,
-    RotationPolicy, Staleness, StalenessQuery, StalenessStore, Store, StoreError, TokenRecord, TokenStore, VersionInfo,
-    VersionRow,
+    AuditRow, AuditStore, Backend, Breaker, ChangeSink, CredentialHead, CredentialStore, IdentityRecord, IdentityStore,
+    JobStore, KekRow, KeyStore, KeyringRow, ListFilter, ListQuery, Micros, NewVersion, PolicyStore, PoolStats,
+    RewrapBatch, RewrapRow, RotationJob, RotationPolicy, Staleness, StalenessQuery, StalenessStore, Store, StoreError,
+    TokenRecord, TokenStore, VersionInfo, VersionRow,
 };
 use crate::telemetry::names::STORE_QUERY_DURATION;
 

@@ -321,7 +321,17 @@ pub trait IdentityStore: Send + Sync {
 /// Callers hold an `Arc<dyn Store>` and call any aggregate's methods on it.
 #[async_trait]
 pub trait Store:
-    CredentialStore + KeyStore + JobStore + PolicyStore + TokenStore + AuditStore + StalenessStore + IdentityStore + Send + Sync + 'static
+    CredentialStore
+    + KeyStore
+    + JobStore
+    + PolicyStore
+    + TokenStore
+    + AuditStore
+    + StalenessStore
+    + IdentityStore
+    + Send
+    + Sync
+    + 'static
 {
     fn backend(&self) -> Backend;
 

@@ -213,7 +213,8 @@ mod tests {
 
     #[test]
     fn uri_san_wins_over_the_common_name() {
-        let der = cert(Some("payments-api"), vec![SanType::DnsName("api.example.org".try_into().unwrap()), uri(SPIFFE)]);
+        let der =
+            cert(Some("payments-api"), vec![SanType::DnsName("api.example.org".try_into().unwrap()), uri(SPIFFE)]);
         assert_eq!(
             workload_identity(&der),
             Ok(WorkloadIdentity { value: SPIFFE.into(), source: IdentitySource::UriSan })

@@ -22,12 +22,12 @@ use crate::store::{
 use crate::telemetry::names::DECRYPT_DURATION;
 
 mod feed;
+pub mod identity;
 mod keys;
 mod listing;
 mod read;
 mod rotation;
 mod staleness;
-pub mod identity;
 mod tokens;
 mod write;
 mod write_queue;

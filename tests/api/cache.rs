@@ -10,10 +10,10 @@ use tonic::Code;
 
 use credvault::proto::BatchGetCredentialsRequest;
 use credvault::store::{
-    AuditStore, Backend as StoreBackend, ChangeSink, CredentialHead, CredentialStore, JobStore, KekRow, KeyStore,
-    IdentityRecord, IdentityStore, KeyringRow, ListFilter, ListQuery, Micros, NewVersion, PolicyStore, PoolStats, RewrapBatch, RewrapRow, RotationJob,
-    RotationPolicy, Staleness, StalenessQuery, StalenessStore, Store, StoreError, TokenRecord, TokenStore, VersionInfo,
-    VersionRow,
+    AuditStore, Backend as StoreBackend, ChangeSink, CredentialHead, CredentialStore, IdentityRecord, IdentityStore,
+    JobStore, KekRow, KeyStore, KeyringRow, ListFilter, ListQuery, Micros, NewVersion, PolicyStore, PoolStats,
+    RewrapBatch, RewrapRow, RotationJob, RotationPolicy, Staleness, StalenessQuery, StalenessStore, Store, StoreError,
+    TokenRecord, TokenStore, VersionInfo, VersionRow,
 };
 use credvault::vault::Vault;
 

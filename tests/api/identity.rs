@@ -13,7 +13,7 @@ use credvault::config::TlsSettings;
 use credvault::proto::credential_service_client::CredentialServiceClient;
 use credvault::proto::{
     BindIdentityRequest, Capability, GetCredentialRequest, ListAuditEventsRequest, ListCredentialsRequest,
-    ListIdentitiesRequest, PolicyRule, UnbindIdentityRequest,
+    ListIdentitiesRequest, PolicyRule, UnbindIdentityRequest, WatchCredentialsRequest,
 };
 
 use crate::both_backends;
@@ -134,9 +134,8 @@ async fn a_bound_identity_works_within_its_policy(backend: Backend) {
     assert_status(api.get_credential(get_req("hr/salaries")).await, Code::PermissionDenied, "");
     let listed = api.list_credentials(ListCredentialsRequest::default()).await.unwrap().into_inner();
     assert_eq!(listed.credentials.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(), ["payments/stripe"]);
-    let mut api_admin = credvault::proto::admin_service_client::AdminServiceClient::new(
-        pki.channel(&d, &spiffe).await.unwrap(),
-    );
+    let mut api_admin =
+        credvault::proto::admin_service_client::AdminServiceClient::new(pki.channel(&d, &spiffe).await.unwrap());
     assert_status(api_admin.list_identities(ListIdentitiesRequest {}).await, Code::PermissionDenied, "admin");
 
     // A bearer token, when sent, decides: the root token reads beyond the identity's
@@ -175,10 +174,27 @@ async fn a_bound_identity_works_within_its_policy(backend: Backend) {
     })
     .await;
 
+    // A watch opened by an identity lives while the binding does (its first re-check is
+    // at once), and ends when it goes.
+    let watch = WatchCredentialsRequest { prefix: "payments/".into() };
+    let mut stream = api.watch_credentials(watch).await.unwrap().into_inner();
+    put(&mut root, "payments/stripe", b"sk2", None).await.unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(5), stream.message()).await.unwrap().unwrap().unwrap();
+    assert_eq!(event.name, "payments/stripe");
+
     // Unbinding takes effect at once on this daemon.
     let gone = admin.unbind_identity(UnbindIdentityRequest { identity: SPIFFE.into() }).await.unwrap().into_inner();
     assert_eq!(gone.identity, SPIFFE);
     assert_status(api.get_credential(get_req("payments/stripe")).await, Code::Unauthenticated, "bound to no policy");
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    });
+    assert_status(ended.await.unwrap(), Code::Unauthenticated, "revoked");
     d.stop().await;
 }
 
