@@ -271,6 +271,7 @@ impl Vault {
             kind: ChangeKind::Rotate,
             policy: plan.map(|p| PolicyAdvance { claim: None, next_run_at: p.next_run_at }),
             live_only: true,
+            seen_version: Some(head.current_version),
         };
         let out = self.write(parsed.as_str(), &value, opts).await?;
         metrics::counter!(names::ROTATIONS, "trigger" => "request").increment(1);
@@ -388,6 +389,7 @@ impl Vault {
                 kind: ChangeKind::Rotate,
                 policy: Some(PolicyAdvance { claim: Some(claim), next_run_at: plan.next_run_at }),
                 live_only: true,
+                seen_version: None,
             };
             match self.write(name.as_str(), &value, opts).await {
                 Ok(out) => {

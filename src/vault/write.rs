@@ -24,8 +24,15 @@ impl Vault {
         expected: Option<u64>,
         metadata: Option<&Metadata>,
     ) -> Result<PutOutcome, VaultError> {
-        let opts =
-            WriteOptions { expected, metadata, grace: None, kind: ChangeKind::Put, policy: None, live_only: false };
+        let opts = WriteOptions {
+            expected,
+            metadata,
+            grace: None,
+            kind: ChangeKind::Put,
+            policy: None,
+            live_only: false,
+            seen_version: None,
+        };
         self.write(name, value, opts).await
     }
 
@@ -35,7 +42,7 @@ impl Vault {
         value: &[u8],
         opts: WriteOptions<'_>,
     ) -> Result<PutOutcome, VaultError> {
-        let WriteOptions { expected, metadata, grace, kind, policy, live_only } = opts;
+        let WriteOptions { expected, metadata, grace, kind, policy, live_only, seen_version } = opts;
         let name = self.name(name)?;
         check_expected(expected)?;
         self.check_value(value)?;
@@ -49,7 +56,10 @@ impl Vault {
         let mut base = match expected {
             Some(0) => WriteBase::Create,
             Some(n) => WriteBase::Update(n),
-            None => head_base(store.get_credential(name.as_str()).await?.as_ref()),
+            None => match seen_version {
+                Some(v) => WriteBase::Update(v),
+                None => head_base(store.get_credential(name.as_str()).await?.as_ref()),
+            },
         };
         let live = |base: WriteBase| match base {
             WriteBase::Create if live_only => Err(not_found(&name)),
