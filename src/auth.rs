@@ -1,5 +1,8 @@
-//! Bearer tokens. Tokens are stored only as SHA-256 hashes; the daemon keeps every
-//! hash in memory so authenticating a request never queries the database.
+//! Bearer tokens and workload identities. Tokens are stored only as SHA-256 hashes; the
+//! daemon keeps every hash in memory so authenticating a request never queries the
+//! database. Identities (the URI SAN or CN of a verified mTLS client certificate, see
+//! [`crate::vault::identity`]) bound to policies live in memory beside them, loaded and
+//! reloaded with the tokens (`identities.rs`).
 //!
 //! **Invariant:** a token's plaintext exists only in the request header and, once, in
 //! the answer that creates it.
@@ -15,6 +18,10 @@ use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 
 use crate::store::{now_micros, Micros, Store, StoreError, TokenRecord};
+
+mod identities;
+
+pub use identities::{check_identity, identity_id, IdentityError, MAX_BINDINGS};
 
 use crate::policy::ROOT_POLICY;
 pub use crate::policy::{Capability, Policy, PolicyDoc, Rule};
@@ -48,6 +55,12 @@ pub enum AuthError {
     /// Unknown, revoked and expired tokens get the same answer: no oracle for guessing.
     #[error("invalid or expired token")]
     Invalid,
+    /// A verified client certificate whose identity no binding names.
+    #[error("the client certificate's identity is bound to no policy: bind it, or send a bearer token")]
+    UnboundIdentity,
+    /// A verified client certificate without one clear identity.
+    #[error("the client certificate presents no usable identity (one URI SAN, or a subject CN, of printable ASCII)")]
+    NoIdentity,
 }
 
 /// The in-memory token table. Cheap to clone.
@@ -55,6 +68,8 @@ pub enum AuthError {
 pub struct Auth {
     // std RwLock: lookups are short and never await.
     tokens: Arc<RwLock<HashMap<[u8; 32], Entry>>>,
+    /// Bound workload identities, by identity.
+    identities: Arc<RwLock<HashMap<String, identities::Binding>>>,
     /// Rate limit for tokens that do not set their own (0: none).
     default_rate: u32,
     /// Held while a reload reads and swaps the table and while a local create or revoke
@@ -126,8 +141,12 @@ impl Auth {
             };
             map.insert(hash, e);
         }
+        // Under the same lock: identity bindings change rarely and announce themselves
+        // as token-table changes, so every full reload reads them too.
+        let bindings = self.load_identities(store).await?;
         let live = map.len();
         *self.tokens.write().unwrap_or_else(|p| p.into_inner()) = map;
+        *self.identities.write().unwrap_or_else(|p| p.into_inner()) = bindings;
         self.updated(&self.updates.full, "full", live);
         Ok(())
     }

@@ -291,6 +291,7 @@ impl Daemon {
         let scheduler = tokio::spawn(self.vault.clone().run_scheduler(stop_rx.clone()));
         let keeper = tokio::spawn(self.vault.clone().run_keeper(stop_rx.clone()));
         let jobs = tokio::spawn(self.vault.clone().run_jobs(stop_rx.clone()));
+        let staleness = tokio::spawn(self.vault.clone().run_staleness(stop_rx.clone()));
         let upkeep = tokio::spawn(crate::telemetry::run_upkeep(
             self.metrics.clone(),
             crate::telemetry::UPKEEP_INTERVAL,
@@ -360,6 +361,7 @@ impl Daemon {
         let _ = keeper.await;
         store_health.abort();
         let _ = jobs.await;
+        let _ = staleness.await;
         let _ = metrics_server.await;
         let _ = upkeep.await;
         let _ = token_reloads.await;

@@ -47,6 +47,12 @@ pub mod names {
     pub const CACHE_RESYNCS: &str = "credvault_cache_resyncs_total";
     pub const TOKEN_UPDATES: &str = "credvault_token_updates_total";
     pub const TOKENS: &str = "credvault_tokens";
+    pub const IDENTITIES: &str = "credvault_identities";
+    pub const CREDENTIALS_ROTATION_OVERDUE: &str = "credvault_credentials_rotation_overdue";
+    pub const CREDENTIALS_EXPIRED: &str = "credvault_credentials_expired";
+    pub const CREDENTIALS_EXPIRING: &str = "credvault_credentials_expiring";
+    pub const OLDEST_CURRENT_VERSION_AGE: &str = "credvault_oldest_current_version_age_seconds";
+    pub const STALENESS_UPDATED: &str = "credvault_staleness_updated_timestamp_seconds";
 }
 
 /// Buckets from 50 us to 1 s (a cache hit to a slow database write).
@@ -118,6 +124,27 @@ fn describe() {
         "Updates of the in-memory token table from the store, by kind (one: a named token; full: the whole table)."
     );
     describe_gauge!(TOKENS, "Live tokens this daemon accepts.");
+    describe_gauge!(IDENTITIES, "Workload identities (mTLS client certificate identities) bound to policies.");
+    describe_gauge!(
+        CREDENTIALS_ROTATION_OVERDUE,
+        "Live credentials whose rotation policy's slot passed more than rotation.overdue_after_seconds ago \
+         (capped at rotation.staleness_max_count)."
+    );
+    describe_gauge!(CREDENTIALS_EXPIRED, "Live credentials whose expires_at has passed (capped).");
+    describe_gauge!(
+        CREDENTIALS_EXPIRING,
+        "Live credentials expiring within rotation.expiry_horizon_seconds from now (capped)."
+    );
+    describe_gauge!(
+        OLDEST_CURRENT_VERSION_AGE,
+        Unit::Seconds,
+        "Age of the oldest current version of a live credential (0: none)."
+    );
+    describe_gauge!(
+        STALENESS_UPDATED,
+        Unit::Seconds,
+        "Unix time of the last successful staleness count; the staleness gauges are as of then."
+    );
     crate::limits::describe_metrics();
     describe_gauge!(crate::audit::names::QUEUE_DEPTH, "Audit events waiting to be written.");
     describe_counter!(crate::audit::names::WRITTEN, "Audit events written to the sink.");

@@ -53,9 +53,10 @@ pub async fn run_client(cmd: ClientCommand) -> Result<(), ClientError> {
                 writeln!(out, "{:>8}  {:<10}  {:>4}  {}", v.version, v.state.as_str(), v.kek_id, ts(v.created_at))?;
             }
         }
-        ClientCommand::List { prefix, deleted, conn } => {
+        ClientCommand::List { prefix, deleted, older_than, rotation_overdue, conn } => {
             let c = connect(&conn).await?;
-            for m in c.list(&prefix, deleted).await? {
+            let filter = crate::client::ListFilter { include_deleted: deleted, older_than, rotation_overdue };
+            for m in c.list_where(&prefix, &filter).await? {
                 let mark = if m.deleted_at.is_some() { "  (deleted)" } else { "" };
                 writeln!(out, "{}\tv{}\t{}{mark}", m.name, m.current_version, ts(m.updated_at))?;
             }
@@ -80,6 +81,7 @@ pub async fn run_client(cmd: ClientCommand) -> Result<(), ClientError> {
             writeln!(out, "started:         {}", ts(s.started_at))?;
         }
         ClientCommand::Token(cmd) => run_token(cmd, &mut out).await?,
+        ClientCommand::Identity(cmd) => super::identity::run(cmd, &mut out).await?,
         ClientCommand::Rotation(cmd) => super::rotate::run(cmd, &mut out).await?,
         ClientCommand::Bench(args) => super::bench::run(*args, &mut out).await?,
         ClientCommand::Audit(AuditCommand::Tail { lines, conn }) => {
@@ -105,7 +107,7 @@ pub async fn run_client(cmd: ClientCommand) -> Result<(), ClientError> {
     Ok(())
 }
 
-fn capability(name: &str) -> Result<Capability, ClientError> {
+pub(super) fn capability(name: &str) -> Result<Capability, ClientError> {
     Capability::parse(name).ok_or_else(|| {
         ClientError::Usage(format!(
             "unknown capability {name:?}; use read, write, delete, list, rotate, destroy or admin"

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod bench;
 mod client;
 mod conn;
+mod identity;
 mod rotate;
 pub mod run;
 
@@ -104,6 +105,12 @@ pub enum ClientCommand {
         /// Include soft-deleted credentials.
         #[arg(long)]
         deleted: bool,
+        /// Only credentials whose current version is older than this (90d, 12h, 30m).
+        #[arg(long, value_parser = rotate::parse_duration)]
+        older_than: Option<std::time::Duration>,
+        /// Only credentials whose rotation policy is overdue.
+        #[arg(long)]
+        rotation_overdue: bool,
         #[command(flatten)]
         conn: Connection,
     },
@@ -126,6 +133,9 @@ pub enum ClientCommand {
     /// Create, list and revoke access tokens (needs the admin capability).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Bind mTLS certificate identities to policies (needs the admin capability).
+    #[command(subcommand)]
+    Identity(identity::IdentityCommand),
     /// Load-test a daemon (and, with --baseline, a bare gRPC server in this process).
     Bench(Box<bench::BenchArgs>),
     #[command(flatten)]

@@ -98,7 +98,7 @@ pub struct PolicyRule {
 }
 
 impl PolicyRule {
-    fn from_proto(r: proto::PolicyRule) -> PolicyRule {
+    pub(super) fn from_proto(r: proto::PolicyRule) -> PolicyRule {
         PolicyRule {
             pattern: r.pattern,
             capabilities: r.capabilities.into_iter().map(Capability::from_proto).collect(),
@@ -106,7 +106,7 @@ impl PolicyRule {
         }
     }
 
-    fn to_proto(&self) -> proto::PolicyRule {
+    pub(super) fn to_proto(&self) -> proto::PolicyRule {
         proto::PolicyRule {
             pattern: self.pattern.clone(),
             capabilities: self.capabilities.iter().map(|c| c.to_proto()).collect(),

@@ -15,6 +15,7 @@ mod admin_types;
 mod caching;
 mod config;
 mod error;
+mod identity;
 mod retry;
 mod types;
 
@@ -34,6 +35,7 @@ pub use admin_types::{
 pub use caching::{CacheConfig, CacheStats, CachingClient, Update};
 pub use config::{ClientConfig, TlsConfig, TokenSource, DEFAULT_ADDR};
 pub use error::{Error, RETRY_AFTER_HEADER};
+pub use identity::IdentityBinding;
 pub use retry::{Backoff, RetryPolicy};
 pub use types::{
     Credential, CredentialInfo, Event, EventKind, EventStream, Metadata, Rotated, SecretValue, VersionInfo,
@@ -260,6 +262,16 @@ impl Client {
     /// Every credential under `prefix` the token may list (soft-deleted ones too with
     /// `include_deleted`), following the pages; rows carry no versions.
     pub async fn list(&self, prefix: &str, include_deleted: bool) -> Result<Vec<CredentialInfo>, Error> {
+        self.list_where(prefix, &ListFilter { include_deleted, ..ListFilter::default() }).await
+    }
+
+    /// [`Client::list`] narrowed by the daemon: only credentials whose current version is
+    /// older than `older_than`, or (with `rotation_overdue`) whose rotation policy is past
+    /// due.
+    pub async fn list_where(&self, prefix: &str, filter: &ListFilter) -> Result<Vec<CredentialInfo>, Error> {
+        let include_deleted = filter.include_deleted;
+        let older_than = filter.older_than.map(types::proto_duration);
+        let rotation_overdue = filter.rotation_overdue;
         let mut names = Vec::new();
         let mut page_token = String::new();
         loop {
@@ -268,6 +280,8 @@ impl Client {
                 page_size: 0,
                 page_token: page_token.clone(),
                 include_deleted,
+                older_than,
+                rotation_overdue,
             };
             let page = self
                 .unary(|mut c, t| {
@@ -370,4 +384,15 @@ pub(crate) fn timed<T>(message: T, timeout: Duration) -> Request<T> {
 fn stale_age<T>(r: &Response<T>) -> Option<Duration> {
     let v = r.metadata().get(STALE_HEADER)?.to_str().ok()?;
     v.parse::<u64>().ok().map(Duration::from_secs)
+}
+
+/// What [`Client::list_where`] keeps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ListFilter {
+    /// Soft-deleted credentials too.
+    pub include_deleted: bool,
+    /// Only those whose current version is older than this.
+    pub older_than: Option<Duration>,
+    /// Only those overdue for rotation under their rotation policy.
+    pub rotation_overdue: bool,
 }

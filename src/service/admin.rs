@@ -48,7 +48,7 @@ impl AdminApi {
     }
 }
 
-fn capability_to_proto(c: Capability) -> proto::Capability {
+pub(super) fn capability_to_proto(c: Capability) -> proto::Capability {
     match c {
         Capability::Read => proto::Capability::Read,
         Capability::Write => proto::Capability::Write,
@@ -60,7 +60,7 @@ fn capability_to_proto(c: Capability) -> proto::Capability {
     }
 }
 
-fn capability_from_proto(v: i32) -> Result<Capability, Status> {
+pub(super) fn capability_from_proto(v: i32) -> Result<Capability, Status> {
     Ok(match proto::Capability::try_from(v) {
         Ok(proto::Capability::Read) => Capability::Read,
         Ok(proto::Capability::Write) => Capability::Write,
@@ -94,7 +94,7 @@ fn token_info(row: &TokenRecord) -> proto::TokenInfo {
     }
 }
 
-fn duration(d: Option<prost_types::Duration>, what: &str) -> Result<Option<std::time::Duration>, Status> {
+pub(super) fn duration(d: Option<prost_types::Duration>, what: &str) -> Result<Option<std::time::Duration>, Status> {
     d.map(|d| {
         to_std_duration(d)
             .ok_or_else(|| Status::invalid_argument(format!("{what} must not be negative")))?
@@ -465,6 +465,40 @@ impl AdminService for AdminApi {
         authorize_everywhere(&req, Capability::Admin)?;
         let rows = self.vault.list_tokens().await?;
         Ok(Response::new(proto::ListTokensResponse { tokens: rows.iter().map(token_info).collect() }))
+    }
+
+    async fn bind_identity(
+        &self,
+        req: Request<proto::BindIdentityRequest>,
+    ) -> Result<Response<proto::IdentityBinding>, Status> {
+        authorize_everywhere(&req, Capability::Admin)?;
+        let r = req.into_inner();
+        let rules = super::identity::rules_from_proto(r.rules)?;
+        let rate = (r.rate_limit_per_second > 0).then_some(r.rate_limit_per_second);
+        let record = self.vault.bind_identity(&self.auth, &r.identity, rules, rate).await?;
+        tracing::info!(identity = %record.identity, "identity bound");
+        Ok(Response::new(super::identity::identity_binding(&record)))
+    }
+
+    async fn list_identities(
+        &self,
+        req: Request<proto::ListIdentitiesRequest>,
+    ) -> Result<Response<proto::ListIdentitiesResponse>, Status> {
+        authorize_everywhere(&req, Capability::Admin)?;
+        let records = self.vault.list_identities().await?;
+        Ok(Response::new(proto::ListIdentitiesResponse {
+            bindings: records.iter().map(super::identity::identity_binding).collect(),
+        }))
+    }
+
+    async fn unbind_identity(
+        &self,
+        req: Request<proto::UnbindIdentityRequest>,
+    ) -> Result<Response<proto::IdentityBinding>, Status> {
+        authorize_everywhere(&req, Capability::Admin)?;
+        let record = self.vault.unbind_identity(&self.auth, &req.get_ref().identity).await?;
+        tracing::info!(identity = %record.identity, "identity unbound");
+        Ok(Response::new(super::identity::identity_binding(&record)))
     }
 
     async fn list_audit_events(

@@ -240,7 +240,11 @@ impl CredentialService for CredentialApi {
         }
         let r = req.into_inner();
         // The vault scans only what this caller may list, and seals the cursor to it.
-        let page = self.vault.list(&c, &r.prefix, r.page_size, &r.page_token, r.include_deleted).await?;
+        let filters = crate::vault::ListFilters {
+            older_than: super::admin::duration(r.older_than, "older_than")?,
+            rotation_overdue: r.rotation_overdue,
+        };
+        let page = self.vault.list_where(&c, &r.prefix, r.page_size, &r.page_token, r.include_deleted, filters).await?;
         Ok(Response::new(proto::ListCredentialsResponse {
             credentials: page.credentials.iter().map(|h| metadata_message(h, &[])).collect(),
             next_page_token: page.next_page_token,
@@ -261,6 +265,7 @@ impl CredentialService for CredentialApi {
             req.metadata().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned(),
         );
         let auth = self.auth.clone();
+        let watcher = caller.clone();
         if let Some(ctx) = crate::service::layers::audit::context(&req) {
             ctx.set_credential(&req.get_ref().prefix);
         }
@@ -277,7 +282,7 @@ impl CredentialService for CredentialApi {
                 let event = tokio::select! {
                     _ = tx.closed() => break, // The client went away.
                     _ = token_check.tick() => {
-                        if auth.authenticate(Some(header.as_str())).is_err() {
+                        if !auth.still_valid(header.as_str(), &watcher) {
                             let _ = tx.send(Err(Status::unauthenticated("the token was revoked or has expired"))).await;
                             break;
                         }

@@ -1,5 +1,11 @@
-//! Authentication: the bearer token becomes the request's [`Caller`], checked against
-//! its rate limit and in-flight cap before any handler runs.
+//! Authentication: the bearer token, or else the identity of the verified mTLS client
+//! certificate, becomes the request's [`Caller`], checked against its rate limit and
+//! in-flight cap before any handler runs.
+//!
+//! A bearer token, when sent, always decides (a bad one is refused even with a bound
+//! certificate): a workload can act under a token other than its identity, and nothing
+//! changes for token callers. Without one, a certificate whose identity is bound
+//! authenticates; an unbound identity, or no certificate, is `UNAUTHENTICATED`.
 
 use tonic::{Request, Status};
 
@@ -24,7 +30,17 @@ impl tonic::service::Interceptor for AuthInterceptor {
             None => None,
             Some(v) => Some(v.to_str().map_err(|_| Status::unauthenticated(AuthError::Malformed.to_string()))?),
         };
-        let caller = self.auth.authenticate(header).map_err(|e| Status::unauthenticated(e.to_string()))?;
+        let caller = match (header, req.peer_certs()) {
+            (None, Some(certs)) => {
+                // The TLS layer verified the chain; the first certificate is the client's.
+                let cert = certs.first().ok_or_else(|| Status::unauthenticated(AuthError::NoIdentity.to_string()))?;
+                let identity = crate::vault::identity::workload_identity(cert.as_ref())
+                    .map_err(|_| Status::unauthenticated(AuthError::NoIdentity.to_string()))?;
+                self.auth.authenticate_identity(&identity.value)
+            }
+            (header, _) => self.auth.authenticate(header),
+        }
+        .map_err(|e| Status::unauthenticated(e.to_string()))?;
         if let Some(limiter) = &caller.limiter {
             if let Err(wait) = limiter.check() {
                 let mut status = Status::resource_exhausted(format!(

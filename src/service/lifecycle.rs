@@ -105,6 +105,7 @@ fn is_read(path: &str) -> bool {
                 | "WatchRotationJob"
                 | "GetRotationPolicy"
                 | "ListTokens"
+                | "ListIdentities"
                 | "ListAuditEvents"
                 | "GetStatus"
                 | "Check"

@@ -14,6 +14,7 @@
 mod admin;
 mod convert;
 mod credential;
+mod identity;
 mod interceptor;
 pub mod layers;
 pub mod lifecycle;

@@ -11,9 +11,10 @@ use async_trait::async_trait;
 
 use super::breaker::Permit;
 use super::{
-    AuditRow, AuditStore, Backend, Breaker, ChangeSink, CredentialHead, CredentialStore, JobStore, KekRow, KeyStore,
-    KeyringRow, ListQuery, Micros, NewVersion, PolicyStore, PoolStats, RewrapBatch, RewrapRow, RotationJob,
-    RotationPolicy, Store, StoreError, TokenRecord, TokenStore, VersionInfo, VersionRow,
+    AuditRow, AuditStore, Backend, Breaker, ChangeSink, CredentialHead, CredentialStore, IdentityRecord, IdentityStore,
+    JobStore, KekRow, KeyStore, KeyringRow, ListFilter, ListQuery, Micros, NewVersion, PolicyStore, PoolStats,
+    RewrapBatch, RewrapRow, RotationJob, RotationPolicy, Staleness, StalenessQuery, StalenessStore, Store, StoreError,
+    TokenRecord, TokenStore, VersionInfo, VersionRow,
 };
 use crate::telemetry::names::STORE_QUERY_DURATION;
 
@@ -97,6 +98,12 @@ ops! {
     InsertAudit => "insert_audit", Background;
     RecentAudit => "recent_audit", Request;
     PruneAudit => "prune_audit", Background;
+    Staleness => "staleness", Background;
+    InsertIdentity => "insert_identity", Request;
+    // Read with the token table, by the reload task.
+    ListIdentities => "list_identities", Background;
+    DeleteIdentity => "delete_identity", Request;
+    ListFiltered => "list_filtered", Request;
     // A resync revalidates the whole cache after the change feed or the store returns.
     Resync => "resync", Background;
     Probe => "probe", Background;
@@ -396,6 +403,36 @@ impl AuditStore for Instrumented {
 
     async fn prune_audit(&self, before: Micros, limit: u32) -> Result<u64, StoreError> {
         self.timed(Op::PruneAudit, self.inner.prune_audit(before, limit)).await
+    }
+}
+
+#[async_trait]
+impl IdentityStore for Instrumented {
+    async fn insert_identity(&self, r: &IdentityRecord) -> Result<bool, StoreError> {
+        self.timed(Op::InsertIdentity, self.inner.insert_identity(r)).await
+    }
+
+    async fn list_identities(&self) -> Result<Vec<IdentityRecord>, StoreError> {
+        self.timed(Op::ListIdentities, self.inner.list_identities()).await
+    }
+
+    async fn delete_identity(&self, identity: &str) -> Result<Option<IdentityRecord>, StoreError> {
+        self.timed(Op::DeleteIdentity, self.inner.delete_identity(identity)).await
+    }
+}
+
+#[async_trait]
+impl StalenessStore for Instrumented {
+    async fn staleness(&self, q: &StalenessQuery) -> Result<Staleness, StoreError> {
+        self.timed(Op::Staleness, self.inner.staleness(q)).await
+    }
+
+    async fn list_filtered(
+        &self,
+        q: &ListQuery<'_>,
+        f: &ListFilter,
+    ) -> Result<Vec<(CredentialHead, bool)>, StoreError> {
+        self.timed(Op::ListFiltered, self.inner.list_filtered(q, f)).await
     }
 }
 

@@ -239,11 +239,99 @@ pub trait AuditStore: Send + Sync {
     async fn prune_audit(&self, before: Micros, limit: u32) -> Result<u64, StoreError>;
 }
 
+/// What the staleness gauges count, as of `now`. Counts stop at `cap` (each query reads
+/// at most that many index entries), so a pass costs the same however large the fleet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StalenessQuery {
+    /// Rotation policies due at or before this are overdue.
+    pub overdue_before: Micros,
+    pub now: Micros,
+    /// Credentials expiring after `now` and at or before this are "expiring".
+    pub expiring_before: Micros,
+    pub cap: u32,
+}
+
+/// Live credentials only (not soft-deleted).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Staleness {
+    /// Whose rotation policy's next slot is at or before `overdue_before`.
+    pub overdue: u64,
+    /// Whose `expires_at` has passed.
+    pub expired: u64,
+    /// Whose `expires_at` lies in `(now, expiring_before]`.
+    pub expiring: u64,
+    /// When the oldest current version was written; `None`: no live credential.
+    pub oldest_current_at: Option<Micros>,
+}
+
+/// Listing filters (`ListCredentials` with `older_than` or `rotation_overdue`). A row
+/// matches when every filter set holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ListFilter {
+    /// The current version was written before this.
+    pub current_before: Option<Micros>,
+    /// The rotation policy's next slot is at or before this.
+    pub overdue_before: Option<Micros>,
+}
+
+impl ListFilter {
+    pub fn is_empty(&self) -> bool {
+        self.current_before.is_none() && self.overdue_before.is_none()
+    }
+}
+
+/// Rotation health: the counts behind the staleness gauges, and filtered listings.
+#[async_trait]
+pub trait StalenessStore: Send + Sync {
+    async fn staleness(&self, query: &StalenessQuery) -> Result<Staleness, StoreError>;
+
+    /// The rows [`CredentialStore::list_credentials`] returns for `query`, each with
+    /// whether it matches `filter`: a listing counts the rows that do not against its
+    /// scan budget like those its policy hides, so its work stays bounded.
+    async fn list_filtered(
+        &self,
+        query: &ListQuery<'_>,
+        filter: &ListFilter,
+    ) -> Result<Vec<(CredentialHead, bool)>, StoreError>;
+}
+
+/// A workload identity (see `vault::identity`) bound to a policy document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityRecord {
+    pub identity: String,
+    /// The JSON policy document, as tokens carry it.
+    pub policies: String,
+    pub created_at: Micros,
+}
+
+/// Identity bindings. Each change notifies the token table's listeners, in its own
+/// transaction.
+#[async_trait]
+pub trait IdentityStore: Send + Sync {
+    /// `false`: the identity is bound already; nothing changed.
+    async fn insert_identity(&self, record: &IdentityRecord) -> Result<bool, StoreError>;
+
+    async fn list_identities(&self) -> Result<Vec<IdentityRecord>, StoreError>;
+
+    /// Removes a binding and returns it; `None`: there was none.
+    async fn delete_identity(&self, identity: &str) -> Result<Option<IdentityRecord>, StoreError>;
+}
+
 /// A whole store: every aggregate, plus the connection itself and the change feed.
 /// Callers hold an `Arc<dyn Store>` and call any aggregate's methods on it.
 #[async_trait]
 pub trait Store:
-    CredentialStore + KeyStore + JobStore + PolicyStore + TokenStore + AuditStore + Send + Sync + 'static
+    CredentialStore
+    + KeyStore
+    + JobStore
+    + PolicyStore
+    + TokenStore
+    + AuditStore
+    + StalenessStore
+    + IdentityStore
+    + Send
+    + Sync
+    + 'static
 {
     fn backend(&self) -> Backend;
 

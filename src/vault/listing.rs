@@ -20,12 +20,12 @@ use std::time::Duration;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 
-use super::{Page, Vault, VaultError};
+use super::{ListFilters, Page, Vault, VaultError};
 use crate::auth::Caller;
 use crate::crypto::{self, CryptoError, SecretKey};
 use crate::names;
 use crate::policy::{Capability, MAX_PATTERN_BYTES};
-use crate::store::{CredentialHead, CredentialStore as _, ListQuery, Micros};
+use crate::store::{CredentialHead, CredentialStore as _, ListQuery, Micros, StalenessStore as _};
 
 /// How long a page token stays good.
 pub const PAGE_TOKEN_TTL: Duration = Duration::from_secs(3600);
@@ -49,6 +49,8 @@ pub struct PageBinding<'a> {
     pub token_id: &'a str,
     pub prefix: &'a str,
     pub include_deleted: bool,
+    /// The listing's filters ([`ListFilters::binding`]); empty without any.
+    pub filters: &'a [u8],
 }
 
 impl PageBinding<'_> {
@@ -62,6 +64,7 @@ impl PageBinding<'_> {
             out.extend_from_slice(field.as_bytes());
         }
         out.push(u8::from(self.include_deleted));
+        out.extend_from_slice(self.filters);
         out
     }
 }
@@ -149,6 +152,21 @@ impl Vault {
         page_token: &str,
         include_deleted: bool,
     ) -> Result<Page, VaultError> {
+        self.list_where(caller, prefix, page_size, page_token, include_deleted, ListFilters::default()).await
+    }
+
+    /// [`Vault::list`], keeping only the credentials `filters` match. A row the filters
+    /// drop counts against the scan budget like one the policy hides, so a filtered
+    /// listing does bounded work per page too.
+    pub async fn list_where(
+        &self,
+        caller: &Caller,
+        prefix: &str,
+        page_size: u32,
+        page_token: &str,
+        include_deleted: bool,
+        filters: ListFilters,
+    ) -> Result<Page, VaultError> {
         let limits = &self.inner.limits;
         self.check_prefix(prefix)?;
         let size = match page_size {
@@ -161,9 +179,11 @@ impl Vault {
             }
             n => n,
         } as usize;
-        let binding = PageBinding { token_id: &caller.token_id, prefix, include_deleted };
+        let filter_bytes = filters.binding();
+        let binding = PageBinding { token_id: &caller.token_id, prefix, include_deleted, filters: &filter_bytes };
         let key = self.with_keys(|r| page_key(r.master()));
         let now = self.now();
+        let filter = self.store_filter(&filters, now);
         let resume = match page_token {
             "" => String::new(),
             t => open_page_token(&key, &binding, t, now).map_err(|e| VaultError::InvalidArgument(e.to_string()))?,
@@ -194,13 +214,17 @@ impl Vault {
                     limit: u32::try_from(limit).unwrap_or(u32::MAX),
                     include_deleted,
                 };
-                let rows = self.inner.store.list_credentials(&query).await?;
+                let rows = if filter.is_empty() {
+                    self.inner.store.list_credentials(&query).await?.into_iter().map(|r| (r, true)).collect()
+                } else {
+                    self.inner.store.list_filtered(&query, &filter).await?
+                };
                 queries += 1;
                 scanned += rows.len();
                 let exhausted = rows.len() < limit;
-                for row in rows {
+                for (row, matched) in rows {
                     start = names::after(&row.name);
-                    if policy.allows(Capability::List, &row.name) {
+                    if matched && policy.allows(Capability::List, &row.name) {
                         found.push(row);
                         if found.len() == want {
                             // One more than the page: there is a next page, and it
@@ -243,7 +267,7 @@ mod tests {
     }
 
     fn binding<'a>(token_id: &'a str, prefix: &'a str) -> PageBinding<'a> {
-        PageBinding { token_id, prefix, include_deleted: false }
+        PageBinding { token_id, prefix, include_deleted: false, filters: &[] }
     }
 
     #[test]
@@ -251,11 +275,13 @@ mod tests {
         let k = key(1);
         let b = binding("abc123abc123", "team-a/");
         let t = seal_page_token(&k, &b, "team-b/hidden,", NOW, 258).unwrap();
+        let overdue = ListFilters { rotation_overdue: true, ..Default::default() }.binding();
         assert_eq!(open_page_token(&k, &b, &t, NOW + 1).unwrap(), "team-b/hidden,");
         let foreign = [
             binding("def456def456", "team-a/"),
             binding("abc123abc123", "team-"),
             PageBinding { include_deleted: true, ..b },
+            PageBinding { filters: &overdue, ..b },
         ];
         for other in foreign {
             assert_eq!(open_page_token(&k, &other, &t, NOW), Err(PageTokenError::Foreign), "{other:?}");

@@ -22,17 +22,20 @@ use crate::store::{
 use crate::telemetry::names::DECRYPT_DURATION;
 
 mod feed;
+pub mod identity;
 mod keys;
 mod listing;
 mod read;
 mod rotation;
+mod staleness;
 mod tokens;
 mod write;
 mod write_queue;
 
 pub use keys::JobProgress;
 pub use listing::{open_page_token, page_key, seal_page_token, PageBinding, PageTokenError, PAGE_TOKEN_TTL};
-pub use rotation::{NewValue, PolicySpec, RotateOutcome, RotationSettings};
+pub use rotation::{schedule_jitter, NewValue, PolicySpec, RotateOutcome, RotationSettings};
+pub use staleness::ListFilters;
 
 /// Request-size limits; every one is enforced before the store is touched. (The edge's
 /// own limits, concurrency and token rates, are in `config::LimitSettings`.)

@@ -38,6 +38,21 @@ pub struct RotationSettings {
     pub job_lease_ms: u64,
     /// Change events buffered per watcher; a watcher further behind is dropped.
     pub watch_buffer: usize,
+    /// Periodic and before-expiry rotations are moved by up to this much (never more
+    /// than half the policy's interval), by a fixed amount per credential name, so
+    /// credentials given the same schedule at the same moment do not all rotate in the
+    /// same second. 0: no jitter.
+    pub schedule_jitter_seconds: u64,
+    /// How often the staleness task recounts overdue, expiring and old credentials.
+    pub staleness_interval_ms: u64,
+    /// A rotation policy whose slot passed this long ago without a rotation is overdue
+    /// (the scheduler runs due slots within about a second; a failing one retries).
+    pub overdue_after_seconds: u64,
+    /// Credentials expiring within this horizon are counted as expiring.
+    pub expiry_horizon_seconds: u64,
+    /// Each staleness count stops here: the work of a pass is bounded, and a gauge at
+    /// this value means "at least this many".
+    pub staleness_max_count: u32,
 }
 
 impl Default for RotationSettings {
@@ -50,6 +65,11 @@ impl Default for RotationSettings {
             rewrap_pause_ms: 0,
             job_lease_ms: 15_000,
             watch_buffer: 1024,
+            schedule_jitter_seconds: 0,
+            staleness_interval_ms: 30_000,
+            overdue_after_seconds: 300,
+            expiry_horizon_seconds: 7 * 86_400,
+            staleness_max_count: 100_000,
         }
     }
 }
@@ -67,6 +87,9 @@ impl RotationSettings {
         if !(1..=100_000).contains(&self.rewrap_batch_size) {
             return Err("rotation.rewrap_batch_size must be between 1 and 100000".into());
         }
+        if self.staleness_interval_ms == 0 || self.staleness_max_count == 0 {
+            return Err("rotation.staleness_interval_ms and rotation.staleness_max_count must be positive".into());
+        }
         if self.watch_buffer == 0 {
             return Err("rotation.watch_buffer must be at least 1".into());
         }
@@ -75,6 +98,45 @@ impl RotationSettings {
 
     fn default_grace(&self) -> Duration {
         Duration::from_secs(self.default_grace_seconds)
+    }
+
+    /// `name`'s schedule offset under a policy with this interval ([`schedule_jitter`]).
+    fn jitter(&self, name: &str, interval_us: Option<Micros>) -> Micros {
+        schedule_jitter(name, Duration::from_secs(self.schedule_jitter_seconds), interval_us.unwrap_or(0))
+    }
+}
+
+/// How far `name`'s rotations are moved within a jitter window of `window` (at most half
+/// of `interval_us`): a share of the window fixed by a hash of the name. Every daemon
+/// computes the same offset for a name, so the compare-and-set on a slot still works,
+/// and many names spread evenly across the window.
+pub fn schedule_jitter(name: &str, window: Duration, interval_us: Micros) -> Micros {
+    use sha2::{Digest, Sha256};
+    let window = micros(window).min(interval_us / 2);
+    let Ok(span) = u64::try_from(window) else { return 0 };
+    if span == 0 {
+        return 0;
+    }
+    let digest = Sha256::digest(name.as_bytes());
+    let Some(head) = digest.first_chunk::<8>() else { return 0 };
+    // Below `span + 1`, which fits an i64 since `span` came from one.
+    Micros::try_from(u64::from_be_bytes(*head) % (span + 1)).unwrap_or(0)
+}
+
+/// The first slot of a policy set at `now`. `jitter` moves a periodic slot later and a
+/// before-expiry slot earlier (a rotation before expiry must not drift past it).
+fn first_run(spec: &PolicySpec, now: Micros, head_expires: Option<Micros>, jitter: Micros) -> Option<Micros> {
+    let interval = spec.interval.map(micros).unwrap_or(0);
+    match spec.kind {
+        PolicyKind::Manual => None,
+        PolicyKind::Periodic => Some(now.saturating_add(interval).saturating_add(jitter)),
+        PolicyKind::BeforeExpiry => {
+            // Without an expiry yet, treat the current value as issued now.
+            let validity = spec.validity.map(micros).unwrap_or(0);
+            let expires = head_expires.unwrap_or(now.saturating_add(validity));
+            Some(expires.saturating_sub(interval).saturating_sub(jitter))
+        }
+        PolicyKind::Scheduled => spec.at,
     }
 }
 
@@ -118,22 +180,24 @@ struct Plan {
     expires_at: Option<Micros>,
 }
 
-fn plan(p: &RotationPolicy, claim: Option<Micros>, now: Micros) -> Plan {
+/// `jitter`: the credential's schedule offset ([`schedule_jitter`]).
+fn plan(p: &RotationPolicy, claim: Option<Micros>, now: Micros, jitter: Micros) -> Plan {
     let interval = p.interval_us.unwrap_or(0);
     match p.kind {
         PolicyKind::Manual => Plan { next_run_at: None, expires_at: None },
         PolicyKind::Periodic => {
-            // Slots follow each other at the period; slots missed while no daemon ran
-            // are skipped, not made up in a burst.
+            // Slots follow each other at the period (keeping the offset the first slot
+            // got); slots missed while no daemon ran are skipped, not made up in a burst.
             let next = match claim {
                 Some(c) if c.saturating_add(interval) > now => c.saturating_add(interval),
-                _ => now.saturating_add(interval),
+                _ => now.saturating_add(interval).saturating_add(jitter),
             };
             Plan { next_run_at: Some(next), expires_at: None }
         }
         PolicyKind::BeforeExpiry => {
             let expires = now.saturating_add(p.validity_us.unwrap_or(0));
-            Plan { next_run_at: Some(expires.saturating_sub(interval)), expires_at: Some(expires) }
+            let next = expires.saturating_sub(interval).saturating_sub(jitter);
+            Plan { next_run_at: Some(next), expires_at: Some(expires) }
         }
         // A scheduled rotation happens once; a manual one before it leaves it pending.
         PolicyKind::Scheduled => {
@@ -198,7 +262,7 @@ impl Vault {
         };
         let grace = grace.unwrap_or(usual.0);
         let now = self.now();
-        let plan = policy.as_ref().map(|p| plan(p, None, now));
+        let plan = policy.as_ref().map(|p| plan(p, None, now, self.inner.rotation.jitter(&p.name, p.interval_us)));
         let metadata = renewed_metadata(&head, plan.as_ref());
         let opts = WriteOptions {
             expected,
@@ -261,16 +325,8 @@ impl Vault {
             _ => {}
         }
         let head = self.live_head(&name).await?;
-        let next_run_at = match spec.kind {
-            PolicyKind::Manual => None,
-            PolicyKind::Periodic => Some(now.saturating_add(interval.unwrap_or(0))),
-            PolicyKind::BeforeExpiry => {
-                // Without an expiry yet, treat the current value as issued now.
-                let expires = head.metadata.expires_at.unwrap_or(now.saturating_add(validity.unwrap_or(0)));
-                Some(expires.saturating_sub(interval.unwrap_or(0)))
-            }
-            PolicyKind::Scheduled => spec.at,
-        };
+        let jitter = self.inner.rotation.jitter(name.as_str(), interval);
+        let next_run_at = first_run(spec, now, head.metadata.expires_at, jitter);
         let row = RotationPolicy {
             name: name.as_str().to_owned(),
             kind: spec.kind,
@@ -323,7 +379,8 @@ impl Vault {
                 Err(e) => return Err(e),
             };
             let value = spec.generate().map_err(VaultError::Internal)?;
-            let plan = plan(policy, Some(claim), self.now());
+            let jitter = self.inner.rotation.jitter(&policy.name, policy.interval_us);
+            let plan = plan(policy, Some(claim), self.now(), jitter);
             let metadata = renewed_metadata(&head, Some(&plan));
             let opts = WriteOptions {
                 expected: Some(head.current_version),
@@ -403,4 +460,110 @@ fn renewed_metadata(head: &CredentialHead, plan: Option<&Plan>) -> Option<crate:
     let mut m = head.metadata.clone();
     m.expires_at = Some(expires);
     Some(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The injected clock: every schedule function takes `now`.
+    const NOW: Micros = 1_800_000_000_000_000;
+    const SECOND: Micros = 1_000_000;
+    const HOUR: Micros = 3600 * SECOND;
+
+    fn spec(kind: PolicyKind, interval: Micros, validity: Option<Micros>) -> PolicySpec {
+        let d = |us: Micros| Duration::from_micros(u64::try_from(us).unwrap());
+        PolicySpec {
+            kind,
+            interval: Some(d(interval)),
+            validity: validity.map(d),
+            at: None,
+            generator: GeneratorSpec::Bytes { length: 16, encoding: crate::generate::Encoding::Hex },
+            grace: None,
+        }
+    }
+
+    fn row(name: &str, kind: PolicyKind, interval: Micros, validity: Option<Micros>) -> RotationPolicy {
+        RotationPolicy {
+            name: name.into(),
+            kind,
+            interval_us: Some(interval),
+            validity_us: validity,
+            at: None,
+            generator: "{}".into(),
+            grace_us: 0,
+            next_run_at: None,
+            rotations: 0,
+            last_rotated_at: None,
+            last_error: None,
+            updated_at: NOW,
+        }
+    }
+
+    #[test]
+    fn jitter_is_fixed_per_name_and_bounded() {
+        let window = Duration::from_secs(600);
+        let mut distinct = std::collections::HashSet::new();
+        for i in 0..1000 {
+            let name = format!("svc/{i}/key");
+            let j = schedule_jitter(&name, window, HOUR);
+            assert_eq!(j, schedule_jitter(&name, window, HOUR), "the same on every call (and daemon)");
+            assert!((0..=600 * SECOND).contains(&j), "{name}: {j}");
+            // Never more than half the interval, whatever the window.
+            assert!(schedule_jitter(&name, window, 10 * SECOND) <= 5 * SECOND);
+            distinct.insert(j);
+        }
+        assert!(distinct.len() > 990, "offsets spread: {} distinct of 1000", distinct.len());
+        assert_eq!(schedule_jitter("svc/x", Duration::ZERO, HOUR), 0, "no window, no jitter");
+        assert_eq!(schedule_jitter("svc/x", window, 0), 0, "no interval, no jitter");
+    }
+
+    #[test]
+    fn credentials_given_one_schedule_at_once_spread_over_the_window() {
+        // 1,000 credentials get the same hourly policy in the same microsecond. Without
+        // jitter all are due in the same instant; with a 60 s window every second of the
+        // window gets some of them and none gets a burst (16.4 a second on average).
+        let hourly = spec(PolicyKind::Periodic, HOUR, None);
+        assert_eq!(first_run(&hourly, NOW, None, 0), Some(NOW + HOUR));
+        let mut per_second = [0u32; 61];
+        for i in 0..1000 {
+            let name = format!("team-{}/db/{i}", i % 7);
+            let jitter = schedule_jitter(&name, Duration::from_secs(60), HOUR);
+            let due = first_run(&hourly, NOW, None, jitter).unwrap();
+            assert!((NOW + HOUR..=NOW + HOUR + 60 * SECOND).contains(&due));
+            per_second[usize::try_from((due - NOW - HOUR) / SECOND).unwrap()] += 1;
+        }
+        assert!(per_second[..60].iter().all(|&n| n > 0), "{per_second:?}");
+        assert!(per_second.iter().all(|&n| n <= 40), "no second gets a burst: {per_second:?}");
+    }
+
+    #[test]
+    fn periodic_slots_keep_their_offset_and_skip_missed_ones() {
+        let p = row("app/token", PolicyKind::Periodic, HOUR, None);
+        let jitter = schedule_jitter(&p.name, Duration::from_secs(300), HOUR);
+        assert!(jitter > 0);
+        let first = NOW + HOUR + jitter;
+        // The scheduler takes the slot a little late: the next one is a period on.
+        assert_eq!(plan(&p, Some(first), first + 2 * SECOND, jitter).next_run_at, Some(first + HOUR));
+        // Slots missed while no daemon ran are skipped; the offset is kept.
+        let late = first + 3 * HOUR;
+        assert_eq!(plan(&p, Some(first), late, jitter).next_run_at, Some(late + HOUR + jitter));
+        // A rotation by request starts the chain over from now, with the same offset.
+        assert_eq!(plan(&p, None, NOW, jitter).next_run_at, Some(NOW + HOUR + jitter));
+    }
+
+    #[test]
+    fn before_expiry_jitter_only_moves_rotations_earlier() {
+        let (lead, validity) = (24 * HOUR, 30 * 24 * HOUR);
+        let p = row("tls/cert", PolicyKind::BeforeExpiry, lead, Some(validity));
+        let jitter = schedule_jitter(&p.name, Duration::from_secs(86_400), lead);
+        assert!(jitter > 0 && jitter <= lead / 2, "{jitter}");
+        let planned = plan(&p, None, NOW, jitter);
+        assert_eq!(planned.expires_at, Some(NOW + validity));
+        assert_eq!(planned.next_run_at, Some(NOW + validity - lead - jitter));
+        let s = spec(PolicyKind::BeforeExpiry, lead, Some(validity));
+        let expires = NOW + 10 * 24 * HOUR;
+        assert_eq!(first_run(&s, NOW, Some(expires), jitter), Some(expires - lead - jitter));
+        assert_eq!(first_run(&s, NOW, Some(expires), 0), Some(expires - lead));
+    }
 }

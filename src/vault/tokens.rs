@@ -3,8 +3,8 @@
 //! never holds a store handle.
 
 use super::*;
-use crate::auth::{Auth, NewToken, Rule, TokenError};
-use crate::store::{AuditRow, AuditStore, TokenRecord, TokenStore};
+use crate::auth::{Auth, IdentityError, NewToken, Rule, TokenError};
+use crate::store::{AuditRow, AuditStore, IdentityRecord, IdentityStore, TokenRecord, TokenStore};
 
 impl Vault {
     /// Creates a token (see [`Auth::create_token`]).
@@ -27,6 +27,27 @@ impl Vault {
     /// Every token, live or revoked (hashes and metadata only).
     pub async fn list_tokens(&self) -> Result<Vec<TokenRecord>, VaultError> {
         Ok(self.inner.store.list_tokens().await?)
+    }
+
+    /// Binds a workload identity to `rules` (see [`Auth::bind_identity`]).
+    pub async fn bind_identity(
+        &self,
+        auth: &Auth,
+        identity: &str,
+        rules: Vec<Rule>,
+        rate_limit_per_second: Option<u32>,
+    ) -> Result<IdentityRecord, IdentityError> {
+        auth.bind_identity(self.inner.store.as_ref(), identity, rules, rate_limit_per_second).await
+    }
+
+    /// Removes a workload identity's binding (see [`Auth::unbind_identity`]).
+    pub async fn unbind_identity(&self, auth: &Auth, identity: &str) -> Result<IdentityRecord, IdentityError> {
+        auth.unbind_identity(self.inner.store.as_ref(), identity).await
+    }
+
+    /// Every bound identity, in identity order.
+    pub async fn list_identities(&self) -> Result<Vec<IdentityRecord>, VaultError> {
+        Ok(self.inner.store.list_identities().await?)
     }
 
     /// The newest `limit` audit events, newest first.

@@ -229,6 +229,7 @@ async fn batch_list_and_watch_are_attributable(backend: Backend) {
         page_size: 10,
         page_token: String::new(),
         include_deleted: false,
+        ..Default::default()
     })
     .await
     .unwrap();

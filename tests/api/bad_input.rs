@@ -14,7 +14,7 @@ use crate::helpers::{assert_status, get, put, Backend, Client, TestDaemon, TestE
 both_backends!(bad_input_is_rejected_precisely);
 
 fn list(prefix: &str, page_size: u32, page_token: &str) -> ListCredentialsRequest {
-    ListCredentialsRequest { prefix: prefix.into(), page_size, page_token: page_token.into(), include_deleted: false }
+    ListCredentialsRequest { prefix: prefix.into(), page_size, page_token: page_token.into(), ..Default::default() }
 }
 
 async fn delete(c: &mut Client, name: &str, expected: Option<u64>) -> Result<u64, tonic::Status> {

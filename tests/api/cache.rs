@@ -10,9 +10,10 @@ use tonic::Code;
 
 use credvault::proto::BatchGetCredentialsRequest;
 use credvault::store::{
-    AuditStore, Backend as StoreBackend, ChangeSink, CredentialHead, CredentialStore, JobStore, KekRow, KeyStore,
-    KeyringRow, ListQuery, Micros, NewVersion, PolicyStore, PoolStats, RewrapBatch, RewrapRow, RotationJob,
-    RotationPolicy, Store, StoreError, TokenRecord, TokenStore, VersionInfo, VersionRow,
+    AuditStore, Backend as StoreBackend, ChangeSink, CredentialHead, CredentialStore, IdentityRecord, IdentityStore,
+    JobStore, KekRow, KeyStore, KeyringRow, ListFilter, ListQuery, Micros, NewVersion, PolicyStore, PoolStats,
+    RewrapBatch, RewrapRow, RotationJob, RotationPolicy, Staleness, StalenessQuery, StalenessStore, Store, StoreError,
+    TokenRecord, TokenStore, VersionInfo, VersionRow,
 };
 use credvault::vault::Vault;
 
@@ -237,6 +238,33 @@ impl AuditStore for PausingStore {
     }
     async fn prune_audit(&self, before: Micros, limit: u32) -> Result<u64, StoreError> {
         self.inner.prune_audit(before, limit).await
+    }
+}
+
+#[async_trait]
+impl IdentityStore for PausingStore {
+    async fn insert_identity(&self, r: &IdentityRecord) -> Result<bool, StoreError> {
+        self.inner.insert_identity(r).await
+    }
+    async fn list_identities(&self) -> Result<Vec<IdentityRecord>, StoreError> {
+        self.inner.list_identities().await
+    }
+    async fn delete_identity(&self, identity: &str) -> Result<Option<IdentityRecord>, StoreError> {
+        self.inner.delete_identity(identity).await
+    }
+}
+
+#[async_trait]
+impl StalenessStore for PausingStore {
+    async fn staleness(&self, q: &StalenessQuery) -> Result<Staleness, StoreError> {
+        self.inner.staleness(q).await
+    }
+    async fn list_filtered(
+        &self,
+        q: &ListQuery<'_>,
+        f: &ListFilter,
+    ) -> Result<Vec<(CredentialHead, bool)>, StoreError> {
+        self.inner.list_filtered(q, f).await
     }
 }
 

@@ -145,6 +145,7 @@ async fn list_pages_over_grpc(backend: Backend) {
                 page_size: 10,
                 page_token: token,
                 include_deleted: false,
+                ..Default::default()
             })
             .await
             .unwrap()

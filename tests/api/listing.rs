@@ -11,7 +11,7 @@ use crate::both_backends;
 use crate::helpers::{assert_status, client_with, create_token, put, rule, Backend, Client, Raw, TestDaemon, TestEnv};
 
 fn req(prefix: &str, page_size: u32, page_token: &str) -> ListCredentialsRequest {
-    ListCredentialsRequest { prefix: prefix.into(), page_size, page_token: page_token.into(), include_deleted: false }
+    ListCredentialsRequest { prefix: prefix.into(), page_size, page_token: page_token.into(), ..Default::default() }
 }
 
 /// Pages through a listing; returns the names and every token handed out.

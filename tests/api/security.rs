@@ -53,6 +53,7 @@ async fn scoped_tokens_see_only_their_names() {
             page_size: 100,
             page_token: "".into(),
             include_deleted: false,
+            ..Default::default()
         })
         .await
         .unwrap()

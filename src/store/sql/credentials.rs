@@ -317,7 +317,7 @@ async fn notify_credential<B: SqlBackend>(
     store.notify(tx, &encode_change(&event)).await
 }
 
-fn credential(row: &impl Fields) -> Result<CredentialHead, StoreError> {
+pub(super) fn credential(row: &impl Fields) -> Result<CredentialHead, StoreError> {
     let labels: String = get(row, "labels")?;
     Ok(CredentialHead {
         name: get(row, "name")?,

@@ -16,9 +16,11 @@ use super::{AuditRow, Metadata, Rewrapped, StoreError};
 
 mod audit;
 mod credentials;
+mod identities;
 mod jobs;
 mod keys;
 mod policies;
+mod staleness;
 mod tokens;
 
 pub(super) use audit::AUDIT_COLS;
