@@ -10,6 +10,7 @@ use std::time::Instant;
 use async_trait::async_trait;
 
 use super::breaker::Permit;
+use super::{BatchOutcome, BatchWrite, KeyClaim, KeyRecord, WriteStore};
 use super::{
     AuditRow, AuditStore, Backend, Breaker, ChangeSink, CredentialRow, CredentialStore, JobRow, JobStore, KekRow,
     KeyStore, KeyringRow, ListQuery, Micros, NewVersion, PolicyStore, PoolStats, RewrapBatch, RewrapRow,
@@ -97,6 +98,11 @@ ops! {
     InsertAudit => "insert_audit", Background;
     RecentAudit => "recent_audit", Request;
     PruneAudit => "prune_audit", Background;
+    PutVersionKeyed => "put_version_keyed", Request;
+    DeleteCredentialKeyed => "delete_credential_keyed", Request;
+    GetIdempotencyKey => "get_idempotency_key", Request;
+    PruneIdempotencyKeys => "prune_idempotency_keys", Background;
+    WriteBatch => "write_batch", Request;
     // A resync revalidates the whole cache after the change feed or the store returns.
     Resync => "resync", Background;
     Probe => "probe", Background;
@@ -396,6 +402,40 @@ impl AuditStore for Instrumented {
 
     async fn prune_audit(&self, before: Micros, limit: u32) -> Result<u64, StoreError> {
         self.timed(Op::PruneAudit, self.inner.prune_audit(before, limit)).await
+    }
+}
+
+#[async_trait]
+impl WriteStore for Instrumented {
+    async fn put_version_keyed(&self, new: &NewVersion<'_>, key: &KeyClaim) -> Result<CredentialRow, StoreError> {
+        self.timed(Op::PutVersionKeyed, self.inner.put_version_keyed(new, key)).await
+    }
+
+    async fn delete_credential_keyed(
+        &self,
+        name: &str,
+        expected: Option<u64>,
+        now: Micros,
+        key: &KeyClaim,
+    ) -> Result<bool, StoreError> {
+        self.timed(Op::DeleteCredentialKeyed, self.inner.delete_credential_keyed(name, expected, now, key)).await
+    }
+
+    async fn get_idempotency_key(
+        &self,
+        token_id: &str,
+        key: &str,
+        now: Micros,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        self.timed(Op::GetIdempotencyKey, self.inner.get_idempotency_key(token_id, key, now)).await
+    }
+
+    async fn prune_idempotency_keys(&self, now: Micros, limit: u32) -> Result<u64, StoreError> {
+        self.timed(Op::PruneIdempotencyKeys, self.inner.prune_idempotency_keys(now, limit)).await
+    }
+
+    async fn write_batch(&self, batch: &BatchWrite<'_>) -> Result<BatchOutcome, StoreError> {
+        self.timed(Op::WriteBatch, self.inner.write_batch(batch)).await
     }
 }
 

@@ -24,6 +24,7 @@ mod postgres;
 mod rows;
 mod sql;
 mod sqlite;
+mod writes;
 
 use async_trait::async_trait;
 
@@ -39,6 +40,7 @@ pub use rows::{
     VersionRow, VersionState, WriteBase,
 };
 pub use sqlite::SqliteStore;
+pub use writes::{BatchOp, BatchOutcome, BatchWrite, KeyClaim, KeyRecord};
 
 /// Microseconds since the Unix epoch, UTC.
 pub type Micros = i64;
@@ -240,11 +242,41 @@ pub trait AuditStore: Send + Sync {
     async fn prune_audit(&self, before: Micros, limit: u32) -> Result<u64, StoreError>;
 }
 
+/// Idempotency keys, stored in the transaction of the write they belong to, and
+/// all-or-nothing writes of several credentials.
+#[async_trait]
+pub trait WriteStore: Send + Sync {
+    /// [`CredentialStore::put_version`] that also stores `key`, in the same transaction.
+    /// [`StoreError::Conflict`] with nothing written if the compare-and-set fails or a live
+    /// key by that token and name exists already (a concurrent retry won).
+    async fn put_version_keyed(&self, new: &NewVersion<'_>, key: &KeyClaim) -> Result<CredentialRow, StoreError>;
+
+    /// [`CredentialStore::delete_credential`] that also stores `key` when it deletes.
+    /// [`StoreError::Conflict`] with nothing changed if a live key exists already.
+    async fn delete_credential_keyed(
+        &self,
+        name: &str,
+        expected: Option<u64>,
+        now: Micros,
+        key: &KeyClaim,
+    ) -> Result<bool, StoreError>;
+
+    /// The live (unexpired at `now`) key `key` of token `token_id`.
+    async fn get_idempotency_key(&self, token_id: &str, key: &str, now: Micros)
+        -> Result<Option<KeyRecord>, StoreError>;
+
+    /// Deletes at most `limit` keys expired at `now`; returns how many went.
+    async fn prune_idempotency_keys(&self, now: Micros, limit: u32) -> Result<u64, StoreError>;
+
+    /// Applies every write of `batch` in one transaction, or none of them.
+    async fn write_batch(&self, batch: &BatchWrite<'_>) -> Result<BatchOutcome, StoreError>;
+}
+
 /// A whole store: every aggregate, plus the connection itself and the change feed.
 /// Callers hold an `Arc<dyn Store>` and call any aggregate's methods on it.
 #[async_trait]
 pub trait Store:
-    CredentialStore + KeyStore + JobStore + PolicyStore + TokenStore + AuditStore + Send + Sync + 'static
+    CredentialStore + KeyStore + JobStore + PolicyStore + TokenStore + AuditStore + WriteStore + Send + Sync + 'static
 {
     fn backend(&self) -> Backend;
 

@@ -20,6 +20,7 @@ mod jobs;
 mod keys;
 mod policies;
 mod tokens;
+mod writes;
 
 pub(super) use audit::AUDIT_COLS;
 pub(super) use credentials::{CRED_COLS, VERSION_COLS};
