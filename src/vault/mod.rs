@@ -20,17 +20,21 @@ use crate::store::{
 use crate::telemetry::names::DECRYPT_DURATION;
 
 mod feed;
+mod idempotency;
 mod keys;
 mod listing;
 mod read;
 mod rotation;
 mod tokens;
 mod write;
+mod write_many;
 mod write_queue;
 
+pub use idempotency::{prune_idempotency_keys, DeleteOutcome, IdempotencyKey, Replayed, KEY_MAX_BYTES};
 pub use keys::JobProgress;
 pub use listing::{open_page_token, page_key, seal_page_token, PageBinding, PageTokenError, PAGE_TOKEN_TTL};
 pub use rotation::{NewValue, PolicySpec, RotateOutcome, RotationSettings};
+pub use write_many::{BatchItem, BatchItemOutcome, WriteConflict};
 
 /// Request-size limits; every one is enforced before the store is touched.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
@@ -53,6 +57,10 @@ pub struct Limits {
     pub default_token_rate_per_second: u32,
     /// Longest a single store call may take before the request fails with UNAVAILABLE.
     pub store_timeout_ms: u64,
+    /// Writes (puts and deletes) per `WriteCredentials` request at most.
+    pub max_write_batch_size: usize,
+    /// How long an idempotency key is remembered after its write.
+    pub idempotency_window_seconds: u64,
 }
 
 impl Default for Limits {
@@ -69,6 +77,8 @@ impl Default for Limits {
             max_concurrent_requests: 1024,
             default_token_rate_per_second: 0,
             store_timeout_ms: 5000,
+            max_write_batch_size: 64,
+            idempotency_window_seconds: 24 * 3600,
         }
     }
 }
@@ -106,6 +116,10 @@ pub enum VaultError {
     /// the KEK): callers reload the keys and retry once.
     #[error("unknown key-encryption key {0}")]
     UnknownKek(i64),
+    /// Some writes of an all-or-nothing batch did not match what they expected, so none
+    /// was applied. Every conflicting write is listed.
+    #[error("{}", write_many::describe_conflicts(.0))]
+    WriteConflicts(Vec<WriteConflict>),
 }
 
 impl From<StoreError> for VaultError {
@@ -191,6 +205,8 @@ struct WriteOptions<'a> {
     policy: Option<PolicyAdvance>,
     /// Only a live credential may be written (rotations): never create or revive one.
     live_only: bool,
+    /// The idempotency key stored with the write, in its transaction.
+    key: Option<&'a crate::store::KeyClaim>,
 }
 
 /// A cheap handle: clone it into every service.

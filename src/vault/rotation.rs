@@ -159,6 +159,19 @@ impl Vault {
         expected: Option<u64>,
         may_cut_grace: bool,
     ) -> Result<RotateOutcome, VaultError> {
+        self.rotate_keyed(name, source, grace, expected, may_cut_grace, None).await
+    }
+
+    /// [`Vault::rotate`], storing `key` with the write (see `vault/idempotency.rs`).
+    pub(super) async fn rotate_keyed(
+        &self,
+        name: &str,
+        source: NewValue<'_>,
+        grace: Option<Duration>,
+        expected: Option<u64>,
+        may_cut_grace: bool,
+        key: Option<&crate::store::KeyClaim>,
+    ) -> Result<RotateOutcome, VaultError> {
         let parsed = self.name(name)?;
         super::check_expected(expected)?;
         if expected == Some(0) {
@@ -206,6 +219,7 @@ impl Vault {
             kind: ChangeKind::Rotate,
             policy: plan.map(|p| PolicyAdvance { claim: None, next_run_at: p.next_run_at }),
             live_only: true,
+            key,
         };
         let out = self.write(parsed.as_str(), &value, opts).await?;
         metrics::counter!(names::ROTATIONS, "trigger" => "request").increment(1);
@@ -330,6 +344,7 @@ impl Vault {
                 kind: ChangeKind::Rotate,
                 policy: Some(PolicyAdvance { claim: Some(claim), next_run_at: plan.next_run_at }),
                 live_only: true,
+                key: None,
             };
             match self.write(name.as_str(), &value, opts).await {
                 Ok(out) => {
