@@ -9,9 +9,11 @@ mod admin;
 mod credential;
 pub mod layers;
 pub mod lifecycle;
+mod writes;
 
 pub use admin::AdminApi;
 pub use credential::{CredentialApi, STALE_HEADER};
+pub use writes::{IDEMPOTENCY_KEY_HEADER, REPLAY_HEADER, WRITE_CONFLICTS_TRAILER};
 
 use tonic::{Request, Status};
 

@@ -10,12 +10,12 @@ use std::time::Instant;
 use async_trait::async_trait;
 
 use super::breaker::Permit;
-use super::{BatchOutcome, BatchWrite, KeyClaim, KeyRecord, WriteStore};
 use super::{
     AuditRow, AuditStore, Backend, Breaker, ChangeSink, CredentialRow, CredentialStore, JobRow, JobStore, KekRow,
     KeyStore, KeyringRow, ListQuery, Micros, NewVersion, PolicyStore, PoolStats, RewrapBatch, RewrapRow,
     RotationPolicyRow, Store, StoreError, TokenRow, TokenStore, VersionInfo, VersionRow,
 };
+use super::{BatchOutcome, BatchWrite, KeyClaim, KeyRecord, WriteStore};
 use crate::telemetry::names::STORE_QUERY_DURATION;
 
 /// Declares [`Op`] from one table, so an operation's label and whom it serves are written

@@ -262,8 +262,12 @@ pub trait WriteStore: Send + Sync {
     ) -> Result<bool, StoreError>;
 
     /// The live (unexpired at `now`) key `key` of token `token_id`.
-    async fn get_idempotency_key(&self, token_id: &str, key: &str, now: Micros)
-        -> Result<Option<KeyRecord>, StoreError>;
+    async fn get_idempotency_key(
+        &self,
+        token_id: &str,
+        key: &str,
+        now: Micros,
+    ) -> Result<Option<KeyRecord>, StoreError>;
 
     /// Deletes at most `limit` keys expired at `now`; returns how many went.
     async fn prune_idempotency_keys(&self, now: Micros, limit: u32) -> Result<u64, StoreError>;

@@ -229,10 +229,14 @@ impl Vault {
         self.name(name)?;
         check_expected(expected)?;
         let mut f = Fingerprint::new(self, "RotateCredential");
-        f.bytes(name.as_bytes()).opt_u64(expected).opt_u64(grace.map(|g| u64::try_from(g.as_micros()).unwrap_or(u64::MAX)));
+        f.bytes(name.as_bytes())
+            .opt_u64(expected)
+            .opt_u64(grace.map(|g| u64::try_from(g.as_micros()).unwrap_or(u64::MAX)));
         match &source {
             NewValue::Given(v) => f.bytes(b"value").bytes(v),
-            NewValue::Generate(spec) => f.bytes(b"generate").bytes(serde_json::to_string(spec).unwrap_or_default().as_bytes()),
+            NewValue::Generate(spec) => {
+                f.bytes(b"generate").bytes(serde_json::to_string(spec).unwrap_or_default().as_bytes())
+            }
             NewValue::FromPolicy => f.bytes(b"policy"),
         };
         let claim = self.claim(key, "RotateCredential", f.finish());

@@ -84,11 +84,7 @@ pub(super) fn describe_conflicts(conflicts: &[WriteConflict]) -> String {
             format!("{:?}: {wanted}, {found}", c.name)
         })
         .collect();
-    format!(
-        "version conflict on {} of the writes, so none was applied: {}",
-        conflicts.len(),
-        each.join("; ")
-    )
+    format!("version conflict on {} of the writes, so none was applied: {}", conflicts.len(), each.join("; "))
 }
 
 impl Vault {

@@ -162,4 +162,11 @@ impl CredentialService for BaselineApi {
     ) -> Result<Response<Self::WatchCredentialsStream>, Status> {
         Err(Status::unimplemented("the baseline only reads and writes"))
     }
+
+    async fn write_credentials(
+        &self,
+        _req: Request<proto::WriteCredentialsRequest>,
+    ) -> Result<Response<proto::WriteCredentialsResponse>, Status> {
+        Err(Status::unimplemented("the baseline only reads and writes"))
+    }
 }

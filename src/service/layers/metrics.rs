@@ -19,6 +19,7 @@ const RPCS: &[&str] = &[
     "DeleteCredential",
     "ListCredentials",
     "WatchCredentials",
+    "WriteCredentials",
     "RotateCredential",
     "DestroyVersion",
     "UndeleteCredential",

@@ -205,7 +205,11 @@ where
 /// A new version inside the caller's transaction (see `put_version`): the
 /// compare-and-set, the KEK check, the version rows, pruning, the rotation policy and the
 /// change notification. On an error the caller rolls the transaction back.
-pub(super) async fn write_version<B>(store: &B, tx: &mut Tx<'_, B>, new: &NewVersion<'_>) -> Result<CredentialRow, StoreError>
+pub(super) async fn write_version<B>(
+    store: &B,
+    tx: &mut Tx<'_, B>,
+    new: &NewVersion<'_>,
+) -> Result<CredentialRow, StoreError>
 where
     B: SqlBackend,
     for<'c> &'c mut Conn<B>: Executor<'c, Database = Db<B>>,
@@ -218,7 +222,7 @@ where
     for<'q> bool: Bind<'q, Db<B>>,
 {
     let version = new.base.next_version();
-        // The compare-and-set comes first: it takes the row lock (PostgreSQL) or the
+    // The compare-and-set comes first: it takes the row lock (PostgreSQL) or the
     // write lock (SQLite) before anything is read, so the check and the write are
     // one atomic step.
     let matched = match new.base {
@@ -328,7 +332,6 @@ where
     store.notify(tx, &encode_change(&event)).await?;
     Ok(head)
 }
-
 
 pub(super) async fn notify_credential<B: SqlBackend>(
     store: &B,

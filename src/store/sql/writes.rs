@@ -75,9 +75,7 @@ where
         key: &str,
         now: Micros,
     ) -> Result<Option<KeyRecord>, StoreError> {
-        let q = format!(
-            "SELECT {KEY_COLS} FROM idempotency_keys WHERE token_id = $1 AND key = $2 AND expires_at > $3"
-        );
+        let q = format!("SELECT {KEY_COLS} FROM idempotency_keys WHERE token_id = $1 AND key = $2 AND expires_at > $3");
         let row = sqlx::query(&q).bind(token_id).bind(key).bind(now).fetch_optional(self.pool()).await?;
         row.as_ref().map(key_record).transpose()
     }
