@@ -390,6 +390,9 @@ impl Settings {
         if l.max_concurrent_requests == 0 {
             return bad("limits.max_concurrent_requests must be at least 1 (0 would refuse every request)");
         }
+        if l.max_write_batch_size == 0 || l.idempotency_window_seconds == 0 {
+            return bad("limits: max_write_batch_size and idempotency_window_seconds must be at least 1");
+        }
         if l.max_batch_size == 0 || l.max_name_bytes == 0 || l.max_name_bytes > 1024 {
             return bad("limits: max_batch_size must be >= 1 and max_name_bytes between 1 and 1024");
         }
