@@ -7,6 +7,7 @@ mod client;
 mod conn;
 mod rotate;
 pub mod run;
+mod writes;
 
 use std::path::PathBuf;
 
@@ -130,6 +131,8 @@ pub enum ClientCommand {
     Bench(Box<bench::BenchArgs>),
     #[command(flatten)]
     Rotation(rotate::RotationCommand),
+    #[command(flatten)]
+    Writes(writes::WritesCommand),
 }
 
 #[derive(Debug, Clone, Subcommand)]

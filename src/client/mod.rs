@@ -15,6 +15,7 @@ mod config;
 mod error;
 mod retry;
 mod types;
+mod writes;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -29,6 +30,10 @@ pub use config::{ClientConfig, TlsConfig, TokenSource, DEFAULT_ADDR};
 pub use error::{Error, RETRY_AFTER_HEADER};
 pub use retry::{Backoff, RetryPolicy};
 pub use types::{Credential, Event, EventKind, Rotated, SecretValue, VersionInfo, VersionState};
+pub use writes::{
+    new_idempotency_key, BatchConflict, BatchOutcome, BatchWrite, BatchWritten, Written, IDEMPOTENCY_KEY_HEADER,
+    REPLAY_HEADER, WRITE_CONFLICTS_TRAILER,
+};
 
 use crate::proto;
 use crate::proto::admin_service_client::AdminServiceClient;

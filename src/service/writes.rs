@@ -12,12 +12,8 @@ use crate::proto;
 use crate::store::Metadata;
 use crate::vault::{BatchItem, IdempotencyKey, Vault, VaultError, WriteConflict};
 
-/// Request metadata naming the idempotency key of a write.
-pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
-/// Response metadata of a write answered from its idempotency key.
-pub const REPLAY_HEADER: &str = "credvault-idempotent-replay";
-/// Trailer of an ABORTED `WriteCredentials`: [`proto::WriteConflicts`], encoded.
-pub const WRITE_CONFLICTS_TRAILER: &str = "credvault-write-conflicts-bin";
+// The header names are the client library's, so the two cannot drift apart.
+pub use crate::client::{IDEMPOTENCY_KEY_HEADER, REPLAY_HEADER, WRITE_CONFLICTS_TRAILER};
 
 /// The request's idempotency key, if it names one, bound to its caller's token.
 pub(crate) fn idempotency_key<T>(req: &Request<T>, c: &Caller) -> Result<Option<IdempotencyKey>, Status> {

@@ -121,6 +121,14 @@ impl Vault {
             names.push(name.as_str().to_owned());
         }
         let store = &self.inner.store;
+        // This daemon's other writes to these names wait their turn (see `write_queue.rs`),
+        // taken in name order so two batches never wait on each other in a cycle.
+        let mut in_order: Vec<&str> = names.iter().map(String::as_str).collect();
+        in_order.sort_unstable();
+        let mut _turns = Vec::with_capacity(in_order.len());
+        for name in in_order {
+            _turns.push(self.inner.writes.turn(name).await);
+        }
         for attempt in 0..MAX_BATCH_ATTEMPTS {
             if attempt > 0 {
                 super::write::conflict_backoff(attempt).await;
