@@ -14,7 +14,7 @@ use rand::RngCore;
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 
-use crate::store::{now_micros, Micros, Store, StoreError, TokenRow};
+use crate::store::{now_micros, Micros, Store, StoreError, TokenRecord};
 
 use crate::policy::ROOT_POLICY;
 pub use crate::policy::{Capability, Policy, PolicyDoc, Rule};
@@ -283,7 +283,7 @@ impl Auth {
             return Ok(None);
         }
         let token = generate_token();
-        let row = TokenRow {
+        let row = TokenRecord {
             token_hash: hex::encode(hash_token(token.expose_secret())),
             display_name: "root".into(),
             policies: ROOT_POLICY.into(),
@@ -308,7 +308,7 @@ fn parse_hash(hex_hash: &str) -> Result<[u8; 32], StoreError> {
     Ok(hash)
 }
 
-fn entry(row: &TokenRow, default_rate: u32) -> Result<Entry, StoreError> {
+fn entry(row: &TokenRecord, default_rate: u32) -> Result<Entry, StoreError> {
     let doc = PolicyDoc::parse(&row.policies)?;
     let rate = doc.rate_limit_per_second.unwrap_or(default_rate);
     Ok(Entry {
@@ -330,7 +330,7 @@ pub fn token_id(hash_hex: &str) -> String {
 /// A new token as returned once to its creator.
 pub struct NewToken {
     pub token: SecretString,
-    pub row: TokenRow,
+    pub row: TokenRecord,
 }
 
 impl fmt::Debug for NewToken {
@@ -378,7 +378,7 @@ impl Auth {
         };
         let doc = PolicyDoc::new(&policy, rate_limit_per_second);
         let token = generate_token();
-        let row = TokenRow {
+        let row = TokenRecord {
             token_hash: hex::encode(hash_token(token.expose_secret())),
             display_name: display_name.to_owned(),
             policies: serde_json::to_string(&doc).map_err(|e| TokenError::Invalid(e.to_string()))?,
@@ -395,7 +395,7 @@ impl Auth {
 
     /// Revokes the live token whose id starts with `id` (at least 8 hex characters). It
     /// stops working here at once, and on other daemons when they hear of it.
-    pub async fn revoke_token(&self, store: &dyn Store, id: &str) -> Result<TokenRow, TokenError> {
+    pub async fn revoke_token(&self, store: &dyn Store, id: &str) -> Result<TokenRecord, TokenError> {
         let id = id.to_ascii_lowercase();
         if id.len() < 8 || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(TokenError::Invalid("token id must be 8-64 hex characters".into()));
@@ -412,7 +412,7 @@ impl Auth {
             return Err(TokenError::NotFound(id));
         }
         self.apply_local(parse_hash(&row.token_hash)?, None).await;
-        Ok(TokenRow { revoked_at: Some(now), ..row })
+        Ok(TokenRecord { revoked_at: Some(now), ..row })
     }
 }
 
@@ -422,7 +422,7 @@ mod tests {
 
     fn with_token(token: &str, expires_at: Option<Micros>) -> Auth {
         let auth = Auth::default();
-        let row = TokenRow {
+        let row = TokenRecord {
             token_hash: hex::encode(hash_token(token)),
             display_name: "t".into(),
             policies: "[]".into(),

@@ -15,7 +15,8 @@
 //! - [`unlock`]: turns a passphrase or key file into an unlocked key ring at start-up.
 //! - [`crypto`]: key types and envelope encryption (pure, no I/O).
 //! - [`store`]: the storage trait and its PostgreSQL and SQLite implementations.
-//! - [`names`]: credential name syntax.
+//! - [`model`]: what the core and the edge share: [`model::CredentialName`], metadata,
+//!   version states, change kinds, rotation policies and jobs, token records, the clock.
 //! - [`client`]: the Rust client and caching client for services (feature `client`; no
 //!   daemon dependencies).
 //!
@@ -41,7 +42,9 @@ pub mod generate;
 #[cfg(feature = "server")]
 pub mod limits;
 #[cfg(feature = "server")]
-pub mod names;
+pub mod model;
+#[cfg(feature = "server")]
+pub use model::names;
 #[cfg(feature = "server")]
 pub mod policy;
 pub mod proto;

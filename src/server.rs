@@ -16,6 +16,7 @@ use crate::auth::Auth;
 use crate::config::{ConfigError, DatabaseUrl, Settings, StorageTarget};
 use crate::proto::admin_service_server::AdminServiceServer;
 use crate::proto::credential_service_server::CredentialServiceServer;
+use crate::service::layers::AroundLayer;
 use crate::service::{AdminApi, AuthInterceptor, CredentialApi};
 use crate::store::{now_micros, Micros, PgStore, SqliteStore, Store, StoreError};
 use crate::unlock::{unlock, UnlockError};
@@ -114,6 +115,16 @@ fn transport_settings(server: Server, t: &crate::limits::TransportSettings) -> S
 
 impl Daemon {
     pub async fn build(settings: Settings) -> Result<Daemon, ServerError> {
+        Self::build_with_clock(settings, Arc::new(crate::model::SystemClock)).await
+    }
+
+    /// [`Daemon::build`] with the vault reading the time of day from `clock`: tests pass a
+    /// [`ManualClock`](crate::model::ManualClock) to run grace periods and schedules
+    /// without waiting for them.
+    pub async fn build_with_clock(
+        settings: Settings,
+        clock: Arc<dyn crate::model::Clock>,
+    ) -> Result<Daemon, ServerError> {
         settings.validate()?;
         if let Some(tls) = &settings.tls {
             // Fail at start-up, not at the first handshake.
@@ -130,12 +141,13 @@ impl Daemon {
         let keys = unlock(store.as_ref(), &settings.master_key_spec()).await?;
         let auth = Auth::load(store.as_ref(), settings.limits.default_token_rate_per_second).await?;
         let root_token = auth.ensure_root_token(store.as_ref()).await?;
-        let vault = Vault::with_rotation(
+        let vault = Vault::with_clock(
             store.clone(),
             keys,
             settings.limits.clone(),
             settings.cache.clone(),
             settings.rotation.clone(),
+            clock,
         );
         let listener = TcpListener::bind(settings.listen)
             .await
@@ -281,7 +293,10 @@ impl Daemon {
         let jobs = tokio::spawn(self.vault.clone().run_jobs(stop_rx.clone()));
         let idempotency_pruner = tokio::spawn(crate::vault::prune_idempotency_keys(
             self.vault.store(),
-            std::sync::Arc::new(crate::store::now_micros),
+            {
+                let vault = self.vault.clone();
+                std::sync::Arc::new(move || vault.now())
+            },
             IDEMPOTENCY_PRUNE_BATCH,
             IDEMPOTENCY_PRUNE_EVERY,
             stop_rx.clone(),
@@ -318,15 +333,15 @@ impl Daemon {
         }
         let server = builder
             .layer(crate::service::layers::metrics::RequestMetricsLayer)
-            .layer(crate::service::lifecycle::DeadlineLayer)
+            .layer(AroundLayer(crate::service::lifecycle::DeadlineLayer))
             .layer(crate::service::layers::audit::AuditLayer::new(audit))
-            .layer(crate::service::lifecycle::DrainLayer::new(drain_rx.clone()))
-            .layer(crate::service::layers::admission::AdmissionLayer::new(
+            .layer(AroundLayer(crate::service::lifecycle::DrainLayer::new(drain_rx.clone())))
+            .layer(AroundLayer(crate::service::layers::admission::AdmissionLayer::new(
                 limits.max_concurrent_requests,
                 transport,
                 // The largest message either service decodes, plus its 5-byte frame header.
                 max_request + 5,
-            ))
+            )))
             .add_service(health)
             .add_service(reflection)
             .add_service(reflection_v1alpha)

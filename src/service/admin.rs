@@ -13,8 +13,8 @@ use super::{audit_version, authorize, authorize_everywhere, from_timestamp, time
 use crate::auth::{Auth, Capability, Policy, PolicyDoc, Rule, TokenError};
 use crate::crypto::KdfParams;
 use crate::generate::{Encoding, GeneratorSpec, PasswordClasses};
+use crate::model::{JobState, Micros, PolicyKind, RotationPolicy, TokenRecord};
 use crate::proto::{self, admin_service_server::AdminService};
-use crate::store::{JobState, Micros, PolicyKind, RotationPolicyRow, TokenRow};
 use crate::unlock::MasterKeySpec;
 use crate::vault::{JobProgress, NewValue, PolicySpec, Vault};
 
@@ -73,7 +73,7 @@ fn capability_from_proto(v: i32) -> Result<Capability, Status> {
     })
 }
 
-fn token_info(row: &TokenRow) -> proto::TokenInfo {
+fn token_info(row: &TokenRecord) -> proto::TokenInfo {
     // Rules as the daemon reads them (legacy patterns translated, or marked `legacy:`).
     let policy = PolicyDoc::parse(&row.policies).map(|d| Policy::from_doc(&d)).unwrap_or_default();
     proto::TokenInfo {
@@ -164,7 +164,7 @@ fn policy_kind(v: i32) -> Result<PolicyKind, Status> {
     })
 }
 
-fn policy_message(p: &RotationPolicyRow) -> proto::RotationPolicy {
+fn policy_message(p: &RotationPolicy) -> proto::RotationPolicy {
     let generator = serde_json::from_str::<GeneratorSpec>(&p.generator).ok().map(|g| match g {
         GeneratorSpec::Password { length, classes } => {
             proto::rotation_policy::Generator::Password(proto::PasswordSpec {
@@ -522,7 +522,7 @@ impl AdminService for AdminApi {
     async fn get_status(&self, req: Request<proto::GetStatusRequest>) -> Result<Response<proto::Status>, Status> {
         authorize_everywhere(&req, Capability::Admin)?;
         let s = self.vault.status().await;
-        let now = crate::store::now_micros();
+        let now = crate::model::now_micros();
         let uptime = std::time::Duration::from_micros(u64::try_from(now - self.started_at).unwrap_or_default());
         Ok(Response::new(proto::Status {
             version: env!("CARGO_PKG_VERSION").to_owned(),

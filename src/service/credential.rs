@@ -5,11 +5,10 @@ use std::pin::Pin;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use super::{audit_version, authorize, caller, denied, from_timestamp, timestamp, version_state};
+use super::{audit_version, authorize, authorize_name, caller, denied, from_timestamp, timestamp, version_state};
 use crate::auth::{Auth, Capability};
+use crate::model::{ChangeKind, CredentialHead, CredentialName, Metadata};
 use crate::proto::{self, credential_service_server::CredentialService};
-use crate::store::ChangeKind;
-use crate::store::{CredentialRow, Metadata};
 use crate::telemetry::names;
 use crate::vault::{CredentialDetails, CredentialValue, Replayed, Vault, WatchEvent};
 
@@ -64,12 +63,13 @@ fn marked<T>(message: T, stale: Option<std::time::Duration>) -> Response<T> {
 /// How often an open watch stream re-checks its token (revocation, expiry).
 const WATCH_TOKEN_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
-fn value_response(mut v: CredentialValue) -> proto::GetCredentialResponse {
+/// `name` is the request's own (the vault's answer carries none, so a hit copies no name).
+fn value_response(mut v: CredentialValue, name: String) -> proto::GetCredentialResponse {
     proto::GetCredentialResponse {
         // prost owns its buffers: the plaintext moves into the response (no second copy)
         // and lives until the response is encoded; what is left in `v` is empty.
         value: std::mem::take(&mut *v.value),
-        name: std::mem::take(&mut v.name),
+        name,
         version: v.version,
         state: version_state(v.state) as i32,
         created_at: Some(timestamp(v.created_at)),
@@ -78,8 +78,8 @@ fn value_response(mut v: CredentialValue) -> proto::GetCredentialResponse {
 }
 
 pub(crate) fn metadata_message(
-    head: &CredentialRow,
-    versions: &[crate::store::VersionInfo],
+    head: &CredentialHead,
+    versions: &[crate::model::VersionInfo],
 ) -> proto::CredentialMetadata {
     let m = &head.metadata;
     proto::CredentialMetadata {
@@ -122,15 +122,15 @@ impl CredentialService for CredentialApi {
         &self,
         req: Request<proto::GetCredentialRequest>,
     ) -> Result<Response<proto::GetCredentialResponse>, Status> {
-        authorize(&req, Capability::Read, &req.get_ref().name)?;
-        let ctx = crate::service::layers::audit::context(&req).cloned();
-        let r = req.into_inner();
-        let v = self.vault.get(&r.name, r.version).await?;
-        if let Some(ctx) = ctx {
+        // The hot path: the name is parsed once, here, and moves into the response.
+        let (_, ext, r) = req.into_parts();
+        let (_, name) = authorize_name(&self.vault, &ext, Capability::Read, r.name)?;
+        let v = self.vault.get(&name, r.version).await?;
+        if let Some(ctx) = ext.get::<std::sync::Arc<crate::audit::AuditContext>>() {
             ctx.set_version(v.version);
         }
         let stale = v.stale;
-        Ok(marked(value_response(v), stale))
+        Ok(marked(value_response(v, name.into_string()), stale))
     }
 
     async fn batch_get_credentials(
@@ -141,17 +141,16 @@ impl CredentialService for CredentialApi {
         if let Some(ctx) = crate::service::layers::audit::context(&req) {
             ctx.set_credentials(&req.get_ref().names);
         }
-        let names = req.into_inner().names;
+        let raw = req.into_inner().names;
+        // Parsed once: an invalid name fails the whole request with INVALID_ARGUMENT (what
+        // the vault reports for a bad batch), before any policy decision.
+        self.vault.check_batch_size(raw.len())?;
+        let names = raw.into_iter().map(|n| self.vault.parse_name(n)).collect::<Result<Vec<_>, _>>()?;
         // Names the caller may not read get PERMISSION_DENIED in their own slot; the rest
-        // are read together.
-        // Invalid names pass through so the core answers them with INVALID_ARGUMENT.
-        let may_read = |n: &str| {
-            crate::names::CredentialName::parse(n, usize::MAX).is_err() || c.policy.allows(Capability::Read, n)
-        };
-        // Decided once per name, here; the answers below follow the same decisions.
-        let permitted: Vec<bool> = names.iter().map(|n| may_read(n)).collect();
-        let allowed: Vec<String> =
-            names.iter().zip(&permitted).filter(|(_, ok)| **ok).map(|(n, _)| n.clone()).collect();
+        // are read together. Decided once per name, here; the answers below follow it.
+        let permitted: Vec<bool> = names.iter().map(|n| c.policy.allows(Capability::Read, n.as_str())).collect();
+        let allowed: Vec<&CredentialName> =
+            names.iter().zip(&permitted).filter(|(_, ok)| **ok).map(|(n, _)| n).collect();
         let outcomes = self.vault.batch_get(&allowed).await?;
         let stale = outcomes.iter().filter_map(|o| o.as_ref().ok().and_then(|v| v.stale)).max();
         let mut outcomes = outcomes.into_iter();
@@ -165,11 +164,12 @@ impl CredentialService for CredentialApi {
             .into_iter()
             .zip(permitted)
             .map(|(name, permitted)| {
+                let name = name.into_string();
                 let result = if !permitted {
                     error(denied(&c, Capability::Read, &name))
                 } else {
                     match outcomes.next() {
-                        Some(Ok(v)) => proto::batch_get_result::Result::Credential(value_response(v)),
+                        Some(Ok(v)) => proto::batch_get_result::Result::Credential(value_response(v, name.clone())),
                         Some(Err(e)) => error(Status::from(e)),
                         None => error(Status::internal("internal error")),
                     }
@@ -184,8 +184,9 @@ impl CredentialService for CredentialApi {
         &self,
         req: Request<proto::GetCredentialMetadataRequest>,
     ) -> Result<Response<proto::CredentialMetadata>, Status> {
-        authorize(&req, Capability::Read, &req.get_ref().name)?;
-        let CredentialDetails { head, versions } = self.vault.metadata(&req.into_inner().name).await?;
+        let (_, ext, r) = req.into_parts();
+        let (_, name) = authorize_name(&self.vault, &ext, Capability::Read, r.name)?;
+        let CredentialDetails { head, versions } = self.vault.metadata(&name).await?;
         Ok(Response::new(metadata_message(&head, &versions)))
     }
 
@@ -323,7 +324,7 @@ impl CredentialService for CredentialApi {
                     }
                     Ok(WatchEvent::Resync) => proto::CredentialEvent {
                         kind: proto::EventKind::Resync as i32,
-                        at: Some(timestamp(crate::store::now_micros())),
+                        at: Some(timestamp(crate::model::now_micros())),
                         ..Default::default()
                     },
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {

@@ -21,7 +21,6 @@
 //! **Invariant:** neither layer reads or changes a message body; they add trailers or
 //! answer with a trailers-only status.
 
-use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -32,44 +31,22 @@ use tokio::sync::watch;
 use tonic::body::Body;
 
 use crate::service::layers::audit::parse_grpc_timeout;
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+use crate::service::layers::{Around, BoxFuture};
 
 /// Answers `DEADLINE_EXCEEDED` when a request's `grpc-timeout` expires.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DeadlineLayer;
 
-impl<S> tower::Layer<S> for DeadlineLayer {
-    type Service = Deadline<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        Deadline { inner }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct Deadline<S> {
-    inner: S,
-}
-
-impl<S, B> tower::Service<http::Request<B>> for Deadline<S>
+impl<S, B> Around<S, B> for DeadlineLayer
 where
     S: tower::Service<http::Request<B>, Response = http::Response<Body>>,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
 {
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<S::Response, S::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+    fn around(&self, inner: &mut S, req: http::Request<B>) -> BoxFuture<Result<S::Response, S::Error>> {
         let timeout = req.headers().get("grpc-timeout").and_then(|v| parse_grpc_timeout(v.as_bytes()));
         let read = is_read(req.uri().path());
-        let fut = self.inner.call(req);
+        let fut = inner.call(req);
         if read && timeout.is_none() {
             return Box::pin(fut);
         }
@@ -159,37 +136,15 @@ impl DrainLayer {
     }
 }
 
-impl<S> tower::Layer<S> for DrainLayer {
-    type Service = Drain<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        Drain { inner, draining: self.draining.clone() }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct Drain<S> {
-    inner: S,
-    draining: watch::Receiver<bool>,
-}
-
-impl<S, B> tower::Service<http::Request<B>> for Drain<S>
+impl<S, B> Around<S, B> for DrainLayer
 where
     S: tower::Service<http::Request<B>, Response = http::Response<Body>>,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
 {
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<S::Response, S::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+    fn around(&self, inner: &mut S, req: http::Request<B>) -> BoxFuture<Result<S::Response, S::Error>> {
         let stream = is_stream(req.uri().path());
-        let fut = self.inner.call(req);
+        let fut = inner.call(req);
         if !stream {
             return Box::pin(fut);
         }

@@ -73,6 +73,13 @@ fn sqlstate_means_down(code: &str) -> bool {
     code.starts_with("08") || code == "57P02" || code == "57P03"
 }
 
+/// A stored enumeration value this build does not know is corruption.
+impl From<crate::model::UnknownValue> for StoreError {
+    fn from(e: crate::model::UnknownValue) -> Self {
+        StoreError::Corrupt(e.to_string())
+    }
+}
+
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
         match e {

@@ -2,40 +2,7 @@
 //! delivers ([`Change`]), and the text of a notification (`kind TAB version TAB at TAB
 //! name`), which every backend that notifies sends and decodes the same way.
 
-use super::Micros;
-
-/// What happened to a credential, as the change feed and `WatchCredentials` report it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChangeKind {
-    Put,
-    Rotate,
-    Delete,
-    Undelete,
-    DestroyVersion,
-}
-
-impl ChangeKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ChangeKind::Put => "put",
-            ChangeKind::Rotate => "rotate",
-            ChangeKind::Delete => "delete",
-            ChangeKind::Undelete => "undelete",
-            ChangeKind::DestroyVersion => "destroy",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "put" => ChangeKind::Put,
-            "rotate" => ChangeKind::Rotate,
-            "delete" => ChangeKind::Delete,
-            "undelete" => ChangeKind::Undelete,
-            "destroy" => ChangeKind::DestroyVersion,
-            _ => return None,
-        })
-    }
-}
+use super::{ChangeKind, Micros};
 
 /// One change to one credential.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -11,9 +11,9 @@ use async_trait::async_trait;
 
 use super::breaker::Permit;
 use super::{
-    AuditRow, AuditStore, Backend, Breaker, ChangeSink, CredentialRow, CredentialStore, JobRow, JobStore, KekRow,
-    KeyStore, KeyringRow, ListQuery, Micros, NewVersion, PolicyStore, PoolStats, RewrapBatch, RewrapRow,
-    RotationPolicyRow, Store, StoreError, TokenRow, TokenStore, VersionInfo, VersionRow,
+    AuditRow, AuditStore, Backend, Breaker, ChangeSink, CredentialHead, CredentialStore, JobStore, KekRow, KeyStore,
+    KeyringRow, ListQuery, Micros, NewVersion, PolicyStore, PoolStats, RewrapBatch, RewrapRow, RotationJob,
+    RotationPolicy, Store, StoreError, TokenRecord, TokenStore, VersionInfo, VersionRow,
 };
 use super::{BatchOutcome, BatchWrite, KeyClaim, KeyRecord, WriteStore};
 use crate::telemetry::names::STORE_QUERY_DURATION;
@@ -150,7 +150,7 @@ impl Instrumented {
 
     /// Current versions of cached names, for a resync: [`CredentialStore::get_current_many`], timed
     /// and guarded like any call but not counted as a request query.
-    pub async fn current_for_resync(&self, names: &[String]) -> Result<Vec<(CredentialRow, VersionRow)>, StoreError> {
+    pub async fn current_for_resync(&self, names: &[String]) -> Result<Vec<(CredentialHead, VersionRow)>, StoreError> {
         self.timed(Op::Resync, self.inner.get_current_many(names)).await
     }
 
@@ -223,7 +223,7 @@ impl Instrumented {
 
 #[async_trait]
 impl CredentialStore for Instrumented {
-    async fn get_credential(&self, name: &str) -> Result<Option<CredentialRow>, StoreError> {
+    async fn get_credential(&self, name: &str) -> Result<Option<CredentialHead>, StoreError> {
         self.timed(Op::GetCredential, self.inner.get_credential(name)).await
     }
 
@@ -231,11 +231,11 @@ impl CredentialStore for Instrumented {
         &self,
         name: &str,
         version: Option<u64>,
-    ) -> Result<Option<(CredentialRow, Option<VersionRow>)>, StoreError> {
+    ) -> Result<Option<(CredentialHead, Option<VersionRow>)>, StoreError> {
         self.timed(Op::GetVersion, self.inner.get_version(name, version)).await
     }
 
-    async fn get_current_many(&self, names: &[String]) -> Result<Vec<(CredentialRow, VersionRow)>, StoreError> {
+    async fn get_current_many(&self, names: &[String]) -> Result<Vec<(CredentialHead, VersionRow)>, StoreError> {
         self.timed(Op::GetCurrentMany, self.inner.get_current_many(names)).await
     }
 
@@ -243,7 +243,7 @@ impl CredentialStore for Instrumented {
         self.timed(Op::ListVersions, self.inner.list_versions(name)).await
     }
 
-    async fn put_version(&self, new: &NewVersion<'_>) -> Result<CredentialRow, StoreError> {
+    async fn put_version(&self, new: &NewVersion<'_>) -> Result<CredentialHead, StoreError> {
         self.timed(Op::PutVersion, self.inner.put_version(new)).await
     }
 
@@ -251,7 +251,7 @@ impl CredentialStore for Instrumented {
         self.timed(Op::DeleteCredential, self.inner.delete_credential(name, expected, now)).await
     }
 
-    async fn list_credentials(&self, query: &ListQuery<'_>) -> Result<Vec<CredentialRow>, StoreError> {
+    async fn list_credentials(&self, query: &ListQuery<'_>) -> Result<Vec<CredentialHead>, StoreError> {
         self.timed(Op::ListCredentials, self.inner.list_credentials(query)).await
     }
 
@@ -298,11 +298,11 @@ impl KeyStore for Instrumented {
 
 #[async_trait]
 impl JobStore for Instrumented {
-    async fn start_kek_rotation(&self, kek: &KekRow, verifier: &[u8], now: Micros) -> Result<JobRow, StoreError> {
+    async fn start_kek_rotation(&self, kek: &KekRow, verifier: &[u8], now: Micros) -> Result<RotationJob, StoreError> {
         self.timed(Op::StartKekRotation, self.inner.start_kek_rotation(kek, verifier, now)).await
     }
 
-    async fn get_job(&self, id: Option<i64>) -> Result<Option<JobRow>, StoreError> {
+    async fn get_job(&self, id: Option<i64>) -> Result<Option<RotationJob>, StoreError> {
         self.timed(Op::GetJob, self.inner.get_job(id)).await
     }
 
@@ -329,18 +329,18 @@ impl JobStore for Instrumented {
         owner: &str,
         now: Micros,
         error: Option<&str>,
-    ) -> Result<Option<JobRow>, StoreError> {
+    ) -> Result<Option<RotationJob>, StoreError> {
         self.timed(Op::FinishJob, self.inner.finish_job(id, owner, now, error)).await
     }
 }
 
 #[async_trait]
 impl PolicyStore for Instrumented {
-    async fn put_rotation_policy(&self, p: &RotationPolicyRow) -> Result<bool, StoreError> {
+    async fn put_rotation_policy(&self, p: &RotationPolicy) -> Result<bool, StoreError> {
         self.timed(Op::PutRotationPolicy, self.inner.put_rotation_policy(p)).await
     }
 
-    async fn get_rotation_policy(&self, name: &str) -> Result<Option<RotationPolicyRow>, StoreError> {
+    async fn get_rotation_policy(&self, name: &str) -> Result<Option<RotationPolicy>, StoreError> {
         self.timed(Op::GetRotationPolicy, self.inner.get_rotation_policy(name)).await
     }
 
@@ -348,7 +348,7 @@ impl PolicyStore for Instrumented {
         self.timed(Op::DeleteRotationPolicy, self.inner.delete_rotation_policy(name)).await
     }
 
-    async fn due_rotations(&self, now: Micros, limit: u32) -> Result<Vec<RotationPolicyRow>, StoreError> {
+    async fn due_rotations(&self, now: Micros, limit: u32) -> Result<Vec<RotationPolicy>, StoreError> {
         self.timed(Op::DueRotations, self.inner.due_rotations(now, limit)).await
     }
 
@@ -365,23 +365,23 @@ impl PolicyStore for Instrumented {
 
 #[async_trait]
 impl TokenStore for Instrumented {
-    async fn insert_token(&self, token: &TokenRow) -> Result<(), StoreError> {
+    async fn insert_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
         self.timed(Op::InsertToken, self.inner.insert_token(token)).await
     }
 
-    async fn insert_first_token(&self, token: &TokenRow) -> Result<bool, StoreError> {
+    async fn insert_first_token(&self, token: &TokenRecord) -> Result<bool, StoreError> {
         self.timed(Op::InsertFirstToken, self.inner.insert_first_token(token)).await
     }
 
-    async fn list_tokens(&self) -> Result<Vec<TokenRow>, StoreError> {
+    async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
         self.timed(Op::ListTokens, self.inner.list_tokens()).await
     }
 
-    async fn get_token(&self, token_hash: &str) -> Result<Option<TokenRow>, StoreError> {
+    async fn get_token(&self, token_hash: &str) -> Result<Option<TokenRecord>, StoreError> {
         self.timed(Op::GetToken, self.inner.get_token(token_hash)).await
     }
 
-    async fn find_live_tokens(&self, prefix: &str, limit: u32) -> Result<Vec<TokenRow>, StoreError> {
+    async fn find_live_tokens(&self, prefix: &str, limit: u32) -> Result<Vec<TokenRecord>, StoreError> {
         self.timed(Op::FindLiveTokens, self.inner.find_live_tokens(prefix, limit)).await
     }
 
@@ -407,7 +407,7 @@ impl AuditStore for Instrumented {
 
 #[async_trait]
 impl WriteStore for Instrumented {
-    async fn put_version_keyed(&self, new: &NewVersion<'_>, key: &KeyClaim) -> Result<CredentialRow, StoreError> {
+    async fn put_version_keyed(&self, new: &NewVersion<'_>, key: &KeyClaim) -> Result<CredentialHead, StoreError> {
         self.timed(Op::PutVersionKeyed, self.inner.put_version_keyed(new, key)).await
     }
 

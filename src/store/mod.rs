@@ -31,26 +31,25 @@ use async_trait::async_trait;
 pub use breaker::Breaker;
 pub use error::{Outage, StoreError};
 pub(crate) use feed::{decode_change, encode_change, encode_table_change, encode_token_change};
-pub use feed::{Change, ChangeEvent, ChangeKind, ChangeSink, KEYS_CHANGED, TOKENS_CHANGED};
+pub use feed::{Change, ChangeEvent, ChangeSink, KEYS_CHANGED, TOKENS_CHANGED};
 pub use instrumented::Instrumented;
 pub use postgres::PgStore;
 pub use rows::{
-    AuditRow, CredentialRow, JobRow, JobState, KekRow, KekState, KeyringRow, ListQuery, MasterKeySource, Metadata,
-    NewVersion, PolicyAdvance, PolicyKind, RewrapBatch, RewrapRow, Rewrapped, RotationPolicyRow, TokenRow, VersionInfo,
-    VersionRow, VersionState, WriteBase,
+    AuditRow, KekRow, KekState, KeyringRow, ListQuery, MasterKeySource, NewVersion, PolicyAdvance, RewrapBatch,
+    RewrapRow, Rewrapped, VersionRow, WriteBase,
 };
 pub use sqlite::SqliteStore;
 pub use writes::{BatchOp, BatchOutcome, BatchWrite, KeyClaim, KeyRecord};
 
-/// Microseconds since the Unix epoch, UTC.
-pub type Micros = i64;
-
-pub fn now_micros() -> Micros {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
+pub use crate::model::{
+    now_micros, ChangeKind, CredentialHead, JobState, Metadata, Micros, PolicyKind, RotationJob, RotationPolicy,
+    TokenRecord, VersionInfo, VersionState,
+};
+// The rows' former names, kept while work in progress moves over to the model's.
+pub type CredentialRow = CredentialHead;
+pub type RotationPolicyRow = RotationPolicy;
+pub type JobRow = RotationJob;
+pub type TokenRow = TokenRecord;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -77,7 +76,7 @@ pub struct PoolStats {
 /// soft delete, destroy, and the scheduler's sweep of ended grace periods.
 #[async_trait]
 pub trait CredentialStore: Send + Sync {
-    async fn get_credential(&self, name: &str) -> Result<Option<CredentialRow>, StoreError>;
+    async fn get_credential(&self, name: &str) -> Result<Option<CredentialHead>, StoreError>;
 
     /// The head of `name` and its version `version` (the current one if `None`), in one
     /// query; the version is `None` when it is not retained.
@@ -85,23 +84,23 @@ pub trait CredentialStore: Send + Sync {
         &self,
         name: &str,
         version: Option<u64>,
-    ) -> Result<Option<(CredentialRow, Option<VersionRow>)>, StoreError>;
+    ) -> Result<Option<(CredentialHead, Option<VersionRow>)>, StoreError>;
 
     /// Heads and current versions of several names in one query; absent names are omitted.
-    async fn get_current_many(&self, names: &[String]) -> Result<Vec<(CredentialRow, VersionRow)>, StoreError>;
+    async fn get_current_many(&self, names: &[String]) -> Result<Vec<(CredentialHead, VersionRow)>, StoreError>;
 
     /// Retained versions of `name`, newest first.
     async fn list_versions(&self, name: &str) -> Result<Vec<VersionInfo>, StoreError>;
 
     /// Writes `new.base.next_version()` if the head still matches `new.base`, else
     /// [`StoreError::Conflict`] with nothing changed. Returns the new head.
-    async fn put_version(&self, new: &NewVersion<'_>) -> Result<CredentialRow, StoreError>;
+    async fn put_version(&self, new: &NewVersion<'_>) -> Result<CredentialHead, StoreError>;
 
     /// Soft-deletes a live credential (at `expected` version if given). `false`: nothing
     /// matched, so nothing changed.
     async fn delete_credential(&self, name: &str, expected: Option<u64>, now: Micros) -> Result<bool, StoreError>;
 
-    async fn list_credentials(&self, query: &ListQuery<'_>) -> Result<Vec<CredentialRow>, StoreError>;
+    async fn list_credentials(&self, query: &ListQuery<'_>) -> Result<Vec<CredentialHead>, StoreError>;
 
     /// Live (not deleted) credentials.
     async fn count_credentials(&self) -> Result<u64, StoreError>;
@@ -146,10 +145,10 @@ pub trait JobStore: Send + Sync {
     /// re-wrap job is created. [`StoreError::JobRunning`] if one already runs;
     /// [`StoreError::Conflict`] if another daemon took the KEK id first, or the keyring's
     /// verifier is no longer `verifier` (the master key changed under the caller).
-    async fn start_kek_rotation(&self, kek: &KekRow, verifier: &[u8], now: Micros) -> Result<JobRow, StoreError>;
+    async fn start_kek_rotation(&self, kek: &KekRow, verifier: &[u8], now: Micros) -> Result<RotationJob, StoreError>;
 
     /// A job by id, or the newest one.
-    async fn get_job(&self, id: Option<i64>) -> Result<Option<JobRow>, StoreError>;
+    async fn get_job(&self, id: Option<i64>) -> Result<Option<RotationJob>, StoreError>;
 
     /// Takes (or renews) the lease on a running job. `false`: another daemon holds a
     /// live lease, or the job is not running.
@@ -177,7 +176,7 @@ pub trait JobStore: Send + Sync {
         owner: &str,
         now: Micros,
         error: Option<&str>,
-    ) -> Result<Option<JobRow>, StoreError>;
+    ) -> Result<Option<RotationJob>, StoreError>;
 }
 
 /// Rotation policies, one per credential, and the scheduler's view of them.
@@ -185,15 +184,15 @@ pub trait JobStore: Send + Sync {
 pub trait PolicyStore: Send + Sync {
     /// Creates or replaces the rotation policy of a live credential. `false`: no live
     /// credential by that name.
-    async fn put_rotation_policy(&self, policy: &RotationPolicyRow) -> Result<bool, StoreError>;
+    async fn put_rotation_policy(&self, policy: &RotationPolicy) -> Result<bool, StoreError>;
 
-    async fn get_rotation_policy(&self, name: &str) -> Result<Option<RotationPolicyRow>, StoreError>;
+    async fn get_rotation_policy(&self, name: &str) -> Result<Option<RotationPolicy>, StoreError>;
 
     /// `false`: there was none.
     async fn delete_rotation_policy(&self, name: &str) -> Result<bool, StoreError>;
 
     /// Policies of live credentials whose `next_run_at` is at or before `now`, oldest first.
-    async fn due_rotations(&self, now: Micros, limit: u32) -> Result<Vec<RotationPolicyRow>, StoreError>;
+    async fn due_rotations(&self, now: Micros, limit: u32) -> Result<Vec<RotationPolicy>, StoreError>;
 
     /// Records a failed scheduled rotation and when to try again, if the slot is still
     /// `claim` (another daemon may have rotated meanwhile).
@@ -209,20 +208,20 @@ pub trait PolicyStore: Send + Sync {
 /// API tokens, stored by the SHA-256 of the token.
 #[async_trait]
 pub trait TokenStore: Send + Sync {
-    async fn insert_token(&self, token: &TokenRow) -> Result<(), StoreError>;
+    async fn insert_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
 
     /// Inserts `token` only if the table holds no token at all, atomically (two daemons
     /// starting on an empty database create one root token). `false`: a token existed.
-    async fn insert_first_token(&self, token: &TokenRow) -> Result<bool, StoreError>;
+    async fn insert_first_token(&self, token: &TokenRecord) -> Result<bool, StoreError>;
 
-    async fn list_tokens(&self) -> Result<Vec<TokenRow>, StoreError>;
+    async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
 
     /// The token with this hash, live or revoked.
-    async fn get_token(&self, token_hash: &str) -> Result<Option<TokenRow>, StoreError>;
+    async fn get_token(&self, token_hash: &str) -> Result<Option<TokenRecord>, StoreError>;
 
     /// Up to `limit` live tokens whose hash starts with `prefix` (lowercase hex), by
     /// index: finding a token to revoke costs the same however many tokens exist.
-    async fn find_live_tokens(&self, prefix: &str, limit: u32) -> Result<Vec<TokenRow>, StoreError>;
+    async fn find_live_tokens(&self, prefix: &str, limit: u32) -> Result<Vec<TokenRecord>, StoreError>;
 
     /// Marks a live token revoked. `false`: no live token has this hash.
     async fn revoke_token(&self, token_hash: &str, now: Micros) -> Result<bool, StoreError>;
@@ -249,7 +248,7 @@ pub trait WriteStore: Send + Sync {
     /// [`CredentialStore::put_version`] that also stores `key`, in the same transaction.
     /// [`StoreError::Conflict`] with nothing written if the compare-and-set fails or a live
     /// key by that token and name exists already (a concurrent retry won).
-    async fn put_version_keyed(&self, new: &NewVersion<'_>, key: &KeyClaim) -> Result<CredentialRow, StoreError>;
+    async fn put_version_keyed(&self, new: &NewVersion<'_>, key: &KeyClaim) -> Result<CredentialHead, StoreError>;
 
     /// [`CredentialStore::delete_credential`] that also stores `key` when it deletes.
     /// [`StoreError::Conflict`] with nothing changed if a live key exists already.

@@ -1,69 +1,8 @@
 //! The rows the store reads and writes, and what a write or a scan asks of it. Plain data:
 //! the SQL that fills them is in `sql/`.
 
-use std::collections::BTreeMap;
-
-use super::{ChangeKind, Micros, StoreError};
+use super::{ChangeKind, Metadata, Micros, StoreError, VersionInfo};
 use crate::crypto::{KdfParams, Sealed};
-
-/// Descriptive data a credential carries besides its value.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Metadata {
-    pub labels: BTreeMap<String, String>,
-    pub description: String,
-    pub owner: String,
-    pub expires_at: Option<Micros>,
-}
-
-/// A row of `credentials`: the head of a credential.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CredentialRow {
-    pub name: String,
-    pub current_version: u64,
-    pub metadata: Metadata,
-    pub created_at: Micros,
-    pub updated_at: Micros,
-    pub deleted_at: Option<Micros>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VersionState {
-    Current,
-    Previous,
-    Deprecated,
-    Destroyed,
-}
-
-impl VersionState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            VersionState::Current => "current",
-            VersionState::Previous => "previous",
-            VersionState::Deprecated => "deprecated",
-            VersionState::Destroyed => "destroyed",
-        }
-    }
-
-    pub fn parse(s: &str) -> Result<Self, StoreError> {
-        Ok(match s {
-            "current" => VersionState::Current,
-            "previous" => VersionState::Previous,
-            "deprecated" => VersionState::Deprecated,
-            "destroyed" => VersionState::Destroyed,
-            other => return Err(StoreError::Corrupt(format!("unknown version state {other:?}"))),
-        })
-    }
-}
-
-/// A version's description, without its sealed bytes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VersionInfo {
-    pub version: u64,
-    pub state: VersionState,
-    pub kek_id: i64,
-    pub created_at: Micros,
-    pub expires_at: Option<Micros>,
-}
 
 /// A version with its sealed bytes (`None` once destroyed).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -181,18 +120,6 @@ pub struct KekRow {
     pub created_at: Micros,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TokenRow {
-    /// Hex SHA-256 of the token.
-    pub token_hash: String,
-    pub display_name: String,
-    /// Policy rules as JSON.
-    pub policies: String,
-    pub created_at: Micros,
-    pub expires_at: Option<Micros>,
-    pub revoked_at: Option<Micros>,
-}
-
 /// One audited request.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AuditRow {
@@ -210,103 +137,6 @@ pub struct AuditRow {
     pub count: u64,
     /// The last of the folded reads (`None` for a single event).
     pub last_at: Option<Micros>,
-}
-
-/// When a credential's rotation policy makes the scheduler rotate it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PolicyKind {
-    /// Never by itself: `RotateCredential` without a value uses the policy's generator.
-    Manual,
-    /// Every `interval`.
-    Periodic,
-    /// `interval` before the credential's `expires_at`; each rotation renews the expiry.
-    BeforeExpiry,
-    /// Once, at a time.
-    Scheduled,
-}
-
-impl PolicyKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PolicyKind::Manual => "manual",
-            PolicyKind::Periodic => "periodic",
-            PolicyKind::BeforeExpiry => "before_expiry",
-            PolicyKind::Scheduled => "scheduled",
-        }
-    }
-
-    pub fn parse(s: &str) -> Result<Self, StoreError> {
-        Ok(match s {
-            "manual" => PolicyKind::Manual,
-            "periodic" => PolicyKind::Periodic,
-            "before_expiry" => PolicyKind::BeforeExpiry,
-            "scheduled" => PolicyKind::Scheduled,
-            other => return Err(StoreError::Corrupt(format!("unknown rotation policy kind {other:?}"))),
-        })
-    }
-}
-
-/// A row of `rotation_policies`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RotationPolicyRow {
-    pub name: String,
-    pub kind: PolicyKind,
-    pub interval_us: Option<i64>,
-    pub validity_us: Option<i64>,
-    pub at: Option<Micros>,
-    /// The generator spec as JSON.
-    pub generator: String,
-    pub grace_us: i64,
-    pub next_run_at: Option<Micros>,
-    pub rotations: u64,
-    pub last_rotated_at: Option<Micros>,
-    pub last_error: Option<String>,
-    pub updated_at: Micros,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum JobState {
-    Running,
-    Completed,
-    Failed,
-}
-
-impl JobState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobState::Running => "running",
-            JobState::Completed => "completed",
-            JobState::Failed => "failed",
-        }
-    }
-
-    pub fn parse(s: &str) -> Result<Self, StoreError> {
-        Ok(match s {
-            "running" => JobState::Running,
-            "completed" => JobState::Completed,
-            "failed" => JobState::Failed,
-            other => return Err(StoreError::Corrupt(format!("unknown job state {other:?}"))),
-        })
-    }
-}
-
-/// A row of `rotation_jobs`: a KEK re-wrap and how far it got.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JobRow {
-    pub id: i64,
-    pub state: JobState,
-    pub new_kek_id: i64,
-    pub total: u64,
-    pub done: u64,
-    pub failed: u64,
-    /// The last (name, version) handled.
-    pub cursor: Option<(String, u64)>,
-    pub started_at: Micros,
-    pub updated_at: Micros,
-    pub finished_at: Option<Micros>,
-    pub error: Option<String>,
-    pub lease_owner: Option<String>,
-    pub lease_until: Option<Micros>,
 }
 
 /// A version whose DEK is wrapped by an older KEK (empty `wrapped_dek`: destroyed).

@@ -1,7 +1,7 @@
 //! What idempotent writes and all-or-nothing multi-credential writes ask of the store
 //! ([`WriteStore`](super::WriteStore)). Plain data: the SQL is in `sql/writes.rs`.
 
-use super::{CredentialRow, Metadata, Micros, WriteBase};
+use super::{CredentialHead, Metadata, Micros, WriteBase};
 use crate::crypto::Sealed;
 
 /// An idempotency key to store in the transaction of the write it belongs to. The
@@ -63,8 +63,8 @@ pub struct BatchWrite<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BatchOutcome {
     /// Every write committed; the heads after them, in `ops` order.
-    Applied(Vec<CredentialRow>),
+    Applied(Vec<CredentialHead>),
     /// Nothing was written: the writes (by index into `ops`) whose compare-and-set
     /// failed, each with the head it found (`None`: no credential by that name).
-    Conflicts(Vec<(usize, Option<CredentialRow>)>),
+    Conflicts(Vec<(usize, Option<CredentialHead>)>),
 }

@@ -129,14 +129,14 @@ impl Vault {
             key: key.key.clone(),
             rpc,
             fingerprint,
-            expires_at: now_micros().saturating_add(window),
+            expires_at: self.now().saturating_add(window),
         }
     }
 
     /// The stored result of `claim`'s key if it was made by this same request; a
     /// refusal if by another.
     async fn prior(&self, claim: &KeyClaim) -> Result<Option<KeyRecord>, VaultError> {
-        let found = self.inner.store.get_idempotency_key(&claim.token_id, &claim.key, now_micros()).await?;
+        let found = self.inner.store.get_idempotency_key(&claim.token_id, &claim.key, self.now()).await?;
         match found {
             None => Ok(None),
             Some(r) if r.rpc == claim.rpc && r.fingerprint == claim.fingerprint => Ok(Some(r)),

@@ -23,8 +23,8 @@ use secrecy::SecretString;
 use super::{micros, Vault, VaultError};
 use crate::crypto::{self, CryptoError, KdfParams, Kek, MasterKey};
 use crate::store::{
-    now_micros, JobRow, JobState, JobStore, KekRow, KekState, KeyStore, KeyringRow, MasterKeySource, RewrapBatch,
-    Rewrapped, StoreError,
+    now_micros, JobState, JobStore, KekRow, KekState, KeyStore, KeyringRow, MasterKeySource, RewrapBatch, Rewrapped,
+    RotationJob, StoreError,
 };
 use crate::telemetry::names;
 use crate::unlock::UnlockError;
@@ -32,14 +32,14 @@ use crate::unlock::UnlockError;
 /// A job's progress as operators see it.
 #[derive(Debug, Clone)]
 pub struct JobProgress {
-    pub job: JobRow,
+    pub job: RotationJob,
     /// Versions per second since the job started.
     pub rate_per_second: f64,
     pub eta: Option<Duration>,
 }
 
 impl JobProgress {
-    fn of(job: JobRow) -> JobProgress {
+    fn of(job: RotationJob) -> JobProgress {
         let end = job.finished_at.unwrap_or_else(now_micros);
         let secs = (end.saturating_sub(job.started_at)).max(1) as f64 / 1e6;
         let rate = job.done as f64 / secs;
@@ -104,7 +104,7 @@ impl Vault {
         let (kek, wrapped) = self
             .with_keys(|k| Kek::generate(next_id, k.master()))
             .map_err(|e| VaultError::Internal(format!("KEK generation failed: {e}")))?;
-        let now = now_micros();
+        let now = self.now();
         let row = KekRow { id: next_id, wrapped_key: wrapped, state: KekState::Active, created_at: now };
         let job = match store.start_kek_rotation(&row, &keyring.verifier, now).await {
             Ok(job) => job,
@@ -160,7 +160,7 @@ impl Vault {
         let Some(job) = store.get_job(None).await?.filter(|j| j.state == JobState::Running) else {
             return Ok(());
         };
-        let now = now_micros();
+        let now = self.now();
         if !store.claim_job(job.id, owner, now, self.lease_end(now)).await? {
             return Ok(());
         }
@@ -174,7 +174,7 @@ impl Vault {
         loop {
             if *stop.borrow() {
                 // Hand the job back so a restarted daemon resumes it without waiting.
-                let now = now_micros();
+                let now = self.now();
                 store.claim_job(job.id, owner, now, now).await?;
                 tracing::info!(job_id = job.id, done, "KEK rotation job paused for shutdown");
                 return Ok(());
@@ -207,7 +207,7 @@ impl Vault {
                     }
                 }
             }
-            let now = now_micros();
+            let now = self.now();
             let b = RewrapBatch {
                 job_id: job.id,
                 owner,
@@ -238,7 +238,7 @@ impl Vault {
         let error = (failed > 0).then(|| {
             format!("{failed} versions failed authentication and stay under their old KEK, which is not retired")
         });
-        if let Some(finished) = store.finish_job(job.id, owner, now_micros(), error.as_deref()).await? {
+        if let Some(finished) = store.finish_job(job.id, owner, self.now(), error.as_deref()).await? {
             tracing::info!(job_id = job.id, done, failed, state = finished.state.as_str(), "KEK rotation job finished");
         }
         Ok(())

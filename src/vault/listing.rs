@@ -25,7 +25,7 @@ use crate::auth::Caller;
 use crate::crypto::{self, CryptoError, SecretKey};
 use crate::names;
 use crate::policy::{Capability, MAX_PATTERN_BYTES};
-use crate::store::{now_micros, CredentialRow, CredentialStore as _, ListQuery, Micros};
+use crate::store::{CredentialHead, CredentialStore as _, ListQuery, Micros};
 
 /// How long a page token stays good.
 pub const PAGE_TOKEN_TTL: Duration = Duration::from_secs(3600);
@@ -163,7 +163,7 @@ impl Vault {
         } as usize;
         let binding = PageBinding { token_id: &caller.token_id, prefix, include_deleted };
         let key = self.with_keys(|r| page_key(r.master()));
-        let now = now_micros();
+        let now = self.now();
         let resume = match page_token {
             "" => String::new(),
             t => open_page_token(&key, &binding, t, now).map_err(|e| VaultError::InvalidArgument(e.to_string()))?,
@@ -171,7 +171,7 @@ impl Vault {
         let policy = &caller.policy;
         let budget = limits.max_list_scan_rows.max(1);
         let want = size + 1;
-        let mut found: Vec<CredentialRow> = Vec::with_capacity(want.min(MAX_BATCH));
+        let mut found: Vec<CredentialHead> = Vec::with_capacity(want.min(MAX_BATCH));
         let (mut scanned, mut queries) = (0usize, 0usize);
         let mut batch = want.min(MAX_BATCH);
         // Where the next page starts; `None` when the ranges are done.

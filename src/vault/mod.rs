@@ -5,6 +5,7 @@
 //! **Invariant:** plaintext leaves this module only inside [`CredentialValue`], whose
 //! `Debug` is redacted and whose buffer is zeroized on drop.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::{Arc, RwLock};
 
@@ -12,10 +13,11 @@ use zeroize::Zeroizing;
 
 use crate::cache::{Cache, CacheSettings, Cached, CachedVersion, Hit};
 use crate::crypto::{self, CryptoError, KeyRing, Sealed};
-use crate::names::{check_prefix, CredentialName};
+use crate::model::{Clock, SystemClock};
+use crate::names::{check_prefix, CredentialName, NameArg};
 use crate::store::{
-    now_micros, Backend, Change, ChangeEvent, ChangeKind, CredentialRow, CredentialStore, Instrumented, Metadata,
-    Micros, NewVersion, PolicyAdvance, Store, StoreError, VersionInfo, VersionRow, VersionState, WriteBase,
+    Backend, Change, ChangeEvent, ChangeKind, CredentialHead, CredentialStore, Instrumented, Metadata, Micros,
+    NewVersion, PolicyAdvance, Store, StoreError, VersionInfo, VersionRow, VersionState, WriteBase,
 };
 use crate::telemetry::names::DECRYPT_DURATION;
 
@@ -122,6 +124,14 @@ pub enum VaultError {
     WriteConflicts(Vec<WriteConflict>),
 }
 
+impl VaultError {
+    /// A refusal by the store's open breaker: one of many while the store is down, whose
+    /// cause the breaker logged once when it opened.
+    pub fn is_breaker_refusal(&self) -> bool {
+        matches!(self, VaultError::Unavailable(StoreError::Down))
+    }
+}
+
 impl From<StoreError> for VaultError {
     fn from(e: StoreError) -> Self {
         match e {
@@ -136,7 +146,6 @@ impl From<StoreError> for VaultError {
 
 /// A decrypted credential version. The value is zeroized on drop and never printed.
 pub struct CredentialValue {
-    pub name: String,
     pub version: u64,
     pub state: VersionState,
     pub created_at: Micros,
@@ -150,7 +159,6 @@ pub struct CredentialValue {
 impl fmt::Debug for CredentialValue {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CredentialValue")
-            .field("name", &self.name)
             .field("version", &self.version)
             .field("state", &self.state)
             .field("stale", &self.stale)
@@ -168,13 +176,13 @@ pub struct PutOutcome {
 
 #[derive(Debug, Clone)]
 pub struct CredentialDetails {
-    pub head: CredentialRow,
+    pub head: CredentialHead,
     pub versions: Vec<VersionInfo>,
 }
 
 #[derive(Debug, Clone)]
 pub struct Page {
-    pub credentials: Vec<CredentialRow>,
+    pub credentials: Vec<CredentialHead>,
     pub next_page_token: String,
 }
 
@@ -235,6 +243,8 @@ struct Inner {
     feed: feed::FeedState,
     /// Writes to one name from this daemon take turns (see `vault/write_queue.rs`).
     writes: write_queue::WriteQueue,
+    /// The time of day for grace periods, expiry and schedules (injectable for tests).
+    clock: Arc<dyn Clock>,
 }
 
 impl fmt::Debug for Vault {
@@ -270,6 +280,19 @@ impl Vault {
         cache: CacheSettings,
         rotation: RotationSettings,
     ) -> Self {
+        Self::with_clock(store, keys, limits, cache, rotation, Arc::new(SystemClock))
+    }
+
+    /// A vault that reads the time of day from `clock` (tests pass a
+    /// [`ManualClock`](crate::model::ManualClock) and move it instead of sleeping).
+    pub fn with_clock(
+        store: Arc<dyn Store>,
+        keys: KeyRing,
+        limits: Limits,
+        cache: CacheSettings,
+        rotation: RotationSettings,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
         Vault {
             inner: Arc::new(Inner {
                 store: Arc::new(Instrumented::new(
@@ -287,8 +310,14 @@ impl Vault {
                 reload: tokio::sync::Mutex::new(()),
                 feed: feed::FeedState::default(),
                 writes: write_queue::WriteQueue::default(),
+                clock,
             }),
         }
+    }
+
+    /// The time of day, from the vault's clock.
+    pub fn now(&self) -> Micros {
+        self.inner.clock.now()
     }
 
     pub fn cache(&self) -> &Cache {
@@ -342,8 +371,16 @@ impl Vault {
         self.inner.store.clone()
     }
 
-    fn name(&self, s: &str) -> Result<CredentialName, VaultError> {
-        CredentialName::parse(s, self.inner.limits.max_name_bytes).map_err(|e| VaultError::InvalidArgument(e.0))
+    /// The name an operation is about: text is validated here, a [`CredentialName`] the
+    /// edge parsed already is borrowed as it is.
+    fn name<'a, N: NameArg + ?Sized>(&self, s: &'a N) -> Result<Cow<'a, CredentialName>, VaultError> {
+        s.to_name(self.inner.limits.max_name_bytes).map_err(|e| VaultError::InvalidArgument(e.0))
+    }
+
+    /// Parses a name taken out of a request, keeping its buffer: the edge does this once
+    /// and hands the [`CredentialName`] to every step of the request.
+    pub fn parse_name(&self, s: String) -> Result<CredentialName, VaultError> {
+        CredentialName::parse_owned(s, self.inner.limits.max_name_bytes).map_err(|e| VaultError::InvalidArgument(e.0))
     }
 
     fn with_keys<T>(&self, f: impl FnOnce(&KeyRing) -> T) -> T {
@@ -380,17 +417,17 @@ fn deleted(name: &CredentialName) -> VaultError {
 }
 
 /// The sealed bytes of a version, if its state allows reading it.
-fn readable<'a>(name: &CredentialName, row: &'a VersionRow) -> Result<&'a Sealed, VaultError> {
-    check_state(name, &row.info)?;
+fn readable<'a>(name: &CredentialName, row: &'a VersionRow, now: Micros) -> Result<&'a Sealed, VaultError> {
+    check_state(name, &row.info, now)?;
     row.sealed.as_ref().ok_or_else(|| unreadable(name, &row.info))
 }
 
 /// A version can be read while it is current or within its grace period (and while its
 /// bytes exist, which the callers check).
-fn check_state(name: &CredentialName, info: &VersionInfo) -> Result<(), VaultError> {
+fn check_state(name: &CredentialName, info: &VersionInfo, now: Micros) -> Result<(), VaultError> {
     let ok = match info.state {
         VersionState::Current => true,
-        VersionState::Previous => info.expires_at.is_none_or(|t| t > now_micros()),
+        VersionState::Previous => info.expires_at.is_none_or(|t| t > now),
         VersionState::Deprecated | VersionState::Destroyed => false,
     };
     if ok {
@@ -409,9 +446,8 @@ fn unreadable(name: &CredentialName, info: &VersionInfo) -> VaultError {
     ))
 }
 
-fn credential_value(name: &CredentialName, info: &VersionInfo, value: Zeroizing<Vec<u8>>) -> CredentialValue {
+fn credential_value(info: &VersionInfo, value: Zeroizing<Vec<u8>>) -> CredentialValue {
     CredentialValue {
-        name: name.as_str().to_owned(),
         version: info.version,
         state: info.state,
         created_at: info.created_at,
@@ -425,7 +461,7 @@ fn not_found(name: &CredentialName) -> VaultError {
     VaultError::NotFound(format!("credential {:?} not found", name.as_str()))
 }
 
-fn head_base(head: Option<&CredentialRow>) -> WriteBase {
+fn head_base(head: Option<&CredentialHead>) -> WriteBase {
     match head {
         None => WriteBase::Create,
         Some(h) if h.deleted_at.is_some() => WriteBase::Revive(h.current_version),

@@ -6,7 +6,11 @@ use super::*;
 impl Vault {
     /// Reads version `version` (the current one if `None` or 0) of `name`. The current
     /// version is served from the cache; a miss loads it once for all concurrent callers.
-    pub async fn get(&self, name: &str, version: Option<u64>) -> Result<CredentialValue, VaultError> {
+    pub async fn get(
+        &self,
+        name: &(impl NameArg + ?Sized),
+        version: Option<u64>,
+    ) -> Result<CredentialValue, VaultError> {
         match self.get_once(name, version).await {
             // Sealed under a KEK another daemon created: load it, then read again.
             Err(VaultError::UnknownKek(_)) => {
@@ -17,7 +21,11 @@ impl Vault {
         }
     }
 
-    pub(super) async fn get_once(&self, name: &str, version: Option<u64>) -> Result<CredentialValue, VaultError> {
+    pub(super) async fn get_once(
+        &self,
+        name: &(impl NameArg + ?Sized),
+        version: Option<u64>,
+    ) -> Result<CredentialValue, VaultError> {
         let name = self.name(name)?;
         let version = version.filter(|v| *v != 0);
         let hit = self.inner.cache.lookup(name.as_str());
@@ -90,9 +98,9 @@ impl Vault {
                 ))
             }
         })?;
-        let sealed = readable(name, &row)?;
+        let sealed = readable(name, &row, self.now())?;
         let value = self.decrypt(name, row.info.version, sealed)?;
-        Ok(credential_value(name, &row.info, value))
+        Ok(credential_value(&row.info, value))
     }
 
     pub(super) async fn load_current(&self, name: &CredentialName) -> Result<Cached, VaultError> {
@@ -121,7 +129,7 @@ impl Vault {
             Cached::Missing { deleted: true } => return Err(deleted(name)),
             Cached::Missing { deleted: false } => return Err(not_found(name)),
         };
-        check_state(name, &entry.info)?;
+        check_state(name, &entry.info, self.now())?;
         let value = match (entry.plaintext(), entry.sealed()) {
             (Some(p), _) => Zeroizing::new(p.to_vec()),
             (None, Some(sealed)) => {
@@ -131,7 +139,7 @@ impl Vault {
             }
             (None, None) => return Err(unreadable(name, &entry.info)),
         };
-        Ok(credential_value(name, &entry.info, value))
+        Ok(credential_value(&entry.info, value))
     }
 
     pub(super) fn decrypt(
@@ -157,7 +165,10 @@ impl Vault {
     /// Reads the current version of each name with one store query. The outer error is
     /// for the request as a whole (bad names, too many, storage down); each name then
     /// has its own outcome, in request order.
-    pub async fn batch_get(&self, names: &[String]) -> Result<Vec<Result<CredentialValue, VaultError>>, VaultError> {
+    pub async fn batch_get<N: NameArg>(
+        &self,
+        names: &[N],
+    ) -> Result<Vec<Result<CredentialValue, VaultError>>, VaultError> {
         let results = self.batch_get_once(names).await?;
         if !results.iter().any(|r| matches!(r, Err(VaultError::UnknownKek(_)))) {
             return Ok(results);
@@ -166,17 +177,11 @@ impl Vault {
         self.batch_get_once(names).await
     }
 
-    pub(super) async fn batch_get_once(
+    pub(super) async fn batch_get_once<N: NameArg>(
         &self,
-        names: &[String],
+        names: &[N],
     ) -> Result<Vec<Result<CredentialValue, VaultError>>, VaultError> {
-        let max = self.inner.limits.max_batch_size;
-        if names.len() > max {
-            return Err(VaultError::InvalidArgument(format!(
-                "batch asks for {} credentials; the limit is {max}",
-                names.len()
-            )));
-        }
+        self.check_batch_size(names.len())?;
         let parsed = names.iter().map(|n| self.name(n)).collect::<Result<Vec<_>, _>>()?;
         let cache = &self.inner.cache;
         let mut known: std::collections::HashMap<&str, Cached> = std::collections::HashMap::new();
@@ -209,7 +214,7 @@ impl Vault {
                 }
                 Err(e) => return Err(e.into()),
             };
-            let mut rows: std::collections::HashMap<String, (CredentialRow, VersionRow)> =
+            let mut rows: std::collections::HashMap<String, (CredentialHead, VersionRow)> =
                 rows.into_iter().map(|(h, v)| (h.name.clone(), (h, v))).collect();
             for (name, ticket) in &misses {
                 let c = match rows.remove(name) {
@@ -232,13 +237,22 @@ impl Vault {
             .collect())
     }
 
+    /// Refuses a batch larger than `max_batch_size` (before its names are looked at).
+    pub fn check_batch_size(&self, n: usize) -> Result<(), VaultError> {
+        let max = self.inner.limits.max_batch_size;
+        if n > max {
+            return Err(VaultError::InvalidArgument(format!("batch asks for {n} credentials; the limit is {max}")));
+        }
+        Ok(())
+    }
+
     /// A batch whose store read failed because the store is unreachable: names with a
     /// cache entry are answered from it (marked stale) if `cache.serve_stale_seconds`
     /// allows; the others fail with UNAVAILABLE in their own slot. With nothing to serve
     /// the whole batch fails.
     pub(super) fn batch_stale(
         &self,
-        parsed: &[CredentialName],
+        parsed: &[Cow<'_, CredentialName>],
         known: std::collections::HashMap<&str, Cached>,
         unfresh: std::collections::HashMap<&str, Hit>,
         error: StoreError,
@@ -267,7 +281,7 @@ impl Vault {
 
     /// Metadata and retained versions; never decrypts. Deleted credentials are shown
     /// (with `deleted_at` set) so operators can inspect them.
-    pub async fn metadata(&self, name: &str) -> Result<CredentialDetails, VaultError> {
+    pub async fn metadata(&self, name: &(impl NameArg + ?Sized)) -> Result<CredentialDetails, VaultError> {
         let name = self.name(name)?;
         let head = self.inner.store.get_credential(name.as_str()).await?.ok_or_else(|| not_found(&name))?;
         let versions = self.inner.store.list_versions(name.as_str()).await?;

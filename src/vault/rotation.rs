@@ -13,9 +13,10 @@ use zeroize::Zeroizing;
 
 use super::{micros, not_found, Vault, VaultError, WriteOptions};
 use crate::generate::GeneratorSpec;
+use crate::names::NameArg;
 use crate::store::{
-    now_micros, ChangeKind, CredentialRow, CredentialStore, Micros, PolicyAdvance, PolicyKind, PolicyStore,
-    RotationPolicyRow, StoreError,
+    ChangeKind, CredentialHead, CredentialStore, Micros, PolicyAdvance, PolicyKind, PolicyStore, RotationPolicy,
+    StoreError,
 };
 use crate::telemetry::names;
 
@@ -117,7 +118,7 @@ struct Plan {
     expires_at: Option<Micros>,
 }
 
-fn plan(p: &RotationPolicyRow, claim: Option<Micros>, now: Micros) -> Plan {
+fn plan(p: &RotationPolicy, claim: Option<Micros>, now: Micros) -> Plan {
     let interval = p.interval_us.unwrap_or(0);
     match p.kind {
         PolicyKind::Manual => Plan { next_run_at: None, expires_at: None },
@@ -141,7 +142,7 @@ fn plan(p: &RotationPolicyRow, claim: Option<Micros>, now: Micros) -> Plan {
     }
 }
 
-fn generator(p: &RotationPolicyRow) -> Result<GeneratorSpec, VaultError> {
+fn generator(p: &RotationPolicy) -> Result<GeneratorSpec, VaultError> {
     serde_json::from_str(&p.generator)
         .map_err(|e| VaultError::Internal(format!("rotation policy of {:?} has a bad generator: {e}", p.name)))
 }
@@ -153,7 +154,7 @@ impl Vault {
     /// `may_cut_grace` (the `destroy` capability).
     pub async fn rotate(
         &self,
-        name: &str,
+        name: &(impl NameArg + ?Sized),
         source: NewValue<'_>,
         grace: Option<Duration>,
         expected: Option<u64>,
@@ -165,7 +166,7 @@ impl Vault {
     /// [`Vault::rotate`], storing `key` with the write (see `vault/idempotency.rs`).
     pub(super) async fn rotate_keyed(
         &self,
-        name: &str,
+        name: &(impl NameArg + ?Sized),
         source: NewValue<'_>,
         grace: Option<Duration>,
         expected: Option<u64>,
@@ -209,7 +210,7 @@ impl Vault {
             },
         };
         let grace = grace.unwrap_or(usual.0);
-        let now = now_micros();
+        let now = self.now();
         let plan = policy.as_ref().map(|p| plan(p, None, now));
         let metadata = renewed_metadata(&head, plan.as_ref());
         let opts = WriteOptions {
@@ -232,7 +233,7 @@ impl Vault {
         })
     }
 
-    async fn live_head(&self, name: &crate::names::CredentialName) -> Result<CredentialRow, VaultError> {
+    async fn live_head(&self, name: &crate::names::CredentialName) -> Result<CredentialHead, VaultError> {
         match self.inner.store.get_credential(name.as_str()).await? {
             None => Err(not_found(name)),
             Some(h) if h.deleted_at.is_some() => Err(super::deleted(name)),
@@ -247,7 +248,7 @@ impl Vault {
         name: &str,
         spec: &PolicySpec,
         may_cut_grace: bool,
-    ) -> Result<RotationPolicyRow, VaultError> {
+    ) -> Result<RotationPolicy, VaultError> {
         let name = self.name(name)?;
         let usual = self.inner.rotation.default_grace();
         if let Some(g) = spec.grace.filter(|g| *g < usual && !may_cut_grace) {
@@ -259,7 +260,7 @@ impl Vault {
         }
         let bad = |m: &str| Err(VaultError::InvalidArgument(m.to_owned()));
         spec.generator.check().map_err(|e| VaultError::InvalidArgument(format!("generator: {e}")))?;
-        let now = now_micros();
+        let now = self.now();
         let interval = spec.interval.map(micros);
         let validity = spec.validity.map(micros);
         match spec.kind {
@@ -283,7 +284,7 @@ impl Vault {
             }
             PolicyKind::Scheduled => spec.at,
         };
-        let row = RotationPolicyRow {
+        let row = RotationPolicy {
             name: name.as_str().to_owned(),
             kind: spec.kind,
             interval_us: interval,
@@ -304,7 +305,7 @@ impl Vault {
         self.rotation_policy(name.as_str()).await
     }
 
-    pub async fn rotation_policy(&self, name: &str) -> Result<RotationPolicyRow, VaultError> {
+    pub async fn rotation_policy(&self, name: &str) -> Result<RotationPolicy, VaultError> {
         let name = self.name(name)?;
         self.inner
             .store
@@ -323,7 +324,7 @@ impl Vault {
 
     /// Runs one due policy. `Ok(false)`: nothing to do (another daemon took the slot, or
     /// the credential is gone).
-    async fn rotate_scheduled(&self, policy: &RotationPolicyRow) -> Result<bool, VaultError> {
+    async fn rotate_scheduled(&self, policy: &RotationPolicy) -> Result<bool, VaultError> {
         let Some(claim) = policy.next_run_at else { return Ok(false) };
         let name = self.name(&policy.name)?;
         let spec = generator(policy)?;
@@ -335,7 +336,7 @@ impl Vault {
                 Err(e) => return Err(e),
             };
             let value = spec.generate().map_err(VaultError::Internal)?;
-            let plan = plan(policy, Some(claim), now_micros());
+            let plan = plan(policy, Some(claim), self.now());
             let metadata = renewed_metadata(&head, Some(&plan));
             let opts = WriteOptions {
                 expected: Some(head.current_version),
@@ -367,7 +368,7 @@ impl Vault {
     /// One scheduler pass: ends grace periods that are over, then runs due policies.
     pub async fn run_due_rotations(&self) -> Result<usize, VaultError> {
         let store = &self.inner.store;
-        let now = now_micros();
+        let now = self.now();
         let deprecated = store.deprecate_expired(now).await?;
         if deprecated > 0 {
             tracing::info!(versions = deprecated, "grace periods ended; versions deprecated");
@@ -381,7 +382,8 @@ impl Vault {
                     metrics::counter!(names::ROTATION_FAILURES).increment(1);
                     tracing::warn!(credential = %policy.name, error = %e, "scheduled rotation failed; will retry");
                     if let Some(claim) = policy.next_run_at {
-                        let retry = now_micros()
+                        let retry = self
+                            .now()
                             .saturating_add(micros(Duration::from_secs(self.inner.rotation.retry_after_seconds)));
                         store.defer_rotation(&policy.name, claim, retry, &e.to_string()).await?;
                     }
@@ -409,7 +411,7 @@ impl Vault {
 }
 
 /// The head's metadata with a renewed expiry, when the plan renews it.
-fn renewed_metadata(head: &CredentialRow, plan: Option<&Plan>) -> Option<crate::store::Metadata> {
+fn renewed_metadata(head: &CredentialHead, plan: Option<&Plan>) -> Option<crate::store::Metadata> {
     let expires = plan?.expires_at?;
     let mut m = head.metadata.clone();
     m.expires_at = Some(expires);

@@ -4,7 +4,7 @@
 
 use super::*;
 use crate::auth::{Auth, NewToken, Rule, TokenError};
-use crate::store::{AuditRow, AuditStore, TokenRow, TokenStore};
+use crate::store::{AuditRow, AuditStore, TokenRecord, TokenStore};
 
 impl Vault {
     /// Creates a token (see [`Auth::create_token`]).
@@ -20,12 +20,12 @@ impl Vault {
     }
 
     /// Revokes the live token whose id starts with `id` (see [`Auth::revoke_token`]).
-    pub async fn revoke_token(&self, auth: &Auth, id: &str) -> Result<TokenRow, TokenError> {
+    pub async fn revoke_token(&self, auth: &Auth, id: &str) -> Result<TokenRecord, TokenError> {
         auth.revoke_token(self.inner.store.as_ref(), id).await
     }
 
     /// Every token, live or revoked (hashes and metadata only).
-    pub async fn list_tokens(&self) -> Result<Vec<TokenRow>, VaultError> {
+    pub async fn list_tokens(&self) -> Result<Vec<TokenRecord>, VaultError> {
         Ok(self.inner.store.list_tokens().await?)
     }
 

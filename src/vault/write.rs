@@ -20,7 +20,7 @@ impl Vault {
     /// (or be deleted), `Some(n)` the current version must be `n`.
     pub async fn put(
         &self,
-        name: &str,
+        name: &(impl NameArg + ?Sized),
         value: &[u8],
         expected: Option<u64>,
         metadata: Option<&Metadata>,
@@ -31,7 +31,7 @@ impl Vault {
     /// [`Vault::put`], storing `key` with the write (see `vault/idempotency.rs`).
     pub(super) async fn put_keyed(
         &self,
-        name: &str,
+        name: &(impl NameArg + ?Sized),
         value: &[u8],
         expected: Option<u64>,
         metadata: Option<&Metadata>,
@@ -51,7 +51,7 @@ impl Vault {
 
     pub(super) async fn write(
         &self,
-        name: &str,
+        name: &(impl NameArg + ?Sized),
         value: &[u8],
         opts: WriteOptions<'_>,
     ) -> Result<PutOutcome, VaultError> {
@@ -91,7 +91,7 @@ impl Vault {
             let sealed = self
                 .with_keys(|ring| crypto::seal_value(ring, name.as_str(), version, value))
                 .map_err(|e| VaultError::Internal(format!("sealing failed: {e}")))?;
-            let now = now_micros();
+            let now = self.now();
             let new = NewVersion {
                 name: name.as_str(),
                 base,
@@ -129,7 +129,7 @@ impl Vault {
                     // Or a retry of this very request committed first: the caller finds
                     // its key and answers with that write's result.
                     if let Some(k) = key {
-                        if store.get_idempotency_key(&k.token_id, &k.key, now_micros()).await?.is_some() {
+                        if store.get_idempotency_key(&k.token_id, &k.key, self.now()).await?.is_some() {
                             return Err(idempotency::key_taken());
                         }
                     }
@@ -212,20 +212,24 @@ impl Vault {
     }
 
     /// Soft-deletes `name`; versions are kept. Returns the head after the delete.
-    pub async fn delete(&self, name: &str, expected: Option<u64>) -> Result<CredentialRow, VaultError> {
+    pub async fn delete(
+        &self,
+        name: &(impl NameArg + ?Sized),
+        expected: Option<u64>,
+    ) -> Result<CredentialHead, VaultError> {
         self.delete_keyed(name, expected, None).await
     }
 
     /// [`Vault::delete`], storing `key` with the delete (see `vault/idempotency.rs`).
     pub(super) async fn delete_keyed(
         &self,
-        name: &str,
+        name: &(impl NameArg + ?Sized),
         expected: Option<u64>,
         key: Option<&crate::store::KeyClaim>,
-    ) -> Result<CredentialRow, VaultError> {
+    ) -> Result<CredentialHead, VaultError> {
         let name = self.name(name)?;
         check_expected(expected)?;
-        let now = now_micros();
+        let now = self.now();
         let store = &self.inner.store;
         let expected_live = expected.filter(|v| *v != 0);
         let deleted = match key {
@@ -256,14 +260,14 @@ impl Vault {
     }
 
     /// Irreversibly wipes version `version` of `name` (idempotent).
-    pub async fn destroy_version(&self, name: &str, version: u64) -> Result<(), VaultError> {
+    pub async fn destroy_version(&self, name: &(impl NameArg + ?Sized), version: u64) -> Result<(), VaultError> {
         let name = self.name(name)?;
         let outcome = self.inner.store.destroy_version(name.as_str(), version).await;
         self.inner.cache.invalidate(name.as_str());
         match outcome? {
             Some(destroyed_now) => {
                 if destroyed_now {
-                    self.publish_change(name.as_str(), ChangeKind::DestroyVersion, version, now_micros());
+                    self.publish_change(name.as_str(), ChangeKind::DestroyVersion, version, self.now());
                 }
                 Ok(())
             }
@@ -272,9 +276,9 @@ impl Vault {
     }
 
     /// Makes a soft-deleted credential readable again, at the version it had.
-    pub async fn undelete(&self, name: &str) -> Result<CredentialDetails, VaultError> {
+    pub async fn undelete(&self, name: &(impl NameArg + ?Sized)) -> Result<CredentialDetails, VaultError> {
         let name = self.name(name)?;
-        let now = now_micros();
+        let now = self.now();
         let done = self.inner.store.undelete_credential(name.as_str(), now).await;
         self.inner.cache.invalidate(name.as_str());
         if !done? {

@@ -133,7 +133,7 @@ impl Vault {
             if attempt > 0 {
                 super::write::conflict_backoff(attempt).await;
             }
-            let mut heads: HashMap<String, CredentialRow> =
+            let mut heads: HashMap<String, CredentialHead> =
                 store.get_current_many(&names).await?.into_iter().map(|(h, _)| (h.name.clone(), h)).collect();
             let mut bases = Vec::with_capacity(items.len());
             for (item, name) in items.iter().zip(&names) {
@@ -186,7 +186,7 @@ impl Vault {
                     (item, _, _) => BatchOp::Delete { name, expected: item.expected() },
                 })
                 .collect();
-            let now = now_micros();
+            let now = self.now();
             let batch = BatchWrite { ops: &ops, now, max_versions: self.inner.limits.max_versions };
             match store.write_batch(&batch).await {
                 Ok(BatchOutcome::Applied(after)) => {

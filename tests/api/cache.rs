@@ -10,9 +10,9 @@ use tonic::Code;
 
 use credvault::proto::BatchGetCredentialsRequest;
 use credvault::store::{
-    AuditStore, Backend as StoreBackend, ChangeSink, CredentialRow, CredentialStore, JobRow, JobStore, KekRow,
-    KeyStore, KeyringRow, ListQuery, Micros, NewVersion, PolicyStore, PoolStats, RewrapBatch, RewrapRow,
-    RotationPolicyRow, Store, StoreError, TokenRow, TokenStore, VersionInfo, VersionRow,
+    AuditStore, Backend as StoreBackend, ChangeSink, CredentialHead, CredentialStore, JobStore, KekRow, KeyStore,
+    KeyringRow, ListQuery, Micros, NewVersion, PolicyStore, PoolStats, RewrapBatch, RewrapRow, RotationJob,
+    RotationPolicy, Store, StoreError, TokenRecord, TokenStore, VersionInfo, VersionRow,
 };
 use credvault::vault::Vault;
 
@@ -92,14 +92,14 @@ struct PausingStore {
 
 #[async_trait]
 impl CredentialStore for PausingStore {
-    async fn get_credential(&self, name: &str) -> Result<Option<CredentialRow>, StoreError> {
+    async fn get_credential(&self, name: &str) -> Result<Option<CredentialHead>, StoreError> {
         self.inner.get_credential(name).await
     }
     async fn get_version(
         &self,
         name: &str,
         version: Option<u64>,
-    ) -> Result<Option<(CredentialRow, Option<VersionRow>)>, StoreError> {
+    ) -> Result<Option<(CredentialHead, Option<VersionRow>)>, StoreError> {
         let row = self.inner.get_version(name, version).await;
         if self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
             // The row is read; now stall before handing it back, like a slow network.
@@ -108,19 +108,19 @@ impl CredentialStore for PausingStore {
         }
         row
     }
-    async fn get_current_many(&self, names: &[String]) -> Result<Vec<(CredentialRow, VersionRow)>, StoreError> {
+    async fn get_current_many(&self, names: &[String]) -> Result<Vec<(CredentialHead, VersionRow)>, StoreError> {
         self.inner.get_current_many(names).await
     }
     async fn list_versions(&self, name: &str) -> Result<Vec<VersionInfo>, StoreError> {
         self.inner.list_versions(name).await
     }
-    async fn put_version(&self, new: &NewVersion<'_>) -> Result<CredentialRow, StoreError> {
+    async fn put_version(&self, new: &NewVersion<'_>) -> Result<CredentialHead, StoreError> {
         self.inner.put_version(new).await
     }
     async fn delete_credential(&self, name: &str, expected: Option<u64>, now: Micros) -> Result<bool, StoreError> {
         self.inner.delete_credential(name, expected, now).await
     }
-    async fn list_credentials(&self, q: &ListQuery<'_>) -> Result<Vec<CredentialRow>, StoreError> {
+    async fn list_credentials(&self, q: &ListQuery<'_>) -> Result<Vec<CredentialHead>, StoreError> {
         self.inner.list_credentials(q).await
     }
     async fn count_credentials(&self) -> Result<u64, StoreError> {
@@ -155,10 +155,10 @@ impl KeyStore for PausingStore {
 
 #[async_trait]
 impl JobStore for PausingStore {
-    async fn start_kek_rotation(&self, k: &KekRow, v: &[u8], now: Micros) -> Result<JobRow, StoreError> {
+    async fn start_kek_rotation(&self, k: &KekRow, v: &[u8], now: Micros) -> Result<RotationJob, StoreError> {
         self.inner.start_kek_rotation(k, v, now).await
     }
-    async fn get_job(&self, id: Option<i64>) -> Result<Option<JobRow>, StoreError> {
+    async fn get_job(&self, id: Option<i64>) -> Result<Option<RotationJob>, StoreError> {
         self.inner.get_job(id).await
     }
     async fn claim_job(&self, id: i64, o: &str, now: Micros, until: Micros) -> Result<bool, StoreError> {
@@ -175,23 +175,29 @@ impl JobStore for PausingStore {
     async fn commit_rewrap(&self, b: &RewrapBatch<'_>) -> Result<Option<u64>, StoreError> {
         self.inner.commit_rewrap(b).await
     }
-    async fn finish_job(&self, id: i64, o: &str, now: Micros, e: Option<&str>) -> Result<Option<JobRow>, StoreError> {
+    async fn finish_job(
+        &self,
+        id: i64,
+        o: &str,
+        now: Micros,
+        e: Option<&str>,
+    ) -> Result<Option<RotationJob>, StoreError> {
         self.inner.finish_job(id, o, now, e).await
     }
 }
 
 #[async_trait]
 impl PolicyStore for PausingStore {
-    async fn put_rotation_policy(&self, p: &RotationPolicyRow) -> Result<bool, StoreError> {
+    async fn put_rotation_policy(&self, p: &RotationPolicy) -> Result<bool, StoreError> {
         self.inner.put_rotation_policy(p).await
     }
-    async fn get_rotation_policy(&self, n: &str) -> Result<Option<RotationPolicyRow>, StoreError> {
+    async fn get_rotation_policy(&self, n: &str) -> Result<Option<RotationPolicy>, StoreError> {
         self.inner.get_rotation_policy(n).await
     }
     async fn delete_rotation_policy(&self, n: &str) -> Result<bool, StoreError> {
         self.inner.delete_rotation_policy(n).await
     }
-    async fn due_rotations(&self, now: Micros, limit: u32) -> Result<Vec<RotationPolicyRow>, StoreError> {
+    async fn due_rotations(&self, now: Micros, limit: u32) -> Result<Vec<RotationPolicy>, StoreError> {
         self.inner.due_rotations(now, limit).await
     }
     async fn defer_rotation(&self, n: &str, claim: Micros, retry: Micros, e: &str) -> Result<bool, StoreError> {
@@ -201,19 +207,19 @@ impl PolicyStore for PausingStore {
 
 #[async_trait]
 impl TokenStore for PausingStore {
-    async fn insert_token(&self, t: &TokenRow) -> Result<(), StoreError> {
+    async fn insert_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
         self.inner.insert_token(t).await
     }
-    async fn get_token(&self, hash: &str) -> Result<Option<TokenRow>, StoreError> {
+    async fn get_token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
         self.inner.get_token(hash).await
     }
-    async fn find_live_tokens(&self, prefix: &str, limit: u32) -> Result<Vec<TokenRow>, StoreError> {
+    async fn find_live_tokens(&self, prefix: &str, limit: u32) -> Result<Vec<TokenRecord>, StoreError> {
         self.inner.find_live_tokens(prefix, limit).await
     }
-    async fn insert_first_token(&self, t: &TokenRow) -> Result<bool, StoreError> {
+    async fn insert_first_token(&self, t: &TokenRecord) -> Result<bool, StoreError> {
         self.inner.insert_first_token(t).await
     }
-    async fn list_tokens(&self) -> Result<Vec<TokenRow>, StoreError> {
+    async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
         self.inner.list_tokens().await
     }
     async fn revoke_token(&self, h: &str, now: Micros) -> Result<bool, StoreError> {
@@ -240,7 +246,7 @@ impl credvault::store::WriteStore for PausingStore {
         &self,
         new: &NewVersion<'_>,
         key: &credvault::store::KeyClaim,
-    ) -> Result<CredentialRow, StoreError> {
+    ) -> Result<CredentialHead, StoreError> {
         self.inner.put_version_keyed(new, key).await
     }
     async fn delete_credential_keyed(

@@ -3,7 +3,7 @@
 use credvault::crypto::Sealed;
 use credvault::store::{
     now_micros, AuditRow, KekRow, KekState, KeyringRow, ListQuery, MasterKeySource, Metadata, NewVersion, Store,
-    StoreError, TokenRow, VersionState, WriteBase,
+    StoreError, TokenRecord, VersionState, WriteBase,
 };
 
 use credvault::names::{self, NameRange};
@@ -223,7 +223,7 @@ async fn batch_reads_current_versions(backend: Backend) {
 
 async fn tokens_round_trip(backend: Backend) {
     let (_env, store) = ready(backend).await;
-    let t = TokenRow {
+    let t = TokenRecord {
         token_hash: "ab".repeat(32),
         display_name: "ci".into(),
         policies: "[]".into(),

@@ -223,7 +223,7 @@ async fn tokens_stored_with_old_patterns_keep_working() {
     let token = "cvt_legacy0000000000000000000000000000000000000";
     let store = env.store().await;
     store
-        .insert_token(&credvault::store::TokenRow {
+        .insert_token(&credvault::store::TokenRecord {
             token_hash: hex::encode(credvault::auth::hash_token(token)),
             display_name: "old".into(),
             policies: r#"[{"pattern":"team-a/*","capabilities":["read","delete","list"]}]"#.into(),

@@ -1,11 +1,13 @@
 //! Credential rotation (grace periods, generators, policies and the scheduler),
 //! destroy/undelete, and change streams.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_stream::StreamExt as _;
 use tonic::Code;
 
+use credvault::model::{Clock as _, ManualClock};
 use credvault::proto::{
     self, rotate_credential_request::Source, rotation_policy::Generator, BytesSpec, DeleteRotationPolicyRequest,
     DestroyVersionRequest, GetCredentialMetadataRequest, GetRotationPolicyRequest, PasswordSpec,
@@ -43,29 +45,32 @@ async fn rotation_keeps_the_previous_version_for_its_grace(backend: Backend) {
     let env = TestEnv::new(backend).await;
     let mut s = env.settings();
     s.rotation.scheduler_interval_ms = 100;
-    let d = TestDaemon::start(s, None).await;
+    // A grace period of an hour, run on a clock the test moves: nothing waits for it.
+    let clock = ManualClock::starting_now();
+    let d = TestDaemon::start_with_clock(s, None, Arc::new(clock.clone())).await;
     let (mut c, mut admin) = (d.client().await, d.admin().await);
     put(&mut c, "rot/db", b"old-password", None).await.unwrap();
 
-    let grace = Duration::from_millis(1500);
-    let before = credvault::store::now_micros();
+    let grace = Duration::from_secs(3600);
+    let before = clock.now();
     let r = admin.rotate_credential(rotate_req("rot/db", value(b"new-password"), Some(grace))).await.unwrap();
     let r = r.into_inner();
     assert_eq!((r.name.as_str(), r.version, r.previous_version), ("rot/db", 2, 1));
     let until = r.previous_expires_at.unwrap();
     let until_us = until.seconds * 1_000_000 + i64::from(until.nanos / 1000);
-    assert!(until_us >= before + 1_500_000, "grace runs from the rotation");
+    assert_eq!(until_us, before + 3_600_000_000, "grace runs from the rotation, on the daemon's clock");
 
     // Current readers get the new value at once; the old one by explicit version.
     assert_eq!(get(&mut c, "rot/db", None).await.unwrap(), (2, b"new-password".to_vec()));
     assert_eq!(get(&mut c, "rot/db", Some(1)).await.unwrap(), (1, b"old-password".to_vec()));
     assert_eq!(version_state(&d, "rot/db", 1).await, proto::VersionState::Previous as i32);
 
-    // After the grace period: unreadable, then marked deprecated by the scheduler.
-    eventually("grace period to end", Duration::from_secs(10), async || {
-        get(&mut c, "rot/db", Some(1)).await.err().map(|s| s.code()) == Some(Code::FailedPrecondition)
-    })
-    .await;
+    // A second before the end it is still readable; the moment it ends, it is not, and
+    // the scheduler marks it deprecated.
+    clock.advance(grace - Duration::from_secs(1));
+    assert_eq!(get(&mut c, "rot/db", Some(1)).await.unwrap(), (1, b"old-password".to_vec()));
+    assert_eq!(version_state(&d, "rot/db", 1).await, proto::VersionState::Previous as i32);
+    clock.advance(Duration::from_secs(1));
     let mut c2 = d.client().await;
     assert_status(get(&mut c2, "rot/db", Some(1)).await, Code::FailedPrecondition, "version 1");
     eventually("version 1 to be deprecated", Duration::from_secs(10), async || {
@@ -298,38 +303,54 @@ fn policy(name: &str, kind: proto::PolicyKind) -> RotationPolicy {
 async fn periodic_and_scheduled_policies_fire(backend: Backend) {
     let env = TestEnv::new(backend).await;
     let mut settings = env.settings();
-    settings.rotation.scheduler_interval_ms = 100;
-    let d = TestDaemon::start(settings, None).await;
+    settings.rotation.scheduler_interval_ms = 50;
+    // Daily and hourly schedules on a clock the test moves.
+    let clock = ManualClock::starting_now();
+    let d = TestDaemon::start_with_clock(settings, None, Arc::new(clock.clone())).await;
     let (mut c, mut admin) = (d.client().await, d.admin().await);
     put(&mut c, "pol/periodic", b"initial", None).await.unwrap();
     put(&mut c, "pol/once", b"initial", None).await.unwrap();
     put(&mut c, "pol/manual", b"initial", None).await.unwrap();
 
     let mut p = policy("pol/periodic", proto::PolicyKind::Periodic);
-    p.interval = Some(Duration::from_secs(1).try_into().unwrap());
+    let day = Duration::from_secs(86_400);
+    p.interval = Some(day.try_into().unwrap());
     let set = admin.set_rotation_policy(SetRotationPolicyRequest { policy: Some(p) }).await.unwrap().into_inner();
-    assert!(set.next_run_at.is_some());
+    let next = set.next_run_at.expect("a periodic policy is due");
+    assert_eq!(next.seconds * 1_000_000 + i64::from(next.nanos / 1000), clock.now() + 86_400_000_000);
     let mut once = policy("pol/once", proto::PolicyKind::Scheduled);
-    once.at = Some(prost_types::Timestamp::from(std::time::SystemTime::now() + Duration::from_millis(500)));
+    let at = clock.now() + 3_600_000_000;
+    once.at = Some(prost_types::Timestamp { seconds: at / 1_000_000, nanos: 0 });
     admin.set_rotation_policy(SetRotationPolicyRequest { policy: Some(once) }).await.unwrap();
     admin
         .set_rotation_policy(SetRotationPolicyRequest { policy: Some(policy("pol/manual", proto::PolicyKind::Manual)) })
         .await
         .unwrap();
 
-    eventually("the periodic policy to fire twice", Duration::from_secs(20), async || {
-        get(&mut c, "pol/periodic", None).await.unwrap().0 >= 3
+    // Nothing is due until the clock says so.
+    assert_eq!(get(&mut c, "pol/periodic", None).await.unwrap().0, 1);
+    clock.advance(day);
+    eventually("the periodic policy to fire", Duration::from_secs(10), async || {
+        get(&mut c, "pol/periodic", None).await.unwrap().0 == 2
+    })
+    .await;
+    clock.advance(day);
+    eventually("the periodic policy to fire again", Duration::from_secs(10), async || {
+        get(&mut c, "pol/periodic", None).await.unwrap().0 == 3
     })
     .await;
     let (_, generated) = get(&mut c, "pol/periodic", None).await.unwrap();
     assert_eq!(generated.len(), 16);
     let got = admin.get_rotation_policy(GetRotationPolicyRequest { name: "pol/periodic".into() }).await.unwrap();
     let got = got.into_inner();
-    assert!(got.rotations >= 2 && got.last_rotated_at.is_some() && got.last_error.is_empty());
-    // The replaced version keeps the policy's grace period.
-    assert_eq!(get(&mut c, "pol/periodic", Some(1)).await.unwrap().1, b"initial");
+    assert!(got.rotations == 2 && got.last_rotated_at.is_some() && got.last_error.is_empty(), "{got:?}");
+    // The replaced version keeps the policy's grace period (60 s): version 2, replaced
+    // just now, is readable; version 1, replaced a day ago, is not.
+    assert_eq!(get(&mut c, "pol/periodic", Some(2)).await.unwrap().1.len(), 16);
+    assert_status(get(&mut c, "pol/periodic", Some(1)).await, Code::FailedPrecondition, "deprecated");
 
-    eventually("the scheduled policy to fire", Duration::from_secs(20), async || {
+    // Its hour passed with the first day.
+    eventually("the scheduled policy to fire", Duration::from_secs(10), async || {
         get(&mut c, "pol/once", None).await.unwrap().0 == 2
     })
     .await;
@@ -394,13 +415,17 @@ async fn periodic_and_scheduled_policies_fire(backend: Backend) {
 
     // before_expiry renews the expiry with each rotation.
     let mut be = policy("pol/manual", proto::PolicyKind::BeforeExpiry);
-    be.interval = Some(Duration::from_secs(2).try_into().unwrap());
-    be.validity = Some(Duration::from_secs(3).try_into().unwrap());
+    be.interval = Some(Duration::from_secs(7_200).try_into().unwrap());
+    be.validity = Some(Duration::from_secs(10_800).try_into().unwrap());
     admin.set_rotation_policy(SetRotationPolicyRequest { policy: Some(be) }).await.unwrap();
-    eventually("the before_expiry policy to fire", Duration::from_secs(20), async || {
-        get(&mut c, "pol/manual", None).await.unwrap().0 >= 3
-    })
-    .await;
+    for _ in 0..2 {
+        let before = get(&mut c, "pol/manual", None).await.unwrap().0;
+        clock.advance(Duration::from_secs(10_800));
+        eventually("the before_expiry policy to fire", Duration::from_secs(10), async || {
+            get(&mut c, "pol/manual", None).await.unwrap().0 > before
+        })
+        .await;
+    }
     let m = c
         .get_credential_metadata(GetCredentialMetadataRequest { name: "pol/manual".into() })
         .await
@@ -428,23 +453,28 @@ async fn periodic_and_scheduled_policies_fire(backend: Backend) {
 async fn two_daemons_never_rotate_the_same_slot() {
     let env = TestEnv::new(Backend::Postgres).await;
     let mut settings = env.settings();
-    settings.rotation.scheduler_interval_ms = 50;
-    let a = TestDaemon::start(settings.clone(), None).await;
-    let b = TestDaemon::start(settings, Some(&a.token)).await;
+    settings.rotation.scheduler_interval_ms = 20;
+    // Both daemons on one clock, moved an hour at a time: each hour is one slot.
+    let clock = ManualClock::starting_now();
+    let a = TestDaemon::start_with_clock(settings.clone(), None, Arc::new(clock.clone())).await;
+    let b = TestDaemon::start_with_clock(settings, Some(&a.token), Arc::new(clock.clone())).await;
     let (mut c, mut admin) = (a.client().await, a.admin().await);
     put(&mut c, "slot/key", b"initial", None).await.unwrap();
     let mut p = policy("slot/key", proto::PolicyKind::Periodic);
-    p.interval = Some(Duration::from_secs(1).try_into().unwrap());
-    let started = Instant::now();
+    p.interval = Some(Duration::from_secs(3600).try_into().unwrap());
     admin.set_rotation_policy(SetRotationPolicyRequest { policy: Some(p) }).await.unwrap();
-    eventually("four scheduled rotations", Duration::from_secs(30), async || {
-        get(&mut c, "slot/key", None).await.unwrap().0 >= 5
-    })
-    .await;
+    for slot in 1..=4u64 {
+        clock.advance(Duration::from_secs(3600));
+        eventually("the slot's rotation", Duration::from_secs(10), async || {
+            get(&mut c, "slot/key", None).await.unwrap().0 > slot
+        })
+        .await;
+        // Both schedulers have seen the slot several times over before the next one.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let token = a.token.clone();
     a.stop().await;
     b.stop().await;
-    let elapsed = started.elapsed();
     let d = TestDaemon::start(env.settings(), Some(&token)).await;
     let (mut c, mut admin) = (d.client().await, d.admin().await);
     let rotations = admin
@@ -455,8 +485,7 @@ async fn two_daemons_never_rotate_the_same_slot() {
         .rotations;
     let version = get(&mut c, "slot/key", None).await.unwrap().0;
     assert_eq!(version, rotations + 1, "every version after the first came from one claimed slot");
-    // One rotation per elapsed period at most (both daemons rotating would double it).
-    let slots = elapsed.as_secs() + 1;
-    assert!(rotations <= slots, "{rotations} rotations in {elapsed:?}: a slot was rotated twice");
+    // Exactly one rotation per slot (both daemons rotating one would double it).
+    assert_eq!(rotations, 4, "four slots, four rotations");
     d.stop().await;
 }

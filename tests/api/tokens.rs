@@ -160,7 +160,7 @@ async fn revoking_by_id_finds_exactly_one_token(backend: Backend) {
     // Two tokens whose hashes share their first twelve characters, and one more.
     for tail in ["1", "2"] {
         let hash = format!("{:0<64}", format!("abcdef012345{tail}"));
-        let row = credvault::store::TokenRow {
+        let row = credvault::store::TokenRecord {
             token_hash: hash,
             display_name: "twin".into(),
             policies: "[]".into(),

@@ -3,7 +3,6 @@
 //! never queueing) and caps unauthenticated long-lived streams; [`limited_incoming`]
 //! caps open connections.
 
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -12,6 +11,7 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::limits::{names, refused_stream, KeyedLimiter, RequestSlot, TransportSettings};
+use crate::service::layers::{take_ready, Around, BoxFuture};
 
 /// gRPC paths whose request is a stream (their body stays open by design): never
 /// buffered. Every credvault RPC takes a single request message (test:
@@ -64,22 +64,7 @@ impl AdmissionLayer {
     }
 }
 
-impl<S> tower::Layer<S> for AdmissionLayer {
-    type Service = Admission<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        Admission { inner, layer: self.clone() }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct Admission<S> {
-    inner: S,
-    layer: AdmissionLayer,
-}
-
 type Body = tonic::body::Body;
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 enum BodyError {
     TooLarge,
@@ -117,30 +102,22 @@ fn answer<E: Send + 'static>(status: tonic::Status) -> BoxFuture<Result<http::Re
     Box::pin(async move { Ok(response) })
 }
 
-impl<S> tower::Service<http::Request<Body>> for Admission<S>
+impl<S> Around<S, Body> for AdmissionLayer
 where
     S: tower::Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
 {
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<S::Response, S::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+    fn around(&self, inner: &mut S, req: http::Request<Body>) -> BoxFuture<Result<S::Response, S::Error>> {
         let path = req.uri().path();
         let stream_permit = if UNAUTHENTICATED_STREAM_PATHS.contains(&path) {
-            match self.layer.unauthenticated.clone().try_acquire_owned() {
+            match self.unauthenticated.clone().try_acquire_owned() {
                 Ok(p) => Some(p),
                 Err(_) => {
                     refused_stream("unauthenticated");
                     return answer(tonic::Status::resource_exhausted(format!(
                         "{} health-watch and reflection streams are already open; retry later",
-                        self.layer.max_unauthenticated
+                        self.max_unauthenticated
                     )));
                 }
             }
@@ -148,10 +125,8 @@ where
             None
         };
         let buffer = !STREAMING_REQUEST_PATHS.contains(&path);
-        // The service that was polled ready goes into the future; a clone stays.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        let layer = self.layer.clone();
+        let mut inner = take_ready(inner);
+        let layer = self.clone();
         Box::pin(async move {
             let mut req = req;
             if buffer {

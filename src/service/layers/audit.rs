@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use crate::audit::{Audit, AuditContext, Event, RequestId, Slot};
-use crate::store::now_micros;
+use crate::model::now_micros;
 
 /// Assigns request ids, carries the [`AuditContext`], and emits the event.
 #[derive(Debug, Clone)]

@@ -9,7 +9,7 @@ use super::{
 };
 use crate::crypto::Sealed;
 use crate::store::{
-    encode_change, now_micros, ChangeEvent, ChangeKind, CredentialRow, CredentialStore, ListQuery, Metadata, Micros,
+    encode_change, now_micros, ChangeEvent, ChangeKind, CredentialHead, CredentialStore, ListQuery, Metadata, Micros,
     NewVersion, StoreError, VersionInfo, VersionRow, VersionState, WriteBase,
 };
 
@@ -36,7 +36,7 @@ where
     for<'q> Vec<u8>: Bind<'q, Db<B>>,
     for<'q> bool: Bind<'q, Db<B>>,
 {
-    async fn get_credential(&self, name: &str) -> Result<Option<CredentialRow>, StoreError> {
+    async fn get_credential(&self, name: &str) -> Result<Option<CredentialHead>, StoreError> {
         let q = format!("SELECT {} FROM credentials c WHERE c.name = $1", CRED_COLS);
         let row = sqlx::query(&q).bind(name).fetch_optional(self.pool()).await?;
         row.as_ref().map(credential).transpose()
@@ -46,7 +46,7 @@ where
         &self,
         name: &str,
         version: Option<u64>,
-    ) -> Result<Option<(CredentialRow, Option<VersionRow>)>, StoreError> {
+    ) -> Result<Option<(CredentialHead, Option<VersionRow>)>, StoreError> {
         let q = format!(
             "SELECT {}, {} FROM credentials c LEFT JOIN credential_versions v \
              ON v.name = c.name AND v.version = COALESCE($2, c.current_version) WHERE c.name = $1",
@@ -59,7 +59,7 @@ where
         }
     }
 
-    async fn get_current_many(&self, names: &[String]) -> Result<Vec<(CredentialRow, VersionRow)>, StoreError> {
+    async fn get_current_many(&self, names: &[String]) -> Result<Vec<(CredentialHead, VersionRow)>, StoreError> {
         if names.is_empty() {
             return Ok(Vec::new());
         }
@@ -84,7 +84,7 @@ where
         rows.iter().map(version_info).collect()
     }
 
-    async fn put_version(&self, new: &NewVersion<'_>) -> Result<CredentialRow, StoreError> {
+    async fn put_version(&self, new: &NewVersion<'_>) -> Result<CredentialHead, StoreError> {
         let mut tx = self.pool().begin().await?;
         match write_version(self, &mut tx, new).await {
             Ok(head) => {
@@ -118,7 +118,7 @@ where
         Ok(at.is_some())
     }
 
-    async fn list_credentials(&self, q: &ListQuery<'_>) -> Result<Vec<CredentialRow>, StoreError> {
+    async fn list_credentials(&self, q: &ListQuery<'_>) -> Result<Vec<CredentialHead>, StoreError> {
         // One lower and one upper bound on the name index, so either backend's
         // planner scans exactly the range.
         let stmt = format!(
@@ -209,7 +209,7 @@ pub(super) async fn write_version<B>(
     store: &B,
     tx: &mut Tx<'_, B>,
     new: &NewVersion<'_>,
-) -> Result<CredentialRow, StoreError>
+) -> Result<CredentialHead, StoreError>
 where
     B: SqlBackend,
     for<'c> &'c mut Conn<B>: Executor<'c, Database = Db<B>>,
@@ -345,9 +345,9 @@ pub(super) async fn notify_credential<B: SqlBackend>(
     store.notify(tx, &encode_change(&event)).await
 }
 
-pub(super) fn credential(row: &impl Fields) -> Result<CredentialRow, StoreError> {
+pub(super) fn credential(row: &impl Fields) -> Result<CredentialHead, StoreError> {
     let labels: String = get(row, "labels")?;
-    Ok(CredentialRow {
+    Ok(CredentialHead {
         name: get(row, "name")?,
         current_version: from_db(get(row, "current_version")?, "current_version")?,
         metadata: Metadata {

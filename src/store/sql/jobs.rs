@@ -6,7 +6,8 @@ use sqlx::{ColumnIndex, Executor};
 
 use super::{from_db, get, to_db, Affected as _, Bind, Conn, Db, DbRow, Fields, Scalar, SqlBackend};
 use crate::store::{
-    encode_table_change, JobRow, JobState, JobStore, KekRow, Micros, RewrapBatch, RewrapRow, StoreError, KEYS_CHANGED,
+    encode_table_change, JobState, JobStore, KekRow, Micros, RewrapBatch, RewrapRow, RotationJob, StoreError,
+    KEYS_CHANGED,
 };
 
 #[async_trait]
@@ -20,7 +21,7 @@ where
     for<'q> Option<String>: Bind<'q, Db<B>>,
     for<'q> Vec<u8>: Scalar<'q, Db<B>>,
 {
-    async fn start_kek_rotation(&self, kek: &KekRow, verifier: &[u8], now: Micros) -> Result<JobRow, StoreError> {
+    async fn start_kek_rotation(&self, kek: &KekRow, verifier: &[u8], now: Micros) -> Result<RotationJob, StoreError> {
         let mut tx = self.pool().begin().await?;
         // Taking the active KEK's row first serializes concurrent rotations (and, on
         // PostgreSQL, waits for writes that hold it FOR SHARE).
@@ -67,7 +68,7 @@ where
         Ok(job)
     }
 
-    async fn get_job(&self, id: Option<i64>) -> Result<Option<JobRow>, StoreError> {
+    async fn get_job(&self, id: Option<i64>) -> Result<Option<RotationJob>, StoreError> {
         let row = match id {
             Some(id) => sqlx::query("SELECT * FROM rotation_jobs WHERE id = $1").bind(id),
             None => sqlx::query("SELECT * FROM rotation_jobs ORDER BY id DESC LIMIT 1"),
@@ -150,7 +151,7 @@ where
         owner: &str,
         now: Micros,
         error: Option<&str>,
-    ) -> Result<Option<JobRow>, StoreError> {
+    ) -> Result<Option<RotationJob>, StoreError> {
         let mut tx = self.pool().begin().await?;
         // Versions destroyed while the job ran have no key left to re-wrap; they
         // only refer to their old KEK, which must not keep it from retiring.
@@ -190,7 +191,7 @@ where
     }
 }
 
-fn job(row: &impl Fields) -> Result<JobRow, StoreError> {
+fn job(row: &impl Fields) -> Result<RotationJob, StoreError> {
     let state: String = get(row, "state")?;
     let cursor_name: Option<String> = get(row, "cursor_name")?;
     let cursor_version: Option<i64> = get(row, "cursor_version")?;
@@ -198,7 +199,7 @@ fn job(row: &impl Fields) -> Result<JobRow, StoreError> {
         (Some(n), Some(v)) => Some((n, from_db(v, "cursor_version")?)),
         _ => None,
     };
-    Ok(JobRow {
+    Ok(RotationJob {
         id: get(row, "id")?,
         state: JobState::parse(&state)?,
         new_kek_id: get(row, "new_kek_id")?,

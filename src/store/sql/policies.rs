@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use sqlx::Executor;
 
 use super::{from_db, get, Affected as _, Bind, Conn, Db, Fields, SqlBackend};
-use crate::store::{Micros, PolicyKind, PolicyStore, RotationPolicyRow, StoreError};
+use crate::store::{Micros, PolicyKind, PolicyStore, RotationPolicy, StoreError};
 
 #[async_trait]
 impl<B> PolicyStore for B
@@ -16,7 +16,7 @@ where
     for<'q> Option<i64>: Bind<'q, Db<B>>,
     for<'q> String: Bind<'q, Db<B>>,
 {
-    async fn put_rotation_policy(&self, p: &RotationPolicyRow) -> Result<bool, StoreError> {
+    async fn put_rotation_policy(&self, p: &RotationPolicy) -> Result<bool, StoreError> {
         let n = sqlx::query(
             "INSERT INTO rotation_policies (name, kind, interval_us, validity_us, at_us, generator, grace_us, \
              next_run_at, rotations, updated_at) \
@@ -42,7 +42,7 @@ where
         Ok(n > 0)
     }
 
-    async fn get_rotation_policy(&self, name: &str) -> Result<Option<RotationPolicyRow>, StoreError> {
+    async fn get_rotation_policy(&self, name: &str) -> Result<Option<RotationPolicy>, StoreError> {
         let row = sqlx::query("SELECT * FROM rotation_policies WHERE name = $1")
             .bind(name)
             .fetch_optional(self.pool())
@@ -59,7 +59,7 @@ where
         Ok(n > 0)
     }
 
-    async fn due_rotations(&self, now: Micros, limit: u32) -> Result<Vec<RotationPolicyRow>, StoreError> {
+    async fn due_rotations(&self, now: Micros, limit: u32) -> Result<Vec<RotationPolicy>, StoreError> {
         let rows = sqlx::query(
             "SELECT p.* FROM rotation_policies p JOIN credentials c ON c.name = p.name \
              WHERE p.next_run_at IS NOT NULL AND p.next_run_at <= $1 AND c.deleted_at IS NULL \
@@ -94,9 +94,9 @@ where
     }
 }
 
-fn policy(row: &impl Fields) -> Result<RotationPolicyRow, StoreError> {
+fn policy(row: &impl Fields) -> Result<RotationPolicy, StoreError> {
     let kind: String = get(row, "kind")?;
-    Ok(RotationPolicyRow {
+    Ok(RotationPolicy {
         name: get(row, "name")?,
         kind: PolicyKind::parse(&kind)?,
         interval_us: get(row, "interval_us")?,

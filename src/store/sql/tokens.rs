@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use sqlx::Executor;
 
 use super::{get, Affected as _, Bind, Conn, Db, Fields, SqlBackend};
-use crate::store::{encode_token_change, Micros, StoreError, TokenRow, TokenStore};
+use crate::store::{encode_token_change, Micros, StoreError, TokenRecord, TokenStore};
 
 #[async_trait]
 impl<B> TokenStore for B
@@ -16,7 +16,7 @@ where
     for<'q> Option<i64>: Bind<'q, Db<B>>,
     for<'q> String: Bind<'q, Db<B>>,
 {
-    async fn insert_token(&self, t: &TokenRow) -> Result<(), StoreError> {
+    async fn insert_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
         let mut tx = self.pool().begin().await?;
         sqlx::query(
             "INSERT INTO tokens (token_hash, display_name, policies, created_at, expires_at, revoked_at) \
@@ -35,7 +35,7 @@ where
         Ok(())
     }
 
-    async fn insert_first_token(&self, t: &TokenRow) -> Result<bool, StoreError> {
+    async fn insert_first_token(&self, t: &TokenRecord) -> Result<bool, StoreError> {
         let mut tx = self.pool().begin().await?;
         if let Some(lock) = Self::FIRST_TOKEN_LOCK {
             sqlx::query(lock).execute(&mut *tx).await?;
@@ -64,12 +64,12 @@ where
         Ok(true)
     }
 
-    async fn list_tokens(&self) -> Result<Vec<TokenRow>, StoreError> {
+    async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
         let rows = sqlx::query("SELECT * FROM tokens ORDER BY created_at").fetch_all(self.pool()).await?;
         rows.iter().map(token).collect()
     }
 
-    async fn get_token(&self, token_hash: &str) -> Result<Option<TokenRow>, StoreError> {
+    async fn get_token(&self, token_hash: &str) -> Result<Option<TokenRecord>, StoreError> {
         let row = sqlx::query("SELECT * FROM tokens WHERE token_hash = $1")
             .bind(token_hash)
             .fetch_optional(self.pool())
@@ -77,7 +77,7 @@ where
         row.as_ref().map(token).transpose()
     }
 
-    async fn find_live_tokens(&self, prefix: &str, limit: u32) -> Result<Vec<TokenRow>, StoreError> {
+    async fn find_live_tokens(&self, prefix: &str, limit: u32) -> Result<Vec<TokenRecord>, StoreError> {
         if prefix.is_empty() || !prefix.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
             return Err(StoreError::Corrupt("a token hash prefix is lowercase hex".into()));
         }
@@ -108,8 +108,8 @@ where
     }
 }
 
-fn token(row: &impl Fields) -> Result<TokenRow, StoreError> {
-    Ok(TokenRow {
+fn token(row: &impl Fields) -> Result<TokenRecord, StoreError> {
+    Ok(TokenRecord {
         token_hash: get(row, "token_hash")?,
         display_name: get(row, "display_name")?,
         policies: get(row, "policies")?,

@@ -12,7 +12,7 @@ use sqlx::{ColumnIndex, Executor};
 use super::credentials::{credential, notify_credential, write_version, CRED_COLS_BARE};
 use super::{from_db, get, to_db, Affected as _, Bind, Conn, Db, DbRow, Fields, Scalar, SqlBackend, Tx};
 use crate::store::{
-    BatchOp, BatchOutcome, BatchWrite, ChangeKind, CredentialRow, KeyClaim, KeyRecord, Micros, NewVersion, StoreError,
+    BatchOp, BatchOutcome, BatchWrite, ChangeKind, CredentialHead, KeyClaim, KeyRecord, Micros, NewVersion, StoreError,
     WriteStore,
 };
 
@@ -31,7 +31,7 @@ where
     for<'q> Vec<u8>: Bind<'q, Db<B>>,
     for<'q> bool: Bind<'q, Db<B>>,
 {
-    async fn put_version_keyed(&self, new: &NewVersion<'_>, key: &KeyClaim) -> Result<CredentialRow, StoreError> {
+    async fn put_version_keyed(&self, new: &NewVersion<'_>, key: &KeyClaim) -> Result<CredentialHead, StoreError> {
         let mut tx = self.pool().begin().await?;
         let written = async {
             let head = write_version(self, &mut tx, new).await?;
@@ -102,7 +102,7 @@ where
         order.sort_by(|a, b| batch.ops[*a].name().cmp(batch.ops[*b].name()));
         let mut tx = self.pool().begin().await?;
         let outcome = async {
-            let mut heads: Vec<Option<CredentialRow>> = vec![None; batch.ops.len()];
+            let mut heads: Vec<Option<CredentialHead>> = vec![None; batch.ops.len()];
             let mut conflicts = Vec::new();
             for &i in &order {
                 let head = match batch.ops[i] {
@@ -234,7 +234,7 @@ async fn soft_delete<B>(
     name: &str,
     expected: Option<u64>,
     now: Micros,
-) -> Result<Option<CredentialRow>, StoreError>
+) -> Result<Option<CredentialHead>, StoreError>
 where
     B: SqlBackend,
     for<'c> &'c mut Conn<B>: Executor<'c, Database = Db<B>>,

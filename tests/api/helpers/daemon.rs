@@ -63,7 +63,16 @@ impl TestDaemon {
     /// Builds and starts a daemon; `token` is the root token to use when the database
     /// already has one (a restart), since it is printed only on first start.
     pub async fn start(settings: Settings, token: Option<&str>) -> TestDaemon {
-        let mut daemon = Daemon::build(settings).await.expect("daemon starts");
+        Self::start_with_clock(settings, token, std::sync::Arc::new(credvault::model::SystemClock)).await
+    }
+
+    /// [`TestDaemon::start`] on a clock the test moves (`credvault::model::ManualClock`).
+    pub async fn start_with_clock(
+        settings: Settings,
+        token: Option<&str>,
+        clock: std::sync::Arc<dyn credvault::model::Clock>,
+    ) -> TestDaemon {
+        let mut daemon = Daemon::build_with_clock(settings, clock).await.expect("daemon starts");
         let token = match (daemon.take_root_token(), token) {
             (Some(t), _) => t.expose_secret().to_owned(),
             (None, Some(t)) => t.to_owned(),

@@ -5,6 +5,7 @@
 //! doubled slash. The charset keeps names safe in URLs, shells, logs and metric labels,
 //! and keeps every name below `~`, which prefix range queries rely on.
 
+use std::borrow::Cow;
 use std::fmt;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -21,20 +22,70 @@ pub struct CredentialName(String);
 
 impl CredentialName {
     pub fn parse(s: &str, max_len: usize) -> Result<Self, NameError> {
-        if s.is_empty() {
-            return Err(NameError("credential name must not be empty".into()));
-        }
-        if s.len() > max_len {
-            return Err(NameError(format!("credential name is {} bytes; the limit is {max_len}", s.len())));
-        }
-        for segment in s.split('/') {
-            check_segment(segment, s)?;
-        }
+        check(s, max_len)?;
         Ok(CredentialName(s.to_owned()))
+    }
+
+    /// [`parse`](Self::parse) that keeps the caller's `String` (no copy): the edge parses
+    /// the name it took out of a request this way, once, and passes it down.
+    pub fn parse_owned(s: String, max_len: usize) -> Result<Self, NameError> {
+        check(&s, max_len)?;
+        Ok(CredentialName(s))
     }
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
+fn check(s: &str, max_len: usize) -> Result<(), NameError> {
+    if s.is_empty() {
+        return Err(NameError("credential name must not be empty".into()));
+    }
+    if s.len() > max_len {
+        return Err(NameError(format!("credential name is {} bytes; the limit is {max_len}", s.len())));
+    }
+    for segment in s.split('/') {
+        check_segment(segment, s)?;
+    }
+    Ok(())
+}
+
+/// What the vault's operations take as a name: text, checked when the operation starts,
+/// or a [`CredentialName`] parsed already, which is only checked against the length
+/// limit again (a comparison), never re-validated or copied.
+pub trait NameArg {
+    fn to_name(&self, max_len: usize) -> Result<Cow<'_, CredentialName>, NameError>;
+}
+
+impl NameArg for str {
+    fn to_name(&self, max_len: usize) -> Result<Cow<'_, CredentialName>, NameError> {
+        CredentialName::parse(self, max_len).map(Cow::Owned)
+    }
+}
+
+impl NameArg for String {
+    fn to_name(&self, max_len: usize) -> Result<Cow<'_, CredentialName>, NameError> {
+        self.as_str().to_name(max_len)
+    }
+}
+
+impl NameArg for CredentialName {
+    fn to_name(&self, max_len: usize) -> Result<Cow<'_, CredentialName>, NameError> {
+        if self.0.len() > max_len {
+            return Err(NameError(format!("credential name is {} bytes; the limit is {max_len}", self.0.len())));
+        }
+        Ok(Cow::Borrowed(self))
+    }
+}
+
+impl<T: NameArg + ?Sized> NameArg for &T {
+    fn to_name(&self, max_len: usize) -> Result<Cow<'_, CredentialName>, NameError> {
+        (**self).to_name(max_len)
     }
 }
 
