@@ -1,4 +1,5 @@
 //! `credvault write`: several puts and deletes applied together, all or nothing.
+//! `credvault rollback`: an older version's value as the new current version.
 
 use std::path::PathBuf;
 
@@ -28,6 +29,18 @@ pub enum WritesCommand {
         #[command(flatten)]
         conn: Connection,
     },
+    /// Make an older version's value the new current version (the value is never shown).
+    Rollback {
+        name: String,
+        /// The version whose value comes back.
+        #[arg(long = "to")]
+        to_version: u64,
+        /// Only if the current version is N.
+        #[arg(long)]
+        expected_version: Option<u64>,
+        #[command(flatten)]
+        conn: Connection,
+    },
 }
 
 fn parse_pair(s: &str) -> Result<(String, String), String> {
@@ -38,6 +51,15 @@ fn parse_pair(s: &str) -> Result<(String, String), String> {
 
 pub async fn run(cmd: WritesCommand, out: &mut impl std::io::Write) -> Result<(), ClientError> {
     match cmd {
+        WritesCommand::Rollback { name, to_version, expected_version, conn } => {
+            let client = Client::connect(&client_config(&conn)?).await.map_err(ClientError::Client)?;
+            let r = client.rollback(&name, to_version, expected_version).await.map_err(ClientError::Client)?;
+            writeln!(
+                out,
+                "{name} version {} (the value of version {}; version {} stays readable for its grace period)",
+                r.version, r.to_version, r.previous_version
+            )?;
+        }
         WritesCommand::Write { puts, deletes, expect, conn } => {
             let mut expected = std::collections::BTreeMap::new();
             for (name, n) in expect {

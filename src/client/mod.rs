@@ -31,8 +31,8 @@ pub use error::{Error, RETRY_AFTER_HEADER};
 pub use retry::{Backoff, RetryPolicy};
 pub use types::{Credential, Event, EventKind, Rotated, SecretValue, VersionInfo, VersionState};
 pub use writes::{
-    new_idempotency_key, BatchConflict, BatchOutcome, BatchWrite, BatchWritten, Written, IDEMPOTENCY_KEY_HEADER,
-    REPLAY_HEADER, WRITE_CONFLICTS_TRAILER,
+    new_idempotency_key, BatchConflict, BatchOutcome, BatchWrite, BatchWritten, RolledBack, Written,
+    IDEMPOTENCY_KEY_HEADER, REPLAY_HEADER, WRITE_CONFLICTS_TRAILER,
 };
 
 use crate::proto;

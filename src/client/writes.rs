@@ -82,6 +82,16 @@ pub struct BatchConflict {
     pub deleted: bool,
 }
 
+/// What [`Client::rollback`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RolledBack {
+    /// The new current version, holding the value of `to_version`.
+    pub version: u64,
+    pub to_version: u64,
+    /// The version it replaced (readable for its grace period).
+    pub previous_version: u64,
+}
+
 /// How [`Client::write_many`] ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BatchOutcome {
@@ -177,6 +187,25 @@ impl Client {
             .await?;
         let again = replayed(&r);
         Ok((Rotated::from_proto(r.into_inner()), again))
+    }
+
+    /// Makes the value of `to_version` the new current version of `name` (with
+    /// `expected_version`: only if the current version is still that), without reading it.
+    pub async fn rollback(
+        &self,
+        name: &str,
+        to_version: u64,
+        expected_version: Option<u64>,
+    ) -> Result<RolledBack, Error> {
+        let message = proto::RollbackCredentialRequest { name: name.to_owned(), to_version, expected_version };
+        let r = self
+            .unary(|mut c, t| {
+                let req = timed(message.clone(), t);
+                async move { c.rollback_credential(req).await }
+            })
+            .await?
+            .into_inner();
+        Ok(RolledBack { version: r.version, to_version: r.to_version, previous_version: r.previous_version })
     }
 
     /// Applies every write in one transaction, or none: a conflict is

@@ -355,4 +355,11 @@ impl CredentialService for CredentialApi {
     ) -> Result<Response<proto::WriteCredentialsResponse>, Status> {
         super::writes::write_credentials(&self.vault, req).await
     }
+
+    async fn rollback_credential(
+        &self,
+        req: Request<proto::RollbackCredentialRequest>,
+    ) -> Result<Response<proto::RollbackCredentialResponse>, Status> {
+        super::writes::rollback_credential(&self.vault, req).await
+    }
 }

@@ -125,3 +125,23 @@ pub(crate) async fn write_credentials(
             .collect(),
     }))
 }
+
+/// `write` capability: a rollback writes a new version, and only of a value that this
+/// name held before (written by someone who could write it). The caller never sees the
+/// value, so `read` is not needed; nor `rotate`, which also governs rotation policies.
+pub(crate) async fn rollback_credential(
+    vault: &Vault,
+    req: Request<proto::RollbackCredentialRequest>,
+) -> Result<Response<proto::RollbackCredentialResponse>, Status> {
+    super::authorize(&req, Capability::Write, &req.get_ref().name)?;
+    let r = req.get_ref();
+    let out = vault.rollback(r.name.as_str(), r.to_version, r.expected_version).await?;
+    super::audit_version(&req, out.version);
+    Ok(Response::new(proto::RollbackCredentialResponse {
+        name: out.name,
+        version: out.version,
+        to_version: out.restored,
+        previous_version: out.previous_version,
+        previous_expires_at: out.previous_expires_at.map(timestamp),
+    }))
+}

@@ -26,6 +26,7 @@ mod idempotency;
 mod keys;
 mod listing;
 mod read;
+mod rollback;
 mod rotation;
 mod tokens;
 mod write;
@@ -35,6 +36,7 @@ mod write_queue;
 pub use idempotency::{prune_idempotency_keys, DeleteOutcome, IdempotencyKey, Replayed, KEY_MAX_BYTES};
 pub use keys::JobProgress;
 pub use listing::{open_page_token, page_key, seal_page_token, PageBinding, PageTokenError, PAGE_TOKEN_TTL};
+pub use rollback::RollbackOutcome;
 pub use rotation::{NewValue, PolicySpec, RotateOutcome, RotationSettings};
 pub use write_many::{BatchItem, BatchItemOutcome, WriteConflict};
 

@@ -73,7 +73,7 @@ impl RotationSettings {
         Ok(())
     }
 
-    fn default_grace(&self) -> Duration {
+    pub(super) fn default_grace(&self) -> Duration {
         Duration::from_secs(self.default_grace_seconds)
     }
 }

@@ -24,6 +24,7 @@ mod outage;
 mod pg_tls;
 mod policy;
 mod proxy;
+mod rollback;
 mod rotation;
 mod secrets;
 mod security;

@@ -169,4 +169,11 @@ impl CredentialService for BaselineApi {
     ) -> Result<Response<proto::WriteCredentialsResponse>, Status> {
         Err(Status::unimplemented("the baseline only reads and writes"))
     }
+
+    async fn rollback_credential(
+        &self,
+        _req: Request<proto::RollbackCredentialRequest>,
+    ) -> Result<Response<proto::RollbackCredentialResponse>, Status> {
+        Err(Status::unimplemented("the baseline only reads and writes"))
+    }
 }

@@ -20,6 +20,7 @@ const RPCS: &[&str] = &[
     "ListCredentials",
     "WatchCredentials",
     "WriteCredentials",
+    "RollbackCredential",
     "RotateCredential",
     "DestroyVersion",
     "UndeleteCredential",
