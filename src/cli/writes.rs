@@ -1,5 +1,6 @@
 //! `credvault write`: several puts and deletes applied together, all or nothing.
 //! `credvault rollback`: an older version's value as the new current version.
+//! `credvault meta`: patch a credential's metadata under its own version.
 
 use std::path::PathBuf;
 
@@ -29,6 +30,25 @@ pub enum WritesCommand {
         #[command(flatten)]
         conn: Connection,
     },
+    /// Patch a credential's metadata: set and remove labels, replace description or owner.
+    Meta {
+        name: String,
+        /// key=value to add or overwrite; repeat for more.
+        #[arg(long = "set", value_parser = parse_pair)]
+        set: Vec<(String, String)>,
+        /// A label key to remove; repeat for more.
+        #[arg(long = "remove")]
+        remove: Vec<String>,
+        #[arg(long)]
+        description: Option<String>,
+        #[arg(long)]
+        owner: Option<String>,
+        /// Only if the metadata version is N (see `describe`).
+        #[arg(long)]
+        expected_metadata_version: Option<u64>,
+        #[command(flatten)]
+        conn: Connection,
+    },
     /// Make an older version's value the new current version (the value is never shown).
     Rollback {
         name: String,
@@ -51,6 +71,15 @@ fn parse_pair(s: &str) -> Result<(String, String), String> {
 
 pub async fn run(cmd: WritesCommand, out: &mut impl std::io::Write) -> Result<(), ClientError> {
     match cmd {
+        WritesCommand::Meta { name, set, remove, description, owner, expected_metadata_version, conn } => {
+            let client = Client::connect(&client_config(&conn)?).await.map_err(ClientError::Client)?;
+            let (d, o) = (description.as_deref(), owner.as_deref());
+            let v = client
+                .update_metadata(&name, &set, &remove, d, o, expected_metadata_version)
+                .await
+                .map_err(ClientError::Client)?;
+            writeln!(out, "{name} metadata version {v}")?;
+        }
         WritesCommand::Rollback { name, to_version, expected_version, conn } => {
             let client = Client::connect(&client_config(&conn)?).await.map_err(ClientError::Client)?;
             let r = client.rollback(&name, to_version, expected_version).await.map_err(ClientError::Client)?;

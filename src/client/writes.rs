@@ -208,6 +208,38 @@ impl Client {
         Ok(RolledBack { version: r.version, to_version: r.to_version, previous_version: r.previous_version })
     }
 
+    /// Patches the labels of `name` (set some, remove some, keep the rest) and, when
+    /// given, its description and owner; with `expected_metadata_version` only at that
+    /// metadata version ([`Error::Other`] with ABORTED otherwise). Returns the new
+    /// metadata version; the value's version does not change.
+    pub async fn update_metadata(
+        &self,
+        name: &str,
+        set_labels: &[(String, String)],
+        remove_labels: &[String],
+        description: Option<&str>,
+        owner: Option<&str>,
+        expected_metadata_version: Option<u64>,
+    ) -> Result<u64, Error> {
+        let message = proto::UpdateCredentialMetadataRequest {
+            name: name.to_owned(),
+            expected_metadata_version,
+            set_labels: set_labels.iter().cloned().collect(),
+            remove_labels: remove_labels.to_vec(),
+            description: description.map(str::to_owned),
+            owner: owner.map(str::to_owned),
+            expires_at: None,
+            clear_expires_at: false,
+        };
+        let r = self
+            .unary(|mut c, t| {
+                let req = timed(message.clone(), t);
+                async move { c.update_credential_metadata(req).await }
+            })
+            .await?;
+        Ok(r.into_inner().metadata_version)
+    }
+
     /// Applies every write in one transaction, or none: a conflict is
     /// [`BatchOutcome::Conflicts`] naming every write that conflicted. Like an
     /// unconditional put, a batch retried after UNAVAILABLE may apply twice; give each

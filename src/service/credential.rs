@@ -85,6 +85,7 @@ pub(crate) fn metadata_message(
     proto::CredentialMetadata {
         name: head.name.clone(),
         current_version: head.current_version,
+        metadata_version: head.metadata_version,
         metadata: Some(proto::Metadata {
             labels: m.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             description: m.description.clone(),
@@ -361,5 +362,12 @@ impl CredentialService for CredentialApi {
         req: Request<proto::RollbackCredentialRequest>,
     ) -> Result<Response<proto::RollbackCredentialResponse>, Status> {
         super::writes::rollback_credential(&self.vault, req).await
+    }
+
+    async fn update_credential_metadata(
+        &self,
+        req: Request<proto::UpdateCredentialMetadataRequest>,
+    ) -> Result<Response<proto::CredentialMetadata>, Status> {
+        super::writes::update_credential_metadata(&self.vault, req).await
     }
 }

@@ -145,3 +145,27 @@ pub(crate) async fn rollback_credential(
         previous_expires_at: out.previous_expires_at.map(timestamp),
     }))
 }
+
+/// `write` capability, as for a put that carries metadata.
+pub(crate) async fn update_credential_metadata(
+    vault: &Vault,
+    req: Request<proto::UpdateCredentialMetadataRequest>,
+) -> Result<Response<proto::CredentialMetadata>, Status> {
+    super::authorize(&req, Capability::Write, &req.get_ref().name)?;
+    let r = req.into_inner();
+    let expires_at = match (r.expires_at, r.clear_expires_at) {
+        (Some(_), true) => return Err(Status::invalid_argument("expires_at and clear_expires_at exclude each other")),
+        (Some(t), false) => Some(Some(super::from_timestamp(&t)?)),
+        (None, true) => Some(None),
+        (None, false) => None,
+    };
+    let patch = crate::vault::MetadataPatch {
+        set_labels: r.set_labels.into_iter().collect(),
+        remove_labels: r.remove_labels,
+        description: r.description,
+        owner: r.owner,
+        expires_at,
+    };
+    let head = vault.update_metadata(r.name.as_str(), &patch, r.expected_metadata_version).await?;
+    Ok(Response::new(super::credential::metadata_message(&head, &[])))
+}

@@ -15,7 +15,7 @@ use super::{
     KeyringRow, ListQuery, Micros, NewVersion, PolicyStore, PoolStats, RewrapBatch, RewrapRow, RotationJob,
     RotationPolicy, Store, StoreError, TokenRecord, TokenStore, VersionInfo, VersionRow,
 };
-use super::{BatchOutcome, BatchWrite, KeyClaim, KeyRecord, WriteStore};
+use super::{BatchOutcome, BatchWrite, KeyClaim, KeyRecord, Metadata, WriteStore};
 use crate::telemetry::names::STORE_QUERY_DURATION;
 
 /// Declares [`Op`] from one table, so an operation's label and whom it serves are written
@@ -103,6 +103,7 @@ ops! {
     GetIdempotencyKey => "get_idempotency_key", Request;
     PruneIdempotencyKeys => "prune_idempotency_keys", Background;
     WriteBatch => "write_batch", Request;
+    SetMetadata => "set_metadata", Request;
     // A resync revalidates the whole cache after the change feed or the store returns.
     Resync => "resync", Background;
     Probe => "probe", Background;
@@ -436,6 +437,16 @@ impl WriteStore for Instrumented {
 
     async fn write_batch(&self, batch: &BatchWrite<'_>) -> Result<BatchOutcome, StoreError> {
         self.timed(Op::WriteBatch, self.inner.write_batch(batch)).await
+    }
+
+    async fn set_metadata(
+        &self,
+        name: &str,
+        metadata: &Metadata,
+        expected: u64,
+        now: Micros,
+    ) -> Result<Option<CredentialHead>, StoreError> {
+        self.timed(Op::SetMetadata, self.inner.set_metadata(name, metadata, expected, now)).await
     }
 }
 

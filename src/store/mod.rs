@@ -273,6 +273,17 @@ pub trait WriteStore: Send + Sync {
 
     /// Applies every write of `batch` in one transaction, or none of them.
     async fn write_batch(&self, batch: &BatchWrite<'_>) -> Result<BatchOutcome, StoreError>;
+
+    /// Replaces the metadata of a live credential if its metadata version is still
+    /// `expected`, moving that version on by one (the value's version is untouched).
+    /// `None`: nothing matched, nothing changed.
+    async fn set_metadata(
+        &self,
+        name: &str,
+        metadata: &Metadata,
+        expected: u64,
+        now: Micros,
+    ) -> Result<Option<CredentialHead>, StoreError>;
 }
 
 /// A whole store: every aggregate, plus the connection itself and the change feed.

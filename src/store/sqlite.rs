@@ -18,6 +18,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (4, "audit fold", include_str!("../../migrations/sqlite/0004_audit_fold.sql")),
     (5, "token prefix", include_str!("../../migrations/sqlite/0005_token_prefix.sql")),
     (6, "idempotency", include_str!("../../migrations/sqlite/0006_idempotency.sql")),
+    (7, "metadata version", include_str!("../../migrations/sqlite/0007_metadata.sql")),
 ];
 
 #[derive(Debug, Clone)]

@@ -275,6 +275,15 @@ impl credvault::store::WriteStore for PausingStore {
     ) -> Result<credvault::store::BatchOutcome, StoreError> {
         self.inner.write_batch(batch).await
     }
+    async fn set_metadata(
+        &self,
+        name: &str,
+        metadata: &credvault::store::Metadata,
+        expected: u64,
+        now: Micros,
+    ) -> Result<Option<CredentialHead>, StoreError> {
+        self.inner.set_metadata(name, metadata, expected, now).await
+    }
 }
 
 #[async_trait]

@@ -20,6 +20,7 @@ mod idempotency;
 mod kek;
 mod keys;
 mod listing;
+mod metadata;
 mod outage;
 mod pg_tls;
 mod policy;

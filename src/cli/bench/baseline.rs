@@ -176,4 +176,11 @@ impl CredentialService for BaselineApi {
     ) -> Result<Response<proto::RollbackCredentialResponse>, Status> {
         Err(Status::unimplemented("the baseline only reads and writes"))
     }
+
+    async fn update_credential_metadata(
+        &self,
+        _req: Request<proto::UpdateCredentialMetadataRequest>,
+    ) -> Result<Response<proto::CredentialMetadata>, Status> {
+        Err(Status::unimplemented("the baseline only reads and writes"))
+    }
 }

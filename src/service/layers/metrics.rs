@@ -21,6 +21,7 @@ const RPCS: &[&str] = &[
     "WatchCredentials",
     "WriteCredentials",
     "RollbackCredential",
+    "UpdateCredentialMetadata",
     "RotateCredential",
     "DestroyVersion",
     "UndeleteCredential",

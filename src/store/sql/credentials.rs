@@ -14,11 +14,13 @@ use crate::store::{
 };
 
 pub(crate) const CRED_COLS: &str =
-    "c.name, c.current_version, c.labels, c.description, c.owner, c.expires_at, c.created_at, c.updated_at, c.deleted_at";
+    "c.name, c.current_version, c.labels, c.description, c.owner, c.expires_at, c.created_at, c.updated_at, c.deleted_at, \
+     c.metadata_version";
 
 /// The same columns, unqualified, for `RETURNING`.
 pub(super) const CRED_COLS_BARE: &str =
-    "name, current_version, labels, description, owner, expires_at, created_at, updated_at, deleted_at";
+    "name, current_version, labels, description, owner, expires_at, created_at, updated_at, deleted_at, \
+     metadata_version";
 
 pub(crate) const VERSION_COLS: &str = "v.version, v.state, v.kek_id, v.wrapped_dek, v.ciphertext, \
      v.created_at AS v_created_at, v.expires_at AS v_expires_at";
@@ -252,7 +254,8 @@ where
                  labels = CASE WHEN $4 THEN $5 ELSE labels END, \
                  description = CASE WHEN $4 THEN $6 ELSE description END, \
                  owner = CASE WHEN $4 THEN $7 ELSE owner END, \
-                 expires_at = CASE WHEN $4 THEN $8 ELSE expires_at END \
+                 expires_at = CASE WHEN $4 THEN $8 ELSE expires_at END, \
+                 metadata_version = CASE WHEN $4 THEN metadata_version + 1 ELSE metadata_version END \
                  WHERE name = $1 AND current_version = $9 AND (deleted_at IS NULL) = $10 RETURNING {}",
                 CRED_COLS_BARE
             );
@@ -350,6 +353,7 @@ pub(super) fn credential(row: &impl Fields) -> Result<CredentialHead, StoreError
     Ok(CredentialHead {
         name: get(row, "name")?,
         current_version: from_db(get(row, "current_version")?, "current_version")?,
+        metadata_version: from_db(get(row, "metadata_version")?, "metadata_version")?,
         metadata: Metadata {
             labels: serde_json::from_str(&labels).map_err(|e| StoreError::Corrupt(format!("labels: {e}")))?,
             description: get(row, "description")?,

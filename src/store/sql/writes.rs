@@ -10,10 +10,12 @@ use async_trait::async_trait;
 use sqlx::{ColumnIndex, Executor};
 
 use super::credentials::{credential, notify_credential, write_version, CRED_COLS_BARE};
-use super::{from_db, get, to_db, Affected as _, Bind, Conn, Db, DbRow, Fields, Scalar, SqlBackend, Tx};
+use super::{
+    from_db, get, labels_to_json, to_db, Affected as _, Bind, Conn, Db, DbRow, Fields, Scalar, SqlBackend, Tx,
+};
 use crate::store::{
-    BatchOp, BatchOutcome, BatchWrite, ChangeKind, CredentialHead, KeyClaim, KeyRecord, Micros, NewVersion, StoreError,
-    WriteStore,
+    BatchOp, BatchOutcome, BatchWrite, ChangeKind, CredentialHead, KeyClaim, KeyRecord, Metadata, Micros, NewVersion,
+    StoreError, WriteStore,
 };
 
 const KEY_COLS: &str = "rpc, fingerprint, name, version, at, previous_expires_at, expires_at";
@@ -165,6 +167,31 @@ where
                 Err(e)
             }
         }
+    }
+
+    async fn set_metadata(
+        &self,
+        name: &str,
+        m: &Metadata,
+        expected: u64,
+        now: Micros,
+    ) -> Result<Option<CredentialHead>, StoreError> {
+        let q = format!(
+            "UPDATE credentials SET labels = $2, description = $3, owner = $4, expires_at = $5, \
+             metadata_version = metadata_version + 1, updated_at = $6 \
+             WHERE name = $1 AND metadata_version = $7 AND deleted_at IS NULL RETURNING {CRED_COLS_BARE}"
+        );
+        let row = sqlx::query(&q)
+            .bind(name)
+            .bind(labels_to_json(m))
+            .bind(m.description.as_str())
+            .bind(m.owner.as_str())
+            .bind(m.expires_at)
+            .bind(now)
+            .bind(to_db(expected))
+            .fetch_optional(self.pool())
+            .await?;
+        row.as_ref().map(credential).transpose()
     }
 }
 
