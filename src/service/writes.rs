@@ -81,9 +81,16 @@ pub(crate) async fn write_credentials(
             None => return Err(Status::invalid_argument(format!("write {i} is neither a put nor a delete"))),
         });
     }
-    let entries: Vec<(&str, Option<u64>)> = writes.iter().map(|w| (w.name.as_str(), None)).collect();
     if let Some(ctx) = &ctx {
-        ctx.set_entries(&entries);
+        // One event per name, but never more than a valid batch has: an oversized
+        // request (refused below) is one event listing its names, bounded.
+        if writes.len() <= vault.limits().max_write_batch_size {
+            let entries: Vec<(&str, Option<u64>)> = writes.iter().map(|w| (w.name.as_str(), None)).collect();
+            ctx.set_entries(&entries);
+        } else {
+            let names: Vec<&str> = writes.iter().map(|w| w.name.as_str()).collect();
+            ctx.set_credentials(&names);
+        }
     }
     // All or nothing, permissions included: one write the caller may not make refuses all.
     for w in &writes {
