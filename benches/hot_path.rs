@@ -39,7 +39,7 @@ fn fixture(rt: &Runtime, cache: CacheSettings) -> Fixture {
         };
         let store = open_store(&settings).await.expect("store");
         let keys = credvault::unlock::unlock(store.as_ref(), &settings.master_key_spec()).await.expect("keys");
-        let vault = Vault::new(store, keys, settings.limits.clone(), cache);
+        let vault = Vault::new(store, keys, settings.limits.vault(), cache);
         let names: Vec<String> = (0..NAMES).map(|i| format!("bench/service-{i:04}/api-key")).collect();
         let value = vec![b'v'; VALUE_BYTES];
         for n in &names {

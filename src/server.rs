@@ -144,7 +144,7 @@ impl Daemon {
         let vault = Vault::with_clock(
             store.clone(),
             keys,
-            settings.limits.clone(),
+            settings.limits.vault(),
             settings.cache.clone(),
             settings.rotation.clone(),
             clock,

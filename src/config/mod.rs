@@ -20,6 +20,74 @@ use crate::crypto::KdfParams;
 use crate::unlock::MasterKeySpec;
 use crate::vault::{Limits, RotationSettings};
 
+/// The `[limits]` section: the vault's request-size limits and the edge's concurrency
+/// and token-rate limits, in one place for the operator.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitSettings {
+    pub max_value_bytes: usize,
+    pub max_name_bytes: usize,
+    pub max_batch_size: usize,
+    pub max_page_size: u32,
+    pub default_page_size: u32,
+    /// Rows one `ListCredentials` request reads from the store at most, counting those
+    /// the caller may not see; past it the page comes back short with a token to go on.
+    pub max_list_scan_rows: usize,
+    /// Versions kept per credential; older ones are pruned on write.
+    pub max_versions: u64,
+    pub max_labels: usize,
+    /// Longest a single store call may take before the request fails with UNAVAILABLE.
+    pub store_timeout_ms: u64,
+    /// Requests in flight at most; beyond it requests are refused at once (the edge).
+    pub max_concurrent_requests: usize,
+    /// Requests per second for tokens without their own limit (0: unlimited; the edge).
+    pub default_token_rate_per_second: u32,
+    /// Writes (puts and deletes) per `WriteCredentials` request at most.
+    pub max_write_batch_size: usize,
+    /// How long an idempotency key is remembered after its write.
+    pub idempotency_window_seconds: u64,
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        let v = Limits::default();
+        LimitSettings {
+            max_value_bytes: v.max_value_bytes,
+            max_name_bytes: v.max_name_bytes,
+            max_batch_size: v.max_batch_size,
+            max_page_size: v.max_page_size,
+            default_page_size: v.default_page_size,
+            max_list_scan_rows: v.max_list_scan_rows,
+            max_versions: v.max_versions,
+            max_labels: v.max_labels,
+            store_timeout_ms: v.store_timeout_ms,
+            max_concurrent_requests: 1024,
+            default_token_rate_per_second: 0,
+            max_write_batch_size: v.max_write_batch_size,
+            idempotency_window_seconds: v.idempotency_window_seconds,
+        }
+    }
+}
+
+impl LimitSettings {
+    /// The part the vault enforces.
+    pub fn vault(&self) -> Limits {
+        Limits {
+            max_value_bytes: self.max_value_bytes,
+            max_name_bytes: self.max_name_bytes,
+            max_batch_size: self.max_batch_size,
+            max_page_size: self.max_page_size,
+            default_page_size: self.default_page_size,
+            max_list_scan_rows: self.max_list_scan_rows,
+            max_versions: self.max_versions,
+            max_labels: self.max_labels,
+            store_timeout_ms: self.store_timeout_ms,
+            max_write_batch_size: self.max_write_batch_size,
+            idempotency_window_seconds: self.idempotency_window_seconds,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -108,7 +176,7 @@ pub struct Settings {
     /// notifications: a token revoked elsewhere stops working here within this period
     /// even if the notification was lost.
     pub token_resync_seconds: u64,
-    pub limits: Limits,
+    pub limits: LimitSettings,
     pub cache: CacheSettings,
     pub audit: AuditSettings,
     /// Unset: plaintext gRPC (fine on loopback; use TLS anywhere else).
@@ -136,7 +204,7 @@ impl Default for Settings {
             log_format: LogFormat::Text,
             shutdown_grace_seconds: 10,
             token_resync_seconds: 30,
-            limits: Limits::default(),
+            limits: LimitSettings::default(),
             cache: CacheSettings::default(),
             audit: AuditSettings::default(),
             tls: None,

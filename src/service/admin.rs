@@ -10,7 +10,7 @@ use zeroize::{Zeroize as _, Zeroizing};
 
 use super::credential::metadata_message;
 use super::{audit_version, authorize, authorize_everywhere, from_timestamp, timestamp};
-use crate::auth::{Auth, Capability, Policy, PolicyDoc, Rule, TokenError};
+use crate::auth::{Auth, Capability, Policy, PolicyDoc, Rule};
 use crate::crypto::KdfParams;
 use crate::generate::{Encoding, GeneratorSpec, PasswordClasses};
 use crate::model::{JobState, Micros, PolicyKind, RotationPolicy, TokenRecord};
@@ -91,17 +91,6 @@ fn token_info(row: &TokenRecord) -> proto::TokenInfo {
         created_at: Some(timestamp(row.created_at)),
         expires_at: row.expires_at.map(timestamp),
         revoked_at: row.revoked_at.map(timestamp),
-    }
-}
-
-impl From<TokenError> for Status {
-    fn from(e: TokenError) -> Status {
-        match e {
-            TokenError::Invalid(m) => Status::invalid_argument(m),
-            e @ TokenError::NotFound(_) => Status::not_found(e.to_string()),
-            e @ TokenError::Ambiguous(_) => Status::invalid_argument(e.to_string()),
-            TokenError::Store(e) => crate::vault::VaultError::from(e).into(),
-        }
     }
 }
 

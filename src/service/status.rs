@@ -1,8 +1,9 @@
-//! The one place a core error becomes a gRPC status. Internal detail is logged here and
+//! The one place core errors become gRPC statuses. Internal detail is logged here and
 //! answered with a bare code; messages name the caller's own inputs only.
 
 use tonic::Status;
 
+use crate::auth::TokenError;
 use crate::vault::VaultError;
 
 impl From<VaultError> for Status {
@@ -37,6 +38,18 @@ impl From<VaultError> for Status {
                 tracing::error!(%detail, "internal error");
                 Status::internal("internal error")
             }
+        }
+    }
+}
+
+/// Token administration errors; a storage failure maps as the vault's would.
+impl From<TokenError> for Status {
+    fn from(e: TokenError) -> Status {
+        match e {
+            TokenError::Invalid(m) => Status::invalid_argument(m),
+            e @ TokenError::NotFound(_) => Status::not_found(e.to_string()),
+            e @ TokenError::Ambiguous(_) => Status::invalid_argument(e.to_string()),
+            TokenError::Store(e) => crate::vault::VaultError::from(e).into(),
         }
     }
 }

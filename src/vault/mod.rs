@@ -42,9 +42,9 @@ pub use rollback::RollbackOutcome;
 pub use rotation::{NewValue, PolicySpec, RotateOutcome, RotationSettings};
 pub use write_many::{BatchItem, BatchItemOutcome, WriteConflict};
 
-/// Request-size limits; every one is enforced before the store is touched.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
-#[serde(default, deny_unknown_fields)]
+/// Request-size limits; every one is enforced before the store is touched. (The edge's
+/// own limits, concurrency and token rates, are in `config::LimitSettings`.)
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     pub max_value_bytes: usize,
     pub max_name_bytes: usize,
@@ -57,10 +57,6 @@ pub struct Limits {
     /// Versions kept per credential; older ones are pruned on write.
     pub max_versions: u64,
     pub max_labels: usize,
-    /// Requests in flight at most; beyond it requests are refused at once.
-    pub max_concurrent_requests: usize,
-    /// Requests per second for tokens without their own limit (0: unlimited).
-    pub default_token_rate_per_second: u32,
     /// Longest a single store call may take before the request fails with UNAVAILABLE.
     pub store_timeout_ms: u64,
     /// Writes (puts and deletes) per `WriteCredentials` request at most.
@@ -80,8 +76,6 @@ impl Default for Limits {
             max_list_scan_rows: 10_000,
             max_versions: 10,
             max_labels: 64,
-            max_concurrent_requests: 1024,
-            default_token_rate_per_second: 0,
             store_timeout_ms: 5000,
             max_write_batch_size: 64,
             idempotency_window_seconds: 24 * 3600,
@@ -219,6 +213,10 @@ struct WriteOptions<'a> {
     live_only: bool,
     /// The idempotency key stored with the write, in its transaction.
     key: Option<&'a crate::store::KeyClaim>,
+    /// The current version the caller has just read (a rotation reads the head anyway):
+    /// an unconditional write starts from it instead of reading the head again. If it is
+    /// out of date, the compare-and-set fails and the write retries as usual.
+    seen_version: Option<u64>,
 }
 
 /// A cheap handle: clone it into every service.

@@ -11,14 +11,31 @@ impl Vault {
         name: &(impl NameArg + ?Sized),
         version: Option<u64>,
     ) -> Result<CredentialValue, VaultError> {
-        match self.get_once(name, version).await {
-            // Sealed under a KEK another daemon created: load it, then read again.
-            Err(VaultError::UnknownKek(_)) => {
-                self.reload_keys().await?;
-                self.get_once(name, version).await
-            }
-            other => other,
+        let name = self.name(name)?;
+        self.with_key_reload(
+            |r: &Result<CredentialValue, VaultError>| matches!(r, Err(VaultError::UnknownKek(_))),
+            || self.get_once(&*name, version),
+        )
+        .await
+    }
+
+    /// Runs a read; if `unknown_kek` says it met a value sealed under a KEK another daemon
+    /// created, loads the keys and runs it once more.
+    pub(super) async fn with_key_reload<T, F, Fut>(
+        &self,
+        unknown_kek: impl Fn(&Result<T, VaultError>) -> bool,
+        read: F,
+    ) -> Result<T, VaultError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, VaultError>>,
+    {
+        let first = read().await;
+        if !unknown_kek(&first) {
+            return first;
         }
+        self.reload_keys().await?;
+        read().await
     }
 
     pub(super) async fn get_once(
@@ -109,9 +126,9 @@ impl Vault {
             .cache
             .load_coalesced(name.as_str(), || async {
                 match store.get_version(name.as_str(), None).await? {
-                    None => Ok(Cached::Missing { deleted: false }),
-                    Some((head, _)) if head.deleted_at.is_some() => Ok(Cached::Missing { deleted: true }),
-                    Some((_, Some(row))) => Ok(Cached::Found(Arc::new(CachedVersion::new(row)))),
+                    None => Ok(cached_current(None)),
+                    Some((head, Some(row))) => Ok(cached_current(Some((head, row)))),
+                    Some((head, None)) if head.deleted_at.is_some() => Ok(Cached::Missing { deleted: true }),
                     Some((head, None)) => Err(VaultError::Internal(format!(
                         "current version {} of {:?} has no row",
                         head.current_version,
@@ -169,12 +186,10 @@ impl Vault {
         &self,
         names: &[N],
     ) -> Result<Vec<Result<CredentialValue, VaultError>>, VaultError> {
-        let results = self.batch_get_once(names).await?;
-        if !results.iter().any(|r| matches!(r, Err(VaultError::UnknownKek(_)))) {
-            return Ok(results);
-        }
-        self.reload_keys().await?;
-        self.batch_get_once(names).await
+        let any_unknown = |r: &Result<Vec<Result<CredentialValue, VaultError>>, VaultError>| {
+            r.as_ref().is_ok_and(|all| all.iter().any(|r| matches!(r, Err(VaultError::UnknownKek(_)))))
+        };
+        self.with_key_reload(any_unknown, || self.batch_get_once(names)).await
     }
 
     pub(super) async fn batch_get_once<N: NameArg>(
@@ -217,11 +232,7 @@ impl Vault {
             let mut rows: std::collections::HashMap<String, (CredentialHead, VersionRow)> =
                 rows.into_iter().map(|(h, v)| (h.name.clone(), (h, v))).collect();
             for (name, ticket) in &misses {
-                let c = match rows.remove(name) {
-                    None => Cached::Missing { deleted: false },
-                    Some((head, _)) if head.deleted_at.is_some() => Cached::Missing { deleted: true },
-                    Some((_, row)) => Cached::Found(Arc::new(CachedVersion::new(row))),
-                };
+                let c = cached_current(rows.remove(name));
                 cache.fill(name, *ticket, c.clone());
                 if let Some(parsed_name) = parsed.iter().find(|p| p.as_str() == name) {
                     known.insert(parsed_name.as_str(), c);
@@ -286,5 +297,15 @@ impl Vault {
         let head = self.inner.store.get_credential(name.as_str()).await?.ok_or_else(|| not_found(&name))?;
         let versions = self.inner.store.list_versions(name.as_str()).await?;
         Ok(CredentialDetails { head, versions })
+    }
+}
+
+/// What the cache holds for a name, from its head and current version as the store
+/// returned them (`None`: no such credential).
+fn cached_current(found: Option<(CredentialHead, VersionRow)>) -> Cached {
+    match found {
+        None => Cached::Missing { deleted: false },
+        Some((head, _)) if head.deleted_at.is_some() => Cached::Missing { deleted: true },
+        Some((_, row)) => Cached::Found(Arc::new(CachedVersion::new(row))),
     }
 }

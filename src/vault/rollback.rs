@@ -84,6 +84,7 @@ impl Vault {
             policy: None,
             live_only: true,
             key: None,
+            seen_version: None,
         };
         let out = self.write(name.as_ref(), &value, opts).await?;
         let previous_version = out.version.saturating_sub(1);

@@ -221,6 +221,7 @@ impl Vault {
             policy: plan.map(|p| PolicyAdvance { claim: None, next_run_at: p.next_run_at }),
             live_only: true,
             key,
+            seen_version: Some(head.current_version),
         };
         let out = self.write(parsed.as_str(), &value, opts).await?;
         metrics::counter!(names::ROTATIONS, "trigger" => "request").increment(1);
@@ -346,6 +347,7 @@ impl Vault {
                 policy: Some(PolicyAdvance { claim: Some(claim), next_run_at: plan.next_run_at }),
                 live_only: true,
                 key: None,
+                seen_version: None,
             };
             match self.write(name.as_str(), &value, opts).await {
                 Ok(out) => {

@@ -45,6 +45,7 @@ impl Vault {
             policy: None,
             live_only: false,
             key,
+            seen_version: None,
         };
         self.write(name, value, opts).await
     }
@@ -55,7 +56,7 @@ impl Vault {
         value: &[u8],
         opts: WriteOptions<'_>,
     ) -> Result<PutOutcome, VaultError> {
-        let WriteOptions { expected, metadata, grace, kind, policy, live_only, key } = opts;
+        let WriteOptions { expected, metadata, grace, kind, policy, live_only, key, seen_version } = opts;
         let name = self.name(name)?;
         check_expected(expected)?;
         self.check_value(value)?;
@@ -69,7 +70,10 @@ impl Vault {
         let mut base = match expected {
             Some(0) => WriteBase::Create,
             Some(n) => WriteBase::Update(n),
-            None => head_base(store.get_credential(name.as_str()).await?.as_ref()),
+            None => match seen_version {
+                Some(v) => WriteBase::Update(v),
+                None => head_base(store.get_credential(name.as_str()).await?.as_ref()),
+            },
         };
         let live = |base: WriteBase| match base {
             WriteBase::Create if live_only => Err(not_found(&name)),

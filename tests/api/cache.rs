@@ -309,7 +309,7 @@ async fn a_slow_fill_never_overwrites_a_newer_write() {
     let inner = env.store().await;
     let keys = credvault::unlock::unlock(inner.as_ref(), &settings.master_key_spec()).await.unwrap();
     let store = Arc::new(PausingStore { inner, armed: false.into(), entered: Notify::new(), release: Notify::new() });
-    let vault = Vault::new(store.clone(), keys, settings.limits.clone(), settings.cache.clone());
+    let vault = Vault::new(store.clone(), keys, settings.limits.vault(), settings.cache.clone());
     vault.put("race/x", b"old", None, None).await.unwrap();
     vault.cache().clear();
 
