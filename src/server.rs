@@ -292,6 +292,16 @@ impl Daemon {
         let keeper = tokio::spawn(self.vault.clone().run_keeper(stop_rx.clone()));
         let jobs = tokio::spawn(self.vault.clone().run_jobs(stop_rx.clone()));
         let staleness = tokio::spawn(self.vault.clone().run_staleness(stop_rx.clone()));
+        let idempotency_pruner = tokio::spawn(crate::vault::prune_idempotency_keys(
+            self.vault.store(),
+            {
+                let vault = self.vault.clone();
+                std::sync::Arc::new(move || vault.now())
+            },
+            IDEMPOTENCY_PRUNE_BATCH,
+            IDEMPOTENCY_PRUNE_EVERY,
+            stop_rx.clone(),
+        ));
         let upkeep = tokio::spawn(crate::telemetry::run_upkeep(
             self.metrics.clone(),
             crate::telemetry::UPKEEP_INTERVAL,
@@ -362,6 +372,7 @@ impl Daemon {
         store_health.abort();
         let _ = jobs.await;
         let _ = staleness.await;
+        let _ = idempotency_pruner.await;
         let _ = metrics_server.await;
         let _ = upkeep.await;
         let _ = token_reloads.await;
@@ -375,6 +386,11 @@ impl Daemon {
         Ok(served?)
     }
 }
+
+/// Expired idempotency keys deleted per statement: small, so pruning never holds locks long.
+const IDEMPOTENCY_PRUNE_BATCH: u32 = 500;
+/// How often the pruner looks again when the last batch was not full.
+const IDEMPOTENCY_PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The name under which `grpc.health.v1.Health` reports whether the store is reachable.
 pub const STORE_HEALTH_SERVICE: &str = "credvault.store";

@@ -168,6 +168,9 @@ pub struct AuditContext {
     caller: OnceLock<Arc<Caller>>,
     credential: OnceLock<String>,
     version: OnceLock<u64>,
+    /// A request that writes several credentials: one event per name (and the version
+    /// written, if it was), instead of one for the request.
+    entries: std::sync::Mutex<Vec<(String, Option<u64>)>>,
 }
 
 impl AuditContext {
@@ -201,6 +204,18 @@ impl AuditContext {
 
     pub fn set_version(&self, v: u64) {
         let _ = self.version.set(v);
+    }
+
+    /// Makes the request's audit one event per credential it names (replacing what was
+    /// set before), each [`sink_safe`].
+    pub fn set_entries<S: AsRef<str>>(&self, entries: &[(S, Option<u64>)]) {
+        let safe = entries.iter().map(|(n, v)| (sink_safe(n.as_ref()), *v)).collect();
+        *self.entries.lock().unwrap_or_else(|p| p.into_inner()) = safe;
+    }
+
+    /// The per-credential entries, taken out (empty: one event for the request).
+    pub fn take_entries(&self) -> Vec<(String, Option<u64>)> {
+        std::mem::take(&mut *self.entries.lock().unwrap_or_else(|p| p.into_inner()))
     }
 }
 
@@ -287,6 +302,14 @@ pub fn channel(settings: &AuditSettings, store: Arc<dyn Store>) -> (Audit, Optio
 /// otherwise: the event then takes a place if one is free when it is recorded).
 #[derive(Debug)]
 pub struct Slot(Option<mpsc::OwnedPermit<Event>>);
+
+impl Slot {
+    /// No reserved place: the event takes a free one if there is one (the extra events
+    /// of a request audited per credential).
+    pub fn unreserved() -> Slot {
+        Slot(None)
+    }
+}
 
 /// Why required mode refuses a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

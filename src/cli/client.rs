@@ -83,6 +83,7 @@ pub async fn run_client(cmd: ClientCommand) -> Result<(), ClientError> {
         ClientCommand::Token(cmd) => run_token(cmd, &mut out).await?,
         ClientCommand::Identity(cmd) => super::identity::run(cmd, &mut out).await?,
         ClientCommand::Rotation(cmd) => super::rotate::run(cmd, &mut out).await?,
+        ClientCommand::Writes(cmd) => super::writes::run(cmd, &mut out).await?,
         ClientCommand::Bench(args) => super::bench::run(*args, &mut out).await?,
         ClientCommand::Audit(AuditCommand::Tail { lines, conn }) => {
             let events = connect(&conn).await?.audit_events(lines).await?;

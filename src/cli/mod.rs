@@ -8,6 +8,7 @@ mod conn;
 mod identity;
 mod rotate;
 pub mod run;
+mod writes;
 
 use std::path::PathBuf;
 
@@ -140,6 +141,8 @@ pub enum ClientCommand {
     Bench(Box<bench::BenchArgs>),
     #[command(flatten)]
     Rotation(rotate::RotationCommand),
+    #[command(flatten)]
+    Writes(writes::WritesCommand),
 }
 
 #[derive(Debug, Clone, Subcommand)]

@@ -18,6 +18,7 @@ mod error;
 mod identity;
 mod retry;
 mod types;
+mod writes;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -40,6 +41,10 @@ pub use retry::{Backoff, RetryPolicy};
 pub use types::{
     Credential, CredentialInfo, Event, EventKind, EventStream, Metadata, Rotated, SecretValue, VersionInfo,
     VersionState,
+};
+pub use writes::{
+    new_idempotency_key, BatchConflict, BatchOutcome, BatchWrite, BatchWritten, RolledBack, Written,
+    IDEMPOTENCY_KEY_HEADER, REPLAY_HEADER, WRITE_CONFLICTS_TRAILER,
 };
 
 use crate::proto;

@@ -42,6 +42,10 @@ pub struct LimitSettings {
     pub max_concurrent_requests: usize,
     /// Requests per second for tokens without their own limit (0: unlimited; the edge).
     pub default_token_rate_per_second: u32,
+    /// Writes (puts and deletes) per `WriteCredentials` request at most.
+    pub max_write_batch_size: usize,
+    /// How long an idempotency key is remembered after its write.
+    pub idempotency_window_seconds: u64,
 }
 
 impl Default for LimitSettings {
@@ -59,6 +63,8 @@ impl Default for LimitSettings {
             store_timeout_ms: v.store_timeout_ms,
             max_concurrent_requests: 1024,
             default_token_rate_per_second: 0,
+            max_write_batch_size: v.max_write_batch_size,
+            idempotency_window_seconds: v.idempotency_window_seconds,
         }
     }
 }
@@ -76,6 +82,8 @@ impl LimitSettings {
             max_versions: self.max_versions,
             max_labels: self.max_labels,
             store_timeout_ms: self.store_timeout_ms,
+            max_write_batch_size: self.max_write_batch_size,
+            idempotency_window_seconds: self.idempotency_window_seconds,
         }
     }
 }
@@ -233,6 +241,9 @@ impl Settings {
         }
         if l.max_concurrent_requests == 0 {
             return bad("limits.max_concurrent_requests must be at least 1 (0 would refuse every request)");
+        }
+        if l.max_write_batch_size == 0 || l.idempotency_window_seconds == 0 {
+            return bad("limits: max_write_batch_size and idempotency_window_seconds must be at least 1");
         }
         if l.max_batch_size == 0 || l.max_name_bytes == 0 || l.max_name_bytes > 1024 {
             return bad("limits: max_batch_size must be >= 1 and max_name_bytes between 1 and 1024");

@@ -72,6 +72,9 @@ pub struct CredentialHead {
     pub name: String,
     pub current_version: u64,
     pub metadata: Metadata,
+    /// Counts changes to `metadata`, apart from the value's version (compare-and-set for
+    /// `UpdateCredentialMetadata`).
+    pub metadata_version: u64,
     pub created_at: Micros,
     pub updated_at: Micros,
     pub deleted_at: Option<Micros>,

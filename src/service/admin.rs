@@ -258,14 +258,24 @@ impl AdminService for AdminApi {
             }
             None => NewValue::FromPolicy,
         };
-        let out = self.vault.rotate(&r.name, source, grace, r.expected_version, may_cut_grace).await?;
+        let key = super::writes::idempotency_key(&req, &c)?;
+        let (name, expected) = (&r.name, r.expected_version);
+        let done = match &key {
+            Some(k) => self.vault.rotate_idempotent(k, name, source, grace, expected, may_cut_grace).await?,
+            None => crate::vault::Replayed {
+                outcome: self.vault.rotate(name, source, grace, expected, may_cut_grace).await?,
+                replayed: false,
+            },
+        };
+        let out = done.outcome;
         audit_version(&req, out.version);
-        Ok(Response::new(proto::RotateCredentialResponse {
+        let message = proto::RotateCredentialResponse {
             name: out.name,
             version: out.version,
             previous_version: out.previous_version,
             previous_expires_at: out.previous_expires_at.map(timestamp),
-        }))
+        };
+        Ok(super::writes::replay_marked(message, done.replayed))
     }
 
     async fn destroy_version(

@@ -10,7 +10,7 @@ use crate::auth::{Auth, Capability};
 use crate::model::{ChangeKind, CredentialHead, CredentialName, Metadata};
 use crate::proto::{self, credential_service_server::CredentialService};
 use crate::telemetry::names;
-use crate::vault::{CredentialDetails, CredentialValue, Vault, WatchEvent};
+use crate::vault::{CredentialDetails, CredentialValue, Replayed, Vault, WatchEvent};
 
 /// Messages queued per watch stream between the event loop and the transport; the
 /// broadcast buffer behind it (`rotation.watch_buffer`) is what a slow client exhausts.
@@ -85,6 +85,7 @@ pub(crate) fn metadata_message(
     proto::CredentialMetadata {
         name: head.name.clone(),
         current_version: head.current_version,
+        metadata_version: head.metadata_version,
         metadata: Some(proto::Metadata {
             labels: m.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             description: m.description.clone(),
@@ -107,7 +108,7 @@ pub(crate) fn metadata_message(
     }
 }
 
-fn metadata_from(m: proto::Metadata) -> Result<Metadata, Status> {
+pub(crate) fn metadata_from(m: proto::Metadata) -> Result<Metadata, Status> {
     Ok(Metadata {
         labels: m.labels.into_iter().collect(),
         description: m.description,
@@ -198,36 +199,60 @@ impl CredentialService for CredentialApi {
         // included (see ARCHITECTURE.md, "Secrets in memory", for the copies tonic keeps).
         let mut req = req;
         let value = zeroize::Zeroizing::new(std::mem::take(&mut req.get_mut().value));
-        authorize(&req, Capability::Write, &req.get_ref().name)?;
+        let c = authorize(&req, Capability::Write, &req.get_ref().name)?;
+        let key = super::writes::idempotency_key(&req, &c)?;
         let ctx = crate::service::layers::audit::context(&req).cloned();
         let r = req.into_inner();
         let metadata = r.metadata.map(metadata_from).transpose()?;
-        let out = self.vault.put(&r.name, &value, r.expected_version, metadata.as_ref()).await?;
+        let (name, expected, metadata) = (&r.name, r.expected_version, metadata.as_ref());
+        let done = match &key {
+            Some(k) => self.vault.put_idempotent(k, name, &value, expected, metadata).await?,
+            None => Replayed { outcome: self.vault.put(name, &value, expected, metadata).await?, replayed: false },
+        };
+        let out = done.outcome;
         if let Some(ctx) = ctx {
             ctx.set_version(out.version);
         }
-        Ok(Response::new(proto::PutCredentialResponse {
+        let message = proto::PutCredentialResponse {
             name: out.name,
             version: out.version,
             created_at: Some(timestamp(out.created_at)),
-        }))
+        };
+        Ok(super::writes::replay_marked(message, done.replayed))
     }
 
     async fn delete_credential(
         &self,
         req: Request<proto::DeleteCredentialRequest>,
     ) -> Result<Response<proto::DeleteCredentialResponse>, Status> {
-        authorize(&req, Capability::Delete, &req.get_ref().name)?;
+        let c = authorize(&req, Capability::Delete, &req.get_ref().name)?;
+        let key = super::writes::idempotency_key(&req, &c)?;
         if let Some(v) = req.get_ref().expected_version {
             audit_version(&req, v);
         }
         let r = req.into_inner();
-        let head = self.vault.delete(&r.name, r.expected_version).await?;
-        Ok(Response::new(proto::DeleteCredentialResponse {
-            name: head.name,
-            version: head.current_version,
-            deleted_at: head.deleted_at.map(timestamp),
-        }))
+        let (message, replayed) = match &key {
+            Some(k) => {
+                let done = self.vault.delete_idempotent(k, &r.name, r.expected_version).await?;
+                let o = done.outcome;
+                let message = proto::DeleteCredentialResponse {
+                    name: o.name,
+                    version: o.version,
+                    deleted_at: Some(timestamp(o.deleted_at)),
+                };
+                (message, done.replayed)
+            }
+            None => {
+                let head = self.vault.delete(&r.name, r.expected_version).await?;
+                let message = proto::DeleteCredentialResponse {
+                    name: head.name,
+                    version: head.current_version,
+                    deleted_at: head.deleted_at.map(timestamp),
+                };
+                (message, false)
+            }
+        };
+        Ok(super::writes::replay_marked(message, replayed))
     }
 
     async fn list_credentials(
@@ -328,5 +353,26 @@ impl CredentialService for CredentialApi {
             drop(permit);
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn write_credentials(
+        &self,
+        req: Request<proto::WriteCredentialsRequest>,
+    ) -> Result<Response<proto::WriteCredentialsResponse>, Status> {
+        super::writes::write_credentials(&self.vault, req).await
+    }
+
+    async fn rollback_credential(
+        &self,
+        req: Request<proto::RollbackCredentialRequest>,
+    ) -> Result<Response<proto::RollbackCredentialResponse>, Status> {
+        super::writes::rollback_credential(&self.vault, req).await
+    }
+
+    async fn update_credential_metadata(
+        &self,
+        req: Request<proto::UpdateCredentialMetadataRequest>,
+    ) -> Result<Response<proto::CredentialMetadata>, Status> {
+        super::writes::update_credential_metadata(&self.vault, req).await
     }
 }

@@ -19,11 +19,13 @@ mod interceptor;
 pub mod layers;
 pub mod lifecycle;
 mod status;
+mod writes;
 
 pub use admin::AdminApi;
 pub(crate) use convert::{from_timestamp, timestamp, version_state};
 pub use credential::{CredentialApi, STALE_HEADER};
 pub use interceptor::AuthInterceptor;
+pub use writes::{IDEMPOTENCY_KEY_HEADER, REPLAY_HEADER, WRITE_CONFLICTS_TRAILER};
 
 use tonic::{Extensions, Request, Status};
 

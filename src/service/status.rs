@@ -14,7 +14,9 @@ impl From<VaultError> for Status {
             VaultError::InvalidArgument(_) => Status::invalid_argument(msg),
             VaultError::NotFound(_) => Status::not_found(msg),
             VaultError::PermissionDenied(_) => Status::permission_denied(msg),
-            VaultError::Conflict { .. } | VaultError::Aborted(_) => Status::aborted(msg),
+            VaultError::Conflict { .. } | VaultError::Aborted(_) | VaultError::WriteConflicts(_) => {
+                Status::aborted(msg)
+            }
             VaultError::AlreadyExists { .. } => Status::already_exists(msg),
             VaultError::FailedPrecondition(_) => Status::failed_precondition(msg),
             VaultError::DataLoss { .. } => Status::data_loss(msg),

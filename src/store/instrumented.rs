@@ -16,6 +16,7 @@ use super::{
     RewrapBatch, RewrapRow, RotationJob, RotationPolicy, Staleness, StalenessQuery, StalenessStore, Store, StoreError,
     TokenRecord, TokenStore, VersionInfo, VersionRow,
 };
+use super::{BatchOutcome, BatchWrite, KeyClaim, KeyRecord, Metadata, WriteStore};
 use crate::telemetry::names::STORE_QUERY_DURATION;
 
 /// Declares [`Op`] from one table, so an operation's label and whom it serves are written
@@ -104,6 +105,12 @@ ops! {
     ListIdentities => "list_identities", Background;
     DeleteIdentity => "delete_identity", Request;
     ListFiltered => "list_filtered", Request;
+    PutVersionKeyed => "put_version_keyed", Request;
+    DeleteCredentialKeyed => "delete_credential_keyed", Request;
+    GetIdempotencyKey => "get_idempotency_key", Request;
+    PruneIdempotencyKeys => "prune_idempotency_keys", Background;
+    WriteBatch => "write_batch", Request;
+    SetMetadata => "set_metadata", Request;
     // A resync revalidates the whole cache after the change feed or the store returns.
     Resync => "resync", Background;
     Probe => "probe", Background;
@@ -433,6 +440,50 @@ impl StalenessStore for Instrumented {
         f: &ListFilter,
     ) -> Result<Vec<(CredentialHead, bool)>, StoreError> {
         self.timed(Op::ListFiltered, self.inner.list_filtered(q, f)).await
+    }
+}
+
+#[async_trait]
+impl WriteStore for Instrumented {
+    async fn put_version_keyed(&self, new: &NewVersion<'_>, key: &KeyClaim) -> Result<CredentialHead, StoreError> {
+        self.timed(Op::PutVersionKeyed, self.inner.put_version_keyed(new, key)).await
+    }
+
+    async fn delete_credential_keyed(
+        &self,
+        name: &str,
+        expected: Option<u64>,
+        now: Micros,
+        key: &KeyClaim,
+    ) -> Result<bool, StoreError> {
+        self.timed(Op::DeleteCredentialKeyed, self.inner.delete_credential_keyed(name, expected, now, key)).await
+    }
+
+    async fn get_idempotency_key(
+        &self,
+        token_id: &str,
+        key: &str,
+        now: Micros,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        self.timed(Op::GetIdempotencyKey, self.inner.get_idempotency_key(token_id, key, now)).await
+    }
+
+    async fn prune_idempotency_keys(&self, now: Micros, limit: u32) -> Result<u64, StoreError> {
+        self.timed(Op::PruneIdempotencyKeys, self.inner.prune_idempotency_keys(now, limit)).await
+    }
+
+    async fn write_batch(&self, batch: &BatchWrite<'_>) -> Result<BatchOutcome, StoreError> {
+        self.timed(Op::WriteBatch, self.inner.write_batch(batch)).await
+    }
+
+    async fn set_metadata(
+        &self,
+        name: &str,
+        metadata: &Metadata,
+        expected: u64,
+        now: Micros,
+    ) -> Result<Option<CredentialHead>, StoreError> {
+        self.timed(Op::SetMetadata, self.inner.set_metadata(name, metadata, expected, now)).await
     }
 }
 

@@ -24,6 +24,7 @@ mod postgres;
 mod rows;
 mod sql;
 mod sqlite;
+mod writes;
 
 use async_trait::async_trait;
 
@@ -38,6 +39,7 @@ pub use rows::{
     RewrapRow, Rewrapped, VersionRow, WriteBase,
 };
 pub use sqlite::SqliteStore;
+pub use writes::{BatchOp, BatchOutcome, BatchWrite, KeyClaim, KeyRecord};
 
 pub use crate::model::{
     now_micros, ChangeKind, CredentialHead, JobState, Metadata, Micros, PolicyKind, RotationJob, RotationPolicy,
@@ -317,6 +319,51 @@ pub trait IdentityStore: Send + Sync {
     async fn delete_identity(&self, identity: &str) -> Result<Option<IdentityRecord>, StoreError>;
 }
 
+/// Idempotency keys, stored in the transaction of the write they belong to, and
+/// all-or-nothing writes of several credentials.
+#[async_trait]
+pub trait WriteStore: Send + Sync {
+    /// [`CredentialStore::put_version`] that also stores `key`, in the same transaction.
+    /// [`StoreError::Conflict`] with nothing written if the compare-and-set fails or a live
+    /// key by that token and name exists already (a concurrent retry won).
+    async fn put_version_keyed(&self, new: &NewVersion<'_>, key: &KeyClaim) -> Result<CredentialHead, StoreError>;
+
+    /// [`CredentialStore::delete_credential`] that also stores `key` when it deletes.
+    /// [`StoreError::Conflict`] with nothing changed if a live key exists already.
+    async fn delete_credential_keyed(
+        &self,
+        name: &str,
+        expected: Option<u64>,
+        now: Micros,
+        key: &KeyClaim,
+    ) -> Result<bool, StoreError>;
+
+    /// The live (unexpired at `now`) key `key` of token `token_id`.
+    async fn get_idempotency_key(
+        &self,
+        token_id: &str,
+        key: &str,
+        now: Micros,
+    ) -> Result<Option<KeyRecord>, StoreError>;
+
+    /// Deletes at most `limit` keys expired at `now`; returns how many went.
+    async fn prune_idempotency_keys(&self, now: Micros, limit: u32) -> Result<u64, StoreError>;
+
+    /// Applies every write of `batch` in one transaction, or none of them.
+    async fn write_batch(&self, batch: &BatchWrite<'_>) -> Result<BatchOutcome, StoreError>;
+
+    /// Replaces the metadata of a live credential if its metadata version is still
+    /// `expected`, moving that version on by one (the value's version is untouched).
+    /// `None`: nothing matched, nothing changed.
+    async fn set_metadata(
+        &self,
+        name: &str,
+        metadata: &Metadata,
+        expected: u64,
+        now: Micros,
+    ) -> Result<Option<CredentialHead>, StoreError>;
+}
+
 /// A whole store: every aggregate, plus the connection itself and the change feed.
 /// Callers hold an `Arc<dyn Store>` and call any aggregate's methods on it.
 #[async_trait]
@@ -329,6 +376,7 @@ pub trait Store:
     + AuditStore
     + StalenessStore
     + IdentityStore
+    + WriteStore
     + Send
     + Sync
     + 'static

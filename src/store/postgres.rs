@@ -19,6 +19,8 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (3, "rotation", include_str!("../../migrations/postgres/0003_rotation.sql")),
     (4, "audit fold", include_str!("../../migrations/postgres/0004_audit_fold.sql")),
     (5, "token prefix", include_str!("../../migrations/postgres/0005_token_prefix.sql")),
+    (6, "idempotency", include_str!("../../migrations/postgres/0006_idempotency.sql")),
+    (7, "metadata version", include_str!("../../migrations/postgres/0007_metadata.sql")),
     (8, "identities", include_str!("../../migrations/postgres/0008_identities.sql")),
     (9, "staleness", include_str!("../../migrations/postgres/0009_staleness.sql")),
 ];

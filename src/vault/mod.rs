@@ -22,20 +22,28 @@ use crate::store::{
 use crate::telemetry::names::DECRYPT_DURATION;
 
 mod feed;
+mod idempotency;
 pub mod identity;
 mod keys;
 mod listing;
+mod metadata_update;
 mod read;
+mod rollback;
 mod rotation;
 mod staleness;
 mod tokens;
 mod write;
+mod write_many;
 mod write_queue;
 
+pub use idempotency::{prune_idempotency_keys, DeleteOutcome, IdempotencyKey, Replayed, KEY_MAX_BYTES};
 pub use keys::JobProgress;
 pub use listing::{open_page_token, page_key, seal_page_token, PageBinding, PageTokenError, PAGE_TOKEN_TTL};
+pub use metadata_update::MetadataPatch;
+pub use rollback::RollbackOutcome;
 pub use rotation::{schedule_jitter, NewValue, PolicySpec, RotateOutcome, RotationSettings};
 pub use staleness::ListFilters;
+pub use write_many::{BatchItem, BatchItemOutcome, WriteConflict};
 
 /// Request-size limits; every one is enforced before the store is touched. (The edge's
 /// own limits, concurrency and token rates, are in `config::LimitSettings`.)
@@ -54,6 +62,10 @@ pub struct Limits {
     pub max_labels: usize,
     /// Longest a single store call may take before the request fails with UNAVAILABLE.
     pub store_timeout_ms: u64,
+    /// Writes (puts and deletes) per `WriteCredentials` request at most.
+    pub max_write_batch_size: usize,
+    /// How long an idempotency key is remembered after its write.
+    pub idempotency_window_seconds: u64,
 }
 
 impl Default for Limits {
@@ -68,6 +80,8 @@ impl Default for Limits {
             max_versions: 10,
             max_labels: 64,
             store_timeout_ms: 5000,
+            max_write_batch_size: 64,
+            idempotency_window_seconds: 24 * 3600,
         }
     }
 }
@@ -105,6 +119,10 @@ pub enum VaultError {
     /// the KEK): callers reload the keys and retry once.
     #[error("unknown key-encryption key {0}")]
     UnknownKek(i64),
+    /// Some writes of an all-or-nothing batch did not match what they expected, so none
+    /// was applied. Every conflicting write is listed.
+    #[error("{}", write_many::describe_conflicts(.0))]
+    WriteConflicts(Vec<WriteConflict>),
 }
 
 impl VaultError {
@@ -196,6 +214,8 @@ struct WriteOptions<'a> {
     policy: Option<PolicyAdvance>,
     /// Only a live credential may be written (rotations): never create or revive one.
     live_only: bool,
+    /// The idempotency key stored with the write, in its transaction.
+    key: Option<&'a crate::store::KeyClaim>,
     /// The current version the caller has just read (a rotation reads the head anyway):
     /// an unconditional write starts from it instead of reading the head again. If it is
     /// out of date, the compare-and-set fails and the write retries as usual.

@@ -96,7 +96,7 @@ impl RotationSettings {
         Ok(())
     }
 
-    fn default_grace(&self) -> Duration {
+    pub(super) fn default_grace(&self) -> Duration {
         Duration::from_secs(self.default_grace_seconds)
     }
 
@@ -224,6 +224,19 @@ impl Vault {
         expected: Option<u64>,
         may_cut_grace: bool,
     ) -> Result<RotateOutcome, VaultError> {
+        self.rotate_keyed(name, source, grace, expected, may_cut_grace, None).await
+    }
+
+    /// [`Vault::rotate`], storing `key` with the write (see `vault/idempotency.rs`).
+    pub(super) async fn rotate_keyed(
+        &self,
+        name: &(impl NameArg + ?Sized),
+        source: NewValue<'_>,
+        grace: Option<Duration>,
+        expected: Option<u64>,
+        may_cut_grace: bool,
+        key: Option<&crate::store::KeyClaim>,
+    ) -> Result<RotateOutcome, VaultError> {
         let parsed = self.name(name)?;
         super::check_expected(expected)?;
         if expected == Some(0) {
@@ -271,6 +284,7 @@ impl Vault {
             kind: ChangeKind::Rotate,
             policy: plan.map(|p| PolicyAdvance { claim: None, next_run_at: p.next_run_at }),
             live_only: true,
+            key,
             seen_version: Some(head.current_version),
         };
         let out = self.write(parsed.as_str(), &value, opts).await?;
@@ -389,6 +403,7 @@ impl Vault {
                 kind: ChangeKind::Rotate,
                 policy: Some(PolicyAdvance { claim: Some(claim), next_run_at: plan.next_run_at }),
                 live_only: true,
+                key: None,
                 seen_version: None,
             };
             match self.write(name.as_str(), &value, opts).await {

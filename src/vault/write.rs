@@ -2,13 +2,14 @@
 //! destroy and undelete.
 
 use super::*;
+use crate::store::WriteStore as _;
 
 /// Unconditional writes retry their internal compare-and-set this many times.
 const MAX_WRITE_ATTEMPTS: usize = 64;
 
 /// Before retrying a write that lost its compare-and-set to another daemon: a random
 /// wait below 1, 2, 4, … 32 ms, so daemons that collided do not collide again in step.
-async fn conflict_backoff(attempt: usize) {
+pub(super) async fn conflict_backoff(attempt: usize) {
     let cap_ms = 1u64 << attempt.min(5);
     let wait = rand::random_range(0..cap_ms * 1000);
     tokio::time::sleep(std::time::Duration::from_micros(wait)).await;
@@ -24,6 +25,18 @@ impl Vault {
         expected: Option<u64>,
         metadata: Option<&Metadata>,
     ) -> Result<PutOutcome, VaultError> {
+        self.put_keyed(name, value, expected, metadata, None).await
+    }
+
+    /// [`Vault::put`], storing `key` with the write (see `vault/idempotency.rs`).
+    pub(super) async fn put_keyed(
+        &self,
+        name: &(impl NameArg + ?Sized),
+        value: &[u8],
+        expected: Option<u64>,
+        metadata: Option<&Metadata>,
+        key: Option<&crate::store::KeyClaim>,
+    ) -> Result<PutOutcome, VaultError> {
         let opts = WriteOptions {
             expected,
             metadata,
@@ -31,6 +44,7 @@ impl Vault {
             kind: ChangeKind::Put,
             policy: None,
             live_only: false,
+            key,
             seen_version: None,
         };
         self.write(name, value, opts).await
@@ -42,7 +56,7 @@ impl Vault {
         value: &[u8],
         opts: WriteOptions<'_>,
     ) -> Result<PutOutcome, VaultError> {
-        let WriteOptions { expected, metadata, grace, kind, policy, live_only, seen_version } = opts;
+        let WriteOptions { expected, metadata, grace, kind, policy, live_only, key, seen_version } = opts;
         let name = self.name(name)?;
         check_expected(expected)?;
         self.check_value(value)?;
@@ -94,7 +108,11 @@ impl Vault {
                 policy,
             };
             let ticket = self.inner.cache.ticket(name.as_str());
-            match store.put_version(&new).await {
+            let written = match key {
+                Some(k) => store.put_version_keyed(&new, k).await,
+                None => store.put_version(&new).await,
+            };
+            match written {
                 Ok(_) => {
                     // Read-your-writes: the new version is cached before the call returns.
                     let info = VersionInfo {
@@ -112,6 +130,13 @@ impl Vault {
                 Err(StoreError::Conflict) => {
                     // Someone else wrote: whatever this daemon cached is behind.
                     self.inner.cache.invalidate(name.as_str());
+                    // Or a retry of this very request committed first: the caller finds
+                    // its key and answers with that write's result.
+                    if let Some(k) = key {
+                        if store.get_idempotency_key(&k.token_id, &k.key, self.now()).await?.is_some() {
+                            return Err(idempotency::key_taken());
+                        }
+                    }
                 }
                 Err(StoreError::StaleKek(_)) => {
                     // Another daemon rotated the KEK: seal again under the new one.
@@ -196,14 +221,32 @@ impl Vault {
         name: &(impl NameArg + ?Sized),
         expected: Option<u64>,
     ) -> Result<CredentialHead, VaultError> {
+        self.delete_keyed(name, expected, None).await
+    }
+
+    /// [`Vault::delete`], storing `key` with the delete (see `vault/idempotency.rs`).
+    pub(super) async fn delete_keyed(
+        &self,
+        name: &(impl NameArg + ?Sized),
+        expected: Option<u64>,
+        key: Option<&crate::store::KeyClaim>,
+    ) -> Result<CredentialHead, VaultError> {
         let name = self.name(name)?;
         check_expected(expected)?;
         let now = self.now();
         let store = &self.inner.store;
-        let deleted = store.delete_credential(name.as_str(), expected.filter(|v| *v != 0), now).await;
+        let expected_live = expected.filter(|v| *v != 0);
+        let deleted = match key {
+            Some(k) => store.delete_credential_keyed(name.as_str(), expected_live, now, k).await,
+            None => store.delete_credential(name.as_str(), expected_live, now).await,
+        };
         // Deleted, or lost to a concurrent change: either way the cached entry is stale.
         self.inner.cache.invalidate(name.as_str());
-        let deleted = deleted?;
+        let deleted = match deleted {
+            // A retry of this very request committed first (see `put_keyed`).
+            Err(StoreError::Conflict) if key.is_some() => return Err(idempotency::key_taken()),
+            other => other?,
+        };
         let head = store.get_credential(name.as_str()).await?.ok_or_else(|| not_found(&name))?;
         if deleted {
             self.publish_change(name.as_str(), ChangeKind::Delete, head.current_version, now);

@@ -269,6 +269,52 @@ impl StalenessStore for PausingStore {
 }
 
 #[async_trait]
+impl credvault::store::WriteStore for PausingStore {
+    async fn put_version_keyed(
+        &self,
+        new: &NewVersion<'_>,
+        key: &credvault::store::KeyClaim,
+    ) -> Result<CredentialHead, StoreError> {
+        self.inner.put_version_keyed(new, key).await
+    }
+    async fn delete_credential_keyed(
+        &self,
+        name: &str,
+        expected: Option<u64>,
+        now: Micros,
+        key: &credvault::store::KeyClaim,
+    ) -> Result<bool, StoreError> {
+        self.inner.delete_credential_keyed(name, expected, now, key).await
+    }
+    async fn get_idempotency_key(
+        &self,
+        token_id: &str,
+        key: &str,
+        now: Micros,
+    ) -> Result<Option<credvault::store::KeyRecord>, StoreError> {
+        self.inner.get_idempotency_key(token_id, key, now).await
+    }
+    async fn prune_idempotency_keys(&self, now: Micros, limit: u32) -> Result<u64, StoreError> {
+        self.inner.prune_idempotency_keys(now, limit).await
+    }
+    async fn write_batch(
+        &self,
+        batch: &credvault::store::BatchWrite<'_>,
+    ) -> Result<credvault::store::BatchOutcome, StoreError> {
+        self.inner.write_batch(batch).await
+    }
+    async fn set_metadata(
+        &self,
+        name: &str,
+        metadata: &credvault::store::Metadata,
+        expected: u64,
+        now: Micros,
+    ) -> Result<Option<CredentialHead>, StoreError> {
+        self.inner.set_metadata(name, metadata, expected, now).await
+    }
+}
+
+#[async_trait]
 impl Store for PausingStore {
     fn backend(&self) -> StoreBackend {
         self.inner.backend()

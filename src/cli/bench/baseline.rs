@@ -202,4 +202,25 @@ impl CredentialService for BaselineApi {
     ) -> Result<Response<Self::WatchCredentialsStream>, Status> {
         Err(Status::unimplemented("the baseline only reads and writes"))
     }
+
+    async fn write_credentials(
+        &self,
+        _req: Request<proto::WriteCredentialsRequest>,
+    ) -> Result<Response<proto::WriteCredentialsResponse>, Status> {
+        Err(Status::unimplemented("the baseline only reads and writes"))
+    }
+
+    async fn rollback_credential(
+        &self,
+        _req: Request<proto::RollbackCredentialRequest>,
+    ) -> Result<Response<proto::RollbackCredentialResponse>, Status> {
+        Err(Status::unimplemented("the baseline only reads and writes"))
+    }
+
+    async fn update_credential_metadata(
+        &self,
+        _req: Request<proto::UpdateCredentialMetadataRequest>,
+    ) -> Result<Response<proto::CredentialMetadata>, Status> {
+        Err(Status::unimplemented("the baseline only reads and writes"))
+    }
 }

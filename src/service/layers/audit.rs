@@ -137,7 +137,28 @@ impl Pending {
         let latency_us = u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX);
         // The handler has normally dropped its request (and its reference) by now: take
         // the context's parts instead of copying them.
+        let entries = self.ctx.as_ref().map(|c| c.take_entries()).unwrap_or_default();
         let (caller, credential, version) = self.ctx.take().map(AuditContext::into_parts).unwrap_or_default();
+        if !entries.is_empty() {
+            // A request that wrote several credentials: one event each.
+            let at = now_micros();
+            let mut slot = self.slot.take();
+            for (credential, version) in entries {
+                let event = Event {
+                    at,
+                    request_id: self.request_id,
+                    caller: caller.clone(),
+                    rpc: self.rpc,
+                    credential: Some(credential),
+                    version,
+                    code,
+                    latency_us,
+                    peer: self.peer,
+                };
+                self.audit.record(slot.take().unwrap_or_else(Slot::unreserved), event);
+            }
+            return;
+        }
         let event = Event {
             at: now_micros(),
             request_id: self.request_id,

@@ -14,11 +14,13 @@ use crate::store::{
 };
 
 pub(crate) const CRED_COLS: &str =
-    "c.name, c.current_version, c.labels, c.description, c.owner, c.expires_at, c.created_at, c.updated_at, c.deleted_at";
+    "c.name, c.current_version, c.labels, c.description, c.owner, c.expires_at, c.created_at, c.updated_at, c.deleted_at, \
+     c.metadata_version";
 
 /// The same columns, unqualified, for `RETURNING`.
-const CRED_COLS_BARE: &str =
-    "name, current_version, labels, description, owner, expires_at, created_at, updated_at, deleted_at";
+pub(super) const CRED_COLS_BARE: &str =
+    "name, current_version, labels, description, owner, expires_at, created_at, updated_at, deleted_at, \
+     metadata_version";
 
 pub(crate) const VERSION_COLS: &str = "v.version, v.state, v.kek_id, v.wrapped_dek, v.ciphertext, \
      v.created_at AS v_created_at, v.expires_at AS v_expires_at";
@@ -85,121 +87,18 @@ where
     }
 
     async fn put_version(&self, new: &NewVersion<'_>) -> Result<CredentialHead, StoreError> {
-        let version = new.base.next_version();
         let mut tx = self.pool().begin().await?;
-        // The compare-and-set comes first: it takes the row lock (PostgreSQL) or the
-        // write lock (SQLite) before anything is read, so the check and the write are
-        // one atomic step.
-        let matched = match new.base {
-            WriteBase::Create => {
-                let m = new.metadata.cloned().unwrap_or_default();
-                let q = format!(
-                    "INSERT INTO credentials (name, current_version, labels, description, owner, \
-                     expires_at, created_at, updated_at) VALUES ($1, 1, $2, $3, $4, $5, $6, $6) \
-                     ON CONFLICT (name) DO NOTHING RETURNING {}",
-                    CRED_COLS_BARE
-                );
-                sqlx::query(&q)
-                    .bind(new.name)
-                    .bind(labels_to_json(&m))
-                    .bind(&m.description)
-                    .bind(&m.owner)
-                    .bind(m.expires_at)
-                    .bind(new.now)
-                    .fetch_optional(&mut *tx)
-                    .await?
+        match write_version(self, &mut tx, new).await {
+            Ok(head) => {
+                tx.commit().await?;
+                Ok(head)
             }
-            WriteBase::Update(current) | WriteBase::Revive(current) => {
-                let live = matches!(new.base, WriteBase::Update(_));
-                let m = new.metadata;
-                let q = format!(
-                    "UPDATE credentials SET current_version = $2, updated_at = $3, deleted_at = NULL, \
-                     labels = CASE WHEN $4 THEN $5 ELSE labels END, \
-                     description = CASE WHEN $4 THEN $6 ELSE description END, \
-                     owner = CASE WHEN $4 THEN $7 ELSE owner END, \
-                     expires_at = CASE WHEN $4 THEN $8 ELSE expires_at END \
-                     WHERE name = $1 AND current_version = $9 AND (deleted_at IS NULL) = $10 RETURNING {}",
-                    CRED_COLS_BARE
-                );
-                sqlx::query(&q)
-                    .bind(new.name)
-                    .bind(to_db(version))
-                    .bind(new.now)
-                    .bind(m.is_some())
-                    .bind(m.map(labels_to_json).unwrap_or_default())
-                    .bind(m.map(|m| m.description.clone()).unwrap_or_default())
-                    .bind(m.map(|m| m.owner.clone()).unwrap_or_default())
-                    .bind(m.and_then(|m| m.expires_at))
-                    .bind(to_db(current))
-                    .bind(live)
-                    .fetch_optional(&mut *tx)
-                    .await?
-            }
-        };
-        let Some(head) = matched else {
-            tx.rollback().await?;
-            return Err(StoreError::Conflict);
-        };
-        let head = credential(&head)?;
-        // The DEK must be wrapped by the active KEK. On PostgreSQL the KEK's row is
-        // read FOR SHARE, so a KEK rotation waits for this write and every write after
-        // it sees the new KEK: no DEK is ever left behind under a retiring KEK.
-        let kek_state: Option<String> =
-            sqlx::query_scalar(Self::ACTIVE_KEK_CHECK).bind(new.sealed.kek_id).fetch_optional(&mut *tx).await?;
-        if kek_state.as_deref() != Some("active") {
-            tx.rollback().await?;
-            return Err(StoreError::StaleKek(new.sealed.kek_id));
-        }
-        sqlx::query(
-            "UPDATE credential_versions SET state = 'previous', expires_at = $2 \
-             WHERE name = $1 AND state = 'current'",
-        )
-        .bind(new.name)
-        .bind(new.previous_expires_at)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO credential_versions (name, version, state, kek_id, wrapped_dek, ciphertext, created_at) \
-             VALUES ($1, $2, 'current', $3, $4, $5, $6)",
-        )
-        .bind(new.name)
-        .bind(to_db(version))
-        .bind(new.sealed.kek_id)
-        .bind(&new.sealed.wrapped_dek)
-        .bind(&new.sealed.ciphertext)
-        .bind(new.now)
-        .execute(&mut *tx)
-        .await?;
-        if let Some(oldest_kept) = version.checked_sub(new.max_versions) {
-            sqlx::query("DELETE FROM credential_versions WHERE name = $1 AND version <= $2")
-                .bind(new.name)
-                .bind(to_db(oldest_kept))
-                .execute(&mut *tx)
-                .await?;
-        }
-        if let Some(p) = new.policy {
-            let n = sqlx::query(
-                "UPDATE rotation_policies SET next_run_at = $2, rotations = rotations + 1, \
-                 last_rotated_at = $3, last_error = NULL, updated_at = $3 \
-                 WHERE name = $1 AND (CAST($4 AS BIGINT) IS NULL OR next_run_at = $4)",
-            )
-            .bind(new.name)
-            .bind(p.next_run_at)
-            .bind(new.now)
-            .bind(p.claim)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if n == 0 && p.claim.is_some() {
-                // Another daemon rotated in this slot first.
-                tx.rollback().await?;
-                return Err(StoreError::Conflict);
+            Err(e) => {
+                // Dropping the transaction would roll it back too; this says so.
+                let _ = tx.rollback().await;
+                Err(e)
             }
         }
-        let event = ChangeEvent { name: new.name.to_owned(), kind: new.kind, version, at: new.now };
-        self.notify(&mut tx, &encode_change(&event)).await?;
-        tx.commit().await?;
-        Ok(head)
     }
 
     async fn delete_credential(&self, name: &str, expected: Option<u64>, now: Micros) -> Result<bool, StoreError> {
@@ -305,7 +204,139 @@ where
     }
 }
 
-async fn notify_credential<B: SqlBackend>(
+/// A new version inside the caller's transaction (see `put_version`): the
+/// compare-and-set, the KEK check, the version rows, pruning, the rotation policy and the
+/// change notification. On an error the caller rolls the transaction back.
+pub(super) async fn write_version<B>(
+    store: &B,
+    tx: &mut Tx<'_, B>,
+    new: &NewVersion<'_>,
+) -> Result<CredentialHead, StoreError>
+where
+    B: SqlBackend,
+    for<'c> &'c mut Conn<B>: Executor<'c, Database = Db<B>>,
+    usize: ColumnIndex<DbRow<B>>,
+    for<'q> &'q str: Bind<'q, Db<B>>,
+    for<'q> i64: Scalar<'q, Db<B>>,
+    for<'q> Option<i64>: Bind<'q, Db<B>>,
+    for<'q> String: Scalar<'q, Db<B>>,
+    for<'q> Vec<u8>: Bind<'q, Db<B>>,
+    for<'q> bool: Bind<'q, Db<B>>,
+{
+    let version = new.base.next_version();
+    // The compare-and-set comes first: it takes the row lock (PostgreSQL) or the
+    // write lock (SQLite) before anything is read, so the check and the write are
+    // one atomic step.
+    let matched = match new.base {
+        WriteBase::Create => {
+            let m = new.metadata.cloned().unwrap_or_default();
+            let q = format!(
+                "INSERT INTO credentials (name, current_version, labels, description, owner, \
+                 expires_at, created_at, updated_at) VALUES ($1, 1, $2, $3, $4, $5, $6, $6) \
+                 ON CONFLICT (name) DO NOTHING RETURNING {}",
+                CRED_COLS_BARE
+            );
+            sqlx::query(&q)
+                .bind(new.name)
+                .bind(labels_to_json(&m))
+                .bind(&m.description)
+                .bind(&m.owner)
+                .bind(m.expires_at)
+                .bind(new.now)
+                .fetch_optional(&mut **tx)
+                .await?
+        }
+        WriteBase::Update(current) | WriteBase::Revive(current) => {
+            let live = matches!(new.base, WriteBase::Update(_));
+            let m = new.metadata;
+            let q = format!(
+                "UPDATE credentials SET current_version = $2, updated_at = $3, deleted_at = NULL, \
+                 labels = CASE WHEN $4 THEN $5 ELSE labels END, \
+                 description = CASE WHEN $4 THEN $6 ELSE description END, \
+                 owner = CASE WHEN $4 THEN $7 ELSE owner END, \
+                 expires_at = CASE WHEN $4 THEN $8 ELSE expires_at END, \
+                 metadata_version = CASE WHEN $4 THEN metadata_version + 1 ELSE metadata_version END \
+                 WHERE name = $1 AND current_version = $9 AND (deleted_at IS NULL) = $10 RETURNING {}",
+                CRED_COLS_BARE
+            );
+            sqlx::query(&q)
+                .bind(new.name)
+                .bind(to_db(version))
+                .bind(new.now)
+                .bind(m.is_some())
+                .bind(m.map(labels_to_json).unwrap_or_default())
+                .bind(m.map(|m| m.description.clone()).unwrap_or_default())
+                .bind(m.map(|m| m.owner.clone()).unwrap_or_default())
+                .bind(m.and_then(|m| m.expires_at))
+                .bind(to_db(current))
+                .bind(live)
+                .fetch_optional(&mut **tx)
+                .await?
+        }
+    };
+    let Some(head) = matched else {
+        return Err(StoreError::Conflict);
+    };
+    let head = credential(&head)?;
+    // The DEK must be wrapped by the active KEK. On PostgreSQL the KEK's row is
+    // read FOR SHARE, so a KEK rotation waits for this write and every write after
+    // it sees the new KEK: no DEK is ever left behind under a retiring KEK.
+    let kek_state: Option<String> =
+        sqlx::query_scalar(B::ACTIVE_KEK_CHECK).bind(new.sealed.kek_id).fetch_optional(&mut **tx).await?;
+    if kek_state.as_deref() != Some("active") {
+        return Err(StoreError::StaleKek(new.sealed.kek_id));
+    }
+    sqlx::query(
+        "UPDATE credential_versions SET state = 'previous', expires_at = $2 \
+         WHERE name = $1 AND state = 'current'",
+    )
+    .bind(new.name)
+    .bind(new.previous_expires_at)
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO credential_versions (name, version, state, kek_id, wrapped_dek, ciphertext, created_at) \
+         VALUES ($1, $2, 'current', $3, $4, $5, $6)",
+    )
+    .bind(new.name)
+    .bind(to_db(version))
+    .bind(new.sealed.kek_id)
+    .bind(&new.sealed.wrapped_dek)
+    .bind(&new.sealed.ciphertext)
+    .bind(new.now)
+    .execute(&mut **tx)
+    .await?;
+    if let Some(oldest_kept) = version.checked_sub(new.max_versions) {
+        sqlx::query("DELETE FROM credential_versions WHERE name = $1 AND version <= $2")
+            .bind(new.name)
+            .bind(to_db(oldest_kept))
+            .execute(&mut **tx)
+            .await?;
+    }
+    if let Some(p) = new.policy {
+        let n = sqlx::query(
+            "UPDATE rotation_policies SET next_run_at = $2, rotations = rotations + 1, \
+             last_rotated_at = $3, last_error = NULL, updated_at = $3 \
+             WHERE name = $1 AND (CAST($4 AS BIGINT) IS NULL OR next_run_at = $4)",
+        )
+        .bind(new.name)
+        .bind(p.next_run_at)
+        .bind(new.now)
+        .bind(p.claim)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+        if n == 0 && p.claim.is_some() {
+            // Another daemon rotated in this slot first.
+            return Err(StoreError::Conflict);
+        }
+    }
+    let event = ChangeEvent { name: new.name.to_owned(), kind: new.kind, version, at: new.now };
+    store.notify(tx, &encode_change(&event)).await?;
+    Ok(head)
+}
+
+pub(super) async fn notify_credential<B: SqlBackend>(
     store: &B,
     tx: &mut Tx<'_, B>,
     name: &str,
@@ -322,6 +353,7 @@ pub(super) fn credential(row: &impl Fields) -> Result<CredentialHead, StoreError
     Ok(CredentialHead {
         name: get(row, "name")?,
         current_version: from_db(get(row, "current_version")?, "current_version")?,
+        metadata_version: from_db(get(row, "metadata_version")?, "metadata_version")?,
         metadata: Metadata {
             labels: serde_json::from_str(&labels).map_err(|e| StoreError::Corrupt(format!("labels: {e}")))?,
             description: get(row, "description")?,

@@ -22,6 +22,7 @@ mod keys;
 mod policies;
 mod staleness;
 mod tokens;
+mod writes;
 
 pub(super) use audit::AUDIT_COLS;
 pub(super) use credentials::{CRED_COLS, VERSION_COLS};
