@@ -333,9 +333,9 @@ impl Daemon {
             builder = builder.tls_config(tls_config(tls)?)?;
         }
         let server = builder
-            .layer(crate::service::layers::metrics::RequestMetricsLayer)
+            .layer(AroundLayer(crate::service::layers::metrics::RequestMetricsLayer))
             .layer(AroundLayer(crate::service::lifecycle::DeadlineLayer))
-            .layer(crate::service::layers::audit::AuditLayer::new(audit))
+            .layer(AroundLayer(crate::service::layers::audit::AuditLayer::new(audit)))
             .layer(AroundLayer(crate::service::lifecycle::DrainLayer::new(drain_rx.clone())))
             .layer(AroundLayer(crate::service::layers::admission::AdmissionLayer::new(
                 limits.max_concurrent_requests,

@@ -228,3 +228,12 @@ pub struct TokenRecord {
     pub expires_at: Option<Micros>,
     pub revoked_at: Option<Micros>,
 }
+
+/// A workload identity (see `vault::identity`) bound to a policy document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityRecord {
+    pub identity: String,
+    /// The JSON policy document, as tokens carry it.
+    pub policies: String,
+    pub created_at: Micros,
+}

@@ -26,7 +26,7 @@ pub(super) fn rules_from_proto(rules: Vec<proto::PolicyRule>) -> Result<Vec<Rule
         .collect()
 }
 
-pub(super) fn identity_binding(r: &crate::store::IdentityRecord) -> proto::IdentityBinding {
+pub(super) fn identity_binding(r: &crate::model::IdentityRecord) -> proto::IdentityBinding {
     let doc = PolicyDoc::parse(&r.policies).ok();
     let policy = doc.as_ref().map(Policy::from_doc).unwrap_or_default();
     proto::IdentityBinding {

@@ -7,9 +7,9 @@ use zeroize::Zeroizing;
 
 use super::{caller, denied, timestamp};
 use crate::auth::{Caller, Capability};
+use crate::model::Metadata;
 use crate::names::CredentialName;
 use crate::proto;
-use crate::store::Metadata;
 use crate::vault::{BatchItem, IdempotencyKey, Vault, VaultError, WriteConflict};
 
 // The header names are the client library's, so the two cannot drift apart.

@@ -42,14 +42,9 @@ pub use sqlite::SqliteStore;
 pub use writes::{BatchOp, BatchOutcome, BatchWrite, KeyClaim, KeyRecord};
 
 pub use crate::model::{
-    now_micros, ChangeKind, CredentialHead, JobState, Metadata, Micros, PolicyKind, RotationJob, RotationPolicy,
-    TokenRecord, VersionInfo, VersionState,
+    now_micros, ChangeKind, CredentialHead, IdentityRecord, JobState, Metadata, Micros, PolicyKind, RotationJob,
+    RotationPolicy, TokenRecord, VersionInfo, VersionState,
 };
-// The rows' former names, kept while work in progress moves over to the model's.
-pub type CredentialRow = CredentialHead;
-pub type RotationPolicyRow = RotationPolicy;
-pub type JobRow = RotationJob;
-pub type TokenRow = TokenRecord;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -295,15 +290,6 @@ pub trait StalenessStore: Send + Sync {
         query: &ListQuery<'_>,
         filter: &ListFilter,
     ) -> Result<Vec<(CredentialHead, bool)>, StoreError>;
-}
-
-/// A workload identity (see `vault::identity`) bound to a policy document.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IdentityRecord {
-    pub identity: String,
-    /// The JSON policy document, as tokens carry it.
-    pub policies: String,
-    pub created_at: Micros,
 }
 
 /// Identity bindings. Each change notifies the token table's listeners, in its own

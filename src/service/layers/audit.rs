@@ -6,11 +6,11 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use crate::audit::{Audit, AuditContext, Event, RequestId, Slot};
 use crate::model::now_micros;
+use crate::service::layers::{Around, BoxFuture};
 
 /// Assigns request ids, carries the [`AuditContext`], and emits the event.
 #[derive(Debug, Clone)]
@@ -36,38 +36,16 @@ impl AuditLayer {
     }
 }
 
-impl<S> tower::Layer<S> for AuditLayer {
-    type Service = AuditService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        AuditService { inner, layer: self.clone() }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct AuditService<S> {
-    inner: S,
-    layer: AuditLayer,
-}
-
-impl<S, B> tower::Service<http::Request<B>> for AuditService<S>
+impl<S, B> Around<S, B> for AuditLayer
 where
     S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
 {
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        let audit = self.layer.audit.clone();
-        let n = self.layer.ids.next.fetch_add(1, Ordering::Relaxed);
-        let request_id = RequestId(self.layer.ids.base.wrapping_add(n));
+    fn around(&self, inner: &mut S, mut req: http::Request<B>) -> BoxFuture<Result<S::Response, S::Error>> {
+        let audit = self.audit.clone();
+        let n = self.ids.next.fetch_add(1, Ordering::Relaxed);
+        let request_id = RequestId(self.ids.base.wrapping_add(n));
         let rpc = crate::service::layers::metrics::rpc_label(req.uri().path());
         let peer = req.extensions().get::<tonic::transport::server::TcpConnectInfo>().and_then(|i| i.remote_addr());
 
@@ -93,7 +71,7 @@ where
             deadline: deadline.and_then(|d| start.checked_add(d.saturating_sub(deadline_slack(d)))),
             done: false,
         };
-        let fut = self.inner.call(req);
+        let fut = inner.call(req);
         Box::pin(tracing::Instrument::instrument(
             async move {
                 // If this future is dropped before the response (client cancel, reset,

@@ -2,12 +2,10 @@
 //! `credvault_request_duration_seconds{rpc}`, with RPC names and status codes from fixed
 //! lists, so no request can add a series.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::OnceLock;
-use std::task::{Context, Poll};
 use std::time::Instant;
 
+use crate::service::layers::{Around, BoxFuture};
 use crate::telemetry::names;
 
 /// The RPC names used as label values; anything else is `unknown`.
@@ -132,36 +130,15 @@ fn record_request(rpc: usize, code: usize, seconds: f64) {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RequestMetricsLayer;
 
-impl<S> tower::Layer<S> for RequestMetricsLayer {
-    type Service = RequestMetrics<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        RequestMetrics { inner }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct RequestMetrics<S> {
-    inner: S,
-}
-
-impl<S, B, RB> tower::Service<http::Request<B>> for RequestMetrics<S>
+impl<S, B, RB> Around<S, B> for RequestMetricsLayer
 where
     S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
     S::Future: Send + 'static,
 {
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+    fn around(&self, inner: &mut S, req: http::Request<B>) -> BoxFuture<Result<S::Response, S::Error>> {
         let rpc = rpc_index(req.uri().path());
         let start = Instant::now();
-        let fut = self.inner.call(req);
+        let fut = inner.call(req);
         Box::pin(async move {
             let res = fut.await;
             let code = match &res {
