@@ -10,7 +10,7 @@ use zeroize::{Zeroize as _, Zeroizing};
 
 use super::credential::metadata_message;
 use super::{audit_version, authorize, authorize_everywhere, from_timestamp, timestamp};
-use crate::auth::{Auth, Capability, Policy, PolicyDoc, Rule};
+use crate::auth::{Auth, Capability, Policy, PolicyDoc};
 use crate::crypto::KdfParams;
 use crate::generate::{Encoding, GeneratorSpec, PasswordClasses};
 use crate::model::{JobState, Micros, PolicyKind, RotationPolicy, TokenRecord};
@@ -426,21 +426,7 @@ impl AdminService for AdminApi {
     ) -> Result<Response<proto::CreateTokenResponse>, Status> {
         authorize_everywhere(&req, Capability::Admin)?;
         let r = req.into_inner();
-        let rules = r
-            .rules
-            .into_iter()
-            .map(|rule| {
-                Ok(Rule {
-                    pattern: rule.pattern,
-                    capabilities: rule
-                        .capabilities
-                        .into_iter()
-                        .map(capability_from_proto)
-                        .collect::<Result<_, Status>>()?,
-                    deny: rule.deny,
-                })
-            })
-            .collect::<Result<Vec<_>, Status>>()?;
+        let rules = super::identity::rules_from_proto(r.rules)?;
         let ttl = match r.ttl {
             None => None,
             Some(d) => Some(
