@@ -117,7 +117,11 @@ async fn sigterm_drains_streams_and_requests_then_exits_zero() {
         // refused connection). A tonic client reports a request its own connection task
         // dropped while the connection closed as CANCELLED "operation was canceled": that
         // request never reached the daemon.
-        let client_side = *code == Code::Cancelled && message == "operation was canceled";
+        // Likewise a request the client's connection sent as the daemon's GOAWAY crossed it
+        // comes back from the client's own h2 layer as INTERNAL "h2 protocol error": the
+        // daemon never saw it (about once in 370,000 requests in the soak).
+        let client_side = (*code == Code::Cancelled && message == "operation was canceled")
+            || (*code == Code::Internal && message.starts_with("h2 protocol error"));
         assert!(*code == Code::Unavailable || client_side, "callers see only OK or UNAVAILABLE: {code:?} {message}");
     }
 
