@@ -16,6 +16,14 @@
 #   benches/callgrind.sh                 # N1=2000, N2=10000; builds the dist binary
 #   BIN=path/to/credvault SKIP_BUILD=1 benches/callgrind.sh
 #   N1=1000 N2=5000 REPEAT=3 benches/callgrind.sh
+#   TARGET=raw benches/callgrind.sh      # the same count for a baseline server
+#   BIN=old/credvault BENCH_BIN=new/credvault SKIP_BUILD=1 benches/callgrind.sh
+#
+# TARGET=raw|tonic counts the baseline servers of `credvault bench --serve-baseline` (one
+# runtime worker, like the daemon here) the same way, so the daemon's instructions per
+# hit can be stated as a multiple of what HTTP/2 alone (raw) or tonic alone costs.
+# BENCH_BIN is the load generator (default: BIN), so an older daemon can be measured
+# with the current client.
 #
 # Needs valgrind (Debian: apt-get install valgrind). Writes $OUT (default
 # benches/results/callgrind): callgrind.out (life 2), annotate.txt and summary.txt.
@@ -27,12 +35,18 @@ BIN=${BIN:-${CARGO_TARGET_DIR:-target}/dist/credvault}
 N1=${N1:-2000}
 N2=${N2:-10000}
 REPEAT=${REPEAT:-1}
+TARGET=${TARGET:-daemon}
 KEYS=100
+case "$TARGET" in
+    daemon | raw | tonic) ;;
+    *) echo "TARGET must be daemon, raw or tonic" >&2; exit 1 ;;
+esac
 
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
     cargo build --profile dist --quiet
 fi
 command -v valgrind >/dev/null || { echo "valgrind is not installed" >&2; exit 1; }
+BENCH_BIN=${BENCH_BIN:-$BIN}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 WORK=$(mktemp -d /tmp/credvault-callgrind.XXXXXX)
@@ -66,6 +80,23 @@ start() {
     exit 1
 }
 
+# start_baseline DIR [wrapper...]: a baseline server of kind $TARGET; sets PORT and DAEMON_PID.
+start_baseline() {
+    local dir=$1
+    shift
+    PORT=$(free_port)
+    "$@" "$BIN" bench --serve-baseline "$TARGET" --listen "127.0.0.1:$PORT" --baseline-workers 1 \
+        --value-size 256 >>"$dir/stdout" 2>"$dir/stderr" &
+    DAEMON_PID=$!
+    for _ in $(seq 1 1200); do
+        grep -q 'listening on' "$dir/stdout" 2>/dev/null && return 0
+        kill -0 "$DAEMON_PID" 2>/dev/null || { cat "$dir/stderr" >&2; exit 1; }
+        sleep 0.1
+    done
+    echo "the baseline did not start" >&2
+    exit 1
+}
+
 stop() {
     kill -TERM "$DAEMON_PID"
     wait "$DAEMON_PID" || true
@@ -79,13 +110,18 @@ stop() {
 life() {
     local n=$1 outfile=$2 dir token
     dir=$(mktemp -d "$WORK/life.XXXXXX")
-    start "$dir"
-    token=$(sed -n 's/^export CREDVAULT_TOKEN=//p' "$dir/stdout")
-    "$BIN" bench --addr "http://127.0.0.1:$PORT" --token "$token" --workload get --keys "$KEYS" \
-        --value-size 256 --requests "$KEYS" --warmup 0 >/dev/null
-    stop
-    start "$dir" valgrind --tool=callgrind --callgrind-out-file="$outfile"
-    "$BIN" bench --addr "http://127.0.0.1:$PORT" --token "$token" --workload get --keys "$KEYS" --no-seed \
+    if [ "$TARGET" = daemon ]; then
+        start "$dir"
+        token=$(sed -n 's/^export CREDVAULT_TOKEN=//p' "$dir/stdout")
+        "$BENCH_BIN" bench --addr "http://127.0.0.1:$PORT" --token "$token" --workload get --keys "$KEYS" \
+            --value-size 256 --requests "$KEYS" --warmup 0 >/dev/null
+        stop
+        start "$dir" valgrind --tool=callgrind --callgrind-out-file="$outfile"
+    else
+        token=unused
+        start_baseline "$dir" valgrind --tool=callgrind --callgrind-out-file="$outfile"
+    fi
+    "$BENCH_BIN" bench --addr "http://127.0.0.1:$PORT" --token "$token" --workload get --keys "$KEYS" --no-seed \
         --value-size 256 --distribution sequential --requests "$n" --warmup 0 -c 1 --connections 1 \
         --request-timeout 60 --json >"$dir/bench.json"
     python3 - "$dir/bench.json" "$n" <<'EOF'

@@ -6,6 +6,7 @@
 #
 #   benches/profile.sh                   # builds the dist binary
 #   BIN=path/to/credvault SKIP_BUILD=1 CALLERS=1 CONNECTIONS=1 benches/profile.sh
+#   CALL_GRAPH=dwarf benches/profile.sh  # callers of malloc, locks (larger perf.data)
 #
 # Needs perf (Debian: linux-perf). Writes $OUT (default benches/results/profile):
 # perf.data, by-thread.txt, by-dso.txt, by-symbol.txt.
@@ -17,6 +18,9 @@ BIN=${BIN:-${CARGO_TARGET_DIR:-target}/dist/credvault}
 CALLERS=${CALLERS:-64}
 CONNECTIONS=${CONNECTIONS:-4}
 SECONDS_PROFILED=${SECONDS_PROFILED:-4}
+# Frame pointers (perf's default, cheap but blind inside most Rust frames) or, with
+# CALL_GRAPH=dwarf, unwound stacks: who calls malloc, which lock is contended.
+CALL_GRAPH=${CALL_GRAPH:-fp}
 
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
     cargo build --profile dist --quiet
@@ -55,7 +59,7 @@ TOKEN=$(sed -n 's/^export CREDVAULT_TOKEN=//p' "$WORK/stdout")
 LOAD=$!
 PIDS+=("$LOAD")
 sleep 2
-perf record -F 999 -g -p "$DAEMON" -o "$OUT/perf.data" -- sleep "$SECONDS_PROFILED" 2>"$WORK/perf.err"
+perf record -F 999 --call-graph "$CALL_GRAPH" -p "$DAEMON" -o "$OUT/perf.data" -- sleep "$SECONDS_PROFILED" 2>"$WORK/perf.err"
 wait "$LOAD" || true
 perf report -i "$OUT/perf.data" --no-children --sort comm --stdio 2>/dev/null | grep -v '^#' | grep -v '^$' \
     | head -20 >"$OUT/by-thread.txt"

@@ -10,6 +10,12 @@ use credvault::cli::{run_client, Cli, Command};
 use credvault::config::{LogFormat, ServeArgs, Settings};
 use credvault::server::Daemon;
 
+/// mimalloc instead of the system allocator: see Cargo.toml and BENCHMARKS.md (tuning).
+/// Which buffers are zeroized before they are freed does not depend on the allocator
+/// (ARCHITECTURE.md, secrets in memory).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
