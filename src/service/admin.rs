@@ -241,8 +241,9 @@ impl AdminService for AdminApi {
             Some(proto::rotate_credential_request::Source::Value(v)) => Zeroizing::new(std::mem::take(v)),
             _ => Zeroizing::new(Vec::new()),
         };
-        let c = authorize(&req, Capability::Rotate, &req.get_ref().name)?;
-        let may_cut_grace = c.policy.allows(Capability::Destroy, &req.get_ref().name);
+        let raw = std::mem::take(&mut req.get_mut().name);
+        let (c, name) = super::authorize_name(&self.vault, req.extensions(), Capability::Rotate, raw)?;
+        let may_cut_grace = c.policy.allows(Capability::Destroy, name.as_str());
         let r = req.get_ref();
         let grace = duration(r.grace_period, "grace_period")?;
         let spec;
@@ -259,7 +260,7 @@ impl AdminService for AdminApi {
             None => NewValue::FromPolicy,
         };
         let key = super::writes::idempotency_key(&req, &c)?;
-        let (name, expected) = (&r.name, r.expected_version);
+        let (name, expected) = (&name, r.expected_version);
         let done = match &key {
             Some(k) => self.vault.rotate_idempotent(k, name, source, grace, expected, may_cut_grace).await?,
             None => crate::vault::Replayed {

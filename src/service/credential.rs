@@ -5,7 +5,7 @@ use std::pin::Pin;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use super::{audit_version, authorize, authorize_name, caller, denied, from_timestamp, timestamp, version_state};
+use super::{audit_version, authorize_name, caller, denied, from_timestamp, timestamp, version_state};
 use crate::auth::{Auth, Capability};
 use crate::model::{ChangeKind, CredentialHead, CredentialName, Metadata};
 use crate::proto::{self, credential_service_server::CredentialService};
@@ -199,12 +199,14 @@ impl CredentialService for CredentialApi {
         // included (see ARCHITECTURE.md, "Secrets in memory", for the copies tonic keeps).
         let mut req = req;
         let value = zeroize::Zeroizing::new(std::mem::take(&mut req.get_mut().value));
-        let c = authorize(&req, Capability::Write, &req.get_ref().name)?;
+        // Parsed once, here; the vault takes the parsed name.
+        let raw = std::mem::take(&mut req.get_mut().name);
+        let (c, name) = authorize_name(&self.vault, req.extensions(), Capability::Write, raw)?;
         let key = super::writes::idempotency_key(&req, &c)?;
         let ctx = crate::service::layers::audit::context(&req).cloned();
         let r = req.into_inner();
         let metadata = r.metadata.map(metadata_from).transpose()?;
-        let (name, expected, metadata) = (&r.name, r.expected_version, metadata.as_ref());
+        let (name, expected, metadata) = (&name, r.expected_version, metadata.as_ref());
         let done = match &key {
             Some(k) => self.vault.put_idempotent(k, name, &value, expected, metadata).await?,
             None => Replayed { outcome: self.vault.put(name, &value, expected, metadata).await?, replayed: false },
@@ -225,7 +227,9 @@ impl CredentialService for CredentialApi {
         &self,
         req: Request<proto::DeleteCredentialRequest>,
     ) -> Result<Response<proto::DeleteCredentialResponse>, Status> {
-        let c = authorize(&req, Capability::Delete, &req.get_ref().name)?;
+        let mut req = req;
+        let raw = std::mem::take(&mut req.get_mut().name);
+        let (c, name) = authorize_name(&self.vault, req.extensions(), Capability::Delete, raw)?;
         let key = super::writes::idempotency_key(&req, &c)?;
         if let Some(v) = req.get_ref().expected_version {
             audit_version(&req, v);
@@ -233,7 +237,7 @@ impl CredentialService for CredentialApi {
         let r = req.into_inner();
         let (message, replayed) = match &key {
             Some(k) => {
-                let done = self.vault.delete_idempotent(k, &r.name, r.expected_version).await?;
+                let done = self.vault.delete_idempotent(k, &name, r.expected_version).await?;
                 let o = done.outcome;
                 let message = proto::DeleteCredentialResponse {
                     name: o.name,
@@ -243,7 +247,7 @@ impl CredentialService for CredentialApi {
                 (message, done.replayed)
             }
             None => {
-                let head = self.vault.delete(&r.name, r.expected_version).await?;
+                let head = self.vault.delete(&name, r.expected_version).await?;
                 let message = proto::DeleteCredentialResponse {
                     name: head.name,
                     version: head.current_version,

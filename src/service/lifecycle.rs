@@ -31,7 +31,7 @@ use tokio::sync::watch;
 use tonic::body::Body;
 
 use crate::service::layers::audit::parse_grpc_timeout;
-use crate::service::layers::{Around, BoxFuture};
+use crate::service::layers::{Around, BoxFuture, GRPC_STATUS, GRPC_TIMEOUT};
 
 /// Answers `DEADLINE_EXCEEDED` when a request's `grpc-timeout` expires.
 #[derive(Debug, Clone, Copy, Default)]
@@ -44,7 +44,7 @@ where
     S::Error: Send + 'static,
 {
     fn around(&self, inner: &mut S, req: http::Request<B>) -> BoxFuture<Result<S::Response, S::Error>> {
-        let timeout = req.headers().get("grpc-timeout").and_then(|v| parse_grpc_timeout(v.as_bytes()));
+        let timeout = req.headers().get(&GRPC_TIMEOUT).and_then(|v| parse_grpc_timeout(v.as_bytes()));
         let read = is_read(req.uri().path());
         let fut = inner.call(req);
         if read && timeout.is_none() {
@@ -153,7 +153,7 @@ where
         Box::pin(async move {
             let res = fut.await?;
             // A trailers-only answer (an error status) has nothing left to end.
-            if res.headers().contains_key("grpc-status") {
+            if res.headers().contains_key(&GRPC_STATUS) {
                 return Ok(res);
             }
             let drained: BoxFuture<()> = Box::pin(async move {

@@ -176,17 +176,18 @@ impl Vault {
     pub async fn put_idempotent(
         &self,
         key: &IdempotencyKey,
-        name: &str,
+        name: &(impl NameArg + ?Sized),
         value: &[u8],
         expected: Option<u64>,
         metadata: Option<&Metadata>,
     ) -> Result<Replayed<PutOutcome>, VaultError> {
         // Bad input is refused as such, before any key is consulted.
-        self.name(name)?;
+        let name = self.name(name)?;
+        let name = &*name;
         check_expected(expected)?;
         self.check_value(value)?;
         let mut f = Fingerprint::new(self, "PutCredential");
-        f.bytes(name.as_bytes()).opt_u64(expected).metadata(metadata).bytes(value);
+        f.bytes(name.as_str().as_bytes()).opt_u64(expected).metadata(metadata).bytes(value);
         let claim = self.claim(key, "PutCredential", f.finish());
         let replay = |r: KeyRecord| PutOutcome { name: r.name, version: r.version, created_at: r.at };
         self.answer_from_key(&claim, replay, self.put_keyed(name, value, expected, metadata, Some(&claim))).await
@@ -196,13 +197,14 @@ impl Vault {
     pub async fn delete_idempotent(
         &self,
         key: &IdempotencyKey,
-        name: &str,
+        name: &(impl NameArg + ?Sized),
         expected: Option<u64>,
     ) -> Result<Replayed<DeleteOutcome>, VaultError> {
-        self.name(name)?;
+        let name = self.name(name)?;
+        let name = &*name;
         check_expected(expected)?;
         let mut f = Fingerprint::new(self, "DeleteCredential");
-        f.bytes(name.as_bytes()).opt_u64(expected);
+        f.bytes(name.as_str().as_bytes()).opt_u64(expected);
         let claim = self.claim(key, "DeleteCredential", f.finish());
         let replay = |r: KeyRecord| DeleteOutcome { name: r.name, version: r.version, deleted_at: r.at };
         let write = async {
@@ -220,16 +222,17 @@ impl Vault {
     pub async fn rotate_idempotent(
         &self,
         key: &IdempotencyKey,
-        name: &str,
+        name: &(impl NameArg + ?Sized),
         source: NewValue<'_>,
         grace: Option<std::time::Duration>,
         expected: Option<u64>,
         may_cut_grace: bool,
     ) -> Result<Replayed<RotateOutcome>, VaultError> {
-        self.name(name)?;
+        let name = self.name(name)?;
+        let name = &*name;
         check_expected(expected)?;
         let mut f = Fingerprint::new(self, "RotateCredential");
-        f.bytes(name.as_bytes())
+        f.bytes(name.as_str().as_bytes())
             .opt_u64(expected)
             .opt_u64(grace.map(|g| u64::try_from(g.as_micros()).unwrap_or(u64::MAX)));
         match &source {

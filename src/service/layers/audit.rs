@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::audit::{Audit, AuditContext, Event, RequestId, Slot};
 use crate::model::now_micros;
-use crate::service::layers::{Around, BoxFuture};
+use crate::service::layers::{Around, BoxFuture, GRPC_STATUS, GRPC_TIMEOUT, X_REQUEST_ID};
 
 /// Assigns request ids, carries the [`AuditContext`], and emits the event.
 #[derive(Debug, Clone)]
@@ -55,7 +55,7 @@ where
             Err(refusal) => return refuse(refusal.message()),
         };
 
-        let deadline = req.headers().get("grpc-timeout").and_then(|v| parse_grpc_timeout(v.as_bytes()));
+        let deadline = req.headers().get(&GRPC_TIMEOUT).and_then(|v| parse_grpc_timeout(v.as_bytes()));
         let ctx = Arc::new(AuditContext::new(request_id));
         req.extensions_mut().insert(ctx.clone());
         let span = tracing::info_span!("request", id = %request_id, rpc);
@@ -78,12 +78,12 @@ where
                 // deadline), `pending` emits the event from its Drop.
                 let mut res = fut.await;
                 let code = match &res {
-                    Ok(r) => r.headers().get("grpc-status").map(|v| v.as_bytes()).unwrap_or(b"0"),
+                    Ok(r) => r.headers().get(&GRPC_STATUS).map(|v| v.as_bytes()).unwrap_or(b"0"),
                     Err(_) => b"13",
                 };
                 pending.emit(crate::service::layers::metrics::code_label(code));
                 if let Ok(r) = &mut res {
-                    r.headers_mut().insert("x-request-id", header_value(request_id));
+                    r.headers_mut().insert(X_REQUEST_ID.clone(), header_value(request_id));
                 }
                 res
             },
@@ -196,14 +196,19 @@ fn refuse<E: Send + 'static>(
     Box::pin(async move { Ok(response) })
 }
 
-/// A request id as the `x-request-id` header: 16 hex digits.
+/// A request id as the `x-request-id` header: 16 hex digits. Marked sensitive so that
+/// HTTP/2 sends it as a literal never indexed: a value that differs on every response
+/// would only churn both ends' HPACK tables (each insert evicting an entry, each lookup
+/// comparing against them) for nothing.
 fn header_value(id: RequestId) -> http::HeaderValue {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut text = [0u8; 16];
     for (i, b) in text.iter_mut().enumerate() {
         *b = HEX[((id.0 >> (60 - 4 * i)) & 0xf) as usize];
     }
-    http::HeaderValue::from_bytes(&text).unwrap_or_else(|_| http::HeaderValue::from_static("0"))
+    let mut value = http::HeaderValue::from_bytes(&text).unwrap_or_else(|_| http::HeaderValue::from_static("0"));
+    value.set_sensitive(true);
+    value
 }
 
 /// The audit context of a request, if the layer set one.

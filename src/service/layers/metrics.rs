@@ -5,7 +5,7 @@
 use std::sync::OnceLock;
 use std::time::Instant;
 
-use crate::service::layers::{Around, BoxFuture};
+use crate::service::layers::{Around, BoxFuture, GRPC_STATUS};
 use crate::telemetry::names;
 
 /// The RPC names used as label values; anything else is `unknown`.
@@ -142,7 +142,7 @@ where
         Box::pin(async move {
             let res = fut.await;
             let code = match &res {
-                Ok(r) => r.headers().get("grpc-status").map(|v| code_index(v.as_bytes())).unwrap_or(0),
+                Ok(r) => r.headers().get(&GRPC_STATUS).map(|v| code_index(v.as_bytes())).unwrap_or(0),
                 Err(_) => INTERNAL_CODE,
             };
             record_request(rpc, code, start.elapsed().as_secs_f64());

@@ -16,6 +16,12 @@ use std::task::{Context, Poll};
 
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
+/// Header names the layers read or write on every request, made once: a lookup by a
+/// `&str` parses and checks the name each time.
+pub(crate) static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+pub(crate) static GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
+pub(crate) static X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+
 /// What a layer does around one request. `inner` has been polled ready: call it once,
 /// or take it with [`take_ready`] to call it from inside the returned future.
 pub trait Around<S, B>: Clone
