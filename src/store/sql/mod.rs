@@ -7,7 +7,11 @@
 //! clause what it needs of the driver: an executor for a connection, the types it binds
 //! ([`Bind`]) and those it reads back alone with `query_scalar` ([`Scalar`]). What all of
 //! them need (reading rows by column name, turning binds into arguments) is a bound on
-//! [`SqlBackend::DB`], so it is implied everywhere and written once.
+//! [`SqlBackend::DB`], so it is implied everywhere and written once. The per-type bounds
+//! cannot be gathered the same way: Rust implies a trait's supertraits, not the bounds of
+//! its `where` clause on other types (`for<'q> &'q str: Bind<'q, Db<B>>`), so a "bundle"
+//! trait would still need them restated at every impl. Each aggregate's impl therefore
+//! repeats the few it uses.
 
 use async_trait::async_trait;
 use sqlx::{ColumnIndex, Database, Decode, Encode, IntoArguments, Pool, Transaction, Type};
