@@ -61,6 +61,18 @@ free_port() {
     python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
 }
 
+# wait_for TEXT FILE DIR: until FILE shows TEXT (up to 2 minutes: valgrind starts
+# slowly); exits if $DAEMON_PID dies first, with its stderr from DIR.
+wait_for() {
+    for _ in $(seq 1 1200); do
+        grep -q "$1" "$2" 2>/dev/null && return 0
+        kill -0 "$DAEMON_PID" 2>/dev/null || { cat "$3/stderr" >&2; exit 1; }
+        sleep 0.1
+    done
+    echo "the server did not start" >&2
+    exit 1
+}
+
 # start DIR [wrapper...]: a daemon over DIR (run through the wrapper, if any); sets PORT
 # and DAEMON_PID.
 start() {
@@ -71,13 +83,7 @@ start() {
     "$@" "$BIN" serve --data-dir "$dir" --listen "127.0.0.1:$PORT" --metrics-listen "127.0.0.1:$mport" \
         --worker-threads 1 >>"$dir/stdout" 2>"$dir/stderr" &
     DAEMON_PID=$!
-    for _ in $(seq 1 1200); do
-        grep -q 'serving gRPC' "$dir/stderr" 2>/dev/null && return 0
-        kill -0 "$DAEMON_PID" 2>/dev/null || { cat "$dir/stderr" >&2; exit 1; }
-        sleep 0.1
-    done
-    echo "the daemon did not start" >&2
-    exit 1
+    wait_for 'serving gRPC' "$dir/stderr" "$dir"
 }
 
 # start_baseline DIR [wrapper...]: a baseline server of kind $TARGET; sets PORT and DAEMON_PID.
@@ -88,13 +94,7 @@ start_baseline() {
     "$@" "$BIN" bench --serve-baseline "$TARGET" --listen "127.0.0.1:$PORT" --baseline-workers 1 \
         --value-size 256 >>"$dir/stdout" 2>"$dir/stderr" &
     DAEMON_PID=$!
-    for _ in $(seq 1 1200); do
-        grep -q 'listening on' "$dir/stdout" 2>/dev/null && return 0
-        kill -0 "$DAEMON_PID" 2>/dev/null || { cat "$dir/stderr" >&2; exit 1; }
-        sleep 0.1
-    done
-    echo "the baseline did not start" >&2
-    exit 1
+    wait_for 'listening on' "$dir/stdout" "$dir"
 }
 
 stop() {
