@@ -168,8 +168,11 @@ impl CachedVersion {
     }
 }
 
-/// A heap block of `n` bytes as glibc's allocator lays it out (a word of header,
-/// 16-byte granules, 32 bytes at least).
+/// An estimate of the heap block behind `n` bytes, laid out as glibc's allocator does (a
+/// word of header, 16-byte granules, 32 bytes at least). The daemon's binary allocates
+/// with mimalloc, which has no header but rounds up to size classes about an eighth
+/// apart, so for a given block the two differ by up to about 15% either way; the bound
+/// on the cache's bytes is an estimate of that accuracy.
 fn heap_block(n: usize) -> usize {
     if n == 0 {
         0
