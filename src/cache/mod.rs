@@ -31,9 +31,15 @@
 //! revalidated against the store after the feed was subscribed again, or filled from it
 //! since: no version superseded while the daemon was deaf survives a resync.
 
+mod coalesce;
+mod entry;
+
+use coalesce::Inflight;
+use entry::entry_overhead;
+pub use entry::CachedVersion;
+
 use std::collections::HashMap;
 use std::fmt;
-use std::future::Future;
 use std::hash::BuildHasher;
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -41,12 +47,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use lru::LruCache;
 use serde::Deserialize;
-use tokio::sync::OnceCell;
 use tokio::time::{Duration, Instant};
-use zeroize::Zeroizing;
 
-use crate::crypto::Sealed;
-use crate::store::{VersionInfo, VersionRow};
+use crate::store::VersionInfo;
 use crate::telemetry::names;
 
 /// What happens to plaintext after a cached value is read.
@@ -103,96 +106,6 @@ impl CacheSettings {
             self.shards
         };
         n.clamp(1, 1024).next_power_of_two()
-    }
-}
-
-/// A credential's current version as cached: its version metadata and either its sealed
-/// bytes or, once read under [`PlaintextPolicy::Memoize`], its plaintext alone.
-///
-/// Entries are immutable. Memoizing replaces the entry with a plaintext-only one
-/// ([`Cache::memoize`]), so a memoized credential does not also keep its ciphertext and
-/// wrapped DEK, and readers holding the sealed entry are never disturbed.
-pub struct CachedVersion {
-    pub info: VersionInfo,
-    body: Body,
-}
-
-enum Body {
-    /// The sealed value (`None` if this version was destroyed).
-    Sealed(Option<Sealed>),
-    /// The decrypted value, wiped when the entry drops.
-    Plain(Zeroizing<Box<[u8]>>),
-}
-
-impl CachedVersion {
-    pub fn new(row: VersionRow) -> Self {
-        CachedVersion { info: row.info, body: Body::Sealed(row.sealed) }
-    }
-
-    fn memoized(info: VersionInfo, plaintext: &[u8]) -> Self {
-        // A fresh exact-size allocation: shrinking the caller's buffer in place could
-        // leave a copy of the value behind in freed memory.
-        CachedVersion { info, body: Body::Plain(Zeroizing::new(Box::from(plaintext))) }
-    }
-
-    pub fn version(&self) -> u64 {
-        self.info.version
-    }
-
-    /// The sealed value, unless the entry holds plaintext only (or the version was
-    /// destroyed).
-    pub fn sealed(&self) -> Option<&Sealed> {
-        match &self.body {
-            Body::Sealed(s) => s.as_ref(),
-            Body::Plain(_) => None,
-        }
-    }
-
-    /// The memoized plaintext, if a previous read kept it.
-    pub fn plaintext(&self) -> Option<&[u8]> {
-        match &self.body {
-            Body::Plain(p) => Some(p),
-            Body::Sealed(_) => None,
-        }
-    }
-
-    /// What this entry costs: the heap blocks it owns with the allocator's rounding,
-    /// plus the LRU node and key that hold it.
-    fn estimated_bytes(&self, name: &str) -> usize {
-        let owned = match &self.body {
-            Body::Sealed(Some(s)) => heap_block(s.wrapped_dek.len()) + heap_block(s.ciphertext.len()),
-            Body::Sealed(None) => 0,
-            Body::Plain(p) => heap_block(p.len()),
-        };
-        heap_block(std::mem::size_of::<CachedVersion>() + 16) + owned + entry_overhead(name)
-    }
-}
-
-/// An estimate of the heap block behind `n` bytes, laid out as glibc's allocator does (a
-/// word of header, 16-byte granules, 32 bytes at least). The daemon's binary allocates
-/// with mimalloc, which has no header but rounds up to size classes about an eighth
-/// apart, so for a given block the two differ by up to about 15% either way; the bound
-/// on the cache's bytes is an estimate of that accuracy.
-fn heap_block(n: usize) -> usize {
-    if n == 0 {
-        0
-    } else {
-        (n + 8).div_ceil(16).max(2) * 16
-    }
-}
-
-/// The LRU node, its key and its hash-table slot.
-fn entry_overhead(name: &str) -> usize {
-    heap_block(std::mem::size_of::<Box<str>>() + std::mem::size_of::<Entry>() + 16) + heap_block(name.len()) + 16
-}
-
-impl fmt::Debug for CachedVersion {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CachedVersion")
-            .field("version", &self.version())
-            .field("state", &self.info.state)
-            .field("plaintext", &self.plaintext().map(|_| "REDACTED"))
-            .finish_non_exhaustive()
     }
 }
 
@@ -661,81 +574,6 @@ impl Cache {
             }
         }
         self.account(d_entries, d_bytes);
-    }
-
-    /// Runs `load` for `name` once for all concurrent callers and caches its result.
-    /// Callers arriving while a load is in flight wait for it instead of querying too.
-    /// A failed load is not shared: the next waiter tries its own.
-    pub async fn load_coalesced<F, Fut, E>(&self, name: &str, load: F) -> Result<Cached, E>
-    where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Cached, E>>,
-    {
-        let cell = {
-            let mut inflight = lock(&self.inflight);
-            match inflight.get_mut(name) {
-                Some(entry) => {
-                    self.counters.coalesced.increment(1);
-                    entry.holders += 1;
-                    entry.cell.clone()
-                }
-                None => {
-                    let c = Arc::new(OnceCell::new());
-                    inflight.insert(name.to_owned(), Inflight { cell: c.clone(), holders: 1 });
-                    c
-                }
-            }
-        };
-        // The last caller holding the entry removes it when it is done, and also when its
-        // future is dropped mid-load (a cancelled or timed-out request): no caller leaves an
-        // entry behind, and a cancelled waiter does not end the load others wait for.
-        let _entry = InflightEntry { cache: self, name, cell: &cell };
-        cell.get_or_try_init(|| async {
-            let ticket = self.ticket(name);
-            let value = load().await?;
-            self.fill(name, ticket, value.clone());
-            Ok(value)
-        })
-        .await
-        .cloned()
-    }
-
-    /// Loads in flight (entries of the coalescing map), for tests and diagnostics.
-    pub fn inflight_len(&self) -> usize {
-        lock(&self.inflight).len()
-    }
-}
-
-/// One load in flight: the cell its callers share, and how many callers hold it.
-#[derive(Debug)]
-struct Inflight {
-    cell: Arc<OnceCell<Cached>>,
-    holders: usize,
-}
-
-/// A caller's hold on a coalescing-map entry, released when the caller is done or its
-/// future is dropped; the last holder removes the entry (unless another load has
-/// replaced it since), and so does the caller whose load filled it.
-struct InflightEntry<'a> {
-    cache: &'a Cache,
-    name: &'a str,
-    cell: &'a Arc<OnceCell<Cached>>,
-}
-
-impl Drop for InflightEntry<'_> {
-    fn drop(&mut self) {
-        let mut inflight = lock(&self.cache.inflight);
-        if let Some(entry) = inflight.get_mut(self.name) {
-            if Arc::ptr_eq(&entry.cell, self.cell) {
-                entry.holders = entry.holders.saturating_sub(1);
-                // A loaded entry goes at once, as it did before holders were counted: a
-                // caller arriving later must not take a value an invalidation may have
-                // overtaken since.
-                if entry.holders == 0 || entry.cell.initialized() {
-                    inflight.remove(self.name);
-                }
-            }
-        }
     }
 }
 

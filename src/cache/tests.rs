@@ -1,7 +1,10 @@
 //! Unit tests of the cache: TTL and the stale window, suspension and resync, fills racing writes, bounds, memoizing, single-flight and cancelled misses.
 
+use std::future::Future;
+
 use super::*;
-use crate::store::VersionState;
+use crate::crypto::Sealed;
+use crate::store::{VersionRow, VersionState};
 
 fn version(v: u64, value_len: usize) -> Arc<CachedVersion> {
     let row = VersionRow {
