@@ -420,3 +420,35 @@ async fn reads_fold_into_counted_events(backend: Backend) {
 }
 
 crate::both_backends!(reads_fold_into_counted_events);
+
+/// Every response carries its request's id in `x-request-id` (16 hex digits, sent as a
+/// never-indexed HTTP/2 literal), and the audit event of that request has the same id;
+/// several responses on one connection each carry their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_carry_the_request_id_of_their_audit_event() {
+    let env = TestEnv::new(Backend::Sqlite).await;
+    let d = TestDaemon::start(env.settings(), None).await;
+    let mut c = d.client().await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let req = proto::PutCredentialRequest { name: format!("rid/{i}"), value: b"v".to_vec(), ..Default::default() };
+        let r = c.put_credential(req).await.unwrap();
+        let id = r.metadata().get("x-request-id").expect("x-request-id").to_str().unwrap().to_owned();
+        assert!(id.len() == 16 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)), "{id}");
+        ids.push(id);
+    }
+    let distinct: std::collections::HashSet<&String> = ids.iter().collect();
+    assert_eq!(distinct.len(), 3, "each response has its own id: {ids:?}");
+
+    let mut seen = Vec::new();
+    eventually("the puts' events are written", Duration::from_secs(3), async || {
+        seen = events(&d).await;
+        seen.iter().filter(|e| e.rpc == "PutCredential").count() >= 3
+    })
+    .await;
+    for (i, id) in ids.iter().enumerate() {
+        let e = seen.iter().find(|e| &e.request_id == id).unwrap_or_else(|| panic!("no event with id {id}: {seen:?}"));
+        assert_eq!((e.rpc.as_str(), e.credential.as_str()), ("PutCredential", format!("rid/{i}").as_str()));
+    }
+    d.stop().await;
+}
