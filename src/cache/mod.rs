@@ -504,6 +504,28 @@ impl Cache {
         }
     }
 
+    /// Another daemon wrote `version` of `name`: drops the entry unless it already holds
+    /// that version or a later one (a read here that followed the write loaded it before
+    /// the notification arrived, and dropping it would only cost a second miss).
+    /// Fills in flight are voided either way. Sound because the feed delivers changes in
+    /// commit order and versions of a name only grow: any later change to the entry
+    /// comes as a later event.
+    pub fn invalidate_older_than(&self, name: &str, version: u64) {
+        let mut shard = lock(&self.shards[self.shard_of(name)]);
+        shard.epoch += 1;
+        if let Some(Entry { value: Cached::Found(held), .. }) = shard.lru.peek(name) {
+            if held.version() >= version {
+                return;
+            }
+        }
+        if let Some(e) = shard.lru.pop(name) {
+            shard.bytes -= e.bytes;
+            drop(shard);
+            self.account(-1, -(e.bytes as i64));
+            self.counters.invalidated.increment(1);
+        }
+    }
+
     /// Drops everything (the change feed was lost, or the daemon is stopping).
     pub fn clear(&self) {
         for s in self.shards.iter() {

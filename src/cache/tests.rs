@@ -168,6 +168,30 @@ fn a_write_that_raced_an_invalidation_is_not_installed() {
 }
 
 #[test]
+fn a_notified_version_already_held_is_kept() {
+    let c = cache(|_| {});
+    c.install("a", c.ticket("a"), version(3, 10));
+    // A late notification of version 2 or 3: what is held is at least that new.
+    c.invalidate_older_than("a", 2);
+    c.invalidate_older_than("a", 3);
+    assert_eq!(found_version(c.get("a")), Some(3));
+    // A fill in flight across the notification is still voided.
+    let slow = c.ticket("a");
+    c.invalidate_older_than("a", 3);
+    c.fill("a", slow, Cached::Found(version(3, 10)));
+    assert_eq!(found_version(c.get("a")), Some(3));
+    // Version 4 is news: the entry goes.
+    c.invalidate_older_than("a", 4);
+    assert!(c.get("a").is_none());
+    assert_eq!((c.len(), c.bytes()), (0, 0));
+    // A remembered miss is news too.
+    let t = c.ticket("a");
+    c.fill("a", t, Cached::Missing { deleted: true });
+    c.invalidate_older_than("a", 5);
+    assert!(c.get("a").is_none(), "a new version replaces a remembered miss");
+}
+
+#[test]
 fn versions_never_go_backwards() {
     let c = cache(|_| {});
     c.install("a", c.ticket("a"), version(5, 10));

@@ -341,7 +341,15 @@ impl Vault {
     pub fn apply_change(&self, change: Change) {
         match change {
             Change::Credential(event) => {
-                self.inner.cache.invalidate(&event.name);
+                match event.kind {
+                    // A new version: an entry already holding it (or a later one) stays.
+                    ChangeKind::Put | ChangeKind::Rotate => {
+                        self.inner.cache.invalidate_older_than(&event.name, event.version)
+                    }
+                    ChangeKind::Delete | ChangeKind::Undelete | ChangeKind::DestroyVersion => {
+                        self.inner.cache.invalidate(&event.name)
+                    }
+                }
                 self.publish(WatchEvent::Change(event));
             }
             Change::Lost => self.feed_lost(),

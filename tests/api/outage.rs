@@ -272,8 +272,9 @@ async fn no_superseded_version_is_served_after_the_resync() {
     let (mut ca, mut cb) = (a.client().await, b.client().await);
     put(&mut ca, "gap/x", b"x1", None).await.unwrap();
     put(&mut ca, "gap/y", b"y1", None).await.unwrap();
-    // A's notifications of those puts may reach B just after B's first reads and drop
-    // them once: wait until B serves all three from memory.
+    // A's notifications of those puts may reach B after its first reads (they leave the
+    // versions B loaded in place, and a fill in flight is voided): wait until B serves
+    // all three from memory.
     eventually("B caches x, y and z", Duration::from_secs(2), async || {
         let before = b.vault.store_queries();
         let x = read(&mut cb, "gap/x").await.unwrap();
@@ -294,8 +295,19 @@ async fn no_superseded_version_is_served_after_the_resync() {
         .await
         .unwrap();
     put(&mut ca, "gap/z", b"z1", None).await.unwrap();
+    // Each new kind of answer is printed, so a failure shows what B said instead.
+    let mut seen = Vec::new();
     eventually("B serves what it has, marked stale", Duration::from_secs(15), async || {
-        read(&mut cb, "gap/x").await.is_ok_and(|r| r.1 == b"x1" && r.2.is_some())
+        let r = read(&mut cb, "gap/x").await;
+        let answer = match &r {
+            Ok((v, value, stale)) => format!("version {v} {:?} stale {stale:?}", String::from_utf8_lossy(value)),
+            Err(s) => format!("{:?} {}", s.code(), s.message()),
+        };
+        if !seen.contains(&answer) {
+            println!("B answers gap/x: {answer}");
+            seen.push(answer);
+        }
+        r.is_ok_and(|r| r.1 == b"x1" && r.2.is_some())
     })
     .await;
 

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::task::{AbortHandle, JoinHandle};
+use tokio::task::JoinHandle;
 
 /// The server's URL when `DATABASE_URL` is unset, as in the test helpers.
 const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
@@ -17,7 +17,7 @@ const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres"
 pub struct PgProxy {
     addr: SocketAddr,
     upstream: SocketAddr,
-    conns: Arc<Mutex<Vec<AbortHandle>>>,
+    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
     accept: Option<JoinHandle<()>>,
 }
 
@@ -77,7 +77,7 @@ impl PgProxy {
                         let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
                     }
                 });
-                conns.lock().unwrap().push(task.abort_handle());
+                conns.lock().unwrap().push(task);
             }
         }));
     }
@@ -88,8 +88,15 @@ impl PgProxy {
             accept.abort();
             let _ = accept.await;
         }
-        for c in self.conns.lock().unwrap().drain(..) {
+        // Abort is asynchronous: a connection task in the middle of a poll still forwards
+        // what it reads there. Waiting for each one to end means that once `cut` returns
+        // not one more byte passes, so nothing the test writes next can slip through.
+        let conns: Vec<_> = self.conns.lock().unwrap().drain(..).collect();
+        for c in &conns {
             c.abort();
+        }
+        for c in conns {
+            let _ = c.await;
         }
     }
 
