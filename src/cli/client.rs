@@ -3,7 +3,7 @@
 
 use std::io::{IsTerminal as _, Write as _};
 
-use super::conn::{connect, read_value, ts, ClientError};
+use super::conn::{connect, note_replayed, read_value, ts, ClientError};
 use super::{AuditCommand, ClientCommand, TokenCommand};
 use crate::client::{Capability, Metadata, PolicyRule, TokenSpec};
 
@@ -11,7 +11,17 @@ use crate::client::{Capability, Metadata, PolicyRule, TokenSpec};
 pub async fn run_client(cmd: ClientCommand) -> Result<(), ClientError> {
     let mut out = std::io::stdout().lock();
     match cmd {
-        ClientCommand::Put { name, value_file, expected_version, keep_newline, description, owner, labels, conn } => {
+        ClientCommand::Put {
+            name,
+            value_file,
+            expected_version,
+            keep_newline,
+            description,
+            owner,
+            labels,
+            idempotency_key,
+            conn,
+        } => {
             let value = read_value(value_file.as_deref(), keep_newline)?;
             let metadata = (description.is_some() || owner.is_some() || !labels.is_empty()).then(|| Metadata {
                 labels: labels.into_iter().collect(),
@@ -20,7 +30,16 @@ pub async fn run_client(cmd: ClientCommand) -> Result<(), ClientError> {
                 expires_at: None,
             });
             let c = connect(&conn).await?;
-            let version = c.put_with(&name, &value, expected_version, metadata.as_ref()).await?;
+            let version = match idempotency_key {
+                Some(key) => {
+                    let w = c.put_idempotent_with(&key, &name, &value, expected_version, metadata.as_ref()).await?;
+                    if w.replayed {
+                        note_replayed();
+                    }
+                    w.version
+                }
+                None => c.put_with(&name, &value, expected_version, metadata.as_ref()).await?,
+            };
             writeln!(out, "{name} version {version}")?;
         }
         ClientCommand::Get { name, version, conn } => {
@@ -61,9 +80,18 @@ pub async fn run_client(cmd: ClientCommand) -> Result<(), ClientError> {
                 writeln!(out, "{}\tv{}\t{}{mark}", m.name, m.current_version, ts(m.updated_at))?;
             }
         }
-        ClientCommand::Delete { name, expected_version, conn } => {
+        ClientCommand::Delete { name, expected_version, idempotency_key, conn } => {
             let c = connect(&conn).await?;
-            let version = c.delete(&name, expected_version).await?;
+            let version = match idempotency_key {
+                Some(key) => {
+                    let w = c.delete_idempotent(&key, &name, expected_version).await?;
+                    if w.replayed {
+                        note_replayed();
+                    }
+                    w.version
+                }
+                None => c.delete(&name, expected_version).await?,
+            };
             writeln!(out, "{name} deleted at version {version}")?;
         }
         ClientCommand::Status { conn } => {

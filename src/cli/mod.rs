@@ -81,6 +81,10 @@ pub enum ClientCommand {
         /// Label as key=value; repeat for more.
         #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
+        /// Make retries of this write safe: a later call with the same key (within the
+        /// daemon's idempotency window) gets the first call's answer and writes nothing.
+        #[arg(long)]
+        idempotency_key: Option<String>,
         #[command(flatten)]
         conn: Connection,
     },
@@ -120,6 +124,10 @@ pub enum ClientCommand {
         name: String,
         #[arg(long)]
         expected_version: Option<u64>,
+        /// Make retries of this write safe: a later call with the same key (within the
+        /// daemon's idempotency window) gets the first call's answer and writes nothing.
+        #[arg(long)]
+        idempotency_key: Option<String>,
         #[command(flatten)]
         conn: Connection,
     },

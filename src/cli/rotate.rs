@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::Subcommand;
 
-use super::conn::{connect, read_value, ts, ClientError};
+use super::conn::{connect, note_replayed, read_value, ts, ClientError};
 use super::Connection;
 use crate::client::{
     ByteEncoding, BytesSpec, Client, Generator, JobState, PasswordSpec, PolicyKind, RotateOptions, RotationJob,
@@ -32,6 +32,10 @@ pub enum RotationCommand {
         grace: Option<Duration>,
         #[arg(long)]
         expected_version: Option<u64>,
+        /// Make retries of this rotation safe: a later call with the same key (within the
+        /// daemon's idempotency window) gets the first call's answer and rotates nothing.
+        #[arg(long)]
+        idempotency_key: Option<String>,
         #[command(flatten)]
         conn: Connection,
     },
@@ -226,14 +230,33 @@ fn read_secret(env: &str, file: Option<&PathBuf>) -> Result<String, ClientError>
 
 pub async fn run(cmd: RotationCommand, out: &mut impl std::io::Write) -> Result<(), ClientError> {
     match cmd {
-        RotationCommand::Rotate { name, value_file, stdin, generator, grace, expected_version, conn } => {
+        RotationCommand::Rotate {
+            name,
+            value_file,
+            stdin,
+            generator,
+            grace,
+            expected_version,
+            idempotency_key,
+            conn,
+        } => {
             let source = if value_file.is_some() || stdin {
                 Some(RotationSource::Value(SecretValue::new(read_value(value_file.as_deref(), false)?.to_vec())))
             } else {
                 generator.generator()?.map(RotationSource::Generate)
             };
             let options = RotateOptions { source, grace_period: grace, expected_version };
-            let r = connect(&conn).await?.rotate_with(&name, &options).await?;
+            let c = connect(&conn).await?;
+            let r = match idempotency_key {
+                Some(key) => {
+                    let (r, replayed) = c.rotate_idempotent_with(&key, &name, &options).await?;
+                    if replayed {
+                        note_replayed();
+                    }
+                    r
+                }
+                None => c.rotate_with(&name, &options).await?,
+            };
             writeln!(out, "{name} version {}", r.version)?;
             if r.previous_version > 0 {
                 writeln!(out, "version {} readable until {}", r.previous_version, ts(r.previous_expires_at))?;

@@ -8,7 +8,7 @@
 use prost::Message as _;
 use tonic::metadata::MetadataValue;
 
-use super::{timed, Client, Error, Rotated};
+use super::{timed, Client, Error, Metadata, RotateOptions, Rotated, RotationSource, SecretValue};
 use crate::proto;
 
 /// Request metadata naming a write's idempotency key.
@@ -131,14 +131,28 @@ impl Client {
         value: &[u8],
         expected_version: Option<u64>,
     ) -> Result<Written, Error> {
+        self.put_idempotent_with(key, name, value, expected_version, None).await
+    }
+
+    /// [`Client::put_idempotent`] that also sets the credential's metadata, as
+    /// [`Client::put_with`] does.
+    pub async fn put_idempotent_with(
+        &self,
+        key: &str,
+        name: &str,
+        value: &[u8],
+        expected_version: Option<u64>,
+        metadata: Option<&Metadata>,
+    ) -> Result<Written, Error> {
         let key = key_value(key)?;
+        let metadata = metadata.map(Metadata::to_proto);
         let r = self
             .unary(|mut c, t| {
                 let message = proto::PutCredentialRequest {
                     name: name.to_owned(),
                     value: value.to_vec(),
                     expected_version,
-                    metadata: None,
+                    metadata: metadata.clone(),
                 };
                 let req = keyed(message, t, &key);
                 async move { c.put_credential(req).await }
@@ -172,16 +186,23 @@ impl Client {
         name: &str,
         value: Option<&[u8]>,
     ) -> Result<(Rotated, bool), Error> {
+        let source = value.map(|v| RotationSource::Value(SecretValue::new(v.to_vec())));
+        self.rotate_idempotent_with(key, name, &RotateOptions { source, ..RotateOptions::default() }).await
+    }
+
+    /// [`Client::rotate_with`] under an idempotency key: the rotation and whether it was
+    /// answered from the key (an earlier attempt rotated; nothing was generated now).
+    pub async fn rotate_idempotent_with(
+        &self,
+        key: &str,
+        name: &str,
+        options: &RotateOptions,
+    ) -> Result<(Rotated, bool), Error> {
         let key = key_value(key)?;
+        let message = options.to_proto(name);
         let r = self
             .unary_admin(|mut c, t| {
-                let message = proto::RotateCredentialRequest {
-                    name: name.to_owned(),
-                    source: value.map(|v| proto::rotate_credential_request::Source::Value(v.to_vec())),
-                    grace_period: None,
-                    expected_version: None,
-                };
-                let req = keyed(message, t, &key);
+                let req = keyed(message.clone(), t, &key);
                 async move { c.rotate_credential(req).await }
             })
             .await?;

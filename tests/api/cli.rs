@@ -152,3 +152,54 @@ async fn cli_rotation_commands() {
     assert!(err.contains("key file"), "{err}");
     d.stop().await;
 }
+
+/// `--idempotency-key` makes a script's retry of put, delete and rotate safe: the retry
+/// prints what the first call printed, says on stderr that it was answered from the
+/// key, and changes nothing; the key reused for another request is refused (exit 4).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_writes_retried_under_an_idempotency_key_change_nothing() {
+    let env = TestEnv::new(Backend::Sqlite).await;
+    let d = TestDaemon::start(env.settings(), None).await;
+    let put = ["put", "idem/x", "--idempotency-key", "deploy-42-put", "--owner", "ops"];
+    let (code, first, err) = run(Some(&d), &put, Some(b"v1")).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(String::from_utf8_lossy(&first).trim(), "idem/x version 1");
+    assert!(!err.contains("idempotency key"), "a first call is not a replay: {err}");
+    let (code, again, err) = run(Some(&d), &put, Some(b"v1")).await;
+    assert_eq!((code, &again), (0, &first), "{err}");
+    assert!(err.contains("answered from the idempotency key"), "{err}");
+    let (_, out, _) = run(Some(&d), &["describe", "idem/x"], None).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.contains("current version: 1") && text.contains("owner:           ops"), "{text}");
+    // The same key for a different value is another request: refused, nothing written.
+    let (code, _, err) = run(Some(&d), &put, Some(b"v2")).await;
+    assert_eq!(code, 4, "{err}");
+    let (_, out, _) = run(Some(&d), &["get", "idem/x"], None).await;
+    assert_eq!(out, b"v1");
+
+    let rotate = ["rotation", "rotate", "idem/x", "--password", "24", "--idempotency-key", "deploy-42-rotate"];
+    let (code, first, err) = run(Some(&d), &rotate, None).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(String::from_utf8_lossy(&first).starts_with("idem/x version 2\n"), "{}", String::from_utf8_lossy(&first));
+    let (_, generated, _) = run(Some(&d), &["get", "idem/x"], None).await;
+    let (code, again, err) = run(Some(&d), &rotate, None).await;
+    assert_eq!((code, &again), (0, &first), "{err}");
+    assert!(err.contains("answered from the idempotency key"), "{err}");
+    let (_, after, _) = run(Some(&d), &["get", "idem/x"], None).await;
+    assert_eq!(after, generated, "a replayed rotation generates nothing new");
+
+    let delete = ["delete", "idem/x", "--idempotency-key", "deploy-42-delete"];
+    let (code, first, err) = run(Some(&d), &delete, None).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(String::from_utf8_lossy(&first).trim(), "idem/x deleted at version 2");
+    // Without the key a second delete would find nothing to delete; with it, the answer
+    // of the first.
+    let (code, again, err) = run(Some(&d), &delete, None).await;
+    assert_eq!((code, &again), (0, &first), "{err}");
+    let (code, _, err) = run(Some(&d), &["delete", "idem/x"], None).await;
+    assert_eq!(code, 3, "{err}");
+    let (code, _, err) = run(Some(&d), &["put", "idem/y", "--idempotency-key", "bad\u{1}key"], Some(b"v")).await;
+    assert_eq!(code, 7, "{err}");
+    assert!(err.contains("visible ASCII"), "{err}");
+    d.stop().await;
+}
