@@ -177,7 +177,7 @@ async fn cli_writes_retried_under_an_idempotency_key_change_nothing() {
     let (_, out, _) = run(Some(&d), &["get", "idem/x"], None).await;
     assert_eq!(out, b"v1");
 
-    let rotate = ["rotation", "rotate", "idem/x", "--password", "24", "--idempotency-key", "deploy-42-rotate"];
+    let rotate = ["rotate", "idem/x", "--password", "24", "--idempotency-key", "deploy-42-rotate"];
     let (code, first, err) = run(Some(&d), &rotate, None).await;
     assert_eq!(code, 0, "{err}");
     assert!(String::from_utf8_lossy(&first).starts_with("idem/x version 2\n"), "{}", String::from_utf8_lossy(&first));
