@@ -2,8 +2,11 @@
 
 use std::future::Future;
 
+use proptest::prelude::*;
+
 use super::*;
 use crate::crypto::Sealed;
+use crate::model::ChangeKind;
 use crate::store::{VersionRow, VersionState};
 
 fn version(v: u64, value_len: usize) -> Arc<CachedVersion> {
@@ -347,4 +350,117 @@ async fn cancelled_misses_leave_no_coalescing_entry() {
     gate.notify_one();
     assert_eq!(found_version(first.await.unwrap().ok()), Some(2));
     assert_eq!((c.inflight_len(), loads.load(Ordering::SeqCst)), (0, 1));
+}
+
+/// One step of the model below: the store and its change feed on one side, this
+/// daemon's reads on the other.
+#[derive(Debug, Clone)]
+enum Step {
+    /// Another daemon commits a new version (its event is queued on the feed).
+    Put,
+    /// Another daemon deletes the credential.
+    Delete,
+    /// The feed delivers its oldest queued event.
+    Deliver,
+    /// A read takes its ticket and reads the store as it is now.
+    Read,
+    /// The read with this index (among those still in flight) fills the cache.
+    Fill(prop::sample::Index),
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        3 => Just(Step::Put),
+        1 => Just(Step::Delete),
+        4 => Just(Step::Deliver),
+        3 => Just(Step::Read),
+        3 => any::<prop::sample::Index>().prop_map(Step::Fill),
+    ]
+}
+
+/// What the store holds: the current version, and whether it is deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stored {
+    version: u64,
+    deleted: bool,
+}
+
+fn as_cached(s: Stored) -> Cached {
+    if s.deleted {
+        Cached::Missing { deleted: true }
+    } else {
+        Cached::Found(version(s.version, 10))
+    }
+}
+
+fn held(c: &Cache) -> Option<Stored> {
+    match c.get("a") {
+        Some(Cached::Found(v)) => Some(Stored { version: v.version(), deleted: false }),
+        Some(Cached::Missing { deleted }) => Some(Stored { version: 0, deleted }),
+        None => None,
+    }
+}
+
+proptest! {
+    /// Whatever the interleaving of other daemons' writes, feed deliveries and this
+    /// daemon's reads: the cache never holds a version older than one the feed already
+    /// announced, and once every event is delivered and every read has landed, it holds
+    /// nothing or exactly what the store holds.
+    #[test]
+    fn the_cache_converges_on_the_store(steps in prop::collection::vec(step(), 0..60)) {
+        let c = cache(|s| s.shards = 1);
+        let mut store = Stored { version: 1, deleted: false };
+        let mut feed: std::collections::VecDeque<ChangeKind> = Default::default();
+        let mut feed_versions: std::collections::VecDeque<u64> = Default::default();
+        let mut reads: Vec<(FillTicket, Stored)> = Vec::new();
+        let mut announced = 0u64;
+        let deliver = |kind: ChangeKind, v: u64, c: &Cache| match kind {
+            ChangeKind::Put => c.invalidate_older_than("a", v),
+            _ => c.invalidate("a"),
+        };
+        for s in steps {
+            match s {
+                Step::Put => {
+                    store = Stored { version: store.version + 1, deleted: false };
+                    feed.push_back(ChangeKind::Put);
+                    feed_versions.push_back(store.version);
+                }
+                Step::Delete if !store.deleted => {
+                    store.deleted = true;
+                    feed.push_back(ChangeKind::Delete);
+                    feed_versions.push_back(store.version);
+                }
+                Step::Delete => {}
+                Step::Deliver => {
+                    if let (Some(kind), Some(v)) = (feed.pop_front(), feed_versions.pop_front()) {
+                        deliver(kind, v, &c);
+                        if kind == ChangeKind::Put {
+                            announced = v;
+                        }
+                    }
+                }
+                Step::Read => reads.push((c.ticket("a"), store)),
+                Step::Fill(i) if !reads.is_empty() => {
+                    let (ticket, seen) = reads.remove(i.index(reads.len()));
+                    c.fill("a", ticket, as_cached(seen));
+                }
+                Step::Fill(_) => {}
+            }
+            if let Some(Stored { version, deleted: false }) = held(&c) {
+                prop_assert!(version >= announced, "holds v{version} after v{announced} was announced");
+                prop_assert!(version <= store.version);
+            }
+        }
+        for (ticket, seen) in reads.drain(..) {
+            c.fill("a", ticket, as_cached(seen));
+        }
+        while let (Some(kind), Some(v)) = (feed.pop_front(), feed_versions.pop_front()) {
+            deliver(kind, v, &c);
+        }
+        match held(&c) {
+            None => {}
+            Some(Stored { deleted: true, .. }) => prop_assert!(store.deleted, "a remembered delete of a live credential"),
+            Some(h) => prop_assert_eq!(h, store),
+        }
+    }
 }
