@@ -368,8 +368,9 @@ async fn two_daemons_on_one_postgres_invalidate_each_other() {
 
     put(&mut ca, "shared/x", b"v1", None).await.unwrap();
     assert_eq!(get(&mut cb, "shared/x", None).await.unwrap().1, b"v1");
-    // A's own notification of that put may reach B just after B's first read and drop
-    // it from B's cache once; after that B serves it from memory.
+    // A's notification of that put may arrive while B's first read is still loading it
+    // (the fill is then voided, and the next read loads it again); one that arrives
+    // later leaves the version B holds. Either way B then serves it from memory.
     eventually("B caches it", Duration::from_secs(1), async || {
         let before = b.vault.store_queries();
         let v = get(&mut cb, "shared/x", None).await.unwrap().1;
