@@ -509,3 +509,64 @@ async fn metrics_count_traffic() {
     assert!(!body.contains(MARKER) && !body.contains(&d.token), "a secret reached /metrics");
     d.stop().await;
 }
+
+/// Readers on B race a stream of writes on A, so A's notifications arrive before, during
+/// and after B's loads of the versions they announce. When the writes stop, B serves
+/// the last version from memory: no notification left an older version cached, and
+/// the ones that came late kept what B had already loaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_racing_another_daemons_writes_converge_on_the_last_one() {
+    let env = TestEnv::new(Backend::Postgres).await;
+    let a = TestDaemon::start(env.settings(), None).await;
+    let b = TestDaemon::start(env.settings(), Some(&a.token)).await;
+    let names: Vec<String> = (0..4).map(|i| format!("race2/{i}")).collect();
+    let mut ca = a.client().await;
+    for n in &names {
+        put(&mut ca, n, b"0", None).await.unwrap();
+    }
+    const WRITES: u64 = 60;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut readers = Vec::new();
+    for r in 0..4 {
+        let (mut cb, names, stop) = (b.client().await, names.clone(), stop.clone());
+        readers.push(tokio::spawn(async move {
+            let mut last = vec![0u64; names.len()];
+            let mut i = r;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let k = i % names.len();
+                let (v, _) = get(&mut cb, &names[k], None).await.unwrap();
+                // One reader's view of one name never goes back (B's cache only moves forward).
+                assert!(v >= last[k], "{}: version {v} after {}", names[k], last[k]);
+                last[k] = v;
+                i += 1;
+            }
+        }));
+    }
+    for round in 0..WRITES {
+        let n = &names[(round % names.len() as u64) as usize];
+        put(&mut ca, n, format!("{round}").as_bytes(), None).await.unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in readers {
+        r.await.unwrap();
+    }
+    let mut cb = b.client().await;
+    let want = 1 + WRITES / names.len() as u64;
+    for n in &names {
+        eventually("B serves the last version", Duration::from_secs(10), async || {
+            get(&mut cb, n, None).await.unwrap().0 == want
+        })
+        .await;
+    }
+    // And from memory, now that the feed has caught up.
+    eventually("B serves all four from memory", Duration::from_secs(10), async || {
+        let before = b.vault.store_queries();
+        for n in &names {
+            assert_eq!(get(&mut cb, n, None).await.unwrap().0, want);
+        }
+        b.vault.store_queries() == before
+    })
+    .await;
+    a.stop().await;
+    b.stop().await;
+}
