@@ -53,6 +53,8 @@ pub mod names {
     pub const CREDENTIALS_EXPIRING: &str = "credvault_credentials_expiring";
     pub const OLDEST_CURRENT_VERSION_AGE: &str = "credvault_oldest_current_version_age_seconds";
     pub const STALENESS_UPDATED: &str = "credvault_staleness_updated_timestamp_seconds";
+    pub const IDEMPOTENT_WRITES: &str = "credvault_idempotent_writes_total";
+    pub const IDEMPOTENCY_KEYS_PRUNED: &str = "credvault_idempotency_keys_pruned_total";
 }
 
 /// Buckets from 50 us to 1 s (a cache hit to a slow database write).
@@ -145,6 +147,11 @@ fn describe() {
         Unit::Seconds,
         "Unix time of the last successful staleness count; the staleness gauges are as of then."
     );
+    describe_counter!(
+        IDEMPOTENT_WRITES,
+        "Writes under an idempotency key, by RPC and outcome (written, replayed, refused, failed)."
+    );
+    describe_counter!(IDEMPOTENCY_KEYS_PRUNED, "Expired idempotency keys deleted by this daemon's pruner.");
     crate::limits::describe_metrics();
     describe_gauge!(crate::audit::names::QUEUE_DEPTH, "Audit events waiting to be written.");
     describe_counter!(crate::audit::names::WRITTEN, "Audit events written to the sink.");

@@ -24,6 +24,7 @@ use sha2::Sha256;
 use super::*;
 use crate::store::WriteStore as _;
 use crate::store::{KeyClaim, KeyRecord};
+use crate::telemetry::names;
 
 /// The longest key accepted.
 pub const KEY_MAX_BYTES: usize = 128;
@@ -157,19 +158,23 @@ impl Vault {
         replay: impl Fn(KeyRecord) -> T,
         write: impl std::future::Future<Output = Result<T, VaultError>>,
     ) -> Result<Replayed<T>, VaultError> {
-        if let Some(r) = self.prior(claim).await? {
-            return Ok(Replayed { outcome: replay(r), replayed: true });
-        }
-        match write.await {
-            Ok(outcome) => Ok(Replayed { outcome, replayed: false }),
-            Err(e) => match self.prior(claim).await {
-                Ok(Some(r)) => Ok(Replayed { outcome: replay(r), replayed: true }),
-                Ok(None) => Err(e),
-                Err(mismatch @ VaultError::FailedPrecondition(_)) => Err(mismatch),
-                // The store failing now says nothing about the write: report the write's error.
-                Err(_) => Err(e),
+        let (result, outcome) = match self.prior(claim).await {
+            Ok(Some(r)) => (Ok(Replayed { outcome: replay(r), replayed: true }), KeyOutcome::Replayed),
+            Ok(None) => match write.await {
+                Ok(outcome) => (Ok(Replayed { outcome, replayed: false }), KeyOutcome::Written),
+                Err(e) => match self.prior(claim).await {
+                    Ok(Some(r)) => (Ok(Replayed { outcome: replay(r), replayed: true }), KeyOutcome::Replayed),
+                    Ok(None) => (Err(e), KeyOutcome::Failed),
+                    Err(mismatch @ VaultError::FailedPrecondition(_)) => (Err(mismatch), KeyOutcome::Refused),
+                    // The store failing now says nothing about the write: report the write's error.
+                    Err(_) => (Err(e), KeyOutcome::Failed),
+                },
             },
-        }
+            Err(mismatch @ VaultError::FailedPrecondition(_)) => (Err(mismatch), KeyOutcome::Refused),
+            Err(e) => (Err(e), KeyOutcome::Failed),
+        };
+        metrics::counter!(names::IDEMPOTENT_WRITES, "rpc" => claim.rpc, "outcome" => outcome.as_str()).increment(1);
+        result
     }
 
     /// [`Vault::put`] under an idempotency key.
@@ -254,6 +259,31 @@ impl Vault {
     }
 }
 
+/// How a write under an idempotency key ended, as counted in
+/// `credvault_idempotent_writes_total`.
+#[derive(Debug, Clone, Copy)]
+enum KeyOutcome {
+    /// Written now; the key is stored with it.
+    Written,
+    /// Answered from the key: an earlier attempt wrote it.
+    Replayed,
+    /// The key belongs to a different request.
+    Refused,
+    /// The write failed (a conflict, a bad request, the store): nothing stored.
+    Failed,
+}
+
+impl KeyOutcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            KeyOutcome::Written => "written",
+            KeyOutcome::Replayed => "replayed",
+            KeyOutcome::Refused => "refused",
+            KeyOutcome::Failed => "failed",
+        }
+    }
+}
+
 /// Deletes expired idempotency keys, `batch` per statement, until `shutdown`: a full
 /// batch is followed at once by the next, otherwise the pruner waits `every`. `clock`
 /// says what time it is (the daemon passes `now_micros`; tests pass their own).
@@ -269,7 +299,11 @@ pub async fn prune_idempotency_keys(
         if *shutdown.borrow() {
             return;
         }
-        let wait = match store.prune_idempotency_keys(clock(), batch).await {
+        let pruned = store.prune_idempotency_keys(clock(), batch).await;
+        if let Ok(n) = pruned {
+            metrics::counter!(names::IDEMPOTENCY_KEYS_PRUNED).increment(n);
+        }
+        let wait = match pruned {
             Ok(n) if n >= u64::from(batch) => Duration::ZERO,
             Ok(_) => every,
             Err(e) => {

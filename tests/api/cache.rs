@@ -18,7 +18,9 @@ use credvault::store::{
 use credvault::vault::Vault;
 
 use crate::both_backends;
-use crate::helpers::{assert_status, eventually, get, put, scrape, Backend, TestDaemon, TestEnv};
+use crate::helpers::{
+    assert_status, eventually, get, put, scrape, series_value as value, Backend, TestDaemon, TestEnv,
+};
 
 both_backends!(hits_make_no_store_queries, concurrent_misses_make_one_query, not_found_is_cached_until_a_put);
 
@@ -428,14 +430,6 @@ async fn two_daemons_on_one_postgres_invalidate_each_other() {
     raw.close().await;
     a.stop().await;
     b.stop().await;
-}
-
-/// The value of one series, 0 if absent.
-fn value(body: &str, series: &str) -> f64 {
-    body.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
-        .map(|v| v.trim().parse().unwrap())
-        .unwrap_or(0.0)
 }
 
 /// A small check of the text exposition format: every sample belongs to a metric with

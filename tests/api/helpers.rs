@@ -115,6 +115,14 @@ pub async fn client_with(d: &TestDaemon, token: &str) -> Client {
 }
 
 /// The body of `d`'s `/metrics`, after checking the answer is 200.
+/// The value of one series (`name{labels}` as exported) in a scrape, 0 if absent.
+pub fn series_value(body: &str, series: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0.0)
+}
+
 pub async fn scrape(d: &TestDaemon) -> String {
     let mut s = tokio::net::TcpStream::connect(d.metrics_addr).await.unwrap();
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await.unwrap();

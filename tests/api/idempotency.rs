@@ -18,7 +18,8 @@ use credvault::service::{IDEMPOTENCY_KEY_HEADER, REPLAY_HEADER};
 
 use crate::both_backends;
 use crate::helpers::{
-    assert_status, client_with, create_token, get, put, rule, Backend, Client, Raw, TestDaemon, TestEnv,
+    assert_status, client_with, create_token, get, put, rule, scrape, series_value, Backend, Client, Raw, TestDaemon,
+    TestEnv,
 };
 
 fn keyed<T>(message: T, key: &str) -> Request<T> {
@@ -295,4 +296,30 @@ async fn keys_work_across_daemons() {
     assert_eq!(get(&mut ca, "idem/x", None).await.unwrap(), (12, b"r9".to_vec()));
     a.stop().await;
     b.stop().await;
+}
+
+/// Keyed writes are counted by outcome: written, replayed, refused (the key of another
+/// request) and failed (the write itself failed; nothing stored).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_writes_are_counted_by_outcome() {
+    let env = TestEnv::new(Backend::Sqlite).await;
+    let d = TestDaemon::start(env.settings(), None).await;
+    let mut c = d.client().await;
+    let before = scrape(&d).await;
+    put_keyed(&mut c, "count-1", "count/x", b"v1", None).await.unwrap();
+    put_keyed(&mut c, "count-1", "count/x", b"v1", None).await.unwrap();
+    put_keyed(&mut c, "count-1", "count/x", b"v2", None).await.unwrap_err();
+    put_keyed(&mut c, "count-2", "count/x", b"v2", Some(7)).await.unwrap_err();
+    let after = scrape(&d).await;
+    // Metrics are process-wide and other tests run in parallel: compare growth.
+    for outcome in ["written", "replayed", "refused", "failed"] {
+        let series = format!(r#"credvault_idempotent_writes_total{{rpc="PutCredential",outcome="{outcome}"}}"#);
+        let grew = series_value(&after, &series) - series_value(&before, &series);
+        assert!(grew >= 1.0, "{series}: +{grew}");
+    }
+    assert!(
+        after.contains("# TYPE credvault_idempotency_keys_pruned_total counter"),
+        "the pruner's counter is exported"
+    );
+    d.stop().await;
 }
