@@ -263,32 +263,10 @@ impl Client {
 
     /// Applies every write in one transaction, or none: a conflict is
     /// [`BatchOutcome::Conflicts`] naming every write that conflicted. Like an
-    /// unconditional put, a batch retried after UNAVAILABLE may apply twice; give each
-    /// write an expected version where that matters.
+    /// unconditional put, a batch retried after UNAVAILABLE may apply twice: one attempt
+    /// only. [`Client::write_many_idempotent`] is safe to retry.
     pub async fn write_many(&self, writes: &[BatchWrite]) -> Result<BatchOutcome, Error> {
-        let message = proto::WriteCredentialsRequest {
-            writes: writes
-                .iter()
-                .map(|w| proto::CredentialWrite {
-                    op: Some(match w {
-                        BatchWrite::Put { name, value, expected_version } => {
-                            proto::credential_write::Op::Put(proto::PutCredentialRequest {
-                                name: name.clone(),
-                                value: value.clone(),
-                                expected_version: *expected_version,
-                                metadata: None,
-                            })
-                        }
-                        BatchWrite::Delete { name, expected_version } => {
-                            proto::credential_write::Op::Delete(proto::DeleteCredentialRequest {
-                                name: name.clone(),
-                                expected_version: *expected_version,
-                            })
-                        }
-                    }),
-                })
-                .collect(),
-        };
+        let message = batch_message(writes);
         let mut c = self.creds.clone();
         let call = c.write_credentials(timed(message, self.timeout));
         let r = match tokio::time::timeout(self.timeout, call).await {
@@ -296,34 +274,91 @@ impl Client {
             Err(_) => return Err(Error::Timeout(format!("no answer to WriteCredentials within {:?}", self.timeout))),
         };
         match r {
-            Ok(r) => Ok(BatchOutcome::Applied(
-                r.into_inner()
-                    .results
-                    .into_iter()
-                    .map(|w| BatchWritten { name: w.name, version: w.version, deleted: w.deleted })
-                    .collect(),
-            )),
-            Err(s) => {
-                let detail = s
-                    .metadata()
-                    .get_bin(WRITE_CONFLICTS_TRAILER)
-                    .and_then(|v| v.to_bytes().ok())
-                    .and_then(|b| proto::WriteConflicts::decode(b).ok());
-                match detail {
-                    Some(d) if s.code() == tonic::Code::Aborted => Ok(BatchOutcome::Conflicts(
-                        d.conflicts
-                            .into_iter()
-                            .map(|c| BatchConflict {
-                                name: c.name,
-                                expected_version: c.expected_version,
-                                current_version: c.current_version,
-                                deleted: c.deleted,
-                            })
-                            .collect(),
-                    )),
-                    _ => Err(Error::from_status(&s)),
-                }
-            }
+            Ok(r) => Ok(applied(r.into_inner())),
+            Err(s) => match conflicts_of(&s) {
+                Some(conflicts) => Ok(BatchOutcome::Conflicts(conflicts)),
+                None => Err(Error::from_status(&s)),
+            },
         }
     }
+
+    /// [`Client::write_many`] under an idempotency key, with the client's retries: a
+    /// retry of an attempt that committed gets that attempt's results (the `bool`: the
+    /// answer came from the key) and writes nothing.
+    pub async fn write_many_idempotent(&self, key: &str, writes: &[BatchWrite]) -> Result<(BatchOutcome, bool), Error> {
+        let key = key_value(key)?;
+        let message = batch_message(writes);
+        let r = self
+            .unary(|mut c, t| {
+                let req = keyed(message.clone(), t, &key);
+                async move {
+                    match c.write_credentials(req).await {
+                        Ok(r) => Ok(r.map(Ok)),
+                        // Conflicts are an answer, not an error to retry.
+                        Err(s) => match conflicts_of(&s) {
+                            Some(conflicts) => Ok(tonic::Response::new(Err(conflicts))),
+                            None => Err(s),
+                        },
+                    }
+                }
+            })
+            .await?;
+        let again = replayed(&r);
+        Ok(match r.into_inner() {
+            Ok(done) => (applied(done), again),
+            Err(conflicts) => (BatchOutcome::Conflicts(conflicts), false),
+        })
+    }
+}
+
+fn batch_message(writes: &[BatchWrite]) -> proto::WriteCredentialsRequest {
+    proto::WriteCredentialsRequest {
+        writes: writes
+            .iter()
+            .map(|w| proto::CredentialWrite {
+                op: Some(match w {
+                    BatchWrite::Put { name, value, expected_version } => {
+                        proto::credential_write::Op::Put(proto::PutCredentialRequest {
+                            name: name.clone(),
+                            value: value.clone(),
+                            expected_version: *expected_version,
+                            metadata: None,
+                        })
+                    }
+                    BatchWrite::Delete { name, expected_version } => {
+                        proto::credential_write::Op::Delete(proto::DeleteCredentialRequest {
+                            name: name.clone(),
+                            expected_version: *expected_version,
+                        })
+                    }
+                }),
+            })
+            .collect(),
+    }
+}
+
+fn applied(r: proto::WriteCredentialsResponse) -> BatchOutcome {
+    BatchOutcome::Applied(
+        r.results.into_iter().map(|w| BatchWritten { name: w.name, version: w.version, deleted: w.deleted }).collect(),
+    )
+}
+
+/// The conflicts an ABORTED `WriteCredentials` names in its trailer.
+fn conflicts_of(s: &tonic::Status) -> Option<Vec<BatchConflict>> {
+    if s.code() != tonic::Code::Aborted {
+        return None;
+    }
+    let detail = s.metadata().get_bin(WRITE_CONFLICTS_TRAILER).and_then(|v| v.to_bytes().ok())?;
+    let d = proto::WriteConflicts::decode(detail).ok()?;
+    Some(
+        d.conflicts
+            .into_iter()
+            .map(|c| BatchConflict {
+                name: c.name,
+                expected_version: c.expected_version,
+                current_version: c.current_version,
+                deleted: c.deleted,
+            })
+            .collect(),
+    )
 }

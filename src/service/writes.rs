@@ -10,7 +10,7 @@ use crate::auth::{Caller, Capability};
 use crate::model::Metadata;
 use crate::names::CredentialName;
 use crate::proto;
-use crate::vault::{BatchItem, IdempotencyKey, Vault, VaultError, WriteConflict};
+use crate::vault::{BatchItem, IdempotencyKey, Replayed, Vault, VaultError, WriteConflict};
 
 // The header names are the client library's, so the two cannot drift apart.
 pub use crate::client::{IDEMPOTENCY_KEY_HEADER, REPLAY_HEADER, WRITE_CONFLICTS_TRAILER};
@@ -108,8 +108,13 @@ pub(crate) async fn write_credentials(
             None => BatchItem::Delete { name: &w.name, expected: w.expected },
         })
         .collect();
-    let outcomes = match vault.write_many(&items).await {
-        Ok(o) => o,
+    let key = idempotency_key(&req, &c)?;
+    let written = match &key {
+        Some(key) => vault.write_many_idempotent(key, &items).await,
+        None => vault.write_many(&items).await.map(|outcome| Replayed { outcome, replayed: false }),
+    };
+    let (outcomes, replayed) = match written {
+        Ok(o) => (o.outcome, o.replayed),
         Err(VaultError::WriteConflicts(conflicts)) => {
             let message = VaultError::WriteConflicts(conflicts.clone()).to_string();
             return Err(conflicts_status(message, &conflicts));
@@ -120,7 +125,7 @@ pub(crate) async fn write_credentials(
         let written: Vec<(&str, Option<u64>)> = outcomes.iter().map(|o| (o.name.as_str(), Some(o.version))).collect();
         ctx.set_entries(&written);
     }
-    Ok(Response::new(proto::WriteCredentialsResponse {
+    let message = proto::WriteCredentialsResponse {
         results: outcomes
             .into_iter()
             .map(|o| proto::CredentialWriteResult {
@@ -130,7 +135,8 @@ pub(crate) async fn write_credentials(
                 at: Some(timestamp(o.at)),
             })
             .collect(),
-    }))
+    };
+    Ok(replay_marked(message, replayed))
 }
 
 /// `write` capability: a rollback writes a new version, and only of a value that this

@@ -23,6 +23,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (7, "metadata version", include_str!("../../migrations/postgres/0007_metadata.sql")),
     (8, "identities", include_str!("../../migrations/postgres/0008_identities.sql")),
     (9, "staleness", include_str!("../../migrations/postgres/0009_staleness.sql")),
+    (10, "batch_idempotency", include_str!("../../migrations/postgres/0010_batch_idempotency.sql")),
 ];
 
 /// The NOTIFY channel every write announces itself on.

@@ -21,6 +21,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (7, "metadata version", include_str!("../../migrations/sqlite/0007_metadata.sql")),
     (8, "identities", include_str!("../../migrations/sqlite/0008_identities.sql")),
     (9, "staleness", include_str!("../../migrations/sqlite/0009_staleness.sql")),
+    (10, "batch_idempotency", include_str!("../../migrations/sqlite/0010_batch_idempotency.sql")),
 ];
 
 #[derive(Debug, Clone)]

@@ -30,6 +30,44 @@ pub struct KeyRecord {
     /// A rotation: when the version it replaced stops being readable.
     pub previous_expires_at: Option<Micros>,
     pub expires_at: Micros,
+    /// A `WriteCredentials` key: every write's result, in request order (`name` and
+    /// `version` then hold the first one's).
+    pub batch: Option<Vec<KeyedWrite>>,
+}
+
+/// What one write of a keyed batch did, as its key remembers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyedWrite {
+    pub name: String,
+    /// The version written; for a delete, the version deleted at.
+    pub version: u64,
+    pub deleted: bool,
+}
+
+/// The stored form of a keyed batch's results: one line per write,
+/// `version TAB deleted (0 or 1) TAB name`. Names hold no control character.
+pub fn encode_keyed_writes(writes: &[KeyedWrite]) -> String {
+    let mut out = String::new();
+    for w in writes {
+        out.push_str(&format!("{}\t{}\t{}\n", w.version, u8::from(w.deleted), w.name));
+    }
+    out
+}
+
+/// Reads [`encode_keyed_writes`] back; `None` if the text is not in that form.
+pub fn decode_keyed_writes(text: &str) -> Option<Vec<KeyedWrite>> {
+    text.lines()
+        .map(|line| {
+            let mut parts = line.splitn(3, '\t');
+            let version = parts.next()?.parse().ok()?;
+            let deleted = match parts.next()? {
+                "0" => false,
+                "1" => true,
+                _ => return None,
+            };
+            Some(KeyedWrite { name: parts.next()?.to_owned(), version, deleted })
+        })
+        .collect()
 }
 
 /// One write of a [`BatchWrite`].
@@ -57,6 +95,9 @@ pub struct BatchWrite<'a> {
     pub now: Micros,
     /// As [`NewVersion::max_versions`](super::NewVersion).
     pub max_versions: u64,
+    /// Stored with the batch's results in its transaction; a live key of that name makes
+    /// the batch fail with [`StoreError::Conflict`](super::StoreError) and write nothing.
+    pub key: Option<&'a KeyClaim>,
 }
 
 /// How a [`BatchWrite`] ended.

@@ -1,4 +1,5 @@
-//! Idempotency keys for `PutCredential`, `DeleteCredential` and `RotateCredential`.
+//! Idempotency keys for `PutCredential`, `DeleteCredential`, `RotateCredential` and
+//! `WriteCredentials`.
 //!
 //! A caller that sends a key with a write and loses the answer can send the same request
 //! with the same key again and gets the first attempt's result (the same version) instead
@@ -21,6 +22,7 @@ use std::time::Duration;
 use hkdf::HkdfExtract;
 use sha2::Sha256;
 
+use super::write_many::{BatchItem, BatchItemOutcome};
 use super::*;
 use crate::store::WriteStore as _;
 use crate::store::{KeyClaim, KeyRecord};
@@ -221,6 +223,35 @@ impl Vault {
             })
         };
         self.answer_from_key(&claim, replay, write).await
+    }
+
+    /// [`Vault::write_many`] under an idempotency key: a replay answers every write's
+    /// first result and writes nothing.
+    pub async fn write_many_idempotent(
+        &self,
+        key: &IdempotencyKey,
+        items: &[BatchItem<'_>],
+    ) -> Result<Replayed<Vec<BatchItemOutcome>>, VaultError> {
+        let names = self.check_batch(items)?;
+        let mut f = Fingerprint::new(self, "WriteCredentials");
+        f.opt_u64(Some(items.len() as u64));
+        for item in items {
+            match *item {
+                BatchItem::Put { name, value, expected, metadata } => {
+                    f.bytes(b"put").bytes(name.as_bytes()).opt_u64(expected).metadata(metadata).bytes(value)
+                }
+                BatchItem::Delete { name, expected } => f.bytes(b"delete").bytes(name.as_bytes()).opt_u64(expected),
+            };
+        }
+        let claim = self.claim(key, "WriteCredentials", f.finish());
+        let replay = |r: KeyRecord| match r.batch {
+            Some(writes) => writes
+                .into_iter()
+                .map(|w| BatchItemOutcome { name: w.name, version: w.version, deleted: w.deleted, at: r.at })
+                .collect(),
+            None => vec![BatchItemOutcome { name: r.name, version: r.version, deleted: false, at: r.at }],
+        };
+        self.answer_from_key(&claim, replay, self.write_checked_batch(items, &names, Some(&claim))).await
     }
 
     /// [`Vault::rotate`] under an idempotency key. A replay generates nothing.

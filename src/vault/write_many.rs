@@ -91,6 +91,13 @@ impl Vault {
     /// Applies every write of `items` in one transaction, or none. Names must be distinct;
     /// at most `limits.max_write_batch_size` writes.
     pub async fn write_many(&self, items: &[BatchItem<'_>]) -> Result<Vec<BatchItemOutcome>, VaultError> {
+        let names = self.check_batch(items)?;
+        self.write_checked_batch(items, &names, None).await
+    }
+
+    /// Refuses a bad batch (empty, too long, a name twice, a bad write); the checked
+    /// names, in request order.
+    pub(super) fn check_batch(&self, items: &[BatchItem<'_>]) -> Result<Vec<String>, VaultError> {
         let max = self.inner.limits.max_write_batch_size;
         if items.is_empty() {
             return Err(VaultError::InvalidArgument("no writes given".into()));
@@ -120,6 +127,17 @@ impl Vault {
             }
             names.push(name.as_str().to_owned());
         }
+        Ok(names)
+    }
+
+    /// Applies a batch [`Vault::check_batch`] passed, storing `key` with its results if
+    /// given.
+    pub(super) async fn write_checked_batch(
+        &self,
+        items: &[BatchItem<'_>],
+        names: &[String],
+        key: Option<&crate::store::KeyClaim>,
+    ) -> Result<Vec<BatchItemOutcome>, VaultError> {
         let store = &self.inner.store;
         // This daemon's other writes to these names wait their turn (see `write_queue.rs`),
         // taken in name order so two batches never wait on each other in a cycle.
@@ -134,9 +152,9 @@ impl Vault {
                 super::write::conflict_backoff(attempt).await;
             }
             let mut heads: HashMap<String, CredentialHead> =
-                store.get_current_many(&names).await?.into_iter().map(|(h, _)| (h.name.clone(), h)).collect();
+                store.get_current_many(names).await?.into_iter().map(|(h, _)| (h.name.clone(), h)).collect();
             let mut bases = Vec::with_capacity(items.len());
-            for (item, name) in items.iter().zip(&names) {
+            for (item, name) in items.iter().zip(names) {
                 let head = heads.remove(name);
                 bases.push(match *item {
                     BatchItem::Put { expected, .. } => {
@@ -166,7 +184,7 @@ impl Vault {
                 });
             }
             let mut sealed = Vec::with_capacity(items.len());
-            for ((item, name), base) in items.iter().zip(&names).zip(&bases) {
+            for ((item, name), base) in items.iter().zip(names).zip(&bases) {
                 sealed.push(match (item, base) {
                     (BatchItem::Put { value, .. }, Some(base)) => Some(
                         self.with_keys(|ring| crypto::seal_value(ring, name, base.next_version(), value))
@@ -177,7 +195,7 @@ impl Vault {
             }
             let ops: Vec<BatchOp<'_>> = items
                 .iter()
-                .zip(&names)
+                .zip(names)
                 .zip(bases.iter().zip(&sealed))
                 .map(|((item, name), (base, sealed))| match (item, base, sealed) {
                     (BatchItem::Put { metadata, .. }, Some(base), Some(sealed)) => {
@@ -187,7 +205,7 @@ impl Vault {
                 })
                 .collect();
             let now = self.now();
-            let batch = BatchWrite { ops: &ops, now, max_versions: self.inner.limits.max_versions };
+            let batch = BatchWrite { ops: &ops, now, max_versions: self.inner.limits.max_versions, key };
             match store.write_batch(&batch).await {
                 Ok(BatchOutcome::Applied(after)) => {
                     let mut out = Vec::with_capacity(after.len());
@@ -226,6 +244,8 @@ impl Vault {
                 Err(StoreError::StaleKek(_)) => {
                     self.reload_keys().await?;
                 }
+                // The key is taken: a retry of this batch raced its original.
+                Err(StoreError::Conflict) if key.is_some() => return Err(super::idempotency::key_taken()),
                 Err(e) => return Err(e.into()),
             }
         }

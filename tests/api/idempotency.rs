@@ -1,4 +1,5 @@
-//! Idempotency keys on PutCredential, DeleteCredential and RotateCredential: a retry with
+//! Idempotency keys on PutCredential, DeleteCredential, RotateCredential and
+//! WriteCredentials: a retry with
 //! the same key and request gets the first result; the same key with another request is
 //! refused; keys are per token, shared by daemons over one database, and pruned once
 //! their window has passed.
@@ -11,8 +12,8 @@ use tonic::metadata::MetadataValue;
 use tonic::{Code, Request, Status};
 
 use credvault::proto::{
-    rotate_credential_request, Capability, DeleteCredentialRequest, PasswordSpec, PutCredentialRequest,
-    RotateCredentialRequest,
+    credential_write, rotate_credential_request, Capability, CredentialWrite, DeleteCredentialRequest, PasswordSpec,
+    PutCredentialRequest, RotateCredentialRequest, WriteCredentialsRequest,
 };
 use credvault::service::{IDEMPOTENCY_KEY_HEADER, REPLAY_HEADER};
 
@@ -60,6 +61,7 @@ both_backends!(
     keys_belong_to_their_token,
     bad_keys_are_refused,
     expired_keys_are_pruned_in_small_batches,
+    batches_replay_their_first_results,
 );
 
 /// The motivating case: the write landed, its answer was lost; without a key the retry
@@ -294,6 +296,21 @@ async fn keys_work_across_daemons() {
         assert_eq!([ra.1, rb.1].iter().filter(|replayed| !**replayed).count(), 1, "round {round}: one wrote");
     }
     assert_eq!(get(&mut ca, "idem/x", None).await.unwrap(), (12, b"r9".to_vec()));
+    // The same for keyed batches: each sent to both daemons at once is applied once.
+    for round in 0..5u64 {
+        let key = format!("batch-race-{round}");
+        let value = format!("b{round}");
+        let writes: [(&str, Option<&[u8]>, Option<u64>); 2] =
+            [("idem/x", Some(value.as_bytes()), None), ("idem/y", Some(value.as_bytes()), None)];
+        let (ra, rb) =
+            tokio::join!(write_keyed(&mut ca, &key, batch(&writes)), write_keyed(&mut cb, &key, batch(&writes)));
+        let (ra, rb) = (ra.unwrap(), rb.unwrap());
+        assert_eq!(ra.0, rb.0, "round {round}: both answers name the versions written");
+        assert_eq!(ra.0[0].1, 13 + round, "round {round}: exactly one version per key");
+        assert_eq!(ra.0[1].1, 1 + round);
+        assert_eq!([ra.1, rb.1].iter().filter(|replayed| !**replayed).count(), 1, "round {round}: one wrote");
+    }
+    assert_eq!(get(&mut ca, "idem/y", None).await.unwrap(), (5, b"b4".to_vec()));
     a.stop().await;
     b.stop().await;
 }
@@ -321,5 +338,88 @@ async fn keyed_writes_are_counted_by_outcome() {
         after.contains("# TYPE credvault_idempotency_keys_pruned_total counter"),
         "the pruner's counter is exported"
     );
+    d.stop().await;
+}
+
+fn batch(writes: &[(&str, Option<&[u8]>, Option<u64>)]) -> WriteCredentialsRequest {
+    WriteCredentialsRequest {
+        writes: writes
+            .iter()
+            .map(|(name, value, expected)| CredentialWrite {
+                op: Some(match value {
+                    Some(v) => credential_write::Op::Put(put_req(name, v, *expected)),
+                    None => credential_write::Op::Delete(DeleteCredentialRequest {
+                        name: (*name).into(),
+                        expected_version: *expected,
+                    }),
+                }),
+            })
+            .collect(),
+    }
+}
+
+/// A keyed batch: each write's (name, version, deleted), and whether it was a replay.
+async fn write_keyed(
+    c: &mut Client,
+    key: &str,
+    req: WriteCredentialsRequest,
+) -> Result<(Vec<(String, u64, bool)>, bool), Status> {
+    let r = c.write_credentials(keyed(req, key)).await?;
+    let replayed = r.metadata().get(REPLAY_HEADER).is_some();
+    Ok((r.into_inner().results.into_iter().map(|w| (w.name, w.version, w.deleted)).collect(), replayed))
+}
+
+/// `WriteCredentials` under a key: a retry gets every write's first result and writes
+/// nothing; without the key the same retry is a conflict; the key with another batch is
+/// refused; a batch that failed stores no key.
+async fn batches_replay_their_first_results(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let d = TestDaemon::start(env.settings(), None).await;
+    let mut c = d.client().await;
+    put(&mut c, "wb/a", b"a1", None).await.unwrap();
+    put(&mut c, "wb/c", b"c1", None).await.unwrap();
+    let raw = env.raw().await;
+    let keys_before = key_rows(&raw).await;
+    let writes: [(&str, Option<&[u8]>, Option<u64>); 3] =
+        [("wb/a", Some(b"a2"), Some(1)), ("wb/b", Some(b"b1"), None), ("wb/c", None, None)];
+    let want = vec![("wb/a".to_owned(), 2, false), ("wb/b".to_owned(), 1, false), ("wb/c".to_owned(), 1, true)];
+    assert_eq!(write_keyed(&mut c, "batch-1", batch(&writes)).await.unwrap(), (want.clone(), false));
+    // The answer was lost; the retry with its key gets it, and nothing is written again.
+    assert_eq!(write_keyed(&mut c, "batch-1", batch(&writes)).await.unwrap(), (want, true));
+    assert_eq!(get(&mut c, "wb/a", None).await.unwrap(), (2, b"a2".to_vec()));
+    assert_eq!(get(&mut c, "wb/b", None).await.unwrap(), (1, b"b1".to_vec()));
+    assert_eq!(key_rows(&raw).await, keys_before + 1);
+    // Without a key the same retry fails: wb/c is deleted already (and wb/a has moved on).
+    assert_status(c.write_credentials(batch(&writes)).await, Code::NotFound, "already deleted");
+    // The key with another batch: refused, nothing written.
+    let other: [(&str, Option<&[u8]>, Option<u64>); 1] = [("wb/b", Some(b"b2"), None)];
+    assert_status(write_keyed(&mut c, "batch-1", batch(&other)).await, Code::FailedPrecondition, "different request");
+    assert_eq!(get(&mut c, "wb/b", None).await.unwrap().0, 1);
+    // A batch that conflicts stores no key: the corrected batch runs under it.
+    let stale: [(&str, Option<&[u8]>, Option<u64>); 1] = [("wb/a", Some(b"a3"), Some(1))];
+    assert_status(write_keyed(&mut c, "batch-2", batch(&stale)).await, Code::Aborted, "expected version 1");
+    assert_eq!(key_rows(&raw).await, keys_before + 1);
+    let fixed: [(&str, Option<&[u8]>, Option<u64>); 1] = [("wb/a", Some(b"a3"), Some(2))];
+    let (results, replayed) = write_keyed(&mut c, "batch-2", batch(&fixed)).await.unwrap();
+    assert_eq!((results, replayed), (vec![("wb/a".to_owned(), 3, false)], false));
+    // Bad batches are refused as such, before any key is consulted.
+    assert_status(
+        write_keyed(&mut c, "batch-1", WriteCredentialsRequest { writes: vec![] }).await,
+        Code::InvalidArgument,
+        "no writes",
+    );
+    // The library's keyed batch retries safely and reports the replay.
+    let lib = crate::client::client(&d).await;
+    let writes = vec![credvault::client::BatchWrite::Put {
+        name: "wb/lib".into(),
+        value: b"l1".to_vec(),
+        expected_version: Some(0),
+    }];
+    let (first, replayed) = lib.write_many_idempotent("batch-lib", &writes).await.unwrap();
+    assert!(!replayed);
+    let (again, replayed) = lib.write_many_idempotent("batch-lib", &writes).await.unwrap();
+    assert!(replayed);
+    assert_eq!(first, again);
+    raw.close().await;
     d.stop().await;
 }

@@ -14,11 +14,11 @@ use super::{
     from_db, get, labels_to_json, to_db, Affected as _, Bind, Conn, Db, DbRow, Fields, Scalar, SqlBackend, Tx,
 };
 use crate::store::{
-    BatchOp, BatchOutcome, BatchWrite, ChangeKind, CredentialHead, KeyClaim, KeyRecord, Metadata, Micros, NewVersion,
-    StoreError, WriteStore,
+    decode_keyed_writes, encode_keyed_writes, BatchOp, BatchOutcome, BatchWrite, ChangeKind, CredentialHead, KeyClaim,
+    KeyRecord, KeyedWrite, Metadata, Micros, NewVersion, StoreError, WriteStore,
 };
 
-const KEY_COLS: &str = "rpc, fingerprint, name, version, at, previous_expires_at, expires_at";
+const KEY_COLS: &str = "rpc, fingerprint, name, version, at, previous_expires_at, expires_at, outcomes";
 
 #[async_trait]
 impl<B> WriteStore for B
@@ -29,6 +29,7 @@ where
     for<'q> &'q str: Bind<'q, Db<B>>,
     for<'q> i64: Scalar<'q, Db<B>>,
     for<'q> Option<i64>: Bind<'q, Db<B>>,
+    for<'q> Option<String>: Bind<'q, Db<B>>,
     for<'q> String: Scalar<'q, Db<B>>,
     for<'q> Vec<u8>: Bind<'q, Db<B>>,
     for<'q> bool: Bind<'q, Db<B>>,
@@ -42,6 +43,7 @@ where
                 version: new.base.next_version(),
                 at: new.now,
                 previous_expires_at: new.previous_expires_at,
+                outcomes: None,
             };
             claim_key::<B>(&mut tx, key, &result).await?;
             Ok::<_, StoreError>(head)
@@ -62,7 +64,8 @@ where
             let Some(head) = soft_delete::<B>(&mut tx, name, expected, now).await? else {
                 return Ok(false);
             };
-            let result = KeyResult { name, version: head.current_version, at: now, previous_expires_at: None };
+            let result =
+                KeyResult { name, version: head.current_version, at: now, previous_expires_at: None, outcomes: None };
             claim_key::<B>(&mut tx, key, &result).await?;
             notify_credential(self, &mut tx, name, ChangeKind::Delete, head.current_version, now).await?;
             Ok::<_, StoreError>(true)
@@ -141,7 +144,27 @@ where
                 }
             }
             if conflicts.is_empty() {
-                return Ok(BatchOutcome::Applied(heads.into_iter().flatten().collect()));
+                let heads: Vec<CredentialHead> = heads.into_iter().flatten().collect();
+                if let (Some(key), Some(first)) = (batch.key, heads.first()) {
+                    let writes: Vec<KeyedWrite> = heads
+                        .iter()
+                        .zip(batch.ops)
+                        .map(|(h, op)| KeyedWrite {
+                            name: h.name.clone(),
+                            version: h.current_version,
+                            deleted: matches!(op, BatchOp::Delete { .. }),
+                        })
+                        .collect();
+                    let result = KeyResult {
+                        name: first.name.as_str(),
+                        version: first.current_version,
+                        at: batch.now,
+                        previous_expires_at: None,
+                        outcomes: Some(encode_keyed_writes(&writes)),
+                    };
+                    claim_key::<B>(&mut tx, key, &result).await?;
+                }
+                return Ok(BatchOutcome::Applied(heads));
             }
             // Nothing will be written: say what each losing write found instead.
             let q = format!("SELECT {CRED_COLS_BARE} FROM credentials WHERE name = $1");
@@ -201,6 +224,8 @@ struct KeyResult<'a> {
     version: u64,
     at: Micros,
     previous_expires_at: Option<Micros>,
+    /// A batch: every write's result ([`encode_keyed_writes`]).
+    outcomes: Option<String>,
 }
 
 /// Commits on success; rolls back otherwise.
@@ -226,15 +251,16 @@ where
     for<'q> &'q str: Bind<'q, Db<B>>,
     for<'q> i64: Scalar<'q, Db<B>>,
     for<'q> Option<i64>: Bind<'q, Db<B>>,
+    for<'q> Option<String>: Bind<'q, Db<B>>,
     for<'q> Vec<u8>: Bind<'q, Db<B>>,
 {
     let n = sqlx::query(
         "INSERT INTO idempotency_keys (token_id, key, rpc, fingerprint, name, version, at, \
-         previous_expires_at, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $7, $9) \
+         previous_expires_at, created_at, expires_at, outcomes) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $7, $9, $10) \
          ON CONFLICT (token_id, key) DO UPDATE SET rpc = excluded.rpc, fingerprint = excluded.fingerprint, \
          name = excluded.name, version = excluded.version, at = excluded.at, \
          previous_expires_at = excluded.previous_expires_at, created_at = excluded.created_at, \
-         expires_at = excluded.expires_at WHERE idempotency_keys.expires_at <= $7",
+         expires_at = excluded.expires_at, outcomes = excluded.outcomes WHERE idempotency_keys.expires_at <= $7",
     )
     .bind(key.token_id.as_str())
     .bind(key.key.as_str())
@@ -245,6 +271,7 @@ where
     .bind(result.at)
     .bind(result.previous_expires_at)
     .bind(key.expires_at)
+    .bind(result.outcomes.clone())
     .execute(&mut **tx)
     .await?
     .rows_affected();
@@ -286,5 +313,11 @@ fn key_record(row: &impl Fields) -> Result<KeyRecord, StoreError> {
         at: get(row, "at")?,
         previous_expires_at: get(row, "previous_expires_at")?,
         expires_at: get(row, "expires_at")?,
+        batch: match get::<Option<String>>(row, "outcomes")? {
+            None => None,
+            Some(text) => Some(decode_keyed_writes(&text).ok_or_else(|| {
+                StoreError::Corrupt("idempotency key: batch results not in their stored form".into())
+            })?),
+        },
     })
 }
