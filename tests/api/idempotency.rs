@@ -300,7 +300,7 @@ async fn keys_work_across_daemons() {
     for round in 0..5u64 {
         let key = format!("batch-race-{round}");
         let value = format!("b{round}");
-        let writes: [(&str, Option<&[u8]>, Option<u64>); 2] =
+        let writes: [Write<'_>; 2] =
             [("idem/x", Some(value.as_bytes()), None), ("idem/y", Some(value.as_bytes()), None)];
         let (ra, rb) =
             tokio::join!(write_keyed(&mut ca, &key, batch(&writes)), write_keyed(&mut cb, &key, batch(&writes)));
@@ -341,7 +341,10 @@ async fn keyed_writes_are_counted_by_outcome() {
     d.stop().await;
 }
 
-fn batch(writes: &[(&str, Option<&[u8]>, Option<u64>)]) -> WriteCredentialsRequest {
+/// One write of a batch: a name, the value to put (`None`: a delete), the expected version.
+type Write<'a> = (&'a str, Option<&'a [u8]>, Option<u64>);
+
+fn batch(writes: &[Write<'_>]) -> WriteCredentialsRequest {
     WriteCredentialsRequest {
         writes: writes
             .iter()
@@ -380,8 +383,7 @@ async fn batches_replay_their_first_results(backend: Backend) {
     put(&mut c, "wb/c", b"c1", None).await.unwrap();
     let raw = env.raw().await;
     let keys_before = key_rows(&raw).await;
-    let writes: [(&str, Option<&[u8]>, Option<u64>); 3] =
-        [("wb/a", Some(b"a2"), Some(1)), ("wb/b", Some(b"b1"), None), ("wb/c", None, None)];
+    let writes: [Write<'_>; 3] = [("wb/a", Some(b"a2"), Some(1)), ("wb/b", Some(b"b1"), None), ("wb/c", None, None)];
     let want = vec![("wb/a".to_owned(), 2, false), ("wb/b".to_owned(), 1, false), ("wb/c".to_owned(), 1, true)];
     assert_eq!(write_keyed(&mut c, "batch-1", batch(&writes)).await.unwrap(), (want.clone(), false));
     // The answer was lost; the retry with its key gets it, and nothing is written again.
@@ -392,14 +394,14 @@ async fn batches_replay_their_first_results(backend: Backend) {
     // Without a key the same retry fails: wb/c is deleted already (and wb/a has moved on).
     assert_status(c.write_credentials(batch(&writes)).await, Code::NotFound, "already deleted");
     // The key with another batch: refused, nothing written.
-    let other: [(&str, Option<&[u8]>, Option<u64>); 1] = [("wb/b", Some(b"b2"), None)];
+    let other: [Write<'_>; 1] = [("wb/b", Some(b"b2"), None)];
     assert_status(write_keyed(&mut c, "batch-1", batch(&other)).await, Code::FailedPrecondition, "different request");
     assert_eq!(get(&mut c, "wb/b", None).await.unwrap().0, 1);
     // A batch that conflicts stores no key: the corrected batch runs under it.
-    let stale: [(&str, Option<&[u8]>, Option<u64>); 1] = [("wb/a", Some(b"a3"), Some(1))];
+    let stale: [Write<'_>; 1] = [("wb/a", Some(b"a3"), Some(1))];
     assert_status(write_keyed(&mut c, "batch-2", batch(&stale)).await, Code::Aborted, "expected version 1");
     assert_eq!(key_rows(&raw).await, keys_before + 1);
-    let fixed: [(&str, Option<&[u8]>, Option<u64>); 1] = [("wb/a", Some(b"a3"), Some(2))];
+    let fixed: [Write<'_>; 1] = [("wb/a", Some(b"a3"), Some(2))];
     let (results, replayed) = write_keyed(&mut c, "batch-2", batch(&fixed)).await.unwrap();
     assert_eq!((results, replayed), (vec![("wb/a".to_owned(), 3, false)], false));
     // Bad batches are refused as such, before any key is consulted.
