@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::Subcommand;
 
-use super::conn::{client_config, ClientError};
+use super::conn::{client_config, note_replayed, ClientError};
 use super::Connection;
 use crate::client::{BatchOutcome, BatchWrite, Client, Error};
 
@@ -27,6 +27,10 @@ pub enum WritesCommand {
         /// exist); repeat for more. Without it a write is unconditional.
         #[arg(long = "expect", value_parser = parse_pair)]
         expect: Vec<(String, String)>,
+        /// Make retries of this batch safe: a later call with the same key (within the
+        /// daemon's idempotency window) gets the first call's answer and writes nothing.
+        #[arg(long)]
+        idempotency_key: Option<String>,
         #[command(flatten)]
         conn: Connection,
     },
@@ -89,7 +93,7 @@ pub async fn run(cmd: WritesCommand, out: &mut impl std::io::Write) -> Result<()
                 r.version, r.to_version, r.previous_version
             )?;
         }
-        WritesCommand::Write { puts, deletes, expect, conn } => {
+        WritesCommand::Write { puts, deletes, expect, idempotency_key, conn } => {
             let mut expected = std::collections::BTreeMap::new();
             for (name, n) in expect {
                 let n: u64 =
@@ -111,7 +115,18 @@ pub async fn run(cmd: WritesCommand, out: &mut impl std::io::Write) -> Result<()
                 return Err(ClientError::Usage(format!("--expect {name}: no --put or --delete names it")));
             }
             let client = Client::connect(&client_config(&conn)?).await.map_err(ClientError::Client)?;
-            match client.write_many(&writes).await.map_err(ClientError::Client)? {
+            let outcome = match idempotency_key {
+                Some(key) => {
+                    let (outcome, replayed) =
+                        client.write_many_idempotent(&key, &writes).await.map_err(ClientError::Client)?;
+                    if replayed {
+                        note_replayed();
+                    }
+                    outcome
+                }
+                None => client.write_many(&writes).await.map_err(ClientError::Client)?,
+            };
+            match outcome {
                 BatchOutcome::Applied(done) => {
                     for w in done {
                         if w.deleted {

@@ -109,3 +109,35 @@ pub enum BatchOutcome {
     /// failed, each with the head it found (`None`: no credential by that name).
     Conflicts(Vec<(usize, Option<CredentialHead>)>),
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn keyed_writes_round_trip(writes in prop::collection::vec(
+            ("[a-zA-Z0-9/_.~@:+=-]{1,64}", any::<u64>(), any::<bool>())
+                .prop_map(|(name, version, deleted)| KeyedWrite { name, version, deleted }),
+            1..64,
+        )) {
+            prop_assert_eq!(decode_keyed_writes(&encode_keyed_writes(&writes)), Some(writes));
+        }
+
+        #[test]
+        fn any_text_decodes_or_is_refused(text in "\\PC{0,200}") {
+            let _ = decode_keyed_writes(&text);
+        }
+    }
+
+    #[test]
+    fn malformed_results_are_refused() {
+        for bad in ["x\t0\ta\n", "1\t2\ta\n", "1\t0\n", "1\n", "-1\t0\ta\n"] {
+            assert_eq!(decode_keyed_writes(bad), None, "{bad:?}");
+        }
+        let one = [KeyedWrite { name: "a/b c".into(), version: 3, deleted: true }];
+        assert_eq!(encode_keyed_writes(&one), "3\t1\ta/b c\n");
+    }
+}

@@ -198,6 +198,19 @@ async fn cli_writes_retried_under_an_idempotency_key_change_nothing() {
     assert_eq!((code, &again), (0, &first), "{err}");
     let (code, _, err) = run(Some(&d), &["delete", "idem/x"], None).await;
     assert_eq!(code, 3, "{err}");
+    // A batch: the retry prints the first answer again and writes nothing.
+    let file = env.data_dir().join("batch-value");
+    std::fs::write(&file, b"w1").unwrap();
+    let put_arg = format!("idem/w={}", file.display());
+    let write = ["write", "--put", &put_arg, "--expect", "idem/w=0", "--idempotency-key", "deploy-42-write"];
+    let (code, first, err) = run(Some(&d), &write, None).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(String::from_utf8_lossy(&first).trim(), "idem/w version 1");
+    let (code, again, err) = run(Some(&d), &write, None).await;
+    assert_eq!((code, &again), (0, &first), "{err}");
+    assert!(err.contains("answered from the idempotency key"), "{err}");
+    let (code, _, err) = run(Some(&d), &["write", "--put", &put_arg, "--expect", "idem/w=0"], None).await;
+    assert_eq!(code, 4, "without the key the retry is a conflict: {err}");
     let (code, _, err) = run(Some(&d), &["put", "idem/y", "--idempotency-key", "bad\u{1}key"], Some(b"v")).await;
     assert_eq!(code, 7, "{err}");
     assert!(err.contains("visible ASCII"), "{err}");
