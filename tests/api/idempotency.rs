@@ -373,7 +373,7 @@ async fn write_keyed(
 }
 
 /// `WriteCredentials` under a key: a retry gets every write's first result and writes
-/// nothing; without the key the same retry is a conflict; the key with another batch is
+/// nothing; without the key the same retry fails; the key with another batch is
 /// refused; a batch that failed stores no key.
 async fn batches_replay_their_first_results(backend: Backend) {
     let env = TestEnv::new(backend).await;
