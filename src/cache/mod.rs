@@ -476,12 +476,7 @@ impl Cache {
         let moved = shard.epoch != ticket.epoch;
         shard.epoch += 1;
         if moved {
-            if let Some(e) = shard.lru.pop(name) {
-                shard.bytes -= e.bytes;
-                drop(shard);
-                self.account(-1, -(e.bytes as i64));
-                self.counters.invalidated.increment(1);
-            }
+            self.drop_invalidated(shard, name);
             return;
         }
         if let Some(Entry { value: Cached::Found(old), .. }) = shard.lru.peek(name) {
@@ -496,12 +491,7 @@ impl Cache {
     pub fn invalidate(&self, name: &str) {
         let mut shard = lock(&self.shards[self.shard_of(name)]);
         shard.epoch += 1;
-        if let Some(e) = shard.lru.pop(name) {
-            shard.bytes -= e.bytes;
-            drop(shard);
-            self.account(-1, -(e.bytes as i64));
-            self.counters.invalidated.increment(1);
-        }
+        self.drop_invalidated(shard, name);
     }
 
     /// Another daemon wrote `version` of `name`: drops the entry unless it already holds
@@ -518,6 +508,12 @@ impl Cache {
                 return;
             }
         }
+        self.drop_invalidated(shard, name);
+    }
+
+    /// Removes `name` from its locked shard, counted as invalidated; the gauges are
+    /// updated after the lock is released.
+    fn drop_invalidated(&self, mut shard: MutexGuard<'_, Shard>, name: &str) {
         if let Some(e) = shard.lru.pop(name) {
             shard.bytes -= e.bytes;
             drop(shard);
