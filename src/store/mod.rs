@@ -39,9 +39,7 @@ pub use rows::{
     RewrapRow, Rewrapped, VersionRow, WriteBase,
 };
 pub use sqlite::SqliteStore;
-pub use writes::{
-    decode_keyed_writes, encode_keyed_writes, BatchOp, BatchOutcome, BatchWrite, KeyClaim, KeyRecord, KeyedWrite,
-};
+pub use writes::{BatchOp, BatchOutcome, BatchWrite, KeyClaim, KeyRecord, KeyedWrite};
 
 pub use crate::model::{
     now_micros, ChangeKind, CredentialHead, IdentityRecord, JobState, Metadata, Micros, PolicyKind, RotationJob,

@@ -44,32 +44,6 @@ pub struct KeyedWrite {
     pub deleted: bool,
 }
 
-/// The stored form of a keyed batch's results: one line per write,
-/// `version TAB deleted (0 or 1) TAB name`. Names hold no control character.
-pub fn encode_keyed_writes(writes: &[KeyedWrite]) -> String {
-    let mut out = String::new();
-    for w in writes {
-        out.push_str(&format!("{}\t{}\t{}\n", w.version, u8::from(w.deleted), w.name));
-    }
-    out
-}
-
-/// Reads [`encode_keyed_writes`] back; `None` if the text is not in that form.
-pub fn decode_keyed_writes(text: &str) -> Option<Vec<KeyedWrite>> {
-    text.lines()
-        .map(|line| {
-            let mut parts = line.splitn(3, '\t');
-            let version = parts.next()?.parse().ok()?;
-            let deleted = match parts.next()? {
-                "0" => false,
-                "1" => true,
-                _ => return None,
-            };
-            Some(KeyedWrite { name: parts.next()?.to_owned(), version, deleted })
-        })
-        .collect()
-}
-
 /// One write of a [`BatchWrite`].
 #[derive(Debug, Clone, Copy)]
 pub enum BatchOp<'a> {
@@ -108,36 +82,4 @@ pub enum BatchOutcome {
     /// Nothing was written: the writes (by index into `ops`) whose compare-and-set
     /// failed, each with the head it found (`None`: no credential by that name).
     Conflicts(Vec<(usize, Option<CredentialHead>)>),
-}
-
-#[cfg(test)]
-mod tests {
-    use proptest::prelude::*;
-
-    use super::*;
-
-    proptest! {
-        #[test]
-        fn keyed_writes_round_trip(writes in prop::collection::vec(
-            ("[a-zA-Z0-9/_.~@:+=-]{1,64}", any::<u64>(), any::<bool>())
-                .prop_map(|(name, version, deleted)| KeyedWrite { name, version, deleted }),
-            1..64,
-        )) {
-            prop_assert_eq!(decode_keyed_writes(&encode_keyed_writes(&writes)), Some(writes));
-        }
-
-        #[test]
-        fn any_text_decodes_or_is_refused(text in "\\PC{0,200}") {
-            let _ = decode_keyed_writes(&text);
-        }
-    }
-
-    #[test]
-    fn malformed_results_are_refused() {
-        for bad in ["x\t0\ta\n", "1\t2\ta\n", "1\t0\n", "1\n", "-1\t0\ta\n"] {
-            assert_eq!(decode_keyed_writes(bad), None, "{bad:?}");
-        }
-        let one = [KeyedWrite { name: "a/b c".into(), version: 3, deleted: true }];
-        assert_eq!(encode_keyed_writes(&one), "3\t1\ta/b c\n");
-    }
 }
