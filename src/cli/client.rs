@@ -33,9 +33,7 @@ pub async fn run_client(cmd: ClientCommand) -> Result<(), ClientError> {
             let version = match idempotency_key {
                 Some(key) => {
                     let w = c.put_idempotent_with(&key, &name, &value, expected_version, metadata.as_ref()).await?;
-                    if w.replayed {
-                        note_replayed();
-                    }
+                    note_replayed(w.replayed);
                     w.version
                 }
                 None => c.put_with(&name, &value, expected_version, metadata.as_ref()).await?,
@@ -85,9 +83,7 @@ pub async fn run_client(cmd: ClientCommand) -> Result<(), ClientError> {
             let version = match idempotency_key {
                 Some(key) => {
                     let w = c.delete_idempotent(&key, &name, expected_version).await?;
-                    if w.replayed {
-                        note_replayed();
-                    }
+                    note_replayed(w.replayed);
                     w.version
                 }
                 None => c.delete(&name, expected_version).await?,

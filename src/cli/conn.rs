@@ -143,10 +143,12 @@ pub(super) fn endpoint(conn: &Connection) -> Result<Endpoint, ClientError> {
     config.endpoint().map_err(|e| config_error(conn, e))
 }
 
-/// Tells the operator, on stderr, that a keyed write was answered from its key. Stdout
+/// Tells the operator, on stderr, when a keyed write was answered from its key. Stdout
 /// stays what the first attempt printed, so a script that retries sees the same answer.
-pub(super) fn note_replayed() {
-    eprintln!("answered from the idempotency key: an earlier call with it made this change; nothing changed now");
+pub(super) fn note_replayed(replayed: bool) {
+    if replayed {
+        eprintln!("answered from the idempotency key: an earlier call with it made this change; nothing changed now");
+    }
 }
 
 /// RFC 3339 (UTC), `-` when absent.

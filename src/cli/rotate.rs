@@ -250,9 +250,7 @@ pub async fn run(cmd: RotationCommand, out: &mut impl std::io::Write) -> Result<
             let r = match idempotency_key {
                 Some(key) => {
                     let (r, replayed) = c.rotate_idempotent_with(&key, &name, &options).await?;
-                    if replayed {
-                        note_replayed();
-                    }
+                    note_replayed(replayed);
                     r
                 }
                 None => c.rotate_with(&name, &options).await?,

@@ -119,9 +119,7 @@ pub async fn run(cmd: WritesCommand, out: &mut impl std::io::Write) -> Result<()
                 Some(key) => {
                     let (outcome, replayed) =
                         client.write_many_idempotent(&key, &writes).await.map_err(ClientError::Client)?;
-                    if replayed {
-                        note_replayed();
-                    }
+                    note_replayed(replayed);
                     outcome
                 }
                 None => client.write_many(&writes).await.map_err(ClientError::Client)?,
